@@ -1,0 +1,208 @@
+//! Checking handlers: the signature each kind needs, with one sentence per mistake that says
+//! what is expected, pointed at the offending tokens.
+
+use syn::spanned::Spanned;
+use syn::{FnArg, ImplItemFn, ReturnType, Type};
+
+use crate::ctxt::Ctxt;
+use crate::model::{
+    AttrKind, Consume, ConsumeParam, HandlerArgs, HandlerModel, MessageParam, Publish,
+};
+
+const CONSUME_SIGNATURE: &str = "expected `async fn name(&self, body: T) -> Result<(), E>`, where T is any `serde::de::DeserializeOwned` type and E: Display, optionally with a `message: farine::Message` parameter after the body";
+const PUBLISH_SIGNATURE: &str =
+    "expected `async fn name(&self, publisher: farine::Publisher, ...)`";
+
+/// The last segment of a type's path, looking through one reference: `farine::Message` and
+/// `&Message` both give `Message`.
+fn type_name(ty: &Type) -> Option<(String, bool)> {
+    match ty {
+        Type::Reference(reference) => type_name(&reference.elem).map(|(name, _)| (name, true)),
+        Type::Path(path) if path.qself.is_none() => path
+            .path
+            .segments
+            .last()
+            .map(|s| (s.ident.to_string(), false)),
+        Type::Group(group) => type_name(&group.elem),
+        _ => None,
+    }
+}
+
+/// The common shape: `async`, `&self`, not generic (for handlers the runtime calls).
+fn check_common(cx: &Ctxt, kind: AttrKind, method: &ImplItemFn, signature: &str) -> bool {
+    let sig = &method.sig;
+    let mut ok = true;
+    if sig.asyncness.is_none() {
+        cx.error_spanned_by(
+            sig.fn_token,
+            format!(
+                "a {} method must be `async fn`: {signature}",
+                kind.display()
+            ),
+        );
+        ok = false;
+    }
+    match sig.inputs.first() {
+        Some(FnArg::Receiver(receiver))
+            if receiver.reference.is_some() && receiver.mutability.is_none() => {}
+        Some(FnArg::Receiver(receiver)) => {
+            cx.error_spanned_by(
+                receiver,
+                format!(
+                    "a {} method takes `&self` (farine shares the service between concurrent calls): {signature}",
+                    kind.display()
+                ),
+            );
+            ok = false;
+        }
+        _ => {
+            cx.error_spanned_by(
+                &sig.ident,
+                format!(
+                    "a {} method takes `&self` first: {signature}",
+                    kind.display()
+                ),
+            );
+            ok = false;
+        }
+    }
+    ok
+}
+
+pub fn consume(
+    cx: &Ctxt,
+    method: &ImplItemFn,
+    args: HandlerArgs,
+    attr_span: proc_macro2::Span,
+) -> Option<HandlerModel> {
+    let mut ok = check_common(cx, AttrKind::Consume, method, CONSUME_SIGNATURE);
+    let sig = &method.sig;
+    if !sig.generics.params.is_empty() {
+        cx.error_spanned_by(
+            &sig.generics,
+            format!("a #[consume] handler cannot be generic: {CONSUME_SIGNATURE}"),
+        );
+        ok = false;
+    }
+    let mut params = Vec::new();
+    let mut has_body = false;
+    let mut has_message = false;
+    for input in sig.inputs.iter().skip(1) {
+        let FnArg::Typed(typed) = input else { continue };
+        match type_name(&typed.ty) {
+            Some((name, by_ref)) if name == "Message" => {
+                if has_message {
+                    cx.error_spanned_by(
+                        typed,
+                        format!("the message is taken once: {CONSUME_SIGNATURE}"),
+                    );
+                    ok = false;
+                }
+                has_message = true;
+                params.push(ConsumeParam::Message(if by_ref {
+                    MessageParam::ByRef
+                } else {
+                    MessageParam::ByValue
+                }));
+            }
+            _ if has_body || has_message => {
+                cx.error_spanned_by(
+                    typed,
+                    format!("a #[consume] handler takes the body and then, optionally, the message: {CONSUME_SIGNATURE}"),
+                );
+                ok = false;
+            }
+            _ => {
+                if let Type::Reference(reference) = &*typed.ty {
+                    cx.error_spanned_by(
+                        reference,
+                        "the body is decoded into a value the handler owns: take `T`, not `&T`",
+                    );
+                    ok = false;
+                }
+                has_body = true;
+                params.push(ConsumeParam::Body((*typed.ty).clone()));
+            }
+        }
+    }
+    if params.is_empty() {
+        cx.error_spanned_by(
+            &sig.inputs,
+            format!("a #[consume] handler needs a body or message parameter: {CONSUME_SIGNATURE}"),
+        );
+        ok = false;
+    }
+    let output_span = match &sig.output {
+        ReturnType::Default => sig.ident.span(),
+        ReturnType::Type(_, ty) => {
+            if type_name(ty).is_none_or(|(name, by_ref)| name != "Result" || by_ref) {
+                cx.error_spanned_by(
+                    ty,
+                    "a #[consume] handler returns `Result<(), E>` with E: Display (Ok acks the message, Err nacks it), or nothing",
+                );
+                ok = false;
+            }
+            ty.span()
+        }
+    };
+    let Some(exchange) = args.exchange else {
+        cx.syn_error(syn::Error::new(
+            attr_span,
+            "#[consume] needs the exchange to consume from: #[consume(exchange = \"...\", routing_key = \"...\")]",
+        ));
+        return None;
+    };
+    ok.then(|| {
+        HandlerModel::Consume(Consume {
+            method: sig.ident.clone(),
+            exchange,
+            routing_key: args.routing_key.unwrap_or_default(),
+            queue: args.queue,
+            params,
+            output_span,
+        })
+    })
+}
+
+pub fn publish(
+    cx: &Ctxt,
+    method: &ImplItemFn,
+    args: HandlerArgs,
+    attr_span: proc_macro2::Span,
+) -> Option<HandlerModel> {
+    let mut ok = check_common(cx, AttrKind::Publish, method, PUBLISH_SIGNATURE);
+    let sig = &method.sig;
+    match sig.inputs.iter().nth(1) {
+        Some(FnArg::Typed(typed))
+            if type_name(&typed.ty)
+                .is_some_and(|(name, by_ref)| name == "Publisher" && !by_ref) => {}
+        Some(other) => {
+            cx.error_spanned_by(
+                other,
+                format!("the first parameter of a #[publish] method is the `farine::Publisher` that farine supplies (callers leave it out): {PUBLISH_SIGNATURE}"),
+            );
+            ok = false;
+        }
+        None => {
+            cx.error_spanned_by(
+                &sig.inputs,
+                format!("a #[publish] method takes the `farine::Publisher` that farine supplies: {PUBLISH_SIGNATURE}"),
+            );
+            ok = false;
+        }
+    }
+    let Some(exchange) = args.exchange else {
+        cx.syn_error(syn::Error::new(
+            attr_span,
+            "#[publish] needs the exchange to publish to: #[publish(exchange = \"...\", routing_key = \"...\")]",
+        ));
+        return None;
+    };
+    ok.then(|| {
+        HandlerModel::Publish(Publish {
+            method: sig.ident.clone(),
+            exchange,
+            routing_key: args.routing_key.unwrap_or_default(),
+        })
+    })
+}

@@ -1,0 +1,329 @@
+//! From a checked model to code: the impl block as the user wrote it (with `#[publish]` methods
+//! split into the caller-facing method and `<name>_with`), the `Service` impl, and the registry
+//! entry. All behaviour lives in the `farine` crate; this only wires calls into it.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
+use syn::{
+    Attribute, FnArg, ImplItem, ImplItemFn, ItemImpl, Pat, PatIdent, Type, parse_quote,
+    punctuated::Punctuated,
+};
+
+use crate::attr::{self, CHECKED_MARKER};
+use crate::check;
+use crate::ctxt::Ctxt;
+use crate::model::{
+    AttrKind, Consume, ConsumeParam, HandlerModel, MessageParam, Publish, ServiceArgs,
+};
+
+/// Expands `#[farine::service]` on `item`.
+pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
+    if let Some((_, path, _)) = &item.trait_ {
+        cx.error_spanned_by(
+            path,
+            "#[farine::service] goes on the service's own `impl` block (`impl MyService { ... }`), not on a trait impl",
+        );
+    }
+    if !item.generics.params.is_empty() {
+        cx.error_spanned_by(&item.generics, "a farine service cannot be generic");
+    }
+    let type_ident = match &*item.self_ty {
+        Type::Path(path) if path.qself.is_none() => {
+            path.path.segments.last().map(|s| s.ident.clone())
+        }
+        _ => None,
+    };
+    let Some(type_ident) = type_ident else {
+        cx.error_spanned_by(
+            &item.self_ty,
+            "#[farine::service] needs a named struct type",
+        );
+        return finish_with_errors(cx, item);
+    };
+    let name = args
+        .name
+        .as_ref()
+        .map(|(name, _)| name.clone())
+        .unwrap_or_else(|| type_ident.to_string().to_lowercase());
+
+    let mut handlers = Vec::new();
+    for impl_item in &mut item.items {
+        let ImplItem::Fn(method) = impl_item else {
+            continue;
+        };
+        let found: Vec<(usize, AttrKind)> = method
+            .attrs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| attr::classify(a.path()).map(|kind| (i, kind)))
+            .collect();
+        let Some(&(index, kind)) = found.first() else {
+            continue;
+        };
+        for (extra, _) in found.iter().skip(1) {
+            cx.error_spanned_by(
+                &method.attrs[*extra],
+                "a method has one farine handler attribute",
+            );
+        }
+        let attribute = method.attrs[index].clone();
+        let span = attribute_span(&attribute);
+        let model = match kind {
+            AttrKind::Consume | AttrKind::Publish => {
+                let parsed = attr::parse_handler_args(&cx, kind, &attribute);
+                if kind == AttrKind::Consume {
+                    check::consume(&cx, method, parsed, span)
+                } else {
+                    check::publish(&cx, method, parsed, span)
+                }
+            }
+            reserved => {
+                cx.error_spanned_by(
+                    &attribute,
+                    format!(
+                        "{} is reserved: it is not available in this version of farine yet",
+                        reserved.display()
+                    ),
+                );
+                None
+            }
+        };
+        mark_checked(&mut method.attrs[index]);
+        if let Some(model) = model {
+            handlers.push(model);
+        }
+    }
+    if let Some(errors) = cx.finish() {
+        strip_handler_attrs(&mut item);
+        return quote!(#item #errors);
+    }
+
+    // Split each #[publish] method into the caller-facing method and `<name>_with`.
+    let mut items = Vec::with_capacity(item.items.len());
+    for impl_item in std::mem::take(&mut item.items) {
+        match impl_item {
+            ImplItem::Fn(method)
+                if handlers.iter().any(
+                    |h| matches!(h, HandlerModel::Publish(p) if p.method == method.sig.ident),
+                ) =>
+            {
+                let (wrapper, with) = split_publish(method);
+                items.push(ImplItem::Fn(wrapper));
+                items.push(ImplItem::Fn(with));
+            }
+            other => items.push(other),
+        }
+    }
+    item.items = items;
+
+    let self_ty = &item.self_ty;
+    let handler_exprs = handlers.iter().map(|handler| match handler {
+        HandlerModel::Consume(consume) => consume_handler(consume),
+        HandlerModel::Publish(publish) => publish_handler(publish),
+    });
+    let build = match &args.init {
+        Some(init) => quote! {
+            #init(section).map_err(::std::convert::Into::into)
+        },
+        None => quote_spanned! {type_ident.span()=>
+            let _ = section;
+            ::std::result::Result::Ok(<Self as ::std::default::Default>::default())
+        },
+    };
+    let type_name = type_ident.to_string();
+    quote! {
+        #item
+
+        impl ::farine::__private::Service for #self_ty {
+            const NAME: &'static str = #name;
+
+            fn handlers() -> ::std::vec::Vec<::farine::__private::Handler<Self>> {
+                ::std::vec![#(#handler_exprs),*]
+            }
+
+            fn build(
+                section: &::farine::config::Section,
+            ) -> ::std::result::Result<Self, ::farine::__private::BoxError> {
+                #build
+            }
+        }
+
+        ::farine::__private::inventory::submit! {
+            ::farine::__private::ServiceEntry::new::<#self_ty>(#type_name, ::std::module_path!())
+        }
+    }
+}
+
+fn attribute_span(attribute: &Attribute) -> Span {
+    use syn::spanned::Spanned;
+    attribute.span()
+}
+
+fn finish_with_errors(cx: Ctxt, mut item: ItemImpl) -> TokenStream {
+    strip_handler_attrs(&mut item);
+    let errors = cx.finish();
+    quote!(#item #errors)
+}
+
+/// Removes farine's handler attributes, so that after an error the block still compiles and
+/// the user sees only the errors that matter.
+fn strip_handler_attrs(item: &mut ItemImpl) {
+    for impl_item in &mut item.items {
+        if let ImplItem::Fn(method) = impl_item {
+            method.attrs.retain(|a| attr::classify(a.path()).is_none());
+        }
+    }
+}
+
+/// Keeps the attribute's path as the user wrote it (so their `use` stays used) with the
+/// marker as its only argument: the attribute then expands to the method unchanged.
+fn mark_checked(attribute: &mut Attribute) {
+    let path = attribute.path().clone();
+    let marker = format_ident!("{}", CHECKED_MARKER);
+    *attribute = parse_quote!(#[#path(#marker)]);
+}
+
+fn consume_handler(consume: &Consume) -> TokenStream {
+    let Consume {
+        method,
+        exchange,
+        routing_key,
+        queue,
+        params,
+        output_span,
+    } = consume;
+    let name = method.to_string();
+    let queue = match queue {
+        Some(queue) => quote!(::std::option::Option::Some(#queue)),
+        None => quote!(::std::option::Option::None),
+    };
+    let mut decode = TokenStream::new();
+    let mut call_args = Vec::new();
+    for param in params {
+        match param {
+            ConsumeParam::Body(ty) => {
+                use syn::spanned::Spanned;
+                decode = quote_spanned! {ty.span()=>
+                    let body: #ty = match message.decode::<#ty>() {
+                        ::std::result::Result::Ok(body) => body,
+                        ::std::result::Result::Err(error) => {
+                            return ::farine::__private::Outcome::Undecodable(error);
+                        }
+                    };
+                };
+                call_args.push(quote!(body));
+            }
+            ConsumeParam::Message(MessageParam::ByValue) => {
+                call_args.push(quote!(::std::clone::Clone::clone(&message)))
+            }
+            ConsumeParam::Message(MessageParam::ByRef) => call_args.push(quote!(&message)),
+        }
+    }
+    let outcome = quote_spanned! {*output_span=>
+        ::farine::__private::IntoOutcome::into_outcome(service.#method(#(#call_args),*).await)
+    };
+    quote! {
+        ::farine::__private::Handler {
+            name: #name,
+            kind: ::farine::__private::HandlerKind::Consume(
+                ::farine::__private::ConsumeSpec {
+                    exchange: #exchange,
+                    routing_key: #routing_key,
+                    queue: #queue,
+                },
+                |service: ::std::sync::Arc<Self>, message: ::farine::Message|
+                    -> ::farine::__private::BoxFuture<'static, ::farine::__private::Outcome> {
+                    ::std::boxed::Box::pin(async move {
+                        #decode
+                        #outcome
+                    })
+                },
+            ),
+        }
+    }
+}
+
+fn publish_handler(publish: &Publish) -> TokenStream {
+    let Publish {
+        method,
+        exchange,
+        routing_key,
+    } = publish;
+    let name = method.to_string();
+    quote! {
+        ::farine::__private::Handler {
+            name: #name,
+            kind: ::farine::__private::HandlerKind::Publish(::farine::__private::PublishSpec {
+                exchange: #exchange,
+                routing_key: #routing_key,
+            }),
+        }
+    }
+}
+
+/// `async fn seen(&self, publisher: Publisher, event: &Value) -> R { body }` becomes
+/// `async fn seen(&self, event: &Value) -> R` (farine supplies the publisher) and
+/// `async fn seen_with(&self, publisher: Publisher, event: &Value) -> R { body }`.
+fn split_publish(original: ImplItemFn) -> (ImplItemFn, ImplItemFn) {
+    let ident = original.sig.ident.clone();
+    let with_ident = format_ident!("{}_with", ident);
+    let name = ident.to_string();
+
+    let (docs, others): (Vec<Attribute>, Vec<Attribute>) = original
+        .attrs
+        .iter()
+        .cloned()
+        .partition(|a| a.path().is_ident("doc"));
+
+    let mut with = original.clone();
+    with.sig.ident = with_ident.clone();
+    with.attrs = others
+        .iter()
+        .filter(|a| attr::classify(a.path()).is_none())
+        .cloned()
+        .collect();
+    let with_doc = format!(
+        "[`Self::{name}`] with an explicit publisher (tests, or code outside a running service)."
+    );
+    with.attrs.insert(0, parse_quote!(#[doc = #with_doc]));
+
+    let mut wrapper = original;
+    wrapper.attrs = docs
+        .into_iter()
+        .chain(
+            others
+                .into_iter()
+                .filter(|a| attr::classify(a.path()).is_some()),
+        )
+        .collect();
+    let mut inputs = Punctuated::new();
+    let mut forwarded = Vec::new();
+    for (index, input) in wrapper.sig.inputs.iter().enumerate() {
+        match input {
+            FnArg::Receiver(_) => inputs.push(input.clone()),
+            FnArg::Typed(_) if index == 1 => {}
+            FnArg::Typed(typed) => {
+                let arg = format_ident!("__farine_arg{}", index);
+                let mut typed = typed.clone();
+                typed.pat = Box::new(Pat::Ident(PatIdent {
+                    attrs: Vec::new(),
+                    by_ref: None,
+                    mutability: None,
+                    ident: arg.clone(),
+                    subpat: None,
+                }));
+                inputs.push(FnArg::Typed(typed));
+                forwarded.push(arg);
+            }
+        }
+    }
+    wrapper.sig.inputs = inputs;
+    wrapper.block = parse_quote!({
+        self.#with_ident(
+            ::farine::__private::publisher(<Self as ::farine::__private::Service>::NAME, #name),
+            #(#forwarded),*
+        )
+        .await
+    });
+    (wrapper, with)
+}

@@ -1,0 +1,89 @@
+//! The attribute macros of farine. Users reach them through `farine` (`farine::service`,
+//! `farine::consume`, `farine::rpc::method`, ...), never through this crate.
+//!
+//! `#[farine::service]` does the work, in four steps as serde_derive does: parse the impl block
+//! and its attributes into a model (`attr`, `model`), check each handler's signature (`check`),
+//! and generate the registration (`generate`), collecting every error on the way (`ctxt`). The
+//! handler attributes on their own only check that they sit inside a service.
+
+mod attr;
+mod check;
+mod ctxt;
+mod generate;
+mod model;
+
+use proc_macro::TokenStream;
+
+/// Registers the methods of a service's `impl` block as farine handlers.
+///
+/// Arguments (both optional): `name = "..."` (default: the lower-cased struct name; it also names
+/// the config section) and `init = path::to::fn`, a `fn(&farine::config::Section) -> Result<Self, E>`
+/// used instead of `Default` to build the service.
+#[proc_macro_attribute]
+pub fn service(args: TokenStream, item: TokenStream) -> TokenStream {
+    let cx = ctxt::Ctxt::default();
+    let service_args = attr::parse_service_args(&cx, args.into());
+    let item: syn::ItemImpl = match syn::parse(item) {
+        Ok(item) => item,
+        Err(_) => {
+            return syn::Error::new(
+                proc_macro2::Span::call_site(),
+                "#[farine::service] goes on the `impl` block of the service struct: `#[farine::service] impl MyService { ... }`",
+            )
+            .to_compile_error()
+            .into();
+        }
+    };
+    generate::service(cx, service_args, item).into()
+}
+
+fn standalone(name: &str, args: TokenStream, item: TokenStream) -> TokenStream {
+    if attr::is_checked_marker(&args.into()) {
+        return item;
+    }
+    let error = syn::Error::new(
+        proc_macro2::Span::call_site(),
+        format!(
+            "#[{name}] must be on a method of an `impl` block annotated with #[farine::service]"
+        ),
+    )
+    .to_compile_error();
+    let item = proc_macro2::TokenStream::from(item);
+    quote::quote!(#error #item).into()
+}
+
+/// Consumes a queue bound to `exchange` with `routing_key`: see the farine README.
+#[proc_macro_attribute]
+pub fn consume(args: TokenStream, item: TokenStream) -> TokenStream {
+    standalone("consume", args, item)
+}
+
+/// Publishes to `exchange` with `routing_key` through the `Publisher` farine supplies.
+#[proc_macro_attribute]
+pub fn publish(args: TokenStream, item: TokenStream) -> TokenStream {
+    standalone("publish", args, item)
+}
+
+/// Reserved: a method run (and restarted) by farine. Not available yet.
+#[proc_macro_attribute]
+pub fn execute(args: TokenStream, item: TokenStream) -> TokenStream {
+    standalone("execute", args, item)
+}
+
+/// Reserved: an RPC method. Not available yet.
+#[proc_macro_attribute]
+pub fn rpc_method(args: TokenStream, item: TokenStream) -> TokenStream {
+    standalone("rpc::method", args, item)
+}
+
+/// Reserved: an RPC client injected into a method. Not available yet.
+#[proc_macro_attribute]
+pub fn rpc_client(args: TokenStream, item: TokenStream) -> TokenStream {
+    standalone("rpc::client", args, item)
+}
+
+/// Reserved: a Server-Sent-Events listener. Not available yet.
+#[proc_macro_attribute]
+pub fn stream_http(args: TokenStream, item: TokenStream) -> TokenStream {
+    standalone("stream::http", args, item)
+}

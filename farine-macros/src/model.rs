@@ -1,0 +1,91 @@
+//! The plain model of a service that the macro builds before checking and generating.
+
+use proc_macro2::Span;
+use syn::{Ident, Path, Type};
+
+/// The arguments of `#[farine::service(...)]`.
+#[derive(Default)]
+pub struct ServiceArgs {
+    /// `name = "..."`: the service's (and its config section's) name.
+    pub name: Option<(String, Span)>,
+    /// `init = path`: `fn(&farine::config::Section) -> Result<Self, E>` instead of `Default`.
+    pub init: Option<Path>,
+}
+
+/// The handler attributes farine knows. The last four are reserved for later issues.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum AttrKind {
+    Consume,
+    Publish,
+    RpcMethod,
+    RpcClient,
+    StreamHttp,
+    Execute,
+}
+
+impl AttrKind {
+    pub fn display(self) -> &'static str {
+        match self {
+            AttrKind::Consume => "#[consume]",
+            AttrKind::Publish => "#[publish]",
+            AttrKind::RpcMethod => "#[rpc::method]",
+            AttrKind::RpcClient => "#[rpc::client]",
+            AttrKind::StreamHttp => "#[stream::http]",
+            AttrKind::Execute => "#[execute]",
+        }
+    }
+
+    /// The keys the attribute takes.
+    pub fn keys(self) -> &'static [&'static str] {
+        match self {
+            AttrKind::Consume => &["exchange", "routing_key", "queue"],
+            AttrKind::Publish => &["exchange", "routing_key"],
+            _ => &[],
+        }
+    }
+}
+
+/// The arguments of a handler attribute.
+#[derive(Default)]
+pub struct HandlerArgs {
+    pub exchange: Option<String>,
+    pub routing_key: Option<String>,
+    pub queue: Option<String>,
+}
+
+/// How a `#[consume]` handler receives the message handle.
+#[derive(Clone, Copy)]
+pub enum MessageParam {
+    ByValue,
+    ByRef,
+}
+
+/// A `#[consume]` parameter, in declaration order.
+pub enum ConsumeParam {
+    Body(Type),
+    Message(MessageParam),
+}
+
+/// A checked `#[consume]` handler.
+pub struct Consume {
+    pub method: Ident,
+    pub exchange: String,
+    pub routing_key: String,
+    pub queue: Option<String>,
+    pub params: Vec<ConsumeParam>,
+    /// The span of the return type, where a wrong error type is reported.
+    pub output_span: Span,
+}
+
+/// A checked `#[publish]` method.
+pub struct Publish {
+    pub method: Ident,
+    pub exchange: String,
+    pub routing_key: String,
+}
+
+/// A checked handler.
+pub enum HandlerModel {
+    Consume(Consume),
+    Publish(Publish),
+}

@@ -1,0 +1,223 @@
+//! The handle a `#[consume]` handler can ask for: the delivery's metadata and explicit settlement.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde::de::DeserializeOwned;
+
+/// A message delivered to a `#[consume]` handler. Cheap to clone; all clones share one delivery.
+///
+/// farine settles the message when the handler returns (see `docs/consuming.md`); a handler that
+/// settles it itself with [`Message::ack`], [`Message::nack`] or [`Message::reject`] is not
+/// settled a second time.
+#[derive(Clone)]
+pub struct Message {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    delivery: Delivery,
+    settled: AtomicBool,
+}
+
+/// Why a message could not be settled.
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    /// The message was acked, nacked or rejected before.
+    #[error("message {delivery_tag} was already settled")]
+    AlreadySettled { delivery_tag: u64 },
+    /// The channel the message came on is gone; the broker will redeliver the message.
+    #[error("cannot settle message {delivery_tag}: {cause} (the broker will redeliver it)")]
+    Channel { delivery_tag: u64, cause: String },
+}
+
+/// Why a body could not be decoded into the handler's type.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("body does not decode as {type_name}: {cause}")]
+pub struct DecodeError {
+    pub type_name: &'static str,
+    pub cause: String,
+}
+
+impl Message {
+    pub(crate) fn new(delivery: Delivery) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                delivery,
+                settled: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The raw body.
+    pub fn body(&self) -> &[u8] {
+        &self.inner.delivery.data
+    }
+
+    /// The body decoded from JSON into `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
+        serde_json::from_slice(self.body()).map_err(|e| DecodeError {
+            type_name: std::any::type_name::<T>(),
+            cause: e.to_string(),
+        })
+    }
+
+    /// The exchange the message was published to (empty for the default exchange).
+    pub fn exchange(&self) -> &str {
+        self.inner.delivery.exchange.as_str()
+    }
+
+    /// The routing key the message was published with.
+    pub fn routing_key(&self) -> &str {
+        self.inner.delivery.routing_key.as_str()
+    }
+
+    /// True when the broker delivered this message before (to this or another consumer).
+    pub fn redelivered(&self) -> bool {
+        self.inner.delivery.redelivered
+    }
+
+    /// The delivery tag, unique on the handler's channel.
+    pub fn delivery_tag(&self) -> u64 {
+        self.inner.delivery.delivery_tag
+    }
+
+    /// The message's headers (empty when it has none).
+    pub fn headers(&self) -> FieldTable {
+        self.inner
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default()
+    }
+
+    /// One header, when present.
+    pub fn header(&self, name: &str) -> Option<AMQPValue> {
+        self.inner
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|headers| headers.inner().get(name).cloned())
+    }
+
+    /// The `message_id` property, when set by the publisher.
+    pub fn message_id(&self) -> Option<&str> {
+        self.inner
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str())
+    }
+
+    /// The `correlation_id` property, when set.
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.inner
+            .delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.as_str())
+    }
+
+    /// The `reply_to` property, when set.
+    pub fn reply_to(&self) -> Option<&str> {
+        self.inner
+            .delivery
+            .properties
+            .reply_to()
+            .as_ref()
+            .map(|s| s.as_str())
+    }
+
+    /// The `content_type` property, when set.
+    pub fn content_type(&self) -> Option<&str> {
+        self.inner
+            .delivery
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|s| s.as_str())
+    }
+
+    /// True once the message was acked, nacked or rejected.
+    pub fn is_settled(&self) -> bool {
+        self.inner.settled.load(Ordering::Acquire)
+    }
+
+    /// Acknowledges the message: the broker forgets it.
+    pub async fn ack(&self) -> Result<(), SettleError> {
+        self.claim()?;
+        let result = self
+            .inner
+            .delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await;
+        self.settled(result)
+    }
+
+    /// Negatively acknowledges the message; with `requeue` the broker delivers it again.
+    pub async fn nack(&self, requeue: bool) -> Result<(), SettleError> {
+        self.claim()?;
+        let options = BasicNackOptions {
+            multiple: false,
+            requeue,
+        };
+        let result = self.inner.delivery.acker.nack(options).await;
+        self.settled(result)
+    }
+
+    /// Rejects the message; without `requeue` it is dropped, or dead-lettered when its queue
+    /// has a dead-letter exchange.
+    pub async fn reject(&self, requeue: bool) -> Result<(), SettleError> {
+        self.claim()?;
+        let result = self
+            .inner
+            .delivery
+            .acker
+            .reject(BasicRejectOptions { requeue })
+            .await;
+        self.settled(result)
+    }
+
+    fn claim(&self) -> Result<(), SettleError> {
+        if self.inner.settled.swap(true, Ordering::AcqRel) {
+            return Err(SettleError::AlreadySettled {
+                delivery_tag: self.delivery_tag(),
+            });
+        }
+        Ok(())
+    }
+
+    fn settled(&self, result: lapin::Result<bool>) -> Result<(), SettleError> {
+        match result {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(SettleError::Channel {
+                delivery_tag: self.delivery_tag(),
+                cause: "the channel was closed".into(),
+            }),
+            Err(e) => Err(SettleError::Channel {
+                delivery_tag: self.delivery_tag(),
+                cause: e.to_string(),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("exchange", &self.exchange())
+            .field("routing_key", &self.routing_key())
+            .field("delivery_tag", &self.delivery_tag())
+            .field("redelivered", &self.redelivered())
+            .field("bytes", &self.body().len())
+            .finish()
+    }
+}

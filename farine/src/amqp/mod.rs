@@ -1,0 +1,11 @@
+//! AMQP 0-9-1 over lapin: the connection, the topology farine declares, consumers, publishers
+//! and the message handle.
+
+pub mod connection;
+pub mod consumer;
+pub mod message;
+pub mod publisher;
+pub mod topology;
+
+pub use lapin::ExchangeKind;
+pub use lapin::types::{AMQPValue, FieldTable};

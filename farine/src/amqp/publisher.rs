@@ -1,0 +1,362 @@
+//! Publishing: the [`Publisher`] a `#[publish]` method receives.
+//!
+//! A publisher owns one channel in confirm mode, opened on first use and reopened after a failure.
+//! [`Publisher::publish`] returns once the broker confirmed the message (publisher confirms), or
+//! with a typed error within `publish_timeout`: it never hangs. Publishes from concurrent tasks
+//! share the channel and are in flight together, so `join_all` over many `publish` calls pipelines
+//! them.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation};
+use serde::Serialize;
+
+use super::connection::{ConnectError, Connector};
+use super::topology::ExchangeSettings;
+
+/// A failure to publish, naming the exchange and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(
+        "publisher `{service}.{method}` was used outside a running farine service: start the service with farine, or pass a Publisher yourself (`{method}_with`)"
+    )]
+    NotRunning {
+        service: &'static str,
+        method: &'static str,
+    },
+    #[error("cannot encode the message for exchange `{exchange}` as JSON: {cause}")]
+    Encode { exchange: String, cause: String },
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("publish to exchange `{exchange}` failed: {cause}")]
+    Channel { exchange: String, cause: String },
+    #[error(
+        "the broker refused (nacked) the message for exchange `{exchange}`, routing key `{routing_key}`"
+    )]
+    Nacked {
+        exchange: String,
+        routing_key: String,
+    },
+    #[error(
+        "no queue is bound to exchange `{exchange}` for routing key `{routing_key}` ({reply_text}); the message was returned"
+    )]
+    Unroutable {
+        exchange: String,
+        routing_key: String,
+        reply_text: String,
+    },
+    #[error(
+        "no confirm from the broker within {after:?} for exchange `{exchange}`, routing key `{routing_key}`"
+    )]
+    Timeout {
+        exchange: String,
+        routing_key: String,
+        after: Duration,
+    },
+}
+
+/// Per-message options of [`Publisher::publish_with`]. The defaults are those of
+/// [`Publisher::publish`]: the publisher's routing key, persistent, JSON, not mandatory.
+#[derive(Debug, Clone, Default)]
+pub struct PublishOptions {
+    /// Overrides the publisher's routing key.
+    pub routing_key: Option<String>,
+    pub headers: Option<FieldTable>,
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+    /// Per-message TTL.
+    pub expiration: Option<Duration>,
+    pub priority: Option<u8>,
+    /// Overrides the publisher's delivery mode (persistent by default).
+    pub persistent: Option<bool>,
+    /// Ask the broker to return the message when no queue is bound for it
+    /// ([`PublishError::Unroutable`]).
+    pub mandatory: bool,
+    /// Overrides `application/json` (for [`Publisher::publish_bytes`]).
+    pub content_type: Option<String>,
+}
+
+/// How a publisher publishes.
+#[derive(Debug, Clone)]
+pub struct PublisherSettings {
+    /// Delivery mode 2 (the broker writes the message to disk in durable queues).
+    pub persistent: bool,
+    /// The bound on one publish, confirm included.
+    pub timeout: Duration,
+}
+
+impl Default for PublisherSettings {
+    fn default() -> Self {
+        Self {
+            persistent: true,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Sends messages to one exchange with one routing key. Cheap to clone.
+#[derive(Clone)]
+pub struct Publisher {
+    target: Target,
+}
+
+#[derive(Clone)]
+enum Target {
+    Live(Arc<Core>),
+    Detached {
+        service: &'static str,
+        method: &'static str,
+    },
+}
+
+pub(crate) struct Core {
+    connector: Arc<Connector>,
+    exchange: ExchangeSettings,
+    routing_key: String,
+    settings: PublisherSettings,
+    channel: Mutex<Option<Channel>>,
+    reopen: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.target {
+            Target::Live(core) => f
+                .debug_struct("Publisher")
+                .field("exchange", &core.exchange.name)
+                .field("routing_key", &core.routing_key)
+                .finish(),
+            Target::Detached { service, method } => f
+                .debug_struct("Publisher")
+                .field("detached", &format_args!("{service}.{method}"))
+                .finish(),
+        }
+    }
+}
+
+impl Publisher {
+    /// A publisher of its own, outside any service (tests, tools).
+    pub fn new(
+        connector: Arc<Connector>,
+        exchange: ExchangeSettings,
+        routing_key: impl Into<String>,
+        settings: PublisherSettings,
+    ) -> Self {
+        Self {
+            target: Target::Live(Arc::new(Core {
+                connector,
+                exchange,
+                routing_key: routing_key.into(),
+                settings,
+                channel: Mutex::new(None),
+                reopen: tokio::sync::Mutex::new(()),
+            })),
+        }
+    }
+
+    pub(crate) fn detached(service: &'static str, method: &'static str) -> Self {
+        Self {
+            target: Target::Detached { service, method },
+        }
+    }
+
+    /// The exchange this publisher sends to (`None` when detached from any runtime).
+    pub fn exchange(&self) -> Option<&str> {
+        match &self.target {
+            Target::Live(core) => Some(&core.exchange.name),
+            Target::Detached { .. } => None,
+        }
+    }
+
+    /// The routing key this publisher sends with (`None` when detached from any runtime).
+    pub fn routing_key(&self) -> Option<&str> {
+        match &self.target {
+            Target::Live(core) => Some(&core.routing_key),
+            Target::Detached { .. } => None,
+        }
+    }
+
+    /// Sends `value` as JSON (`application/json`, persistent) and waits for the broker's confirm.
+    pub async fn publish<T: Serialize + ?Sized>(&self, value: &T) -> Result<(), PublishError> {
+        self.publish_with(value, PublishOptions::default()).await
+    }
+
+    /// As [`Publisher::publish`], with per-message options.
+    pub async fn publish_with<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+        options: PublishOptions,
+    ) -> Result<(), PublishError> {
+        let core = self.core()?;
+        let payload = serde_json::to_vec(value).map_err(|e| PublishError::Encode {
+            exchange: core.exchange.name.clone(),
+            cause: e.to_string(),
+        })?;
+        core.publish(&payload, options).await
+    }
+
+    /// Sends raw bytes (content type from the options, else `application/json`).
+    pub async fn publish_bytes(
+        &self,
+        payload: &[u8],
+        options: PublishOptions,
+    ) -> Result<(), PublishError> {
+        self.core()?.publish(payload, options).await
+    }
+
+    /// Opens the channel and declares the exchange now rather than at the first publish.
+    pub async fn prepare(&self) -> Result<(), PublishError> {
+        self.core()?.channel().await.map(|_| ())
+    }
+
+    pub(crate) async fn close(&self) {
+        if let Target::Live(core) = &self.target {
+            let channel = core.channel.lock().ok().and_then(|mut c| c.take());
+            if let Some(channel) = channel
+                && channel.status().connected()
+            {
+                let _ = channel.close(200, "farine shutting down".into()).await;
+            }
+        }
+    }
+
+    fn core(&self) -> Result<&Arc<Core>, PublishError> {
+        match &self.target {
+            Target::Live(core) => Ok(core),
+            Target::Detached { service, method } => {
+                Err(PublishError::NotRunning { service, method })
+            }
+        }
+    }
+}
+
+impl Core {
+    fn channel_error(&self, e: impl std::fmt::Display) -> PublishError {
+        PublishError::Channel {
+            exchange: self.exchange.name.clone(),
+            cause: e.to_string(),
+        }
+    }
+
+    /// The open confirm channel, reopened (and the exchange declared again) when it broke.
+    async fn channel(&self) -> Result<Channel, PublishError> {
+        if let Some(channel) = self.live_channel() {
+            return Ok(channel);
+        }
+        let _single_flight = self.reopen.lock().await;
+        if let Some(channel) = self.live_channel() {
+            return Ok(channel);
+        }
+        let conn = self.connector.connection().await?;
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(|e| self.channel_error(e))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| self.channel_error(e))?;
+        self.exchange
+            .declare(&channel)
+            .await
+            .map_err(|e| self.channel_error(e))?;
+        if let Ok(mut slot) = self.channel.lock() {
+            *slot = Some(channel.clone());
+        }
+        Ok(channel)
+    }
+
+    fn live_channel(&self) -> Option<Channel> {
+        let slot = self.channel.lock().ok()?;
+        slot.as_ref()
+            .filter(|channel| channel.status().connected())
+            .cloned()
+    }
+
+    async fn publish(&self, payload: &[u8], options: PublishOptions) -> Result<(), PublishError> {
+        let routing_key = options
+            .routing_key
+            .clone()
+            .unwrap_or_else(|| self.routing_key.clone());
+        let timeout = self.settings.timeout;
+        match tokio::time::timeout(
+            timeout,
+            self.publish_confirmed(payload, &routing_key, options),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(PublishError::Timeout {
+                exchange: self.exchange.name.clone(),
+                routing_key,
+                after: timeout,
+            }),
+        }
+    }
+
+    async fn publish_confirmed(
+        &self,
+        payload: &[u8],
+        routing_key: &str,
+        options: PublishOptions,
+    ) -> Result<(), PublishError> {
+        let channel = self.channel().await?;
+        let persistent = options.persistent.unwrap_or(self.settings.persistent);
+        let mut properties = BasicProperties::default()
+            .with_content_type(
+                options
+                    .content_type
+                    .as_deref()
+                    .unwrap_or("application/json")
+                    .into(),
+            )
+            .with_delivery_mode(if persistent { 2 } else { 1 });
+        if let Some(headers) = options.headers {
+            properties = properties.with_headers(headers);
+        }
+        if let Some(id) = options.message_id {
+            properties = properties.with_message_id(ShortString::from(id));
+        }
+        if let Some(id) = options.correlation_id {
+            properties = properties.with_correlation_id(ShortString::from(id));
+        }
+        if let Some(reply_to) = options.reply_to {
+            properties = properties.with_reply_to(ShortString::from(reply_to));
+        }
+        if let Some(ttl) = options.expiration {
+            properties = properties.with_expiration(ShortString::from(ttl.as_millis().to_string()));
+        }
+        if let Some(priority) = options.priority {
+            properties = properties.with_priority(priority);
+        }
+        let confirm = channel
+            .basic_publish(
+                self.exchange.name.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: options.mandatory,
+                    immediate: false,
+                },
+                payload,
+                properties,
+            )
+            .await
+            .map_err(|e| self.channel_error(e))?;
+        match confirm.await.map_err(|e| self.channel_error(e))? {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(returned)) => Err(PublishError::Unroutable {
+                exchange: self.exchange.name.clone(),
+                routing_key: routing_key.to_string(),
+                reply_text: returned.reply_text.to_string(),
+            }),
+            Confirmation::Nack(_) => Err(PublishError::Nacked {
+                exchange: self.exchange.name.clone(),
+                routing_key: routing_key.to_string(),
+            }),
+        }
+    }
+}

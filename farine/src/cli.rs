@@ -1,0 +1,201 @@
+//! The command line of a service binary: what `farine::main!()` runs.
+//!
+//! `farine --start=mymodule` (the launcher in `farine-cli`) builds package `mymodule` and runs
+//! its binary with the same arguments, so this is the command line users see. A built binary can
+//! also be run directly (`mymodule --config /etc/farine.ini`), as a container image would.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::config::{self, Config};
+use crate::registry::{HandlerInfo, ServiceEntry};
+use crate::runtime::Runtime;
+
+/// Exit status: the services ran and stopped cleanly on SIGINT/SIGTERM.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: a runtime failure (the broker cannot be reached, a handler cannot start).
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit status: the command line is wrong (unknown flag, unknown module).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status: the configuration is wrong (missing file, section or key, bad value).
+pub const EXIT_CONFIG: u8 = 3;
+
+/// The flags of a farine service binary.
+#[derive(Debug, Parser)]
+#[command(name = "farine", version, about = "Runs farine services.")]
+pub struct Args {
+    /// The module(s) to start: the package of the services. Repeatable or comma-separated;
+    /// a service binary starts its own module when the flag is absent.
+    #[arg(long, value_delimiter = ',', value_name = "MODULE")]
+    pub start: Vec<String>,
+    /// The INI file (default: $FARINE_INI, else /etc/farine.ini).
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Lists the services and their handlers (exchange, queue, routing key) and exits.
+    #[arg(long)]
+    pub list: bool,
+    /// Log level or filter: error, warn, info, debug, trace, or a tracing filter such as
+    /// `farine=debug`. Default: $RUST_LOG, else info.
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// Runs the binary of module `module` (its package name) with the process's arguments.
+pub fn main(module: &'static str) -> ExitCode {
+    let args = Args::parse();
+    ExitCode::from(run(module, args))
+}
+
+fn init_logging(level: Option<&str>) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(level) => EnvFilter::try_new(level)
+            .map_err(|e| format!("--log-level {level:?} is not a level or filter: {e}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+    Ok(())
+}
+
+fn run(module: &'static str, args: Args) -> u8 {
+    if let Err(message) = init_logging(args.log_level.as_deref()) {
+        eprintln!("farine: {message}");
+        return EXIT_USAGE;
+    }
+    if let Some(unknown) = args.start.iter().find(|name| name.as_str() != module) {
+        eprintln!(
+            "farine: unknown module `{unknown}`; this binary runs module `{module}` (available: {module})"
+        );
+        return EXIT_USAGE;
+    }
+    let path = config::resolve_path(args.config.as_deref());
+    let loaded = Config::load(&path);
+    if args.list {
+        print!("{}", list(module, loaded.as_ref().ok()));
+        if let Err(e) = &loaded {
+            eprintln!("farine: showing defaults: {e}");
+        }
+        return EXIT_OK;
+    }
+    let config = match loaded {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("farine: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("farine: cannot start the async runtime: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match Runtime::new(config).module(module).start().await {
+            Ok(running) => {
+                running.run_until_signal().await;
+                EXIT_OK
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "farine could not start");
+                eprintln!("farine: {e}");
+                if e.is_config() {
+                    EXIT_CONFIG
+                } else {
+                    EXIT_FAILURE
+                }
+            }
+        }
+    })
+}
+
+/// The `--list` text: every service of the binary with its handlers, as the config resolves them.
+pub fn list(module: &str, config: Option<&Config>) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "module {module} (config: {})",
+        config.map_or("not loaded, defaults shown", |c| c.file())
+    );
+    for entry in ServiceEntry::all() {
+        let section = config.and_then(|c| c.section(entry.name).ok());
+        let enabled = section
+            .as_ref()
+            .map(|s| s.get_or("enabled", true).unwrap_or(true));
+        let state = match (config, enabled) {
+            (Some(_), None) => "no config section",
+            (_, Some(false)) => "disabled",
+            _ => "enabled",
+        };
+        let _ = writeln!(
+            out,
+            "service {} ({}, section [{}], {state})",
+            entry.name, entry.type_name, entry.name
+        );
+        for handler in entry.handlers() {
+            let _ = writeln!(
+                out,
+                "  {}",
+                describe(entry.name, &handler, section.as_ref())
+            );
+        }
+    }
+    out
+}
+
+fn describe(
+    service: &'static str,
+    handler: &HandlerInfo,
+    section: Option<&config::Section>,
+) -> String {
+    use crate::amqp::consumer::ConsumerPlan;
+    use crate::amqp::topology::ExchangeSettings;
+    let fallback = Config::from_ini(&format!("[{service}]\n"), "defaults").ok();
+    let default_section = fallback.as_ref().and_then(|c| c.section(service).ok());
+    let Some(section) = section.or(default_section.as_ref()) else {
+        return handler.name().to_string();
+    };
+    match handler {
+        HandlerInfo::Consume { name, spec } => {
+            match ConsumerPlan::from_config(service, name, spec, section) {
+                Ok(plan) => format!(
+                    "consume {name}: exchange {} ({}), routing key {:?}, queue {}, prefetch {}",
+                    plan.exchange.name,
+                    plan.exchange.kind_name(),
+                    plan.routing_key,
+                    plan.queue.name,
+                    plan.prefetch
+                ),
+                Err(e) => format!("consume {name}: {e}"),
+            }
+        }
+        HandlerInfo::Publish { name, spec } => {
+            let scoped = section.handler(name);
+            let exchange = ExchangeSettings::from_config(&scoped, spec.exchange);
+            let routing_key = scoped
+                .get_str("routing_key")
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| spec.routing_key.to_string());
+            match exchange {
+                Ok(exchange) => format!(
+                    "publish {name}: exchange {} ({}), routing key {routing_key:?}",
+                    exchange.name,
+                    exchange.kind_name()
+                ),
+                Err(e) => format!("publish {name}: {e}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,61 @@
+use std::path::PathBuf;
+
+/// What can be wrong with farine's configuration. Each error names the file, and where it
+/// applies the section and the option, and says what was expected. Values of secret options
+/// and passwords in URIs are masked (see [`crate::config::redact`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "cannot read config file {path}: {source} (the path comes from --config, else FARINE_INI, else /etc/farine.ini)"
+    )]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{file}, line {line}: {message}")]
+    Syntax {
+        file: String,
+        line: usize,
+        message: String,
+    },
+
+    #[error(
+        "{file} has no section [{section}] for service `{section}`: add one (it may be empty, [DEFAULT] values are inherited)"
+    )]
+    MissingSection { file: String, section: String },
+
+    #[error("{file}, section [{section}]: option `{key}` is missing; expected {expected}")]
+    MissingKey {
+        file: String,
+        section: String,
+        key: String,
+        expected: &'static str,
+    },
+
+    #[error(
+        "{file}, section [{section}]: option `{key}` is {value:?}{origin}; expected {expected}"
+    )]
+    InvalidValue {
+        file: String,
+        section: String,
+        key: String,
+        /// The value as given, with secrets masked.
+        value: String,
+        expected: String,
+        /// Where the value came from when it was not the file (an environment variable).
+        origin: String,
+    },
+
+    #[error("{file}, section [{section}]: option `{key}`: {message}")]
+    Interpolation {
+        file: String,
+        section: String,
+        key: String,
+        message: String,
+    },
+
+    #[error("environment overrides (FARINE__<SECTION>__<KEY>): {0}")]
+    Environment(String),
+}

@@ -1,0 +1,669 @@
+//! The INI configuration: where it is found, how it is read, and typed access to its values.
+//!
+//! farine reads one INI file: the path given by `--config`, else the `FARINE_INI` environment
+//! variable, else `/etc/farine.ini`. It follows Python configparser's semantics, which the seed's
+//! users know (see [`ini`] for the syntax):
+//! - values in `[DEFAULT]` are inherited by every section that does not set them itself;
+//! - option names are case-insensitive (section names are not);
+//! - `%(name)s` refers to another option of the same section (or of `[DEFAULT]`), `%%` is a `%`;
+//! - each service reads the section named after it (the lower-cased struct name).
+//!
+//! Environment variables `FARINE__<SECTION>__<KEY>` override the file (`FARINE__DEFAULT__AMQP_URI`,
+//! `FARINE__RELAY__PREFETCH_COUNT`); the file and the environment are layered with the `config`
+//! crate. Keys of a handler can be scoped to it: `<handler>.<key>` in the service's section wins
+//! over `<key>` (see [`Section::handler`]).
+
+mod error;
+pub mod ini;
+pub mod redact;
+mod value;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use error::ConfigError;
+pub use value::FromValue;
+
+/// Where the config file is looked for when neither `--config` nor `FARINE_INI` is given.
+pub const DEFAULT_PATH: &str = "/etc/farine.ini";
+/// The environment variable naming the config file.
+pub const PATH_ENV: &str = "FARINE_INI";
+/// The name of the section whose values every other section inherits.
+pub const DEFAULT_SECTION: &str = "DEFAULT";
+
+const ENV_PREFIX: &str = "FARINE";
+const ENV_SEPARATOR: &str = "__";
+const ENV_ORIGIN: &str = "the environment";
+const MAX_INTERPOLATION_DEPTH: usize = 10;
+
+/// The whole configuration, after the environment overrides were applied.
+#[derive(Debug, Clone)]
+pub struct Config {
+    file: Arc<str>,
+    defaults: BTreeMap<String, String>,
+    sections: BTreeMap<String, BTreeMap<String, String>>,
+    /// `(section, key)` pairs whose value came from an environment variable.
+    from_env: BTreeSet<(String, String)>,
+}
+
+/// The config path chosen by the rules above: `flag`, else `$FARINE_INI`, else `/etc/farine.ini`.
+pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
+    if let Some(path) = flag {
+        return path.to_path_buf();
+    }
+    match std::env::var_os(PATH_ENV) {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => PathBuf::from(DEFAULT_PATH),
+    }
+}
+
+impl Config {
+    /// Reads the file at `path` and applies the `FARINE__*` variables of this process.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::build(&text, &path.display().to_string(), None)
+    }
+
+    /// Parses `text` as if read from a file named `origin`, without environment overrides.
+    pub fn from_ini(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        Self::build(text, origin, Some(BTreeMap::new()))
+    }
+
+    /// Parses `text` and applies the given `FARINE__*` variables instead of the process's.
+    pub fn from_ini_with_env(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        Self::build(text, origin, Some(env.into_iter().collect()))
+    }
+
+    fn build(
+        text: &str,
+        origin: &str,
+        env: Option<BTreeMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
+        let parsed = ini::parse(text).map_err(|e| ConfigError::Syntax {
+            file: origin.to_string(),
+            line: e.line,
+            message: e.message,
+        })?;
+        let environment = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator(ENV_SEPARATOR)
+            .separator(ENV_SEPARATOR)
+            .source(env.map(|vars| vars.into_iter().collect()));
+        let layered = config::Config::builder()
+            .add_source(IniSource {
+                origin: origin.to_string(),
+                file: parsed,
+            })
+            .add_source(environment)
+            .build()
+            .map_err(|e| ConfigError::Environment(redact::redact_uri(&e.to_string())))?;
+        let table = config::Source::collect(&layered)
+            .map_err(|e| ConfigError::Environment(redact::redact_uri(&e.to_string())))?;
+
+        let mut config = Config {
+            file: origin.into(),
+            defaults: BTreeMap::new(),
+            sections: BTreeMap::new(),
+            from_env: BTreeSet::new(),
+        };
+        for (section, value) in table {
+            let options = value.into_table().map_err(|_| {
+                ConfigError::Environment(format!(
+                    "FARINE__{}: name a section and an option, as FARINE__<SECTION>__<KEY>",
+                    section.to_uppercase()
+                ))
+            })?;
+            // Environment variable names are read lower-cased: `FARINE__DEFAULT__X` means [DEFAULT].
+            let section = if section.eq_ignore_ascii_case(DEFAULT_SECTION) {
+                DEFAULT_SECTION.to_string()
+            } else {
+                section
+            };
+            let values = if section == DEFAULT_SECTION {
+                &mut config.defaults
+            } else {
+                config.sections.entry(section.clone()).or_default()
+            };
+            for (key, value) in options {
+                let key = key.to_lowercase();
+                let from_env = value.origin() == Some(ENV_ORIGIN);
+                let text = value.into_string().map_err(|_| {
+                    ConfigError::Environment(format!(
+                        "FARINE__{}__{}: nested keys are not supported",
+                        section.to_uppercase(),
+                        key.to_uppercase()
+                    ))
+                })?;
+                // `[DEFAULT]` from the file and `FARINE__DEFAULT__*` arrive as two tables (the
+                // environment's name is lower-cased): the environment wins whatever the order.
+                if from_env {
+                    config.from_env.insert((section.clone(), key.clone()));
+                    values.insert(key, text);
+                } else {
+                    values.entry(key).or_insert(text);
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    /// The file this configuration was read from (or the origin given to [`Config::from_ini`]).
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+
+    /// True when the file (or the environment) has a section named `name`.
+    pub fn has_section(&self, name: &str) -> bool {
+        self.sections.contains_key(name)
+    }
+
+    /// The names of the sections, `[DEFAULT]` excepted.
+    pub fn section_names(&self) -> impl Iterator<Item = &str> {
+        self.sections.keys().map(String::as_str)
+    }
+
+    /// The section `name` with `[DEFAULT]` merged under it; an error when it does not exist.
+    pub fn section(&self, name: &str) -> Result<Section, ConfigError> {
+        let own = self
+            .sections
+            .get(name)
+            .ok_or_else(|| ConfigError::MissingSection {
+                file: self.file.to_string(),
+                section: name.to_string(),
+            })?;
+        Ok(self.merged(name, Some(own)))
+    }
+
+    /// The `[DEFAULT]` section alone (empty when the file has none).
+    pub fn defaults(&self) -> Section {
+        self.merged(DEFAULT_SECTION, None)
+    }
+
+    fn merged(&self, name: &str, own: Option<&BTreeMap<String, String>>) -> Section {
+        let mut values = self.defaults.clone();
+        if let Some(own) = own {
+            values.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        let from_env = values
+            .keys()
+            .filter(|key| {
+                let own_has = own.is_some_and(|o| o.contains_key(*key));
+                let section = if own_has { name } else { DEFAULT_SECTION };
+                self.from_env
+                    .contains(&(section.to_string(), (*key).to_string()))
+            })
+            .cloned()
+            .collect();
+        Section {
+            inner: Arc::new(SectionInner {
+                file: self.file.clone(),
+                name: name.to_string(),
+                values,
+                from_env,
+            }),
+        }
+    }
+}
+
+/// The parsed file as a `config` source, one table per section.
+#[derive(Debug, Clone)]
+struct IniSource {
+    origin: String,
+    file: ini::IniFile,
+}
+
+impl config::Source for IniSource {
+    fn clone_into_box(&self) -> Box<dyn config::Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<config::Map<String, config::Value>, config::ConfigError> {
+        let origin = Some(&self.origin);
+        Ok(self
+            .file
+            .sections
+            .iter()
+            .map(|(section, options)| {
+                let table: config::Map<String, config::Value> = options
+                    .iter()
+                    .map(|(k, v)| (k.clone(), config::Value::new(origin, v.as_str())))
+                    .collect();
+                (section.clone(), config::Value::new(origin, table))
+            })
+            .collect())
+    }
+}
+
+/// One section of the configuration, with `[DEFAULT]` inherited. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Section {
+    inner: Arc<SectionInner>,
+}
+
+#[derive(Debug)]
+struct SectionInner {
+    file: Arc<str>,
+    name: String,
+    values: BTreeMap<String, String>,
+    from_env: BTreeSet<String>,
+}
+
+impl Section {
+    /// The section's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The file the section was read from.
+    pub fn file(&self) -> &str {
+        &self.inner.file
+    }
+
+    /// The keys set in this section or inherited from `[DEFAULT]`, lower-cased.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.inner.values.keys().map(String::as_str)
+    }
+
+    /// The value of `key` as a string, interpolated; `None` when it is not set.
+    pub fn get_str(&self, key: &str) -> Result<Option<String>, ConfigError> {
+        let key = key.to_lowercase();
+        match self.inner.values.get(&key) {
+            None => Ok(None),
+            Some(raw) => self.interpolate(&key, raw, 0).map(Some),
+        }
+    }
+
+    /// The value of `key` parsed as `T`; `None` when it is not set.
+    pub fn get<T: FromValue>(&self, key: &str) -> Result<Option<T>, ConfigError> {
+        let Some(text) = self.get_str(key)? else {
+            return Ok(None);
+        };
+        T::from_value(text.trim())
+            .map(Some)
+            .ok_or_else(|| self.invalid(key, &text, T::expected()))
+    }
+
+    /// The value of `key` parsed as `T`, or `default` when it is not set.
+    pub fn get_or<T: FromValue>(&self, key: &str, default: T) -> Result<T, ConfigError> {
+        Ok(self.get(key)?.unwrap_or(default))
+    }
+
+    /// The value of `key` parsed as `T`; an error naming the key when it is not set.
+    pub fn require<T: FromValue>(&self, key: &str) -> Result<T, ConfigError> {
+        self.get(key)?.ok_or_else(|| ConfigError::MissingKey {
+            file: self.file().to_string(),
+            section: self.name().to_string(),
+            key: key.to_lowercase(),
+            expected: T::expected(),
+        })
+    }
+
+    /// A view of this section for one handler: `<handler>.<key>` wins over `<key>`.
+    pub fn handler<'a>(&'a self, handler: &'a str) -> HandlerSection<'a> {
+        HandlerSection {
+            section: self,
+            handler,
+        }
+    }
+
+    /// An error for an option whose value is not what was expected.
+    pub fn invalid(&self, key: &str, value: &str, expected: impl Into<String>) -> ConfigError {
+        let key = key.to_lowercase();
+        let origin = if self.inner.from_env.contains(&key) {
+            format!(
+                " (from environment variable FARINE__{}__{})",
+                self.name().to_uppercase(),
+                key.to_uppercase()
+            )
+        } else {
+            String::new()
+        };
+        ConfigError::InvalidValue {
+            file: self.file().to_string(),
+            section: self.name().to_string(),
+            value: redact::display_value(&key, value),
+            key,
+            expected: expected.into(),
+            origin,
+        }
+    }
+
+    fn interpolate(&self, key: &str, raw: &str, depth: usize) -> Result<String, ConfigError> {
+        let fail = |message: String| ConfigError::Interpolation {
+            file: self.file().to_string(),
+            section: self.name().to_string(),
+            key: key.to_string(),
+            message,
+        };
+        if !raw.contains('%') {
+            return Ok(raw.to_string());
+        }
+        if depth >= MAX_INTERPOLATION_DEPTH {
+            return Err(fail(format!(
+                "more than {MAX_INTERPOLATION_DEPTH} levels of %(name)s references (a loop?)"
+            )));
+        }
+        let mut out = String::with_capacity(raw.len());
+        let mut rest = raw;
+        while let Some(pos) = rest.find('%') {
+            out.push_str(&rest[..pos]);
+            let after = &rest[pos + 1..];
+            if let Some(tail) = after.strip_prefix('%') {
+                out.push('%');
+                rest = tail;
+            } else if let Some(reference) = after.strip_prefix('(') {
+                let Some(end) = reference.find(")s") else {
+                    return Err(fail(
+                        "a reference must look like %(name)s; write %% for a literal %".into(),
+                    ));
+                };
+                let name = reference[..end].to_lowercase();
+                let Some(value) = self.inner.values.get(&name) else {
+                    return Err(fail(format!(
+                        "%({name})s refers to an option that is not set in this section or [DEFAULT]"
+                    )));
+                };
+                out.push_str(&self.interpolate(key, value, depth + 1)?);
+                rest = &reference[end + 2..];
+            } else {
+                return Err(fail(
+                    "'%' must be followed by '%' or '(' (configparser interpolation); write %% for a literal %"
+                        .into(),
+                ));
+            }
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+}
+
+/// A [`Section`] seen from one handler: `<handler>.<key>` is looked up before `<key>`.
+#[derive(Debug, Clone, Copy)]
+pub struct HandlerSection<'a> {
+    section: &'a Section,
+    handler: &'a str,
+}
+
+impl HandlerSection<'_> {
+    fn scoped_key(&self, key: &str) -> String {
+        let scoped = format!("{}.{}", self.handler, key).to_lowercase();
+        if self.section.inner.values.contains_key(&scoped) {
+            scoped
+        } else {
+            key.to_string()
+        }
+    }
+
+    /// The handler's section.
+    pub fn section(&self) -> &Section {
+        self.section
+    }
+
+    /// As [`Section::get_str`], handler-scoped key first.
+    pub fn get_str(&self, key: &str) -> Result<Option<String>, ConfigError> {
+        self.section.get_str(&self.scoped_key(key))
+    }
+
+    /// As [`Section::get`], handler-scoped key first.
+    pub fn get<T: FromValue>(&self, key: &str) -> Result<Option<T>, ConfigError> {
+        self.section.get(&self.scoped_key(key))
+    }
+
+    /// As [`Section::get_or`], handler-scoped key first.
+    pub fn get_or<T: FromValue>(&self, key: &str, default: T) -> Result<T, ConfigError> {
+        self.section.get_or(&self.scoped_key(key), default)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const SAMPLE: &str = "\
+[DEFAULT]
+amqp_uri = amqp://guest:guest@127.0.0.1:5672/%%2f
+prefetch_count = 10
+
+[relay]
+Enabled = yes
+prefetch_count = 50
+relay.queue = orders-relay
+drain_timeout = 2.5
+
+[other]
+";
+
+    fn sample() -> Config {
+        Config::from_ini(SAMPLE, "farine.ini").unwrap()
+    }
+
+    #[test]
+    fn default_values_are_inherited_by_every_section() {
+        let config = sample();
+        let other = config.section("other").unwrap();
+        assert_eq!(other.get::<u16>("prefetch_count").unwrap(), Some(10));
+        assert_eq!(
+            other.get_str("amqp_uri").unwrap().unwrap(),
+            "amqp://guest:guest@127.0.0.1:5672/%2f"
+        );
+    }
+
+    #[test]
+    fn a_section_value_wins_over_default() {
+        let relay = sample().section("relay").unwrap();
+        assert_eq!(relay.get::<u16>("prefetch_count").unwrap(), Some(50));
+    }
+
+    #[test]
+    fn option_names_are_case_insensitive() {
+        let relay = sample().section("relay").unwrap();
+        assert_eq!(relay.get::<bool>("ENABLED").unwrap(), Some(true));
+        assert_eq!(relay.get::<bool>("enabled").unwrap(), Some(true));
+        assert_eq!(relay.get::<u16>("Prefetch_Count").unwrap(), Some(50));
+    }
+
+    #[test]
+    fn booleans_follow_configparser() {
+        for (text, expected) in [
+            ("1", true),
+            ("yes", true),
+            ("True", true),
+            ("on", true),
+            ("0", false),
+            ("no", false),
+            ("FALSE", false),
+            ("off", false),
+        ] {
+            let config = Config::from_ini(&format!("[s]\nflag = {text}\n"), "f.ini").unwrap();
+            let section = config.section("s").unwrap();
+            assert_eq!(
+                section.get::<bool>("flag").unwrap(),
+                Some(expected),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn durations_are_seconds_or_suffixed() {
+        let relay = sample().section("relay").unwrap();
+        assert_eq!(
+            relay.get::<Duration>("drain_timeout").unwrap(),
+            Some(Duration::from_millis(2500))
+        );
+        let config = Config::from_ini("[s]\na = 250ms\nb = 2m\nc = 3s\n", "f.ini").unwrap();
+        let s = config.section("s").unwrap();
+        assert_eq!(
+            s.require::<Duration>("a").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            s.require::<Duration>("b").unwrap(),
+            Duration::from_secs(120)
+        );
+        assert_eq!(s.require::<Duration>("c").unwrap(), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn a_missing_section_names_file_and_section() {
+        let err = sample().section("ghost").unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, ConfigError::MissingSection { .. }));
+        assert!(
+            text.contains("farine.ini") && text.contains("[ghost]"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_missing_key_names_file_section_key_and_what_was_expected() {
+        let err = sample()
+            .section("other")
+            .unwrap()
+            .require::<String>("endpoint")
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("farine.ini")
+                && text.contains("[other]")
+                && text.contains("`endpoint`")
+                && text.contains("expected a string"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_wrong_type_names_file_section_key_value_and_expectation() {
+        let config = Config::from_ini("[relay]\nprefetch_count = lots\n", "f.ini").unwrap();
+        let err = config
+            .section("relay")
+            .unwrap()
+            .get::<u16>("prefetch_count")
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("f.ini")
+                && text.contains("[relay]")
+                && text.contains("`prefetch_count`")
+                && text.contains("\"lots\"")
+                && text.contains("a whole number from 0 to 65535"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_secret_value_never_appears_in_an_error() {
+        let config = Config::from_ini(
+            "[s]\namqp_uri = amqp://u:hunter2@h:99999/\ndb_password = hunter2\n",
+            "f.ini",
+        )
+        .unwrap();
+        let s = config.section("s").unwrap();
+        let err = s.get::<u16>("db_password").unwrap_err().to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = s.get::<bool>("amqp_uri").unwrap_err().to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.contains("amqp://u:****@h:99999/"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_reaches_inheriting_sections() {
+        let env = [
+            (
+                "FARINE__DEFAULT__AMQP_URI".to_string(),
+                "amqp://env/".to_string(),
+            ),
+            ("FARINE__RELAY__PREFETCH_COUNT".to_string(), "7".to_string()),
+        ];
+        let config = Config::from_ini_with_env(SAMPLE, "farine.ini", env).unwrap();
+        let relay = config.section("relay").unwrap();
+        assert_eq!(relay.get::<u16>("prefetch_count").unwrap(), Some(7));
+        assert_eq!(relay.get_str("amqp_uri").unwrap().unwrap(), "amqp://env/");
+        let other = config.section("other").unwrap();
+        assert_eq!(other.get_str("amqp_uri").unwrap().unwrap(), "amqp://env/");
+    }
+
+    #[test]
+    fn environment_can_add_a_section() {
+        let env = [("FARINE__NEWSVC__ENABLED".to_string(), "false".to_string())];
+        let config = Config::from_ini_with_env(SAMPLE, "farine.ini", env).unwrap();
+        let section = config.section("newsvc").unwrap();
+        assert_eq!(section.get::<bool>("enabled").unwrap(), Some(false));
+    }
+
+    #[test]
+    fn a_bad_value_from_the_environment_names_the_variable() {
+        let env = [(
+            "FARINE__RELAY__PREFETCH_COUNT".to_string(),
+            "-1".to_string(),
+        )];
+        let config = Config::from_ini_with_env(SAMPLE, "farine.ini", env).unwrap();
+        let err = config
+            .section("relay")
+            .unwrap()
+            .get::<u16>("prefetch_count")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("FARINE__RELAY__PREFETCH_COUNT"), "{err}");
+    }
+
+    #[test]
+    fn interpolation_reads_the_section_and_defaults() {
+        let text = "[DEFAULT]\nhost = broker\n[s]\nuri = amqp://%(host)s:%(port)s/\nport = 5672\npct = 100%%\n";
+        let config = Config::from_ini(text, "f.ini").unwrap();
+        let s = config.section("s").unwrap();
+        assert_eq!(s.get_str("uri").unwrap().unwrap(), "amqp://broker:5672/");
+        assert_eq!(s.get_str("pct").unwrap().unwrap(), "100%");
+    }
+
+    #[test]
+    fn a_bad_interpolation_is_an_error_naming_the_key() {
+        let config = Config::from_ini("[s]\na = 50%\nb = %(nope)s\nc = %(c)s\n", "f.ini").unwrap();
+        let s = config.section("s").unwrap();
+        assert!(s.get_str("a").unwrap_err().to_string().contains("`a`"));
+        assert!(s.get_str("b").unwrap_err().to_string().contains("%(nope)s"));
+        assert!(s.get_str("c").unwrap_err().to_string().contains("loop"));
+    }
+
+    #[test]
+    fn handler_scoped_keys_win_over_section_keys() {
+        let relay = sample().section("relay").unwrap();
+        let scoped = relay.handler("relay");
+        assert_eq!(scoped.get_str("queue").unwrap().unwrap(), "orders-relay");
+        assert_eq!(scoped.get::<u16>("prefetch_count").unwrap(), Some(50));
+        let other = relay.handler("other_handler");
+        assert_eq!(other.get_str("queue").unwrap(), None);
+    }
+
+    #[test]
+    fn a_syntax_error_names_file_and_line() {
+        let err = Config::from_ini("[s]\noops\n", "bad.ini")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("bad.ini, line 2:"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_file_names_the_path() {
+        let err = Config::load(Path::new("/nonexistent/farine.ini")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("/nonexistent/farine.ini"), "{text}");
+        assert!(text.contains("FARINE_INI"), "{text}");
+    }
+
+    #[test]
+    fn the_flag_wins_over_the_environment_variable_for_the_path() {
+        assert_eq!(
+            resolve_path(Some(Path::new("/x.ini"))),
+            PathBuf::from("/x.ini")
+        );
+    }
+}

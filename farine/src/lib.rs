@@ -1,0 +1,81 @@
+//! farine: a microservice framework over RabbitMQ, the Rust counterpart of the Python
+//! framework baguette-messaging.
+//!
+//! A user writes a plain struct and annotates the methods of one `impl` block; farine reads the
+//! INI config, connects to the broker, and runs one supervised task per handler:
+//!
+//! ```no_run
+//! use farine::{consume, publish, Publisher, PublishError};
+//! use serde_json::{json, Map, Value};
+//!
+//! #[derive(Default)]
+//! pub struct Relay;
+//!
+//! #[farine::service]
+//! impl Relay {
+//!     #[consume(exchange = "orders", routing_key = "order.created")]
+//!     async fn relay(&self, order: Map<String, Value>) -> Result<(), PublishError> {
+//!         self.seen(&json!({ "seen": order })).await
+//!     }
+//!
+//!     #[publish(exchange = "audit", routing_key = "order.seen")]
+//!     async fn seen(&self, publisher: Publisher, event: &Value) -> Result<(), PublishError> {
+//!         publisher.publish(event).await
+//!     }
+//! }
+//! # fn main() {}
+//! ```
+//!
+//! Where things live: [`config`] (the INI file), [`registry`] (what the macros register),
+//! [`runtime`] (start, supervision, shutdown), [`amqp`] (connection, topology, consumers,
+//! publishers, messages), [`cli`] (the command line of a service binary).
+
+pub mod amqp;
+pub mod cli;
+pub mod config;
+pub mod registry;
+pub mod runtime;
+
+pub use amqp::message::{DecodeError, Message, SettleError};
+pub use amqp::publisher::{PublishError, PublishOptions, Publisher};
+pub use farine_macros::{consume, execute, publish, service};
+pub use runtime::{Running, Runtime, StartError};
+
+/// RPC over AMQP. `#[rpc::method]` and `#[rpc::client]` are reserved: they are not built yet.
+pub mod rpc {
+    pub use farine_macros::{rpc_client as client, rpc_method as method};
+}
+
+/// Event streams. `#[stream::http]` is reserved: it is not built yet.
+pub mod stream {
+    pub use farine_macros::stream_http as http;
+}
+
+/// Gives a service package its `main`: `farine::main!();` in `src/main.rs` declares the
+/// package's `service` module (`src/service.rs`) and runs the farine command line for it.
+/// `farine::main!(services);` names another module.
+#[macro_export]
+macro_rules! main {
+    () => {
+        $crate::main!(service);
+    };
+    ($module:ident) => {
+        mod $module;
+        fn main() -> ::std::process::ExitCode {
+            $crate::cli::main(::std::env!("CARGO_PKG_NAME"))
+        }
+    };
+}
+
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::amqp::consumer::{IntoOutcome, Outcome};
+    pub use crate::registry::{
+        BoxError, ConsumeSpec, Handler, HandlerKind, PublishSpec, Service, ServiceEntry,
+    };
+    pub use crate::runtime::context::publisher;
+    pub use futures_util::future::BoxFuture;
+    pub use inventory;
+    pub use serde;
+    pub use serde_json;
+}

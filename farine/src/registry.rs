@@ -1,0 +1,165 @@
+//! The service registry: what `#[farine::service]` generates and how the runtime finds it.
+//!
+//! The macro implements [`Service`] for the annotated type (its name, its handlers, how to build
+//! it) and submits a [`ServiceEntry`] to a link-time registry (`inventory`). The runtime reads
+//! every entry of the binary; `farine --list` prints them.
+
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+
+use crate::amqp::consumer::Outcome;
+use crate::amqp::message::Message;
+use crate::config::Section;
+
+/// An error of any kind, as user code returns it.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a `#[consume]` handler looks like once the macro wrapped it: decode, call, report.
+pub type ConsumeFn<S> = fn(Arc<S>, Message) -> BoxFuture<'static, Outcome>;
+
+/// A service: implemented by `#[farine::service]`, not by hand.
+pub trait Service: Send + Sync + Sized + 'static {
+    /// The service's name, and the name of its config section.
+    const NAME: &'static str;
+    /// The handlers declared in the service's `impl` block.
+    fn handlers() -> Vec<Handler<Self>>;
+    /// Builds the service (`Default`, or the `init` function named in the attribute).
+    fn build(section: &Section) -> Result<Self, BoxError>;
+}
+
+/// One annotated method.
+pub struct Handler<S> {
+    /// The method's name.
+    pub name: &'static str,
+    pub kind: HandlerKind<S>,
+}
+
+/// What an annotated method is.
+pub enum HandlerKind<S> {
+    /// `#[consume]`: a task that consumes a queue and calls the method for each message.
+    Consume(ConsumeSpec, ConsumeFn<S>),
+    /// `#[publish]`: no task; farine prepares the method's publisher.
+    Publish(PublishSpec),
+}
+
+/// The arguments of `#[consume(...)]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumeSpec {
+    pub exchange: &'static str,
+    pub routing_key: &'static str,
+    pub queue: Option<&'static str>,
+}
+
+/// The arguments of `#[publish(...)]`.
+#[derive(Debug, Clone, Copy)]
+pub struct PublishSpec {
+    pub exchange: &'static str,
+    pub routing_key: &'static str,
+}
+
+/// A handler without its function: for listing and for preparing publishers.
+#[derive(Debug, Clone, Copy)]
+pub enum HandlerInfo {
+    Consume {
+        name: &'static str,
+        spec: ConsumeSpec,
+    },
+    Publish {
+        name: &'static str,
+        spec: PublishSpec,
+    },
+}
+
+impl HandlerInfo {
+    /// The method's name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            HandlerInfo::Consume { name, .. } | HandlerInfo::Publish { name, .. } => name,
+        }
+    }
+}
+
+/// A built service's consume handlers, with the service instance captured.
+pub(crate) struct BoundConsumer {
+    pub name: &'static str,
+    pub spec: ConsumeSpec,
+    pub call: Arc<dyn Fn(Message) -> BoxFuture<'static, Outcome> + Send + Sync>,
+}
+
+/// The registry entry of one service. Built by the macro with [`ServiceEntry::new`].
+pub struct ServiceEntry {
+    /// The service's (and its config section's) name.
+    pub name: &'static str,
+    /// The Rust type's name, as written.
+    pub type_name: &'static str,
+    /// The Rust module that declares it.
+    pub module_path: &'static str,
+    describe: fn() -> Vec<HandlerInfo>,
+    build: fn(&Section) -> Result<Vec<BoundConsumer>, BoxError>,
+}
+
+inventory::collect!(ServiceEntry);
+
+impl ServiceEntry {
+    #[doc(hidden)]
+    pub const fn new<S: Service>(type_name: &'static str, module_path: &'static str) -> Self {
+        Self {
+            name: S::NAME,
+            type_name,
+            module_path,
+            describe: describe::<S>,
+            build: build::<S>,
+        }
+    }
+
+    /// Every service linked into this binary, sorted by name.
+    pub fn all() -> Vec<&'static ServiceEntry> {
+        let mut entries: Vec<_> = inventory::iter::<ServiceEntry>.into_iter().collect();
+        entries.sort_by_key(|entry| entry.name);
+        entries
+    }
+
+    /// The service's handlers, in declaration order.
+    pub fn handlers(&self) -> Vec<HandlerInfo> {
+        (self.describe)()
+    }
+
+    pub(crate) fn build(&self, section: &Section) -> Result<Vec<BoundConsumer>, BoxError> {
+        (self.build)(section)
+    }
+}
+
+fn describe<S: Service>() -> Vec<HandlerInfo> {
+    S::handlers()
+        .into_iter()
+        .map(|handler| match handler.kind {
+            HandlerKind::Consume(spec, _) => HandlerInfo::Consume {
+                name: handler.name,
+                spec,
+            },
+            HandlerKind::Publish(spec) => HandlerInfo::Publish {
+                name: handler.name,
+                spec,
+            },
+        })
+        .collect()
+}
+
+fn build<S: Service>(section: &Section) -> Result<Vec<BoundConsumer>, BoxError> {
+    let service = Arc::new(S::build(section)?);
+    Ok(S::handlers()
+        .into_iter()
+        .filter_map(|handler| match handler.kind {
+            HandlerKind::Consume(spec, call) => {
+                let service = service.clone();
+                Some(BoundConsumer {
+                    name: handler.name,
+                    spec,
+                    call: Arc::new(move |message| call(service.clone(), message)),
+                })
+            }
+            HandlerKind::Publish(_) => None,
+        })
+        .collect())
+}

@@ -1,0 +1,64 @@
+//! Which running runtime a `#[publish]` method belongs to.
+//!
+//! Callers call a `#[publish]` method without its publisher, as in the seed; the generated code
+//! asks [`publisher`] for it. Every handler runs inside the task-local scope of its runtime, so
+//! the lookup is exact even with several runtimes in one process (tests). Outside a handler (a
+//! task the user spawned), the process's runtime is used; with no runtime at all the publisher
+//! is detached and every publish returns [`crate::PublishError::NotRunning`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, Weak};
+
+use crate::amqp::publisher::Publisher;
+
+/// What handlers of a runtime share.
+#[derive(Default)]
+pub(crate) struct Shared {
+    pub publishers: HashMap<(&'static str, &'static str), Publisher>,
+}
+
+tokio::task_local! {
+    static CURRENT: Arc<Shared>;
+}
+
+static PROCESS: Mutex<Option<Weak<Shared>>> = Mutex::new(None);
+
+/// Runs `future` with `shared` as its runtime.
+pub(crate) fn scope<F: Future>(shared: Arc<Shared>, future: F) -> impl Future<Output = F::Output> {
+    CURRENT.scope(shared, future)
+}
+
+/// Makes `shared` the process's runtime, for code that runs outside any handler.
+pub(crate) fn install(shared: &Arc<Shared>) {
+    if let Ok(mut slot) = PROCESS.lock() {
+        *slot = Some(Arc::downgrade(shared));
+    }
+}
+
+/// Forgets `shared` as the process's runtime, if it still is.
+pub(crate) fn uninstall(shared: &Arc<Shared>) {
+    if let Ok(mut slot) = PROCESS.lock()
+        && slot
+            .as_ref()
+            .is_some_and(|current| std::ptr::eq(current.as_ptr(), Arc::as_ptr(shared)))
+    {
+        *slot = None;
+    }
+}
+
+/// The publisher of `service`'s `#[publish]` method `method`.
+#[doc(hidden)]
+pub fn publisher(service: &'static str, method: &'static str) -> Publisher {
+    let key = (service, method);
+    let scoped = CURRENT
+        .try_with(|shared| shared.publishers.get(&key).cloned())
+        .ok()
+        .flatten();
+    scoped
+        .or_else(|| {
+            let process = PROCESS.lock().ok()?.as_ref()?.upgrade()?;
+            process.publishers.get(&key).cloned()
+        })
+        .unwrap_or_else(|| Publisher::detached(service, method))
+}

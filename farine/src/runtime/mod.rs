@@ -1,0 +1,336 @@
+//! The runtime: from a [`Config`] and the registered services to supervised handler tasks.
+//!
+//! [`Runtime::start`] reads each service's section (a disabled service is skipped and the log
+//! says so), builds the service, opens one AMQP connection per broker URI (one per process in
+//! the usual case, named after the services it carries), prepares every `#[publish]` method's
+//! publisher, and starts one supervised task per `#[consume]` handler. It returns once every
+//! handler is consuming, or with the first error. [`Running::stop`] drains and closes.
+
+pub(crate) mod context;
+pub mod shutdown;
+pub(crate) mod supervisor;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::connection::{ConnectError, Connector};
+use crate::amqp::consumer::{self, ConsumerPlan};
+use crate::amqp::publisher::{PublishError, Publisher, PublisherSettings};
+use crate::amqp::topology::ExchangeSettings;
+use crate::config::{Config, ConfigError, Section};
+use crate::registry::{BoundConsumer, HandlerInfo, ServiceEntry};
+use context::Shared;
+use supervisor::Ready;
+
+/// The broker farine connects to when no `amqp_uri` is configured.
+pub const DEFAULT_AMQP_URI: &str = "amqp://guest:guest@127.0.0.1:5672";
+
+/// Why the runtime could not start. Never contains a password.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("no service to start: {0}")]
+    NothingToStart(String),
+    #[error("service `{service}` could not be built: {cause}")]
+    Build { service: String, cause: String },
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("service `{service}`, publisher `{method}`: {source}")]
+    Publisher {
+        service: String,
+        method: String,
+        #[source]
+        source: PublishError,
+    },
+    #[error("service `{service}`, handler `{handler}` could not start: {cause}")]
+    Handler {
+        service: String,
+        handler: String,
+        cause: String,
+    },
+}
+
+impl StartError {
+    /// True for errors in the configuration (the CLI exits with its config error code).
+    pub fn is_config(&self) -> bool {
+        matches!(self, StartError::Config(_) | StartError::NothingToStart(_))
+    }
+}
+
+/// A runtime to be started.
+pub struct Runtime {
+    config: Config,
+    module: String,
+    only: Option<Vec<String>>,
+}
+
+struct ServicePlan {
+    entry: &'static ServiceEntry,
+    consumers: Vec<(BoundConsumer, ConsumerPlan)>,
+    publishers: Vec<(&'static str, ExchangeSettings, String, PublisherSettings)>,
+    amqp_uri: String,
+    connect_timeout: Duration,
+}
+
+impl Runtime {
+    /// A runtime for every service linked into this binary.
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            module: env!("CARGO_PKG_NAME").to_string(),
+            only: None,
+        }
+    }
+
+    /// Names the module (the package) in the connection name.
+    pub fn module(mut self, module: impl Into<String>) -> Self {
+        self.module = module.into();
+        self
+    }
+
+    /// Starts only the services with these names (default: every registered service).
+    pub fn services<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.only = Some(names.into_iter().map(Into::into).collect());
+        self
+    }
+
+    fn plan(&self) -> Result<Vec<ServicePlan>, StartError> {
+        let entries: Vec<_> = ServiceEntry::all()
+            .into_iter()
+            .filter(|entry| {
+                self.only
+                    .as_ref()
+                    .is_none_or(|only| only.iter().any(|name| name == entry.name))
+            })
+            .collect();
+        if let Some(only) = &self.only
+            && let Some(missing) = only
+                .iter()
+                .find(|name| !entries.iter().any(|entry| entry.name == name.as_str()))
+        {
+            let known: Vec<_> = ServiceEntry::all().iter().map(|e| e.name).collect();
+            return Err(StartError::NothingToStart(format!(
+                "no service named `{missing}` in this binary (it has: {})",
+                known.join(", ")
+            )));
+        }
+        let mut plans = Vec::new();
+        for entry in entries {
+            let section = self.config.section(entry.name)?;
+            if !section.get_or("enabled", true)? {
+                tracing::info!(
+                    service = entry.name,
+                    "service is disabled in the config (enabled = false); not started"
+                );
+                continue;
+            }
+            plans.push(plan_service(entry, &section)?);
+        }
+        if plans.is_empty() {
+            return Err(StartError::NothingToStart(format!(
+                "every service of module `{}` is disabled in {}",
+                self.module,
+                self.config.file()
+            )));
+        }
+        Ok(plans)
+    }
+
+    /// Starts every enabled service; returns once all handlers are consuming.
+    pub async fn start(self) -> Result<Running, StartError> {
+        let plans = self.plan()?;
+
+        // One connection per broker URI, named after the services it carries.
+        let mut by_uri: BTreeMap<String, (Vec<&'static str>, Duration)> = BTreeMap::new();
+        for plan in &plans {
+            let slot = by_uri
+                .entry(plan.amqp_uri.clone())
+                .or_insert((Vec::new(), plan.connect_timeout));
+            slot.0.push(plan.entry.name);
+            slot.1 = slot.1.max(plan.connect_timeout);
+        }
+        let mut connectors = BTreeMap::new();
+        for (uri, (services, timeout)) in by_uri {
+            let name = format!(
+                "farine {}: {} (pid {})",
+                self.module,
+                services.join(", "),
+                std::process::id()
+            );
+            let connector = Arc::new(Connector::new(uri.clone(), name, timeout));
+            connector.connection().await?;
+            connectors.insert(uri, connector);
+        }
+
+        let mut shared = Shared::default();
+        for plan in &plans {
+            let connector = connectors[&plan.amqp_uri].clone();
+            for (method, exchange, routing_key, settings) in &plan.publishers {
+                let publisher = Publisher::new(
+                    connector.clone(),
+                    exchange.clone(),
+                    routing_key.clone(),
+                    settings.clone(),
+                );
+                publisher
+                    .prepare()
+                    .await
+                    .map_err(|source| StartError::Publisher {
+                        service: plan.entry.name.to_string(),
+                        method: method.to_string(),
+                        source,
+                    })?;
+                shared
+                    .publishers
+                    .insert((plan.entry.name, *method), publisher);
+            }
+        }
+        let shared = Arc::new(shared);
+        context::install(&shared);
+
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let mut pending = Vec::new();
+        for plan in plans {
+            let connector = connectors[&plan.amqp_uri].clone();
+            for (bound, consumer_plan) in plan.consumers {
+                let (ready, started) = Ready::new();
+                let consumer_plan = Arc::new(consumer_plan);
+                let (service, handler) = (consumer_plan.service, consumer_plan.handler);
+                let (connector, shared, token) =
+                    (connector.clone(), shared.clone(), shutdown.clone());
+                let call = bound.call;
+                tasks.spawn(supervisor::supervise(
+                    service,
+                    handler,
+                    shutdown.clone(),
+                    ready,
+                    move |ready| {
+                        consumer::run(
+                            consumer_plan.clone(),
+                            connector.clone(),
+                            call.clone(),
+                            shared.clone(),
+                            token.clone(),
+                            ready,
+                        )
+                    },
+                ));
+                pending.push((service, handler, started));
+            }
+        }
+
+        let running = Running {
+            shutdown,
+            tasks,
+            shared,
+            connectors: connectors.into_values().collect(),
+        };
+        for (service, handler, started) in pending {
+            let failure = match started.await {
+                Ok(Ok(())) => continue,
+                Ok(Err(cause)) => cause,
+                Err(_) => "the task stopped before it started".to_string(),
+            };
+            running.stop().await;
+            return Err(StartError::Handler {
+                service: service.to_string(),
+                handler: handler.to_string(),
+                cause: failure,
+            });
+        }
+        Ok(running)
+    }
+}
+
+fn plan_service(
+    entry: &'static ServiceEntry,
+    section: &Section,
+) -> Result<ServicePlan, StartError> {
+    let amqp_uri = section
+        .get_str("amqp_uri")?
+        .unwrap_or_else(|| DEFAULT_AMQP_URI.to_string());
+    let connect_timeout = section.get_or("connect_timeout", Duration::from_secs(10))?;
+    let mut publishers = Vec::new();
+    for info in entry.handlers() {
+        if let HandlerInfo::Publish { name, spec } = info {
+            let scoped = section.handler(name);
+            let exchange = ExchangeSettings::from_config(&scoped, spec.exchange)?;
+            let routing_key = scoped
+                .get_str("routing_key")?
+                .unwrap_or_else(|| spec.routing_key.to_string());
+            let settings = PublisherSettings {
+                persistent: scoped.get_or("persistent", true)?,
+                timeout: scoped.get_or("publish_timeout", Duration::from_secs(10))?,
+            };
+            publishers.push((name, exchange, routing_key, settings));
+        }
+    }
+    let bound = entry.build(section).map_err(|e| StartError::Build {
+        service: entry.name.to_string(),
+        cause: e.to_string(),
+    })?;
+    let consumers = bound
+        .into_iter()
+        .map(|bound| {
+            let plan = ConsumerPlan::from_config(entry.name, bound.name, &bound.spec, section)?;
+            Ok((bound, plan))
+        })
+        .collect::<Result<Vec<_>, ConfigError>>()?;
+    Ok(ServicePlan {
+        entry,
+        consumers,
+        publishers,
+        amqp_uri,
+        connect_timeout,
+    })
+}
+
+/// A started runtime.
+pub struct Running {
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+    shared: Arc<Shared>,
+    connectors: Vec<Arc<Connector>>,
+}
+
+impl Running {
+    /// A token that stops the runtime when cancelled (as a signal would).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops taking messages, lets in-flight handlers finish within their drain timeout, then
+    /// closes the publishers and the connection.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        for publisher in self.shared.publishers.values() {
+            publisher.close().await;
+        }
+        for connector in &self.connectors {
+            connector.close().await;
+        }
+        context::uninstall(&self.shared);
+        tracing::info!("stopped");
+    }
+
+    /// Runs until SIGINT or SIGTERM (or the shutdown token), then stops.
+    pub async fn run_until_signal(self) {
+        let token = self.shutdown.clone();
+        tokio::select! {
+            name = shutdown::signal() => tracing::info!(signal = name, "stopping: draining in-flight handlers"),
+            _ = token.cancelled() => tracing::info!("stopping: draining in-flight handlers"),
+        }
+        self.stop().await;
+    }
+}
