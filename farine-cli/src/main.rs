@@ -1,1 +1,295 @@
-fn main() {}
+//! `farine`: the launcher.
+//!
+//! Rust cannot import a module at run time, so `farine --start=mymodule` does it in two steps:
+//! it finds package `mymodule` in the Cargo workspace (the current directory's, or the one named
+//! by `--manifest-path`), builds it with cargo, and runs the package's binary with the same
+//! arguments. The binary's `main` is `farine::main!()`, which gives it the same command line.
+//! With one module the launcher replaces itself with the binary (signals reach it directly);
+//! with several it runs them side by side and forwards SIGINT/SIGTERM to each.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+use clap::Parser;
+use serde_json::Value;
+
+/// Exit status: everything stopped cleanly.
+const EXIT_OK: u8 = 0;
+/// Exit status: a module failed at run time.
+const EXIT_FAILURE: u8 = 1;
+/// Exit status: wrong command line, unknown module, not in a workspace.
+const EXIT_USAGE: u8 = 2;
+/// Exit status: cargo could not build the module.
+const EXIT_BUILD: u8 = 4;
+
+/// Builds and starts farine service modules.
+#[derive(Debug, Parser)]
+#[command(name = "farine", version)]
+struct Args {
+    /// The module(s) to start: packages of the workspace whose binary is `farine::main!()`.
+    /// Repeatable or comma-separated.
+    #[arg(long, value_delimiter = ',', value_name = "MODULE")]
+    start: Vec<String>,
+    /// The INI file (default: $FARINE_INI, else /etc/farine.ini).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Lists the modules, or with --start the services and handlers of each, and exits.
+    #[arg(long)]
+    list: bool,
+    /// Log level or tracing filter (default: $RUST_LOG, else info).
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// The workspace's Cargo.toml (default: found from the current directory, as cargo does).
+    #[arg(long, value_name = "PATH")]
+    manifest_path: Option<PathBuf>,
+    /// Build the modules with `--release`.
+    #[arg(long)]
+    release: bool,
+}
+
+/// A module: a workspace package that depends on farine and has a binary.
+struct Module {
+    package_id: String,
+    binary: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    ExitCode::from(match run(args) {
+        Ok(code) => code,
+        Err((code, message)) => {
+            eprintln!("farine: {message}");
+            code
+        }
+    })
+}
+
+type Failure = (u8, String);
+
+fn run(args: Args) -> Result<u8, Failure> {
+    let modules = modules(args.manifest_path.as_deref())?;
+    let available = || modules.keys().cloned().collect::<Vec<_>>().join(", ");
+    if args.start.is_empty() {
+        if args.list {
+            println!("modules: {}", available());
+            return Ok(EXIT_OK);
+        }
+        return Err((
+            EXIT_USAGE,
+            format!(
+                "say which module to start: --start=MODULE (available: {})",
+                available()
+            ),
+        ));
+    }
+    for name in &args.start {
+        if !modules.contains_key(name) {
+            return Err((
+                EXIT_USAGE,
+                format!("unknown module `{name}` (available: {})", available()),
+            ));
+        }
+    }
+    let mut binaries = Vec::new();
+    for name in &args.start {
+        binaries.push((name.clone(), build(&args, name, &modules[name])?));
+    }
+    if let [(name, binary)] = binaries.as_slice() {
+        return Err(exec(binary, &forwarded(&args, name)));
+    }
+    run_all(&args, &binaries)
+}
+
+/// Reads the workspace with `cargo metadata` and keeps the packages that depend on farine.
+fn modules(manifest: Option<&Path>) -> Result<BTreeMap<String, Module>, Failure> {
+    let mut command = Command::new(cargo());
+    command.args(["metadata", "--format-version", "1", "--no-deps"]);
+    if let Some(manifest) = manifest {
+        command.arg("--manifest-path").arg(manifest);
+    }
+    let output = command
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| (EXIT_USAGE, format!("cannot run cargo: {e}")))?;
+    if !output.status.success() {
+        return Err((
+            EXIT_USAGE,
+            "not inside a Cargo workspace: run farine in your services' workspace or pass --manifest-path".into(),
+        ));
+    }
+    let metadata: Value = serde_json::from_slice(&output.stdout)
+        .map_err(|e| (EXIT_USAGE, format!("cannot read `cargo metadata`: {e}")))?;
+    let mut found = BTreeMap::new();
+    for package in metadata["packages"].as_array().into_iter().flatten() {
+        let depends_on_farine = package["dependencies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|dep| dep["name"] == "farine" && dep["kind"].is_null());
+        let binary = package["targets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|target| {
+                target["kind"]
+                    .as_array()
+                    .is_some_and(|kinds| kinds.iter().any(|k| k == "bin"))
+            })
+            .and_then(|target| target["name"].as_str());
+        if let (true, Some(binary), Some(name), Some(id)) = (
+            depends_on_farine,
+            binary,
+            package["name"].as_str(),
+            package["id"].as_str(),
+        ) {
+            found.insert(
+                name.to_string(),
+                Module {
+                    package_id: id.to_string(),
+                    binary: binary.to_string(),
+                },
+            );
+        }
+    }
+    Ok(found)
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// Builds the module's binary and returns its path, as cargo reports it.
+fn build(args: &Args, name: &str, module: &Module) -> Result<PathBuf, Failure> {
+    let mut command = Command::new(cargo());
+    command.args([
+        "build",
+        "--package",
+        name,
+        "--bin",
+        &module.binary,
+        "--message-format=json-render-diagnostics",
+    ]);
+    if args.release {
+        command.arg("--release");
+    }
+    if let Some(manifest) = &args.manifest_path {
+        command.arg("--manifest-path").arg(manifest);
+    }
+    let output = command
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| (EXIT_BUILD, format!("cannot run cargo: {e}")))?;
+    if !output.status.success() {
+        return Err((EXIT_BUILD, format!("cargo could not build module `{name}`")));
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|message| {
+            message["reason"] == "compiler-artifact"
+                && message["package_id"] == module.package_id.as_str()
+        })
+        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
+        .ok_or_else(|| {
+            (
+                EXIT_BUILD,
+                format!("cargo built module `{name}` but reported no binary"),
+            )
+        })
+}
+
+/// The arguments the module's binary gets: the launcher's, less the launcher's own.
+fn forwarded(args: &Args, module: &str) -> Vec<String> {
+    let mut out = vec![format!("--start={module}")];
+    if let Some(config) = &args.config {
+        out.push(format!("--config={}", config.display()));
+    }
+    if args.list {
+        out.push("--list".into());
+    }
+    if let Some(level) = &args.log_level {
+        out.push(format!("--log-level={level}"));
+    }
+    out
+}
+
+/// Replaces this process with the module's binary; returns only on failure.
+fn exec(binary: &Path, args: &[String]) -> Failure {
+    use std::os::unix::process::CommandExt;
+    let error = Command::new(binary).args(args).exec();
+    (
+        EXIT_FAILURE,
+        format!("cannot run {}: {error}", binary.display()),
+    )
+}
+
+/// Runs several modules side by side, forwarding SIGINT/SIGTERM; the exit status is the first
+/// non-zero status of a module, else 0.
+fn run_all(args: &Args, binaries: &[(String, PathBuf)]) -> Result<u8, Failure> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| (EXIT_FAILURE, format!("cannot start: {e}")))?;
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut children = Vec::new();
+        for (name, binary) in binaries {
+            let child = tokio::process::Command::new(binary)
+                .args(forwarded(args, name))
+                .spawn()
+                .map_err(|e| {
+                    (
+                        EXIT_FAILURE,
+                        format!("cannot run {}: {e}", binary.display()),
+                    )
+                })?;
+            children.push((name.clone(), child));
+        }
+        let pids: Vec<i32> = children
+            .iter()
+            .filter_map(|(_, child)| child.id().and_then(|id| i32::try_from(id).ok()))
+            .collect();
+        let forward = async move {
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                // Without signal handlers the children still get a terminal's Ctrl-C directly.
+                return std::future::pending::<()>().await;
+            };
+            loop {
+                let signal = tokio::select! {
+                    _ = term.recv() => libc::SIGTERM,
+                    _ = int.recv() => libc::SIGINT,
+                };
+                for pid in &pids {
+                    // SAFETY: kill(2) with a pid of a child we spawned and a valid signal number.
+                    unsafe {
+                        libc::kill(*pid, signal);
+                    }
+                }
+            }
+        };
+        let wait_all = async {
+            let mut worst = EXIT_OK;
+            for (name, mut child) in children {
+                let code = match child.wait().await {
+                    Ok(status) => status.code().map_or(EXIT_FAILURE, |c| c as u8),
+                    Err(_) => EXIT_FAILURE,
+                };
+                if code != EXIT_OK {
+                    eprintln!("farine: module `{name}` exited with status {code}");
+                    if worst == EXIT_OK {
+                        worst = code;
+                    }
+                }
+            }
+            worst
+        };
+        tokio::select! {
+            code = wait_all => Ok(code),
+            () = forward => Ok(EXIT_FAILURE),
+        }
+    })
+}

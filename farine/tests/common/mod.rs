@@ -1,0 +1,19 @@
+//! Shared by the integration tests of this crate.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use farine::config::Config;
+use farine_test_support::amqp_uri;
+
+/// A bound for conditions that should hold within moments on a healthy broker.
+pub const BOUND: Duration = Duration::from_secs(10);
+
+/// A config with a `[service]` section holding `amqp_uri` and `options`.
+pub fn config(service: &str, options: &[(&str, &str)]) -> Config {
+    let mut text = format!("[{service}]\namqp_uri = {}\n", amqp_uri());
+    for (key, value) in options {
+        text.push_str(&format!("{key} = {value}\n"));
+    }
+    Config::from_ini(&text, "test.ini").expect("test config parses")
+}

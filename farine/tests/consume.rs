@@ -1,0 +1,680 @@
+//! `#[consume]` against the real broker: decoding, settlement, failures, topology, concurrency.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{BOUND, config};
+use farine::{Message, Runtime, SettleError, StartError, consume};
+use farine_test_support::{Broker, unique, wait_until};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use serde_json::{Value, json};
+
+fn len<T>(store: &Mutex<Vec<T>>) -> usize {
+    store.lock().unwrap().len()
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static ACKED: Mutex<Vec<Value>> = Mutex::new(Vec::new());
+
+#[derive(Default)]
+struct AckProbe;
+
+#[farine::service(name = "ack_probe")]
+impl AckProbe {
+    #[consume(exchange = "replaced-by-config", routing_key = "rk")]
+    async fn on_message(&self, body: Value) -> Result<(), String> {
+        ACKED.lock().unwrap().push(body);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumed_message_is_decoded_and_acked_after_handler_returns_ok() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("ack-x"), unique("ack-q"));
+    broker.forget_exchange_on_drop(&exchange);
+    broker.forget_queue_on_drop(&queue);
+    let config = config(
+        "ack_probe",
+        &[
+            ("on_message.exchange", &exchange),
+            ("on_message.queue", &queue),
+        ],
+    );
+    let running = Runtime::new(config)
+        .services(["ack_probe"])
+        .start()
+        .await
+        .expect("starts");
+
+    broker.publish_json(&exchange, "rk", &json!({"n": 1})).await;
+    assert!(
+        wait_until(BOUND, || len(&ACKED) == 1).await,
+        "handler called"
+    );
+    assert_eq!(ACKED.lock().unwrap()[0], json!({"n": 1}));
+
+    running.stop().await;
+    // Closing the channel requeues anything unacked: an empty queue now means it was acked.
+    assert_eq!(broker.queue_state(&queue).await, Some((0, 0)));
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static FAILED_CALLS: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
+
+#[derive(Default)]
+struct FailProbe;
+
+#[farine::service(name = "fail_probe")]
+impl FailProbe {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn always_fails(&self, _body: Value) -> Result<(), String> {
+        FAILED_CALLS.lock().unwrap().push(Instant::now());
+        Err("this handler always fails".into())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_message_is_requeued_once_after_a_delay_then_rejected_not_looped() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("fail-x"), unique("fail-q"));
+    broker.forget_exchange_on_drop(&exchange);
+    broker.forget_queue_on_drop(&queue);
+    let config = config(
+        "fail_probe",
+        &[
+            ("always_fails.exchange", &exchange),
+            ("always_fails.queue", &queue),
+            ("requeue_delay", "300ms"),
+        ],
+    );
+    let running = Runtime::new(config)
+        .services(["fail_probe"])
+        .start()
+        .await
+        .expect("starts");
+
+    broker.publish_json(&exchange, "rk", &json!({"n": 1})).await;
+    assert!(
+        wait_until(BOUND, || len(&FAILED_CALLS) == 2).await,
+        "handled twice"
+    );
+    running.stop().await;
+    // Rejected after the second failure: stopping requeues anything unsettled, and the queue is
+    // empty.
+    assert_eq!(broker.queue_state(&queue).await, Some((0, 0)));
+    let calls = FAILED_CALLS.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2, "no hot redelivery loop");
+    assert!(
+        calls[1] - calls[0] >= Duration::from_millis(300),
+        "the requeue waited for requeue_delay"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static PANIC_SEEN: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+#[derive(Default)]
+struct PanicProbe;
+
+#[farine::service(name = "panic_probe")]
+impl PanicProbe {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn may_panic(&self, body: Value) -> Result<(), String> {
+        if body["panic"] == true {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+            panic!("the handler panicked on purpose");
+        }
+        PANIC_SEEN
+            .lock()
+            .unwrap()
+            .push(body["n"].as_u64().unwrap_or(0));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_caught_and_the_consumer_keeps_handling_messages() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("panic-x"), unique("panic-q"));
+    broker.forget_exchange_on_drop(&exchange);
+    broker.forget_queue_on_drop(&queue);
+    let config = config(
+        "panic_probe",
+        &[
+            ("may_panic.exchange", &exchange),
+            ("may_panic.queue", &queue),
+            ("requeue_delay", "50ms"),
+        ],
+    );
+    let running = Runtime::new(config)
+        .services(["panic_probe"])
+        .start()
+        .await
+        .expect("starts");
+
+    broker
+        .publish_json(&exchange, "rk", &json!({"panic": true}))
+        .await;
+    broker.publish_json(&exchange, "rk", &json!({"n": 2})).await;
+    assert!(
+        wait_until(BOUND, || PANIC_SEEN.lock().unwrap().contains(&2)).await,
+        "the message after the panic was handled"
+    );
+    // Treated as an error: requeued once, failed again, then rejected.
+    assert!(wait_until(BOUND, || PANICS.load(Ordering::SeqCst) == 2).await);
+    running.stop().await;
+    assert_eq!(broker.queue_state(&queue).await, Some((0, 0)));
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(serde::Deserialize, Debug)]
+struct Order {
+    id: u64,
+}
+
+static ORDERS: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
+#[derive(Default)]
+struct DecodeProbe;
+
+#[farine::service(name = "decode_probe")]
+impl DecodeProbe {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn on_order(&self, order: Order) -> Result<(), String> {
+        ORDERS.lock().unwrap().push(order.id);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_does_not_decode_is_rejected_without_requeue_and_never_reaches_the_handler() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("decode-x"), unique("decode-q"));
+    broker.forget_exchange_on_drop(&exchange);
+    broker.forget_queue_on_drop(&queue);
+    let config = config(
+        "decode_probe",
+        &[("on_order.exchange", &exchange), ("on_order.queue", &queue)],
+    );
+    let running = Runtime::new(config)
+        .services(["decode_probe"])
+        .start()
+        .await
+        .expect("starts");
+
+    broker.publish(&exchange, "rk", b"this is not json").await;
+    broker
+        .publish_json(&exchange, "rk", &json!({"wrong": "shape"}))
+        .await;
+    broker
+        .publish_json(&exchange, "rk", &json!({"id": 7}))
+        .await;
+    assert!(wait_until(BOUND, || len(&ORDERS) == 1).await);
+    running.stop().await;
+    assert_eq!(*ORDERS.lock().unwrap(), vec![7]);
+    assert_eq!(
+        broker.queue_state(&queue).await,
+        Some((0, 0)),
+        "the bad bodies were rejected, not requeued"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    n: u64,
+    redelivered: bool,
+    delivery_tag: u64,
+    second_ack_refused: bool,
+}
+
+static SETTLED: Mutex<Vec<Seen>> = Mutex::new(Vec::new());
+
+#[derive(Default)]
+struct SettleProbe;
+
+#[farine::service(name = "settle_probe")]
+impl SettleProbe {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn settles_itself(&self, body: Value, message: Message) -> Result<(), String> {
+        let n = body["n"].as_u64().unwrap_or(0);
+        let mut second_ack_refused = false;
+        if n == 1 && !message.redelivered() {
+            message.nack(true).await.map_err(|e| e.to_string())?;
+        } else {
+            message.ack().await.map_err(|e| e.to_string())?;
+            second_ack_refused =
+                matches!(message.ack().await, Err(SettleError::AlreadySettled { .. }));
+        }
+        SETTLED.lock().unwrap().push(Seen {
+            n,
+            redelivered: message.redelivered(),
+            delivery_tag: message.delivery_tag(),
+            second_ack_refused,
+        });
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_handler_settled_itself_is_not_settled_again() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("settle-x"), unique("settle-q"));
+    broker.forget_exchange_on_drop(&exchange);
+    broker.forget_queue_on_drop(&queue);
+    let config = config(
+        "settle_probe",
+        &[
+            ("settles_itself.exchange", &exchange),
+            ("settles_itself.queue", &queue),
+            ("prefetch_count", "1"),
+        ],
+    );
+    let running = Runtime::new(config)
+        .services(["settle_probe"])
+        .start()
+        .await
+        .expect("starts");
+
+    broker.publish_json(&exchange, "rk", &json!({"n": 1})).await;
+    assert!(wait_until(BOUND, || len(&SETTLED) == 2).await);
+    broker.publish_json(&exchange, "rk", &json!({"n": 2})).await;
+    assert!(wait_until(BOUND, || len(&SETTLED) == 3).await);
+    running.stop().await;
+
+    let seen = SETTLED.lock().unwrap().clone();
+    let summary: Vec<_> = seen.iter().map(|s| (s.n, s.redelivered)).collect();
+    assert_eq!(summary, vec![(1, false), (1, true), (2, false)]);
+    // One channel throughout: a second ack by farine would have closed it (PRECONDITION_FAILED)
+    // and the consumer would have restarted with delivery tags from 1 again.
+    let tags: Vec<_> = seen.iter().map(|s| s.delivery_tag).collect();
+    assert_eq!(tags, vec![1, 2, 3]);
+    assert!(seen[1].second_ack_refused && seen[2].second_ack_refused);
+    assert_eq!(broker.queue_state(&queue).await, Some((0, 0)));
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static METADATA: Mutex<Vec<(String, Option<String>, Option<String>, bool)>> =
+    Mutex::new(Vec::new());
+
+#[derive(Default)]
+struct MetadataProbe;
+
+#[farine::service(name = "metadata_probe")]
+impl MetadataProbe {
+    #[consume(exchange = "x", routing_key = "order.created")]
+    async fn inspect(&self, _body: Value, message: &Message) {
+        let trace = match message.header("x-trace") {
+            Some(AMQPValue::LongString(text)) => Some(text.to_string()),
+            _ => None,
+        };
+        METADATA.lock().unwrap().push((
+            message.routing_key().to_string(),
+            trace,
+            message.message_id().map(str::to_string),
+            message.redelivered(),
+        ));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_message_handle_exposes_routing_key_headers_and_properties() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("meta-x"), unique("meta-q"));
+    broker.forget_exchange_on_drop(&exchange);
+    broker.forget_queue_on_drop(&queue);
+    let config = config(
+        "metadata_probe",
+        &[("inspect.exchange", &exchange), ("inspect.queue", &queue)],
+    );
+    let running = Runtime::new(config)
+        .services(["metadata_probe"])
+        .start()
+        .await
+        .expect("starts");
+
+    let mut headers = FieldTable::default();
+    headers.insert("x-trace".into(), AMQPValue::LongString("abc".into()));
+    let properties = BasicProperties::default()
+        .with_headers(headers)
+        .with_message_id(ShortString::from("m-1"));
+    broker
+        .publish_with(&exchange, "order.created", b"{}", properties)
+        .await;
+    assert!(wait_until(BOUND, || len(&METADATA) == 1).await);
+    running.stop().await;
+    assert_eq!(
+        METADATA.lock().unwrap()[0],
+        (
+            "order.created".to_string(),
+            Some("abc".to_string()),
+            Some("m-1".to_string()),
+            false
+        )
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static FIRST: Mutex<Vec<Value>> = Mutex::new(Vec::new());
+static SECOND: Mutex<Vec<Value>> = Mutex::new(Vec::new());
+
+#[derive(Default)]
+struct TwoHandlers;
+
+#[farine::service(name = "two_handlers")]
+impl TwoHandlers {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn first(&self, body: Value) {
+        FIRST.lock().unwrap().push(body);
+    }
+
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn second(&self, body: Value) {
+        SECOND.lock().unwrap().push(body);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_handlers_of_one_service_each_get_every_message_on_their_own_queue() {
+    let broker = Broker::connect().await;
+    let exchange = unique("two-x");
+    let (q1, q2) = (unique("two-q1"), unique("two-q2"));
+    broker.forget_exchange_on_drop(&exchange);
+    broker.forget_queue_on_drop(&q1);
+    broker.forget_queue_on_drop(&q2);
+    let config = config(
+        "two_handlers",
+        &[
+            ("exchange", &exchange),
+            ("first.queue", &q1),
+            ("second.queue", &q2),
+        ],
+    );
+    let running = Runtime::new(config)
+        .services(["two_handlers"])
+        .start()
+        .await
+        .expect("starts");
+    for n in 0..5 {
+        broker.publish_json(&exchange, "rk", &json!({"n": n})).await;
+    }
+    assert!(wait_until(BOUND, || len(&FIRST) == 5 && len(&SECOND) == 5).await);
+    running.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static INSTANCES: AtomicU64 = AtomicU64::new(0);
+static COMPETING: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
+
+struct Competing {
+    instance: u64,
+}
+
+impl Default for Competing {
+    fn default() -> Self {
+        Self {
+            instance: INSTANCES.fetch_add(1, Ordering::SeqCst),
+        }
+    }
+}
+
+#[farine::service(name = "competing")]
+impl Competing {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn work(&self, body: Value) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        COMPETING
+            .lock()
+            .unwrap()
+            .push((self.instance, body["n"].as_u64().unwrap_or(u64::MAX)));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_of_one_service_share_its_queue_as_competing_consumers() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("compete-x"), unique("compete-q"));
+    broker.forget_exchange_on_drop(&exchange);
+    broker.forget_queue_on_drop(&queue);
+    let options = [
+        ("work.exchange", exchange.as_str()),
+        ("work.queue", queue.as_str()),
+        ("prefetch_count", "1"),
+    ];
+    let a = Runtime::new(config("competing", &options))
+        .services(["competing"])
+        .start()
+        .await
+        .expect("first starts");
+    let b = Runtime::new(config("competing", &options))
+        .services(["competing"])
+        .start()
+        .await
+        .expect("second starts");
+    assert!(broker.wait_for_consumers(&queue, 2, BOUND).await);
+    for n in 0..40 {
+        broker.publish_json(&exchange, "rk", &json!({"n": n})).await;
+    }
+    assert!(wait_until(BOUND, || len(&COMPETING) >= 40).await);
+    a.stop().await;
+    b.stop().await;
+
+    let handled = COMPETING.lock().unwrap().clone();
+    let mut per_message: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut per_instance: BTreeMap<u64, usize> = BTreeMap::new();
+    for (instance, n) in &handled {
+        *per_message.entry(*n).or_default() += 1;
+        *per_instance.entry(*instance).or_default() += 1;
+    }
+    assert_eq!(per_message.len(), 40, "every message handled");
+    assert!(per_message.values().all(|&c| c == 1), "each exactly once");
+    assert_eq!(
+        per_instance.len(),
+        2,
+        "both instances took a share: {per_instance:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+static MAX_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+static RELEASE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(0);
+static CONCURRENT_DONE: AtomicUsize = AtomicUsize::new(0);
+
+#[derive(Default)]
+struct ConcurrencyProbe;
+
+#[farine::service(name = "concurrency_probe")]
+impl ConcurrencyProbe {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn slow(&self, _body: Value) {
+        let now = IN_FLIGHT.fetch_add(1, Ordering::SeqCst) + 1;
+        MAX_IN_FLIGHT.fetch_max(now, Ordering::SeqCst);
+        if let Ok(permit) = RELEASE.acquire().await {
+            permit.forget();
+        }
+        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+        CONCURRENT_DONE.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_to_prefetch_count_messages_are_handled_at_once_and_no_more() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("conc-x"), unique("conc-q"));
+    broker.forget_exchange_on_drop(&exchange);
+    broker.forget_queue_on_drop(&queue);
+    let config = config(
+        "concurrency_probe",
+        &[
+            ("slow.exchange", &exchange),
+            ("slow.queue", &queue),
+            ("prefetch_count", "3"),
+        ],
+    );
+    let running = Runtime::new(config)
+        .services(["concurrency_probe"])
+        .start()
+        .await
+        .expect("starts");
+    for n in 0..8 {
+        broker.publish_json(&exchange, "rk", &json!({"n": n})).await;
+    }
+    assert!(wait_until(BOUND, || IN_FLIGHT.load(Ordering::SeqCst) == 3).await);
+    // The other five wait in the queue while three handlers hold the prefetch window.
+    assert_eq!(broker.queue_state(&queue).await.map(|s| s.0), Some(5));
+    RELEASE.add_permits(8);
+    assert!(wait_until(BOUND, || CONCURRENT_DONE.load(Ordering::SeqCst) == 8).await);
+    running.stop().await;
+    assert_eq!(MAX_IN_FLIGHT.load(Ordering::SeqCst), 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static DRAINED: AtomicUsize = AtomicUsize::new(0);
+static DRAIN_STARTED: AtomicUsize = AtomicUsize::new(0);
+static DRAIN_RELEASE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+#[derive(Default)]
+struct DrainProbe;
+
+#[farine::service(name = "drain_probe")]
+impl DrainProbe {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn held(&self, body: Value) {
+        DRAIN_STARTED.fetch_add(1, Ordering::SeqCst);
+        if body["hold_forever"] == true {
+            std::future::pending::<()>().await;
+        }
+        DRAIN_RELEASE.notified().await;
+        DRAINED.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_in_flight_handlers_finish_and_requeues_what_outlives_the_drain_timeout() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("drain-x"), unique("drain-q"));
+    broker.forget_exchange_on_drop(&exchange);
+    broker.forget_queue_on_drop(&queue);
+    let config = config(
+        "drain_probe",
+        &[
+            ("held.exchange", &exchange),
+            ("held.queue", &queue),
+            ("drain_timeout", "1s"),
+        ],
+    );
+    let running = Runtime::new(config)
+        .services(["drain_probe"])
+        .start()
+        .await
+        .expect("starts");
+    broker.publish_json(&exchange, "rk", &json!({"n": 1})).await;
+    broker
+        .publish_json(&exchange, "rk", &json!({"hold_forever": true}))
+        .await;
+    assert!(wait_until(BOUND, || DRAIN_STARTED.load(Ordering::SeqCst) == 2).await);
+
+    let stopping = tokio::spawn(running.stop());
+    // The well-behaved handler finishes during the drain and its message is acked...
+    assert!(
+        wait_until(BOUND, || {
+            DRAIN_RELEASE.notify_waiters();
+            DRAINED.load(Ordering::SeqCst) == 1
+        })
+        .await
+    );
+    tokio::time::timeout(BOUND, stopping)
+        .await
+        .expect("stop returns after the drain timeout")
+        .expect("stop does not panic");
+    // ...the one still running at the drain timeout is stopped and its message requeued.
+    assert_eq!(broker.queue_state(&queue).await, Some((1, 0)));
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static DISABLED_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+#[derive(Default)]
+struct DisabledProbe;
+
+#[farine::service(name = "disabled_probe")]
+impl DisabledProbe {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn never(&self, _body: Value) {
+        DISABLED_CALLS.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_service_is_not_started() {
+    let broker = Broker::connect().await;
+    let queue = unique("disabled-q");
+    let config = config(
+        "disabled_probe",
+        &[("enabled", "false"), ("never.queue", &queue)],
+    );
+    let error = Runtime::new(config)
+        .services(["disabled_probe"])
+        .start()
+        .await
+        .err()
+        .expect("nothing to start");
+    assert!(matches!(error, StartError::NothingToStart(_)), "{error}");
+    assert!(error.to_string().contains("disabled"), "{error}");
+    assert_eq!(broker.queue_state(&queue).await, None, "no queue declared");
+    assert_eq!(DISABLED_CALLS.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_without_its_config_section_does_not_start_and_the_error_names_it() {
+    let config = farine::config::Config::from_ini("[other]\n", "test.ini").unwrap();
+    let error = Runtime::new(config)
+        .services(["ack_probe"])
+        .start()
+        .await
+        .err()
+        .expect("missing section");
+    let text = error.to_string();
+    assert!(error.is_config(), "{text}");
+    assert!(
+        text.contains("test.ini") && text.contains("[ack_probe]"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_fails_start_naming_host_and_port_but_not_the_password() {
+    let text = "[ack_probe]\namqp_uri = amqp://guest:s3cret-pw@127.0.0.1:1\nconnect_timeout = 3\n";
+    let config = farine::config::Config::from_ini(text, "test.ini").unwrap();
+    let started = Instant::now();
+    let error = Runtime::new(config)
+        .services(["ack_probe"])
+        .start()
+        .await
+        .err()
+        .expect("cannot connect");
+    let text = error.to_string();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(matches!(error, StartError::Connect(_)), "{text}");
+    assert!(text.contains("127.0.0.1:1"), "{text}");
+    assert!(!text.contains("s3cret-pw"), "{text}");
+}

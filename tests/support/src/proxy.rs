@@ -1,0 +1,137 @@
+//! A TCP proxy of the test's own between farine and the broker, to inject faults without
+//! touching the shared broker: [`Proxy::cut`] drops every open connection, [`Proxy::stall`]
+//! stops passing bytes (a broker that hangs), [`Proxy::resume`] passes them again.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+struct State {
+    target: SocketAddr,
+    stalled: AtomicBool,
+    resumed: Notify,
+    generation: AtomicU64,
+    cut: Notify,
+}
+
+/// A running proxy; it stops when dropped.
+pub struct Proxy {
+    addr: SocketAddr,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Starts a proxy on a free local port that forwards to `target`.
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy binds");
+        let addr = listener.local_addr().expect("proxy address");
+        let state = Arc::new(State {
+            target,
+            stalled: AtomicBool::new(false),
+            resumed: Notify::new(),
+            generation: AtomicU64::new(0),
+            cut: Notify::new(),
+        });
+        let accept_state = state.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let state = accept_state.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(state.target).await else {
+                        return;
+                    };
+                    let generation = state.generation.load(Ordering::SeqCst);
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    let up = pipe(state.clone(), client_read, server_write);
+                    let down = pipe(state.clone(), server_read, client_write);
+                    tokio::select! {
+                        _ = async { tokio::join!(up, down) } => {}
+                        _ = wait_cut(&state, generation) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, state, task }
+    }
+
+    /// The `host:port` to give farine instead of the broker's.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// An AMQP URI through the proxy.
+    pub fn amqp_uri(&self) -> String {
+        format!("amqp://guest:guest@{}", self.addr)
+    }
+
+    /// Drops every open connection (new ones are accepted).
+    pub fn cut(&self) {
+        self.state.generation.fetch_add(1, Ordering::SeqCst);
+        self.state.cut.notify_waiters();
+    }
+
+    /// Stops passing bytes in both directions, connections stay open.
+    pub fn stall(&self) {
+        self.state.stalled.store(true, Ordering::SeqCst);
+    }
+
+    /// Passes bytes again after [`Proxy::stall`].
+    pub fn resume(&self) {
+        self.state.stalled.store(false, Ordering::SeqCst);
+        self.state.resumed.notify_waiters();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+    }
+}
+
+async fn wait_cut(state: &State, generation: u64) {
+    loop {
+        let notified = state.cut.notified();
+        if state.generation.load(Ordering::SeqCst) != generation {
+            return;
+        }
+        notified.await;
+    }
+}
+
+async fn pipe(
+    state: Arc<State>,
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+) {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        while state.stalled.load(Ordering::SeqCst) {
+            let resumed = state.resumed.notified();
+            if !state.stalled.load(Ordering::SeqCst) {
+                break;
+            }
+            resumed.await;
+        }
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while state.stalled.load(Ordering::SeqCst) {
+            let resumed = state.resumed.notified();
+            if !state.stalled.load(Ordering::SeqCst) {
+                break;
+            }
+            resumed.await;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
