@@ -2,7 +2,7 @@
 //! what is expected, pointed at the offending tokens.
 
 use syn::spanned::Spanned;
-use syn::{FnArg, ImplItemFn, ReturnType, Type};
+use syn::{Attribute, FnArg, ImplItemFn, ReturnType, Type};
 
 use crate::ctxt::Ctxt;
 use crate::model::{
@@ -73,7 +73,7 @@ pub fn consume(
     cx: &Ctxt,
     method: &ImplItemFn,
     args: HandlerArgs,
-    attr_span: proc_macro2::Span,
+    attribute: &Attribute,
 ) -> Option<HandlerModel> {
     let mut ok = check_common(cx, AttrKind::Consume, method, CONSUME_SIGNATURE);
     let sig = &method.sig;
@@ -146,10 +146,10 @@ pub fn consume(
         }
     };
     let Some(exchange) = args.exchange else {
-        cx.syn_error(syn::Error::new(
-            attr_span,
+        cx.error_spanned_by(
+            attribute,
             "#[consume] needs the exchange to consume from: #[consume(exchange = \"...\", routing_key = \"...\")]",
-        ));
+        );
         return None;
     };
     ok.then(|| {
@@ -168,7 +168,7 @@ pub fn publish(
     cx: &Ctxt,
     method: &ImplItemFn,
     args: HandlerArgs,
-    attr_span: proc_macro2::Span,
+    attribute: &Attribute,
 ) -> Option<HandlerModel> {
     let mut ok = check_common(cx, AttrKind::Publish, method, PUBLISH_SIGNATURE);
     let sig = &method.sig;
@@ -192,10 +192,10 @@ pub fn publish(
         }
     }
     let Some(exchange) = args.exchange else {
-        cx.syn_error(syn::Error::new(
-            attr_span,
+        cx.error_spanned_by(
+            attribute,
             "#[publish] needs the exchange to publish to: #[publish(exchange = \"...\", routing_key = \"...\")]",
-        ));
+        );
         return None;
     };
     ok.then(|| {

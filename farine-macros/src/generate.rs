@@ -2,7 +2,7 @@
 //! split into the caller-facing method and `<name>_with`), the `Service` impl, and the registry
 //! entry. All behaviour lives in the `farine` crate; this only wires calls into it.
 
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned};
 use syn::{
     Attribute, FnArg, ImplItem, ImplItemFn, ItemImpl, Pat, PatIdent, Type, parse_quote,
@@ -67,14 +67,13 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
             );
         }
         let attribute = method.attrs[index].clone();
-        let span = attribute_span(&attribute);
         let model = match kind {
             AttrKind::Consume | AttrKind::Publish => {
                 let parsed = attr::parse_handler_args(&cx, kind, &attribute);
                 if kind == AttrKind::Consume {
-                    check::consume(&cx, method, parsed, span)
+                    check::consume(&cx, method, parsed, &attribute)
                 } else {
-                    check::publish(&cx, method, parsed, span)
+                    check::publish(&cx, method, parsed, &attribute)
                 }
             }
             reserved => {
@@ -88,13 +87,16 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
                 None
             }
         };
-        mark_checked(&mut method.attrs[index]);
+        for (position, _) in &found {
+            mark_checked(&mut method.attrs[*position]);
+        }
         if let Some(model) = model {
             handlers.push(model);
         }
     }
     if let Some(errors) = cx.finish() {
-        strip_handler_attrs(&mut item);
+        // The handler attributes are marked, so they expand to nothing: the block compiles
+        // and the user sees only these errors.
         return quote!(#item #errors);
     }
 
@@ -154,25 +156,18 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
     }
 }
 
-fn attribute_span(attribute: &Attribute) -> Span {
-    use syn::spanned::Spanned;
-    attribute.span()
-}
-
 fn finish_with_errors(cx: Ctxt, mut item: ItemImpl) -> TokenStream {
-    strip_handler_attrs(&mut item);
-    let errors = cx.finish();
-    quote!(#item #errors)
-}
-
-/// Removes farine's handler attributes, so that after an error the block still compiles and
-/// the user sees only the errors that matter.
-fn strip_handler_attrs(item: &mut ItemImpl) {
     for impl_item in &mut item.items {
         if let ImplItem::Fn(method) = impl_item {
-            method.attrs.retain(|a| attr::classify(a.path()).is_none());
+            for attribute in &mut method.attrs {
+                if attr::classify(attribute.path()).is_some() {
+                    mark_checked(attribute);
+                }
+            }
         }
     }
+    let errors = cx.finish();
+    quote!(#item #errors)
 }
 
 /// Keeps the attribute's path as the user wrote it (so their `use` stays used) with the

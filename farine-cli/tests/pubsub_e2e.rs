@@ -1,0 +1,263 @@
+//! End to end: the real `farine --start=pubsub` process against the real broker.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use farine_test_support::process::{Process, SIGTERM};
+use farine_test_support::{Broker, IniFile, amqp_uri, unique};
+use lapin::ExchangeKind;
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use serde_json::json;
+
+/// The first start builds the pubsub example with cargo: give it time.
+const START_BOUND: Duration = Duration::from_secs(300);
+const BOUND: Duration = Duration::from_secs(15);
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace is farine-cli's parent")
+        .to_path_buf()
+}
+
+fn farine(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_farine"));
+    command
+        .args(args)
+        .current_dir(workspace())
+        .env_remove("FARINE_INI")
+        .env("RUST_LOG", "info");
+    command
+}
+
+/// A config for `relay` with exchanges and a queue of the test's own.
+fn own_topology(extra: &str) -> (IniFile, String, String, String) {
+    let (orders, audit, queue) = (unique("orders"), unique("audit"), unique("relay"));
+    let ini = IniFile::new(&format!(
+        "[DEFAULT]\namqp_uri = {}\n\n[relay]\nrelay.exchange = {orders}\nrelay.queue = {queue}\nseen.exchange = {audit}\n{extra}",
+        amqp_uri()
+    ));
+    (ini, orders, audit, queue)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn farine_start_pubsub_relays_an_order_to_audit_and_exits_0_on_sigterm() {
+    let broker = Broker::connect().await;
+    // The example as shipped: etc/farine.ini, exchanges `orders` and `audit`.
+    broker.declare_exchange("audit", ExchangeKind::Direct).await;
+    let observer = broker.bind_queue("audit", "order.seen").await;
+    let mut process = Process::spawn(farine(&["--start=pubsub", "--config", "etc/farine.ini"]));
+    assert!(
+        process.wait_for_output("consuming", START_BOUND),
+        "farine started:\n{}",
+        process.output()
+    );
+
+    broker
+        .publish_json("orders", "order.created", &json!({"id": 1}))
+        .await;
+    let received = broker.wait_for_messages(&observer, 1, BOUND).await;
+    assert_eq!(received.len(), 1, "relayed:\n{}", process.output());
+    let message = &received[0];
+    assert_eq!(message.json(), json!({"seen": {"id": 1}}));
+    assert_eq!(message.exchange, "audit");
+    assert_eq!(message.routing_key, "order.seen");
+    assert_eq!(
+        message
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|s| s.as_str()),
+        Some("application/json")
+    );
+
+    process.signal(SIGTERM);
+    let status = process.wait_exit(BOUND).expect("exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", process.output());
+    // `audit` is the example's exchange: leave it for the user; `orders` too.
+    broker.forget_queue_on_drop(&observer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_is_not_json_is_rejected_and_logged_and_the_next_order_is_relayed() {
+    let broker = Broker::connect().await;
+    let (ini, orders, audit, queue) = own_topology("");
+    broker.forget_exchange_on_drop(&orders);
+    broker.forget_exchange_on_drop(&audit);
+    broker.forget_queue_on_drop(&queue);
+    let path = ini.path.display().to_string();
+    let mut process = Process::spawn(farine(&["--start=pubsub", "--config", &path]));
+    assert!(
+        process.wait_for_output("consuming", START_BOUND),
+        "{}",
+        process.output()
+    );
+    let observer = broker.bind_queue(&audit, "order.seen").await;
+
+    broker.publish(&orders, "order.created", b"{not json").await;
+    broker
+        .publish_json(&orders, "order.created", &json!([1, 2]))
+        .await;
+    broker
+        .publish_json(&orders, "order.created", &json!({"id": 2}))
+        .await;
+    let received = broker.wait_for_messages(&observer, 1, BOUND).await;
+    assert_eq!(received.len(), 1, "{}", process.output());
+    assert_eq!(received[0].json(), json!({"seen": {"id": 2}}));
+    assert!(
+        process.wait_for_output("does not decode", BOUND),
+        "the rejection is logged:\n{}",
+        process.output()
+    );
+    assert_eq!(
+        broker.queue_state(&queue).await.map(|s| s.0),
+        Some(0),
+        "rejected, not requeued"
+    );
+
+    process.signal(SIGTERM);
+    let status = process.wait_exit(BOUND).expect("exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", process.output());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_500_orders_are_queued_loses_none_and_acks_none_unhandled() {
+    let broker = Broker::connect().await;
+    let (ini, orders, audit, queue) = own_topology("drain_timeout = 5\n");
+    broker.forget_exchange_on_drop(&orders);
+    broker.forget_exchange_on_drop(&audit);
+    broker.forget_queue_on_drop(&queue);
+    // Fill the relay's queue before farine starts, so SIGTERM lands mid-stream.
+    broker.declare_exchange(&orders, ExchangeKind::Direct).await;
+    broker.declare_exchange(&audit, ExchangeKind::Direct).await;
+    let observer = broker.bind_queue(&audit, "order.seen").await;
+    let channel = broker.channel();
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("relay queue declared");
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            orders.as_str().into(),
+            "order.created".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("relay queue bound");
+    for id in 0..500 {
+        broker
+            .publish_json(&orders, "order.created", &json!({"id": id}))
+            .await;
+    }
+
+    let path = ini.path.display().to_string();
+    let mut process = Process::spawn(farine(&["--start=pubsub", "--config", &path]));
+    assert!(
+        process.wait_for_output("consuming", START_BOUND),
+        "{}",
+        process.output()
+    );
+    process.signal(SIGTERM);
+    let status = process
+        .wait_exit(Duration::from_secs(5) + BOUND)
+        .expect("exits within the drain timeout");
+    assert_eq!(status.code(), Some(0), "{}", process.output());
+
+    let audited: Vec<u64> = broker
+        .drain(&observer)
+        .await
+        .iter()
+        .map(|m| m.json()["seen"]["id"].as_u64().expect("an id"))
+        .collect();
+    let remaining: Vec<u64> = broker
+        .drain(&queue)
+        .await
+        .iter()
+        .map(|m| m.json()["id"].as_u64().expect("an id"))
+        .collect();
+    eprintln!(
+        "relayed before exit: {}, still queued: {}",
+        audited.len(),
+        remaining.len()
+    );
+    let audited_set: BTreeSet<u64> = audited.iter().copied().collect();
+    assert_eq!(audited_set.len(), audited.len(), "nothing relayed twice");
+    let all: BTreeSet<u64> = audited_set
+        .union(&remaining.iter().copied().collect())
+        .copied()
+        .collect();
+    assert_eq!(all, (0..500).collect::<BTreeSet<u64>>(), "none lost");
+    for id in 0..500u64 {
+        assert!(
+            audited_set.contains(&id) || remaining.contains(&id),
+            "order {id} was acked without being relayed"
+        );
+    }
+}
+
+#[test]
+fn an_unknown_module_is_a_usage_error_that_lists_the_available_ones() {
+    let output = farine(&["--start=nosuchmodule"]).output().expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("unknown module `nosuchmodule`") && stderr.contains("pubsub"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn list_shows_each_handler_with_exchange_queue_and_routing_key() {
+    let output = farine(&["--start=pubsub", "--list", "--config", "etc/farine.ini"])
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("service relay (Relay, section [relay], enabled)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "consume relay: exchange orders (direct), routing key \"order.created\", queue relay.relay, prefetch 10"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("publish seen: exchange audit (direct), routing key \"order.seen\""),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_missing_config_file_is_a_config_error_naming_the_path() {
+    let output = farine(&["--start=pubsub", "--config", "/nonexistent/farine.ini"])
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/nonexistent/farine.ini"), "{stderr}");
+}
+
+#[test]
+fn the_config_path_comes_from_farine_ini_when_no_flag_is_given() {
+    let ini = IniFile::new("[relay]\nprefetch_count = 3\n");
+    let output = farine(&["--start=pubsub", "--list"])
+        .env("FARINE_INI", &ini.path)
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("prefetch 3"), "{stdout}");
+}

@@ -1,0 +1,236 @@
+//! `#[publish]` and `Publisher` against the real broker: confirms, properties, typed failures.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{BOUND, config};
+use farine::amqp::connection::Connector;
+use farine::amqp::topology::ExchangeSettings;
+use farine::amqp::{ExchangeKind, publisher::PublisherSettings};
+use farine::{PublishError, PublishOptions, Publisher, Runtime, consume, publish};
+use farine_test_support::proxy::Proxy;
+use farine_test_support::{Broker, amqp_uri, unique};
+use serde_json::{Value, json};
+
+#[derive(Default)]
+struct Forwarder;
+
+#[farine::service(name = "forwarder")]
+impl Forwarder {
+    #[consume(exchange = "in", routing_key = "rk")]
+    async fn on_input(&self, body: Value) -> Result<(), PublishError> {
+        self.forward(&json!({ "forwarded": body })).await
+    }
+
+    /// Callers leave the publisher out.
+    #[publish(exchange = "out", routing_key = "forwarded")]
+    async fn forward(&self, publisher: Publisher, event: &Value) -> Result<(), PublishError> {
+        publisher.publish(event).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_method_called_without_its_publisher_sends_persistent_json() {
+    let broker = Broker::connect().await;
+    let (input, output, queue) = (unique("fwd-in"), unique("fwd-out"), unique("fwd-q"));
+    broker.forget_exchange_on_drop(&input);
+    broker.forget_exchange_on_drop(&output);
+    broker.forget_queue_on_drop(&queue);
+    let config = config(
+        "forwarder",
+        &[
+            ("on_input.exchange", &input),
+            ("on_input.queue", &queue),
+            ("forward.exchange", &output),
+        ],
+    );
+    let running = Runtime::new(config)
+        .services(["forwarder"])
+        .start()
+        .await
+        .expect("starts");
+    // The publisher declared its exchange at start: bind an observer to it.
+    let observer = broker.bind_queue(&output, "forwarded").await;
+
+    broker.publish_json(&input, "rk", &json!({"id": 1})).await;
+    let received = broker.wait_for_messages(&observer, 1, BOUND).await;
+    running.stop().await;
+
+    assert_eq!(received.len(), 1);
+    let message = &received[0];
+    assert_eq!(message.json(), json!({"forwarded": {"id": 1}}));
+    assert_eq!(message.routing_key, "forwarded");
+    assert_eq!(
+        message
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|s| s.as_str()),
+        Some("application/json")
+    );
+    assert_eq!(*message.properties.delivery_mode(), Some(2), "persistent");
+}
+
+/// Never started by any test, so no runtime of this process knows its publisher.
+#[derive(Default)]
+struct NeverStarted;
+
+#[farine::service(name = "never_started")]
+impl NeverStarted {
+    #[publish(exchange = "nowhere", routing_key = "rk")]
+    async fn forward(&self, publisher: Publisher, event: &Value) -> Result<(), PublishError> {
+        publisher.publish(event).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_method_outside_a_running_service_returns_not_running_not_a_hang() {
+    let error = NeverStarted
+        .forward(&json!({}))
+        .await
+        .expect_err("no runtime runs `never_started`");
+    assert!(matches!(error, PublishError::NotRunning { .. }), "{error}");
+    assert!(error.to_string().contains("forward_with"), "{error}");
+}
+
+fn standalone(uri: String, exchange: &str, timeout: Duration) -> Publisher {
+    let connector = Arc::new(Connector::new(uri, "farine publish test", BOUND));
+    let exchange = ExchangeSettings {
+        name: exchange.to_string(),
+        kind: ExchangeKind::Direct,
+        durable: true,
+        auto_delete: false,
+    };
+    Publisher::new(
+        connector,
+        exchange,
+        "rk",
+        PublisherSettings {
+            persistent: true,
+            timeout,
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_with_variant_takes_an_explicit_publisher_outside_any_runtime() {
+    let broker = Broker::connect().await;
+    let exchange = unique("with-x");
+    broker.forget_exchange_on_drop(&exchange);
+    let publisher = standalone(amqp_uri(), &exchange, BOUND);
+    publisher.prepare().await.expect("declares the exchange");
+    let observer = broker.bind_queue(&exchange, "rk").await;
+    Forwarder
+        .forward_with(publisher, &json!({"direct": true}))
+        .await
+        .expect("published");
+    let received = broker.wait_for_messages(&observer, 1, BOUND).await;
+    assert_eq!(received[0].json(), json!({"direct": true}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_publishes_from_one_publisher_are_in_flight_together_and_all_confirmed() {
+    let broker = Broker::connect().await;
+    let exchange = unique("many-x");
+    broker.forget_exchange_on_drop(&exchange);
+    let publisher = standalone(amqp_uri(), &exchange, BOUND);
+    publisher.prepare().await.expect("declares the exchange");
+    let observer = broker.bind_queue(&exchange, "rk").await;
+    let sends = (0..500).map(|n| {
+        let publisher = publisher.clone();
+        async move { publisher.publish(&json!({"n": n})).await }
+    });
+    let results = futures_util::future::join_all(sends).await;
+    assert!(results.iter().all(Result::is_ok), "every publish confirmed");
+    let received = broker.wait_for_messages(&observer, 500, BOUND).await;
+    assert_eq!(received.len(), 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mandatory_publish_nobody_receives_is_a_typed_unroutable_error() {
+    let broker = Broker::connect().await;
+    let exchange = unique("unroutable-x");
+    broker.forget_exchange_on_drop(&exchange);
+    let publisher = standalone(amqp_uri(), &exchange, BOUND);
+    let error = publisher
+        .publish_with(
+            &json!({}),
+            PublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect_err("no queue is bound");
+    assert!(
+        matches!(&error, PublishError::Unroutable { exchange: e, .. } if *e == exchange),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stops_answering_gives_a_timeout_error_within_the_bound() {
+    let broker = Broker::connect().await;
+    let exchange = unique("stall-x");
+    broker.forget_exchange_on_drop(&exchange);
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let publisher = standalone(proxy.amqp_uri(), &exchange, Duration::from_millis(500));
+    publisher
+        .publish(&json!({"n": 1}))
+        .await
+        .expect("first publish");
+
+    proxy.stall();
+    let started = Instant::now();
+    let error = publisher
+        .publish(&json!({"n": 2}))
+        .await
+        .expect_err("the broker does not answer");
+    assert!(matches!(error, PublishError::Timeout { .. }), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "bounded by publish_timeout"
+    );
+    proxy.resume();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_connection_fails_the_publish_fast_and_the_next_publish_reconnects() {
+    let broker = Broker::connect().await;
+    let exchange = unique("cut-x");
+    broker.forget_exchange_on_drop(&exchange);
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let publisher = standalone(proxy.amqp_uri(), &exchange, Duration::from_secs(5));
+    publisher.prepare().await.expect("declares the exchange");
+    let observer = broker.bind_queue(&exchange, "rk").await;
+    publisher
+        .publish(&json!({"n": 1}))
+        .await
+        .expect("before the cut");
+
+    proxy.cut();
+    // Until the client notices the cut a publish may fail; it fails with an error, in bounds.
+    let deadline = Instant::now() + BOUND;
+    let mut delivered = false;
+    while Instant::now() < deadline {
+        let started = Instant::now();
+        match publisher.publish(&json!({"n": 2})).await {
+            Ok(()) => {
+                delivered = true;
+                break;
+            }
+            Err(error) => {
+                assert!(
+                    started.elapsed() <= Duration::from_secs(6),
+                    "a failure comes back within publish_timeout: {error}"
+                );
+            }
+        }
+    }
+    assert!(delivered, "a later publish reconnected");
+    let received = broker.wait_for_messages(&observer, 2, BOUND).await;
+    let ns: Vec<_> = received.iter().map(|m| m.json()["n"].clone()).collect();
+    assert!(ns.contains(&json!(2)), "{ns:?}");
+}

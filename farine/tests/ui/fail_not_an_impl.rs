@@ -1,0 +1,4 @@
+#[farine::service]
+pub struct Relay;
+
+fn main() {}
