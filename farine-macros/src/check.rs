@@ -121,7 +121,7 @@ pub fn consume(
                     ok = false;
                 }
                 has_body = true;
-                params.push(ConsumeParam::Body((*typed.ty).clone()));
+                params.push(ConsumeParam::Body(typed.ty.clone()));
             }
         }
     }

@@ -62,7 +62,7 @@ pub enum MessageParam {
 
 /// A `#[consume]` parameter, in declaration order.
 pub enum ConsumeParam {
-    Body(Type),
+    Body(Box<Type>),
     Message(MessageParam),
 }
 

@@ -307,8 +307,10 @@ async fn a_message_the_handler_settled_itself_is_not_settled_again() {
 
 // ---------------------------------------------------------------------------------------------
 
-static METADATA: Mutex<Vec<(String, Option<String>, Option<String>, bool)>> =
-    Mutex::new(Vec::new());
+/// (routing key, `x-trace` header, message id, redelivered)
+type Metadata = (String, Option<String>, Option<String>, bool);
+
+static METADATA: Mutex<Vec<Metadata>> = Mutex::new(Vec::new());
 
 #[derive(Default)]
 struct MetadataProbe;

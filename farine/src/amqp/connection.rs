@@ -86,10 +86,9 @@ impl Connector {
         let conn = self.current.lock().await.take();
         if let Some(conn) = conn
             && conn.status().connected()
+            && let Err(e) = conn.close(200, "farine shutting down".into()).await
         {
-            if let Err(e) = conn.close(200, "farine shutting down".into()).await {
-                tracing::debug!(error = %e, "closing the AMQP connection");
-            }
+            tracing::debug!(error = %e, "closing the AMQP connection");
         }
     }
 }

@@ -34,19 +34,8 @@ pub enum ConfigError {
         expected: &'static str,
     },
 
-    #[error(
-        "{file}, section [{section}]: option `{key}` is {value:?}{origin}; expected {expected}"
-    )]
-    InvalidValue {
-        file: String,
-        section: String,
-        key: String,
-        /// The value as given, with secrets masked.
-        value: String,
-        expected: String,
-        /// Where the value came from when it was not the file (an environment variable).
-        origin: String,
-    },
+    #[error(transparent)]
+    InvalidValue(Box<InvalidValue>),
 
     #[error("{file}, section [{section}]: option `{key}`: {message}")]
     Interpolation {
@@ -58,4 +47,18 @@ pub enum ConfigError {
 
     #[error("environment overrides (FARINE__<SECTION>__<KEY>): {0}")]
     Environment(String),
+}
+
+/// An option whose value is not what was expected.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}, section [{section}]: option `{key}` is {value:?}{origin}; expected {expected}")]
+pub struct InvalidValue {
+    pub file: String,
+    pub section: String,
+    pub key: String,
+    /// The value as given, with secrets masked.
+    pub value: String,
+    pub expected: String,
+    /// Where the value came from when it was not the file (an environment variable).
+    pub origin: String,
 }

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use error::ConfigError;
+pub use error::{ConfigError, InvalidValue};
 pub use value::FromValue;
 
 /// Where the config file is looked for when neither `--config` nor `FARINE_INI` is given.
@@ -325,14 +325,14 @@ impl Section {
         } else {
             String::new()
         };
-        ConfigError::InvalidValue {
+        ConfigError::InvalidValue(Box::new(InvalidValue {
             file: self.file().to_string(),
             section: self.name().to_string(),
             value: redact::display_value(&key, value),
             key,
             expected: expected.into(),
             origin,
-        }
+        }))
     }
 
     fn interpolate(&self, key: &str, raw: &str, depth: usize) -> Result<String, ConfigError> {

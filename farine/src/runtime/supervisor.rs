@@ -22,14 +22,17 @@ const RESTART_DELAY_MIN: Duration = Duration::from_millis(100);
 const RESTART_DELAY_MAX: Duration = Duration::from_secs(30);
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 
+/// The first start's result: `Err` carries the cause.
+pub(crate) type Started = Result<(), String>;
+
 /// Tells the start-up, once, whether a task's first start succeeded.
 #[derive(Clone)]
 pub(crate) struct Ready {
-    slot: Arc<Mutex<Option<oneshot::Sender<Result<(), String>>>>>,
+    slot: Arc<Mutex<Option<oneshot::Sender<Started>>>>,
 }
 
 impl Ready {
-    pub fn new() -> (Self, oneshot::Receiver<Result<(), String>>) {
+    pub fn new() -> (Self, oneshot::Receiver<Started>) {
         let (tx, rx) = oneshot::channel();
         (
             Self {
@@ -40,7 +43,7 @@ impl Ready {
     }
 
     /// Reports the first start's result; later calls do nothing.
-    pub fn signal(&self, result: Result<(), String>) {
+    pub fn signal(&self, result: Started) {
         let sender = self.slot.lock().ok().and_then(|mut slot| slot.take());
         if let Some(sender) = sender {
             let _ = sender.send(result);

@@ -1,0 +1,119 @@
+//! Supervision against the real broker: a handler whose channel breaks comes back, alone.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::BOUND;
+use farine::config::Config;
+use farine::{Runtime, consume};
+use farine_test_support::proxy::Proxy;
+use farine_test_support::{Broker, unique, wait_until};
+use lapin::options::QueueDeleteOptions;
+use serde_json::{Value, json};
+
+static FRAGILE: AtomicUsize = AtomicUsize::new(0);
+static STEADY: AtomicUsize = AtomicUsize::new(0);
+
+#[derive(Default)]
+struct Restartable;
+
+#[farine::service(name = "restartable")]
+impl Restartable {
+    #[consume(exchange = "x", routing_key = "fragile")]
+    async fn fragile(&self, _body: Value) {
+        FRAGILE.fetch_add(1, Ordering::SeqCst);
+    }
+
+    #[consume(exchange = "x", routing_key = "steady")]
+    async fn steady(&self, _body: Value) {
+        STEADY.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_whose_queue_is_deleted_restarts_and_its_neighbour_never_stops() {
+    let broker = Broker::connect().await;
+    let exchange = unique("restart-x");
+    let (fragile, steady) = (unique("restart-fragile"), unique("restart-steady"));
+    broker.forget_exchange_on_drop(&exchange);
+    broker.forget_queue_on_drop(&fragile);
+    broker.forget_queue_on_drop(&steady);
+    let config = common::config(
+        "restartable",
+        &[
+            ("exchange", &exchange),
+            ("fragile.queue", &fragile),
+            ("steady.queue", &steady),
+        ],
+    );
+    let running = Runtime::new(config)
+        .services(["restartable"])
+        .start()
+        .await
+        .expect("starts");
+
+    // The broker cancels the consumer of a deleted queue: the handler's task ends and restarts.
+    broker
+        .channel()
+        .queue_delete(fragile.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("queue deleted");
+    broker.publish_json(&exchange, "steady", &json!({})).await;
+    assert!(
+        wait_until(BOUND, || STEADY.load(Ordering::SeqCst) == 1).await,
+        "the neighbour kept handling messages"
+    );
+    // The restart declared the queue again and consumes it.
+    assert!(broker.wait_for_consumers(&fragile, 1, BOUND).await);
+    broker.publish_json(&exchange, "fragile", &json!({})).await;
+    assert!(wait_until(BOUND, || FRAGILE.load(Ordering::SeqCst) == 1).await);
+    running.stop().await;
+}
+
+static THROUGH_PROXY: AtomicUsize = AtomicUsize::new(0);
+
+#[derive(Default)]
+struct Reconnecting;
+
+#[farine::service(name = "reconnecting")]
+impl Reconnecting {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn count(&self, _body: Value) {
+        THROUGH_PROXY.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_connection_is_reopened_and_the_consumer_resumes() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("reconnect-x"), unique("reconnect-q"));
+    broker.forget_exchange_on_drop(&exchange);
+    broker.forget_queue_on_drop(&queue);
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let text = format!(
+        "[reconnecting]\namqp_uri = {}\ncount.exchange = {exchange}\ncount.queue = {queue}\n",
+        proxy.amqp_uri()
+    );
+    let config = Config::from_ini(&text, "test.ini").unwrap();
+    let running = Runtime::new(config)
+        .services(["reconnecting"])
+        .start()
+        .await
+        .expect("starts");
+    broker.publish_json(&exchange, "rk", &json!({})).await;
+    assert!(wait_until(BOUND, || THROUGH_PROXY.load(Ordering::SeqCst) == 1).await);
+
+    proxy.cut();
+    assert!(
+        broker.wait_for_consumers(&queue, 0, BOUND).await,
+        "the broker saw the cut"
+    );
+    assert!(
+        broker.wait_for_consumers(&queue, 1, BOUND).await,
+        "farine came back"
+    );
+    broker.publish_json(&exchange, "rk", &json!({})).await;
+    assert!(wait_until(BOUND, || THROUGH_PROXY.load(Ordering::SeqCst) == 2).await);
+    running.stop().await;
+}
