@@ -224,8 +224,19 @@ fn exec(binary: &Path, args: &[String]) -> Failure {
     )
 }
 
-/// Runs several modules side by side, forwarding SIGINT/SIGTERM; the exit status is the first
-/// non-zero status of a module, else 0.
+/// Sends `signal` to each process in `pids`.
+fn signal_all(pids: &[i32], signal: i32) {
+    for pid in pids {
+        // SAFETY: kill(2) with the pid of a child we spawned and a valid signal number.
+        unsafe {
+            libc::kill(*pid, signal);
+        }
+    }
+}
+
+/// Runs several modules side by side and forwards SIGINT/SIGTERM to them. When one module
+/// exits, the others are sent SIGTERM, so an orchestrator sees the process end instead of a
+/// half-running set. The exit status is the first non-zero status of a module, else 0.
 fn run_all(args: &Args, binaries: &[(String, PathBuf)]) -> Result<u8, Failure> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -233,63 +244,64 @@ fn run_all(args: &Args, binaries: &[(String, PathBuf)]) -> Result<u8, Failure> {
         .map_err(|e| (EXIT_FAILURE, format!("cannot start: {e}")))?;
     runtime.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut children = Vec::new();
+        let mut running = tokio::task::JoinSet::new();
+        let mut pids = Vec::new();
         for (name, binary) in binaries {
-            let child = tokio::process::Command::new(binary)
+            let spawned = tokio::process::Command::new(binary)
                 .args(forwarded(args, name))
-                .spawn()
-                .map_err(|e| {
-                    (
+                .spawn();
+            let mut child = match spawned {
+                Ok(child) => child,
+                Err(e) => {
+                    signal_all(&pids, libc::SIGTERM);
+                    while running.join_next().await.is_some() {}
+                    return Err((
                         EXIT_FAILURE,
                         format!("cannot run {}: {e}", binary.display()),
-                    )
-                })?;
-            children.push((name.clone(), child));
-        }
-        let pids: Vec<i32> = children
-            .iter()
-            .filter_map(|(_, child)| child.id().and_then(|id| i32::try_from(id).ok()))
-            .collect();
-        let forward = async move {
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                // Without signal handlers the children still get a terminal's Ctrl-C directly.
-                return std::future::pending::<()>().await;
-            };
-            loop {
-                let signal = tokio::select! {
-                    _ = term.recv() => libc::SIGTERM,
-                    _ = int.recv() => libc::SIGINT,
-                };
-                for pid in &pids {
-                    // SAFETY: kill(2) with a pid of a child we spawned and a valid signal number.
-                    unsafe {
-                        libc::kill(*pid, signal);
-                    }
+                    ));
                 }
+            };
+            if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
+                pids.push(pid);
             }
-        };
-        let wait_all = async {
-            let mut worst = EXIT_OK;
-            for (name, mut child) in children {
+            let name = name.clone();
+            running.spawn(async move {
                 let code = match child.wait().await {
                     Ok(status) => status.code().map_or(EXIT_FAILURE, |c| c as u8),
                     Err(_) => EXIT_FAILURE,
                 };
-                if code != EXIT_OK {
-                    eprintln!("farine: module `{name}` exited with status {code}");
-                    if worst == EXIT_OK {
-                        worst = code;
+                (name, code)
+            });
+        }
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return Err((EXIT_FAILURE, "cannot install signal handlers".into()));
+        };
+        let mut worst = EXIT_OK;
+        let mut stopping = false;
+        loop {
+            tokio::select! {
+                _ = term.recv() => signal_all(&pids, libc::SIGTERM),
+                _ = int.recv() => signal_all(&pids, libc::SIGINT),
+                done = running.join_next() => {
+                    let Some(done) = done else { break };
+                    let (name, code) = done.unwrap_or_else(|_| (String::from("?"), EXIT_FAILURE));
+                    if code != EXIT_OK {
+                        eprintln!("farine: module `{name}` exited with status {code}");
+                        if worst == EXIT_OK {
+                            worst = code;
+                        }
+                    }
+                    if !stopping && !running.is_empty() {
+                        stopping = true;
+                        eprintln!("farine: module `{name}` ended; stopping the others");
+                        signal_all(&pids, libc::SIGTERM);
                     }
                 }
             }
-            worst
-        };
-        tokio::select! {
-            code = wait_all => Ok(code),
-            () = forward => Ok(EXIT_FAILURE),
         }
+        Ok(worst)
     })
 }

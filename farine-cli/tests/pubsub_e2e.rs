@@ -261,3 +261,33 @@ fn the_config_path_comes_from_farine_ini_when_no_flag_is_given() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("prefetch 3"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_modules_run_side_by_side_and_sigterm_stops_them_all() {
+    let broker = Broker::connect().await;
+    let (ini, orders, audit, queue) = own_topology("");
+    broker.forget_exchange_on_drop(&orders);
+    broker.forget_exchange_on_drop(&audit);
+    broker.forget_queue_on_drop(&queue);
+    let path = ini.path.display().to_string();
+    // Two processes of one module: competing consumers of the relay queue.
+    let mut process = Process::spawn(farine(&[
+        "--start=pubsub",
+        "--start=pubsub",
+        "--config",
+        &path,
+    ]));
+    assert!(
+        process.wait_for_lines("consuming", 2, START_BOUND),
+        "{}",
+        process.output()
+    );
+    assert!(broker.wait_for_consumers(&queue, 2, BOUND).await);
+    process.signal(SIGTERM);
+    let status = process.wait_exit(BOUND).expect("exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", process.output());
+    assert!(
+        broker.wait_for_consumers(&queue, 0, BOUND).await,
+        "both stopped"
+    );
+}

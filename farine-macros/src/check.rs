@@ -1,7 +1,6 @@
 //! Checking handlers: the signature each kind needs, with one sentence per mistake that says
 //! what is expected, pointed at the offending tokens.
 
-use syn::spanned::Spanned;
 use syn::{Attribute, FnArg, ImplItemFn, ReturnType, Type};
 
 use crate::ctxt::Ctxt;
@@ -13,17 +12,22 @@ const CONSUME_SIGNATURE: &str = "expected `async fn name(&self, body: T) -> Resu
 const PUBLISH_SIGNATURE: &str =
     "expected `async fn name(&self, publisher: farine::Publisher, ...)`";
 
-/// The last segment of a type's path, looking through one reference: `farine::Message` and
-/// `&Message` both give `Message`.
-fn type_name(ty: &Type) -> Option<(String, bool)> {
+/// The last segment of a type's path and whether it is behind a reference, for paths that can
+/// name farine's types: a single segment (`Message`, brought in by `use`) or a path starting
+/// with `farine` (`farine::Message`). `events::Message` is the user's own type, not farine's.
+fn farine_type_name(ty: &Type) -> Option<(String, bool)> {
     match ty {
-        Type::Reference(reference) => type_name(&reference.elem).map(|(name, _)| (name, true)),
-        Type::Path(path) if path.qself.is_none() => path
-            .path
-            .segments
-            .last()
-            .map(|s| (s.ident.to_string(), false)),
-        Type::Group(group) => type_name(&group.elem),
+        Type::Reference(reference) => {
+            farine_type_name(&reference.elem).map(|(name, _)| (name, true))
+        }
+        Type::Path(path) if path.qself.is_none() => {
+            let segments = &path.path.segments;
+            let first = segments.first()?;
+            (segments.len() == 1 || first.ident == "farine")
+                .then(|| segments.last().map(|s| (s.ident.to_string(), false)))
+                .flatten()
+        }
+        Type::Group(group) => farine_type_name(&group.elem),
         _ => None,
     }
 }
@@ -89,7 +93,7 @@ pub fn consume(
     let mut has_message = false;
     for input in sig.inputs.iter().skip(1) {
         let FnArg::Typed(typed) = input else { continue };
-        match type_name(&typed.ty) {
+        match farine_type_name(&typed.ty) {
             Some((name, by_ref)) if name == "Message" => {
                 if has_message {
                     cx.error_spanned_by(
@@ -132,18 +136,11 @@ pub fn consume(
         );
         ok = false;
     }
-    let output_span = match &sig.output {
-        ReturnType::Default => sig.ident.span(),
-        ReturnType::Type(_, ty) => {
-            if type_name(ty).is_none_or(|(name, by_ref)| name != "Result" || by_ref) {
-                cx.error_spanned_by(
-                    ty,
-                    "a #[consume] handler returns `Result<(), E>` with E: Display (Ok acks the message, Err nacks it), or nothing",
-                );
-                ok = false;
-            }
-            ty.span()
-        }
+    // Any return type is checked by the `IntoOutcome` bound, whose message says what is
+    // expected, pointed at this span: aliases of `Result` and `()` are fine.
+    let output = match &sig.output {
+        ReturnType::Default => None,
+        ReturnType::Type(_, ty) => Some(ty.clone()),
     };
     let Some(exchange) = args.exchange else {
         cx.error_spanned_by(
@@ -159,7 +156,7 @@ pub fn consume(
             routing_key: args.routing_key.unwrap_or_default(),
             queue: args.queue,
             params,
-            output_span,
+            output,
         })
     })
 }
@@ -174,7 +171,7 @@ pub fn publish(
     let sig = &method.sig;
     match sig.inputs.iter().nth(1) {
         Some(FnArg::Typed(typed))
-            if type_name(&typed.ty)
+            if farine_type_name(&typed.ty)
                 .is_some_and(|(name, by_ref)| name == "Publisher" && !by_ref) => {}
         Some(other) => {
             cx.error_spanned_by(

@@ -91,7 +91,7 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
             mark_checked(&mut method.attrs[*position]);
         }
         if let Some(model) = model {
-            handlers.push(model);
+            handlers.push((model, cfg_attrs(&method.attrs)));
         }
     }
     if let Some(errors) = cx.finish() {
@@ -106,7 +106,7 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
         match impl_item {
             ImplItem::Fn(method)
                 if handlers.iter().any(
-                    |h| matches!(h, HandlerModel::Publish(p) if p.method == method.sig.ident),
+                    |(h, _)| matches!(h, HandlerModel::Publish(p) if p.method == method.sig.ident),
                 ) =>
             {
                 let (wrapper, with) = split_publish(method);
@@ -119,18 +119,31 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
     item.items = items;
 
     let self_ty = &item.self_ty;
-    let handler_exprs = handlers.iter().map(|handler| match handler {
-        HandlerModel::Consume(consume) => consume_handler(consume),
-        HandlerModel::Publish(publish) => publish_handler(publish),
+    // Pushed one by one, so a handler behind `#[cfg(...)]` is registered only when it exists.
+    let handler_pushes = handlers.iter().map(|(handler, cfgs)| {
+        let handler = match handler {
+            HandlerModel::Consume(consume) => consume_handler(consume),
+            HandlerModel::Publish(publish) => publish_handler(publish),
+        };
+        quote! {
+            #(#cfgs)*
+            handlers.push(#handler);
+        }
     });
     let build = match &args.init {
         Some(init) => quote! {
             #init(section).map_err(::std::convert::Into::into)
         },
-        None => quote_spanned! {type_ident.span()=>
-            let _ = section;
-            ::std::result::Result::Ok(<Self as ::std::default::Default>::default())
-        },
+        None => {
+            // Only the path carries the type's span (a missing `Default` is reported there);
+            // the local names stay call-site, so the code works inside `macro_rules!` too.
+            let default =
+                quote_spanned! {type_ident.span()=> <Self as ::std::default::Default>::default};
+            quote! {
+                let _ = section;
+                ::std::result::Result::Ok(#default())
+            }
+        }
     };
     let type_name = type_ident.to_string();
     quote! {
@@ -140,7 +153,9 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
             const NAME: &'static str = #name;
 
             fn handlers() -> ::std::vec::Vec<::farine::__private::Handler<Self>> {
-                ::std::vec![#(#handler_exprs),*]
+                let mut handlers = ::std::vec::Vec::new();
+                #(#handler_pushes)*
+                handlers
             }
 
             fn build(
@@ -154,6 +169,15 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
             ::farine::__private::ServiceEntry::new::<#self_ty>(#type_name, ::std::module_path!())
         }
     }
+}
+
+/// The `#[cfg]` and `#[cfg_attr]` attributes of a method, which its registration must share.
+fn cfg_attrs(attrs: &[Attribute]) -> Vec<Attribute> {
+    attrs
+        .iter()
+        .filter(|a| a.path().is_ident("cfg") || a.path().is_ident("cfg_attr"))
+        .cloned()
+        .collect()
 }
 
 fn finish_with_errors(cx: Ctxt, mut item: ItemImpl) -> TokenStream {
@@ -185,7 +209,7 @@ fn consume_handler(consume: &Consume) -> TokenStream {
         routing_key,
         queue,
         params,
-        output_span,
+        output,
     } = consume;
     let name = method.to_string();
     let queue = match queue {
@@ -198,8 +222,9 @@ fn consume_handler(consume: &Consume) -> TokenStream {
         match param {
             ConsumeParam::Body(ty) => {
                 use syn::spanned::Spanned;
-                decode = quote_spanned! {ty.span()=>
-                    let body: #ty = match message.decode::<#ty>() {
+                let decode_fn = quote_spanned! {ty.span()=> ::farine::Message::decode::<#ty>};
+                decode = quote! {
+                    let body = match #decode_fn(&message) {
                         ::std::result::Result::Ok(body) => body,
                         ::std::result::Result::Err(error) => {
                             return ::farine::__private::Outcome::Undecodable(error);
@@ -214,8 +239,16 @@ fn consume_handler(consume: &Consume) -> TokenStream {
             ConsumeParam::Message(MessageParam::ByRef) => call_args.push(quote!(&message)),
         }
     }
-    let outcome = quote_spanned! {*output_span=>
-        ::farine::__private::IntoOutcome::into_outcome(service.#method(#(#call_args),*).await)
+    // `<R as IntoOutcome>` with the return type's span: a wrong return type is reported there.
+    let into_outcome = match output {
+        Some(ty) => {
+            use syn::spanned::Spanned;
+            quote_spanned! {ty.span()=> <#ty as ::farine::__private::IntoOutcome>::into_outcome}
+        }
+        None => quote!(<() as ::farine::__private::IntoOutcome>::into_outcome),
+    };
+    let outcome = quote! {
+        #into_outcome(service.#method(#(#call_args),*).await)
     };
     quote! {
         ::farine::__private::Handler {
@@ -283,8 +316,10 @@ fn split_publish(original: ImplItemFn) -> (ImplItemFn, ImplItemFn) {
     with.attrs.insert(0, parse_quote!(#[doc = #with_doc]));
 
     let mut wrapper = original;
+    let cfgs = cfg_attrs(&others);
     wrapper.attrs = docs
         .into_iter()
+        .chain(cfgs)
         .chain(
             others
                 .into_iter()

@@ -73,8 +73,8 @@ pub struct Consume {
     pub routing_key: String,
     pub queue: Option<String>,
     pub params: Vec<ConsumeParam>,
-    /// The span of the return type, where a wrong error type is reported.
-    pub output_span: Span,
+    /// The declared return type (`None` for `()`), where a wrong return type is reported.
+    pub output: Option<Box<Type>>,
 }
 
 /// A checked `#[publish]` method.

@@ -27,7 +27,11 @@ impl Shipping {
 
 /// The `connection_name` client property of every connection the broker has, via rabbitmqctl.
 fn connection_names() -> Vec<String> {
-    let output = std::process::Command::new("rabbitmqctl")
+    let rabbitmqctl = ["/usr/sbin/rabbitmqctl", "/usr/lib/rabbitmq/bin/rabbitmqctl"]
+        .into_iter()
+        .find(|path| std::path::Path::new(path).exists())
+        .unwrap_or("rabbitmqctl");
+    let output = std::process::Command::new(rabbitmqctl)
         .args([
             "list_connections",
             "-q",
@@ -64,7 +68,7 @@ async fn services_on_one_broker_share_one_connection_named_after_them() {
     broker.forget_queue_on_drop(&q1);
     broker.forget_queue_on_drop(&q2);
     let text = format!(
-        "[DEFAULT]\namqp_uri = {}\nexchange = {exchange}\n[conn_billing]\nqueue = {q1}\n[conn_shipping]\nqueue = {q2}\n",
+        "[DEFAULT]\namqp_uri = {}\nexchange = {exchange}\n[conn_billing]\nbill.queue = {q1}\n[conn_shipping]\nship.queue = {q2}\n",
         amqp_uri()
     );
     let running = Runtime::new(Config::from_ini(&text, "test.ini").unwrap())

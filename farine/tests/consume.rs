@@ -67,7 +67,7 @@ async fn consumed_message_is_decoded_and_acked_after_handler_returns_ok() {
 
 // ---------------------------------------------------------------------------------------------
 
-static FAILED_CALLS: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
+static FAILED_CALLS: Mutex<Vec<(Instant, u32)>> = Mutex::new(Vec::new());
 
 #[derive(Default)]
 struct FailProbe;
@@ -75,14 +75,17 @@ struct FailProbe;
 #[farine::service(name = "fail_probe")]
 impl FailProbe {
     #[consume(exchange = "x", routing_key = "rk")]
-    async fn always_fails(&self, _body: Value) -> Result<(), String> {
-        FAILED_CALLS.lock().unwrap().push(Instant::now());
+    async fn always_fails(&self, _body: Value, message: &Message) -> Result<(), String> {
+        FAILED_CALLS
+            .lock()
+            .unwrap()
+            .push((Instant::now(), message.attempt()));
         Err("this handler always fails".into())
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failing_message_is_requeued_once_after_a_delay_then_rejected_not_looped() {
+async fn a_failing_message_is_retried_after_a_delay_up_to_max_attempts_then_rejected() {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("fail-x"), unique("fail-q"));
     broker.forget_exchange_on_drop(&exchange);
@@ -92,7 +95,8 @@ async fn failing_message_is_requeued_once_after_a_delay_then_rejected_not_looped
         &[
             ("always_fails.exchange", &exchange),
             ("always_fails.queue", &queue),
-            ("requeue_delay", "300ms"),
+            ("retry_delay", "300ms"),
+            ("max_attempts", "3"),
         ],
     );
     let running = Runtime::new(config)
@@ -103,19 +107,92 @@ async fn failing_message_is_requeued_once_after_a_delay_then_rejected_not_looped
 
     broker.publish_json(&exchange, "rk", &json!({"n": 1})).await;
     assert!(
-        wait_until(BOUND, || len(&FAILED_CALLS) == 2).await,
-        "handled twice"
+        wait_until(BOUND, || len(&FAILED_CALLS) == 3).await,
+        "three attempts"
     );
     running.stop().await;
-    // Rejected after the second failure: stopping requeues anything unsettled, and the queue is
+    // Rejected after the last attempt: stopping requeues anything unsettled, and the queue is
     // empty.
     assert_eq!(broker.queue_state(&queue).await, Some((0, 0)));
     let calls = FAILED_CALLS.lock().unwrap().clone();
-    assert_eq!(calls.len(), 2, "no hot redelivery loop");
-    assert!(
-        calls[1] - calls[0] >= Duration::from_millis(300),
-        "the requeue waited for requeue_delay"
+    let attempts: Vec<_> = calls.iter().map(|(_, attempt)| *attempt).collect();
+    assert_eq!(attempts, vec![1, 2, 3], "no hot redelivery loop");
+    for pair in calls.windows(2) {
+        assert!(
+            pair[1].0 - pair[0].0 >= Duration::from_millis(300),
+            "each retry waited for retry_delay"
+        );
+    }
+}
+
+static FLAKY_CALLS: Mutex<Vec<(bool, u32)>> = Mutex::new(Vec::new());
+
+#[derive(Default)]
+struct FlakyProbe;
+
+#[farine::service(name = "flaky_probe")]
+impl FlakyProbe {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn fails_once(&self, _body: Value, message: &Message) -> Result<(), String> {
+        let mut calls = FLAKY_CALLS.lock().unwrap();
+        calls.push((message.redelivered(), message.attempt()));
+        if calls.len() == 1 {
+            return Err("a transient failure".into());
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_redelivered_by_the_broker_still_gets_its_retries() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("flaky-x"), unique("flaky-q"));
+    broker.forget_exchange_on_drop(&exchange);
+    broker.forget_queue_on_drop(&queue);
+    let config = config(
+        "flaky_probe",
+        &[
+            ("fails_once.exchange", &exchange),
+            ("fails_once.queue", &queue),
+            ("retry_delay", "10ms"),
+        ],
     );
+    // Start once to declare the topology, then stop.
+    Runtime::new(config.clone())
+        .services(["flaky_probe"])
+        .start()
+        .await
+        .expect("starts")
+        .stop()
+        .await;
+    // Deliver the message to a consumer that dies without acking: it comes back redelivered.
+    broker.publish_json(&exchange, "rk", &json!({"n": 1})).await;
+    let other = broker.connection().create_channel().await.unwrap();
+    let taken = other
+        .basic_get(
+            queue.as_str().into(),
+            lapin::options::BasicGetOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert!(taken.is_some());
+    other
+        .close(200, "gone without acking".into())
+        .await
+        .unwrap();
+
+    let running = Runtime::new(config)
+        .services(["flaky_probe"])
+        .start()
+        .await
+        .expect("starts again");
+    assert!(
+        wait_until(BOUND, || len(&FLAKY_CALLS) == 2).await,
+        "retried, not dropped"
+    );
+    running.stop().await;
+    assert_eq!(*FLAKY_CALLS.lock().unwrap(), vec![(true, 1), (false, 2)]);
+    assert_eq!(broker.queue_state(&queue).await, Some((0, 0)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -153,7 +230,8 @@ async fn a_panicking_handler_is_caught_and_the_consumer_keeps_handling_messages(
         &[
             ("may_panic.exchange", &exchange),
             ("may_panic.queue", &queue),
-            ("requeue_delay", "50ms"),
+            ("retry_delay", "50ms"),
+            ("max_attempts", "2"),
         ],
     );
     let running = Runtime::new(config)
@@ -170,7 +248,7 @@ async fn a_panicking_handler_is_caught_and_the_consumer_keeps_handling_messages(
         wait_until(BOUND, || PANIC_SEEN.lock().unwrap().contains(&2)).await,
         "the message after the panic was handled"
     );
-    // Treated as an error: requeued once, failed again, then rejected.
+    // Treated as an error: retried once (max_attempts = 2), failed again, then rejected.
     assert!(wait_until(BOUND, || PANICS.load(Ordering::SeqCst) == 2).await);
     running.stop().await;
     assert_eq!(broker.queue_state(&queue).await, Some((0, 0)));
@@ -679,4 +757,40 @@ async fn an_unreachable_broker_fails_start_naming_host_and_port_but_not_the_pass
     assert!(matches!(error, StartError::Connect(_)), "{text}");
     assert!(text.contains("127.0.0.1:1"), "{text}");
     assert!(!text.contains("s3cret-pw"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_handlers_configured_onto_one_queue_are_refused_at_start() {
+    let queue = unique("shared-q");
+    let config = config(
+        "two_handlers",
+        &[("first.queue", &queue), ("second.queue", &queue)],
+    );
+    let error = Runtime::new(config)
+        .services(["two_handlers"])
+        .start()
+        .await
+        .err()
+        .expect("conflict");
+    let text = error.to_string();
+    assert!(error.is_config(), "{text}");
+    assert!(
+        text.contains("two_handlers.first")
+            && text.contains("two_handlers.second")
+            && text.contains(&queue),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefetch_count_of_zero_is_a_config_error() {
+    let config = config("ack_probe", &[("prefetch_count", "0")]);
+    let error = Runtime::new(config)
+        .services(["ack_probe"])
+        .start()
+        .await
+        .err()
+        .expect("refused");
+    assert!(error.is_config(), "{error}");
+    assert!(error.to_string().contains("prefetch_count"), "{error}");
 }

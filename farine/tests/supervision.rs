@@ -117,3 +117,62 @@ async fn a_cut_connection_is_reopened_and_the_consumer_resumes() {
     assert!(wait_until(BOUND, || THROUGH_PROXY.load(Ordering::SeqCst) == 2).await);
     running.stop().await;
 }
+
+static STALLED: AtomicUsize = AtomicUsize::new(0);
+
+#[derive(Default)]
+struct Stalled;
+
+#[farine::service(name = "stalled")]
+impl Stalled {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn count(&self, _body: Value) {
+        STALLED.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stops_answering_cannot_hang_start_up_or_shutdown() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("stall-x"), unique("stall-q"));
+    broker.forget_exchange_on_drop(&exchange);
+    broker.forget_queue_on_drop(&queue);
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let text = format!(
+        "[stalled]\namqp_uri = {}\ncount.exchange = {exchange}\ncount.queue = {queue}\nconnect_timeout = 1\ndrain_timeout = 1\n",
+        proxy.amqp_uri()
+    );
+    let config = Config::from_ini(&text, "test.ini").unwrap();
+
+    // Start-up against a stalled broker fails within connect_timeout.
+    proxy.stall();
+    let started = std::time::Instant::now();
+    let error = Runtime::new(config.clone())
+        .services(["stalled"])
+        .start()
+        .await
+        .err()
+        .expect("no answer, no start");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{error}"
+    );
+    proxy.resume();
+    proxy.cut();
+
+    // Shutdown against a broker that stalls while running ends within its bound.
+    let running = Runtime::new(config)
+        .services(["stalled"])
+        .start()
+        .await
+        .expect("starts");
+    broker.publish_json(&exchange, "rk", &json!({})).await;
+    assert!(wait_until(BOUND, || STALLED.load(Ordering::SeqCst) == 1).await);
+    proxy.stall();
+    let stopping = std::time::Instant::now();
+    tokio::time::timeout(std::time::Duration::from_secs(20), running.stop())
+        .await
+        .expect("stop is bounded");
+    assert!(stopping.elapsed() < std::time::Duration::from_secs(15));
+    proxy.resume();
+}

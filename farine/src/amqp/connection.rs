@@ -81,14 +81,20 @@ impl Connector {
         Ok(conn)
     }
 
-    /// Closes the connection, when one is open.
+    /// Closes the connection, when one is open, waiting at most the connect timeout.
     pub async fn close(&self) {
         let conn = self.current.lock().await.take();
         if let Some(conn) = conn
             && conn.status().connected()
-            && let Err(e) = conn.close(200, "farine shutting down".into()).await
         {
-            tracing::debug!(error = %e, "closing the AMQP connection");
+            let close = conn.close(200, "farine shutting down".into());
+            match tokio::time::timeout(self.timeout, close).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "closing the AMQP connection"),
+                Err(_) => {
+                    tracing::warn!(broker = %self.display_uri(), "the broker did not acknowledge the close in time")
+                }
+            }
         }
     }
 }

@@ -6,14 +6,17 @@
 //! (`docs/consuming.md`):
 //! - `Ok` (or `()`): ack;
 //! - a body that does not decode into the handler's type: reject without requeue;
-//! - `Err` or a panic, first delivery: requeued after `requeue_delay` (the delay keeps a failing
-//!   message from spinning in a hot loop; the message holds one prefetch slot meanwhile);
-//! - `Err` or a panic, redelivered message: reject without requeue (dead-lettered when the
-//!   queue has a dead-letter exchange).
+//! - `Err` or a panic: after `retry_delay`, the message is published again to the tail of its
+//!   queue with its attempt count in the `x-farine-attempt` header, then acked; at the
+//!   `max_attempts`-th failure it is rejected without requeue (dead-lettered when the queue has
+//!   a dead-letter exchange). The count lives in the message, so a restart or a redelivery
+//!   neither resets it nor spends it.
 //!
 //! A handler that settled the message itself is not settled again. On shutdown the consumer is
 //! cancelled (no new deliveries), in-flight handlers get `drain_timeout` to finish and settle,
-//! then the channel is closed and the broker requeues whatever was not settled.
+//! then the channel is closed and the broker requeues whatever was not settled. Every broker
+//! round trip here is bounded by `connect_timeout`: a broker that stops answering cannot hang
+//! start-up or shutdown.
 
 use std::fmt::Display;
 use std::panic::AssertUnwindSafe;
@@ -29,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::connection::{ConnectError, Connector};
 use super::message::{DecodeError, Message};
+use super::publisher::{Publisher, PublisherSettings};
 use super::topology::{ExchangeSettings, QueueSettings, TopologyError};
 use crate::config::{ConfigError, Section};
 use crate::registry::ConsumeSpec;
@@ -44,6 +48,10 @@ pub enum Outcome {
 }
 
 /// What a `#[consume]` handler may return: `()` or `Result<(), E>` with a displayable `E`.
+#[diagnostic::on_unimplemented(
+    message = "a #[consume] handler returns `Result<(), E>` with E: Display, or nothing; `{Self}` is neither",
+    label = "Ok acks the message, Err retries it: return `Result<(), E>` where E: Display"
+)]
 pub trait IntoOutcome {
     fn into_outcome(self) -> Outcome;
 }
@@ -72,8 +80,11 @@ pub(crate) struct ConsumerPlan {
     pub queue: QueueSettings,
     pub routing_key: String,
     pub prefetch: u16,
-    pub requeue_delay: Duration,
+    pub retry_delay: Duration,
+    pub max_attempts: u32,
     pub drain_timeout: Duration,
+    /// The bound on each broker round trip of set-up and shutdown (`connect_timeout`).
+    pub op_timeout: Duration,
 }
 
 impl ConsumerPlan {
@@ -92,9 +103,25 @@ impl ConsumerPlan {
             routing_key: scoped
                 .get_str("routing_key")?
                 .unwrap_or_else(|| spec.routing_key.to_string()),
-            prefetch: scoped.get_or("prefetch_count", 10u16)?,
-            requeue_delay: scoped.get_or("requeue_delay", Duration::from_secs(1))?,
+            prefetch: match scoped.get_or("prefetch_count", 10u16)? {
+                0 => {
+                    return Err(section.invalid(
+                        "prefetch_count",
+                        "0",
+                        "a whole number from 1 to 65535 (0 would mean no limit)",
+                    ));
+                }
+                n => n,
+            },
+            retry_delay: scoped.get_or("retry_delay", Duration::from_secs(1))?,
+            max_attempts: match scoped.get_or("max_attempts", 3u32)? {
+                0 => {
+                    return Err(section.invalid("max_attempts", "0", "a whole number, 1 or more"));
+                }
+                n => n,
+            },
             drain_timeout: scoped.get_or("drain_timeout", Duration::from_secs(30))?,
+            op_timeout: scoped.get_or("connect_timeout", Duration::from_secs(10))?,
         })
     }
 }
@@ -110,6 +137,8 @@ pub enum ConsumeError {
     Channel(String),
     #[error("the broker cancelled the consumer or closed its channel")]
     Ended,
+    #[error("the broker did not answer within {0:?} while the consumer was set up")]
+    Timeout(Duration),
 }
 
 type Call = Arc<dyn Fn(Message) -> BoxFuture<'static, Outcome> + Send + Sync>;
@@ -123,29 +152,9 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
     ready: Ready,
 ) -> Result<(), ConsumeError> {
-    let channel_err = |e: lapin::Error| ConsumeError::Channel(e.to_string());
-    let conn = connector.connection().await?;
-    let channel = conn
-        .create_channel()
+    let (channel, mut consumer) = tokio::time::timeout(plan.op_timeout, set_up(&plan, &connector))
         .await
-        .map_err(|e| TopologyError::Channel(e.to_string()))?;
-    channel
-        .basic_qos(plan.prefetch, BasicQosOptions::default())
-        .await
-        .map_err(channel_err)?;
-    plan.exchange.declare(&channel).await?;
-    plan.queue
-        .declare_and_bind(&channel, &plan.exchange, &plan.routing_key)
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            plan.queue.name.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(channel_err)?;
+        .map_err(|_| ConsumeError::Timeout(plan.op_timeout))??;
     let tag = consumer.tag();
     tracing::info!(
         service = plan.service,
@@ -158,6 +167,16 @@ pub(crate) async fn run(
     );
     ready.signal(Ok(()));
 
+    // Failed messages go back to the tail of their queue through the default exchange.
+    let retry = Publisher::new(
+        connector.clone(),
+        ExchangeSettings::default_exchange(),
+        plan.queue.name.clone(),
+        PublisherSettings {
+            persistent: true,
+            timeout: plan.op_timeout,
+        },
+    );
     let mut in_flight = JoinSet::new();
     let stopped = loop {
         tokio::select! {
@@ -168,7 +187,7 @@ pub(crate) async fn run(
                 Some(Ok(delivery)) => {
                     let message = Message::new(delivery);
                     let handled = call(message.clone());
-                    let task = handle(plan.clone(), message, handled, shutdown.clone());
+                    let task = handle(plan.clone(), message, handled, retry.clone(), shutdown.clone());
                     in_flight.spawn(context::scope(shared.clone(), task));
                 }
                 Some(Err(e)) => break Err(ConsumeError::Channel(e.to_string())),
@@ -179,10 +198,8 @@ pub(crate) async fn run(
 
     if stopped.is_ok() {
         // Stop taking new messages, then let in-flight handlers finish and settle.
-        if let Err(e) = channel
-            .basic_cancel(tag.clone(), BasicCancelOptions::default())
-            .await
-        {
+        let cancel = channel.basic_cancel(tag.clone(), BasicCancelOptions::default());
+        if let Ok(Err(e)) = tokio::time::timeout(plan.op_timeout, cancel).await {
             tracing::debug!(service = plan.service, handler = plan.handler, error = %e, "cancelling the consumer");
         }
         let drained = tokio::time::timeout(plan.drain_timeout, async {
@@ -201,29 +218,64 @@ pub(crate) async fn run(
     }
     // Handlers still running now cannot settle on a broken channel: their messages come back.
     in_flight.shutdown().await;
+    retry.close_within(plan.op_timeout).await;
     if channel.status().connected() {
-        let _ = channel.close(200, "farine consumer stopped".into()).await;
+        let close = channel.close(200, "farine consumer stopped".into());
+        let _ = tokio::time::timeout(plan.op_timeout, close).await;
     }
     stopped
+}
+
+/// Opens the consumer's channel, declares its topology and starts consuming.
+async fn set_up(
+    plan: &ConsumerPlan,
+    connector: &Connector,
+) -> Result<(lapin::Channel, lapin::Consumer), ConsumeError> {
+    let channel_err = |e: lapin::Error| ConsumeError::Channel(e.to_string());
+    let conn = connector.connection().await?;
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| TopologyError::Channel(e.to_string()))?;
+    channel
+        .basic_qos(plan.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(channel_err)?;
+    plan.exchange.declare(&channel).await?;
+    plan.queue
+        .declare_and_bind(&channel, &plan.exchange, &plan.routing_key)
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            plan.queue.name.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(channel_err)?;
+    Ok((channel, consumer))
 }
 
 async fn handle(
     plan: Arc<ConsumerPlan>,
     message: Message,
     handled: BoxFuture<'static, Outcome>,
+    retry: Publisher,
     shutdown: CancellationToken,
 ) {
     let outcome = match AssertUnwindSafe(handled).catch_unwind().await {
         Ok(outcome) => outcome,
         Err(panic) => Outcome::Failed(format!("panicked: {}", panic_message(&*panic))),
     };
-    settle(&plan, &message, outcome, &shutdown).await;
+    settle(&plan, &message, outcome, &retry, &shutdown).await;
 }
 
 async fn settle(
     plan: &ConsumerPlan,
     message: &Message,
     outcome: Outcome,
+    retry: &Publisher,
     shutdown: &CancellationToken,
 ) {
     let (service, handler, delivery_tag) = (plan.service, plan.handler, message.delivery_tag());
@@ -252,13 +304,15 @@ async fn settle(
                 tracing::error!(service, handler, delivery_tag, error = %error, "handler failed after settling its message");
                 return;
             }
-            if message.redelivered() {
+            let attempt = message.attempt();
+            if attempt >= plan.max_attempts {
                 tracing::error!(
                     service,
                     handler,
                     delivery_tag,
+                    attempt,
                     error = %error,
-                    "handler failed on a redelivered message: rejected without requeue (dead-lettered if the queue has a dead-letter exchange)"
+                    "handler failed on the last attempt: message rejected without requeue (dead-lettered if the queue has a dead-letter exchange)"
                 );
                 message.reject(false).await
             } else {
@@ -266,15 +320,27 @@ async fn settle(
                     service,
                     handler,
                     delivery_tag,
+                    attempt,
                     error = %error,
-                    requeue_in = ?plan.requeue_delay,
-                    "handler failed: the message is requeued once"
+                    retry_in = ?plan.retry_delay,
+                    "handler failed: the message will be retried"
                 );
-                tokio::select! {
-                    _ = tokio::time::sleep(plan.requeue_delay) => {}
-                    _ = shutdown.cancelled() => {}
+                let waited = tokio::select! {
+                    _ = tokio::time::sleep(plan.retry_delay) => true,
+                    _ = shutdown.cancelled() => false,
+                };
+                if !waited {
+                    // Shutting down: give the message back as it is (its count unchanged).
+                    message.nack(true).await
+                } else {
+                    match retry.republish(message, attempt + 1, &error).await {
+                        Ok(()) => message.ack().await,
+                        Err(e) => {
+                            tracing::warn!(service, handler, delivery_tag, error = %e, "could not publish the retry: the message is requeued");
+                            message.nack(true).await
+                        }
+                    }
                 }
-                message.nack(true).await
             }
         }
     };

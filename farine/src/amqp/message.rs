@@ -8,6 +8,11 @@ use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde::de::DeserializeOwned;
 
+/// The header holding a message's attempt number (see [`Message::attempt`]).
+pub const ATTEMPT_HEADER: &str = "x-farine-attempt";
+/// The header holding the error of a message's last failed attempt.
+pub const ERROR_HEADER: &str = "x-farine-error";
+
 /// A message delivered to a `#[consume]` handler. Cheap to clone; all clones share one delivery.
 ///
 /// farine settles the message when the handler returns (see `docs/consuming.md`); a handler that
@@ -143,6 +148,24 @@ impl Message {
             .content_type()
             .as_ref()
             .map(|s| s.as_str())
+    }
+
+    /// Which attempt at handling this message this is: 1, or the `x-farine-attempt` header that
+    /// farine sets when it publishes a failed message again.
+    pub fn attempt(&self) -> u32 {
+        let value = match self.header(ATTEMPT_HEADER) {
+            Some(AMQPValue::LongUInt(n)) => i64::from(n),
+            Some(AMQPValue::LongInt(n)) => i64::from(n),
+            Some(AMQPValue::LongLongInt(n)) => n,
+            Some(AMQPValue::ShortUInt(n)) => i64::from(n),
+            Some(AMQPValue::ShortInt(n)) => i64::from(n),
+            _ => 1,
+        };
+        u32::try_from(value).unwrap_or(1).max(1)
+    }
+
+    pub(crate) fn properties(&self) -> &lapin::BasicProperties {
+        &self.inner.delivery.properties
     }
 
     /// True once the message was acked, nacked or rejected.

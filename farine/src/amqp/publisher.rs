@@ -10,11 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 use serde::Serialize;
 
 use super::connection::{ConnectError, Connector};
+use super::message::{ATTEMPT_HEADER, ERROR_HEADER, Message};
 use super::topology::ExchangeSettings;
 
 /// A failure to publish, naming the exchange and what to do about it.
@@ -208,18 +209,47 @@ impl Publisher {
         self.core()?.publish(payload, options).await
     }
 
-    /// Opens the channel and declares the exchange now rather than at the first publish.
+    /// Opens the channel and declares the exchange now rather than at the first publish;
+    /// bounded by the publish timeout.
     pub async fn prepare(&self) -> Result<(), PublishError> {
-        self.core()?.channel().await.map(|_| ())
+        let core = self.core()?;
+        let timeout = core.settings.timeout;
+        match tokio::time::timeout(timeout, core.channel()).await {
+            Ok(result) => result.map(|_| ()),
+            Err(_) => Err(PublishError::Timeout {
+                exchange: core.exchange.name.clone(),
+                routing_key: core.routing_key.clone(),
+                after: timeout,
+            }),
+        }
     }
 
-    pub(crate) async fn close(&self) {
+    /// Publishes a failed message again, unchanged but for its attempt and error headers.
+    pub(crate) async fn republish(
+        &self,
+        message: &Message,
+        attempt: u32,
+        error: &str,
+    ) -> Result<(), PublishError> {
+        let core = self.core()?;
+        let mut headers = message.headers();
+        headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(attempt));
+        let error: String = error.chars().take(1024).collect();
+        headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(error.into()));
+        let properties = message.properties().clone().with_headers(headers);
+        core.bounded(core.send(message.body(), &core.routing_key, false, properties))
+            .await
+    }
+
+    /// Closes the publisher's channel, waiting at most `timeout` for the broker.
+    pub(crate) async fn close_within(&self, timeout: Duration) {
         if let Target::Live(core) = &self.target {
             let channel = core.channel.lock().ok().and_then(|mut c| c.take());
             if let Some(channel) = channel
                 && channel.status().connected()
             {
-                let _ = channel.close(200, "farine shutting down".into()).await;
+                let close = channel.close(200, "farine shutting down".into());
+                let _ = tokio::time::timeout(timeout, close).await;
             }
         }
     }
@@ -282,29 +312,30 @@ impl Core {
             .routing_key
             .clone()
             .unwrap_or_else(|| self.routing_key.clone());
-        let timeout = self.settings.timeout;
-        match tokio::time::timeout(
-            timeout,
-            self.publish_confirmed(payload, &routing_key, options),
-        )
-        .await
-        {
-            Ok(result) => result,
-            Err(_) => Err(PublishError::Timeout {
-                exchange: self.exchange.name.clone(),
-                routing_key,
-                after: timeout,
-            }),
-        }
+        let mandatory = options.mandatory;
+        let properties = self.properties(options);
+        self.bounded(self.send(payload, &routing_key, mandatory, properties))
+            .await
     }
 
-    async fn publish_confirmed(
+    /// Runs `publish` within the publish timeout.
+    async fn bounded(
         &self,
-        payload: &[u8],
-        routing_key: &str,
-        options: PublishOptions,
+        publish: impl std::future::Future<Output = Result<(), PublishError>>,
     ) -> Result<(), PublishError> {
-        let channel = self.channel().await?;
+        let timeout = self.settings.timeout;
+        tokio::time::timeout(timeout, publish)
+            .await
+            .unwrap_or_else(|_| {
+                Err(PublishError::Timeout {
+                    exchange: self.exchange.name.clone(),
+                    routing_key: self.routing_key.clone(),
+                    after: timeout,
+                })
+            })
+    }
+
+    fn properties(&self, options: PublishOptions) -> BasicProperties {
         let persistent = options.persistent.unwrap_or(self.settings.persistent);
         let mut properties = BasicProperties::default()
             .with_content_type(
@@ -333,12 +364,23 @@ impl Core {
         if let Some(priority) = options.priority {
             properties = properties.with_priority(priority);
         }
+        properties
+    }
+
+    async fn send(
+        &self,
+        payload: &[u8],
+        routing_key: &str,
+        mandatory: bool,
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let channel = self.channel().await?;
         let confirm = channel
             .basic_publish(
                 self.exchange.name.as_str().into(),
                 routing_key.into(),
                 BasicPublishOptions {
-                    mandatory: options.mandatory,
+                    mandatory,
                     immediate: false,
                 },
                 payload,

@@ -67,6 +67,16 @@ fn parse_kind(handler: &HandlerSection<'_>) -> Result<ExchangeKind, ConfigError>
 }
 
 impl ExchangeSettings {
+    /// The default exchange (`""`): it routes by queue name and is never declared.
+    pub fn default_exchange() -> Self {
+        Self {
+            name: String::new(),
+            kind: ExchangeKind::Direct,
+            durable: true,
+            auto_delete: false,
+        }
+    }
+
     /// The exchange of a handler: `exchange` (name, overriding the attribute's), `exchange_type`,
     /// `exchange_durable`, `exchange_auto_delete`.
     pub fn from_config(handler: &HandlerSection<'_>, declared: &str) -> Result<Self, ConfigError> {
@@ -117,14 +127,16 @@ impl ExchangeSettings {
 }
 
 impl QueueSettings {
-    /// The queue of a handler: `queue` (default `<service>.<handler>`, or the attribute's),
-    /// `queue_durable`, `queue_auto_delete`, `queue_exclusive`.
+    /// The queue of a handler: `<handler>.queue` (default: the attribute's, else
+    /// `<service>.<handler>`), `queue_durable`, `queue_auto_delete`, `queue_exclusive`. The name
+    /// is read only handler-scoped: a `queue` shared by several handlers would make them take
+    /// each other's messages.
     pub fn from_config(
         handler: &HandlerSection<'_>,
         declared: Option<&str>,
         default_name: String,
     ) -> Result<Self, ConfigError> {
-        let name = match handler.get_str("queue")? {
+        let name = match handler.get_own_str("queue")? {
             Some(name) => name,
             None => declared.map(str::to_string).unwrap_or(default_name),
         };
@@ -199,7 +211,7 @@ mod tests {
 
     #[test]
     fn the_section_and_the_handler_scope_override_the_defaults() {
-        let text = "[svc]\nexchange_type = topic\non_order.queue = mine\non_order.exchange = o2\nexchange_durable = no\n";
+        let text = "[svc]\nexchange_type = topic\non_order.queue = mine\non_order.exchange = o2\nexchange_durable = no\nqueue = shared\n";
         let config = Config::from_ini(text, "f.ini").unwrap();
         let section = config.section("svc").unwrap();
         let handler = section.handler("on_order");
@@ -209,6 +221,7 @@ mod tests {
         assert!(!exchange.durable);
         let queue = QueueSettings::from_config(&handler, Some("attr"), "x".into()).unwrap();
         assert_eq!(queue.name, "mine");
+        // A section-wide `queue` is not taken: handlers would share it.
         let other = section.handler("other");
         let queue = QueueSettings::from_config(&other, Some("attr"), "x".into()).unwrap();
         assert_eq!(queue.name, "attr");

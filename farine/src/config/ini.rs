@@ -98,7 +98,7 @@ pub fn parse(text: &str) -> Result<IniFile, SyntaxError> {
             else {
                 return Err(SyntaxError {
                     line: line_no,
-                    message: format!("a section header must look like [name], found {trimmed:?}"),
+                    message: "a section header must look like [name]".into(),
                 });
             };
             if name.is_empty() {
@@ -121,15 +121,16 @@ pub fn parse(text: &str) -> Result<IniFile, SyntaxError> {
         let Some(section) = current.clone() else {
             return Err(SyntaxError {
                 line: line_no,
-                message: format!(
-                    "{trimmed:?} comes before any [section] header; put it under [DEFAULT] or a service section"
-                ),
+                message: "an option comes before any [section] header; put it under [DEFAULT] or a service section".into(),
             });
         };
         let Some(split) = trimmed.find(['=', ':']) else {
             return Err(SyntaxError {
                 line: line_no,
-                message: format!("expected `key = value`, found {trimmed:?}"),
+                // The line is not echoed: it may hold a secret.
+                message:
+                    "expected `key = value` (or a [section], or a comment starting with # or ;)"
+                        .into(),
             });
         };
         let key = trimmed[..split].trim().to_lowercase();
@@ -137,7 +138,7 @@ pub fn parse(text: &str) -> Result<IniFile, SyntaxError> {
         if key.is_empty() {
             return Err(SyntaxError {
                 line: line_no,
-                message: format!("an option needs a name before `=`, found {trimmed:?}"),
+                message: "an option needs a name before `=`".into(),
             });
         }
         if file
@@ -234,6 +235,12 @@ mod tests {
         let err = parse("[s]\njust words\n").unwrap_err();
         assert_eq!(err.line, 2);
         assert!(err.message.contains("expected `key = value`"));
+    }
+
+    #[test]
+    fn a_syntax_error_does_not_echo_the_line_which_may_hold_a_secret() {
+        let err = parse("[s]\ndb_password hunter2\n").unwrap_err();
+        assert!(!err.message.contains("hunter2"), "{}", err.message);
     }
 
     #[test]

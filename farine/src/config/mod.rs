@@ -9,9 +9,10 @@
 //! - each service reads the section named after it (the lower-cased struct name).
 //!
 //! Environment variables `FARINE__<SECTION>__<KEY>` override the file (`FARINE__DEFAULT__AMQP_URI`,
-//! `FARINE__RELAY__PREFETCH_COUNT`); the file and the environment are layered with the `config`
-//! crate. Keys of a handler can be scoped to it: `<handler>.<key>` in the service's section wins
-//! over `<key>` (see [`Section::handler`]).
+//! `FARINE__RELAY__PREFETCH_COUNT`); they are read with the `config` crate's environment source
+//! and taken literally (no `%` interpolation). Keys of a handler can be scoped to it:
+//! `<handler>.<key>` in the service's section wins over `<key>` (see [`Section::handler`]);
+//! from the environment, `FARINE__<SECTION>__<HANDLER>__<KEY>`.
 
 mod error;
 pub mod ini;
@@ -34,7 +35,6 @@ pub const DEFAULT_SECTION: &str = "DEFAULT";
 
 const ENV_PREFIX: &str = "FARINE";
 const ENV_SEPARATOR: &str = "__";
-const ENV_ORIGIN: &str = "the environment";
 const MAX_INTERPOLATION_DEPTH: usize = 10;
 
 /// The whole configuration, after the environment overrides were applied.
@@ -87,69 +87,37 @@ impl Config {
         origin: &str,
         env: Option<BTreeMap<String, String>>,
     ) -> Result<Self, ConfigError> {
-        let parsed = ini::parse(text).map_err(|e| ConfigError::Syntax {
+        let mut parsed = ini::parse(text).map_err(|e| ConfigError::Syntax {
             file: origin.to_string(),
             line: e.line,
             message: e.message,
         })?;
-        let environment = config::Environment::with_prefix(ENV_PREFIX)
-            .prefix_separator(ENV_SEPARATOR)
-            .separator(ENV_SEPARATOR)
-            .source(env.map(|vars| vars.into_iter().collect()));
-        let layered = config::Config::builder()
-            .add_source(IniSource {
-                origin: origin.to_string(),
-                file: parsed,
-            })
-            .add_source(environment)
-            .build()
-            .map_err(|e| ConfigError::Environment(redact::redact_uri(&e.to_string())))?;
-        let table = config::Source::collect(&layered)
-            .map_err(|e| ConfigError::Environment(redact::redact_uri(&e.to_string())))?;
-
         let mut config = Config {
             file: origin.into(),
-            defaults: BTreeMap::new(),
-            sections: BTreeMap::new(),
+            defaults: parsed.sections.remove(DEFAULT_SECTION).unwrap_or_default(),
+            sections: parsed.sections,
             from_env: BTreeSet::new(),
         };
-        for (section, value) in table {
-            let options = value.into_table().map_err(|_| {
-                ConfigError::Environment(format!(
-                    "FARINE__{}: name a section and an option, as FARINE__<SECTION>__<KEY>",
-                    section.to_uppercase()
-                ))
-            })?;
-            // Environment variable names are read lower-cased: `FARINE__DEFAULT__X` means [DEFAULT].
-            let section = if section.eq_ignore_ascii_case(DEFAULT_SECTION) {
+        for (section, key, value) in environment_overrides(env)? {
+            // Environment variable names are read lower-cased: `FARINE__DEFAULT__X` means
+            // [DEFAULT], and `FARINE__ORDERS__X` the file's [Orders] if it has one.
+            let target = if section.eq_ignore_ascii_case(DEFAULT_SECTION) {
                 DEFAULT_SECTION.to_string()
             } else {
-                section
+                config
+                    .sections
+                    .keys()
+                    .find(|name| name.eq_ignore_ascii_case(&section))
+                    .cloned()
+                    .unwrap_or(section)
             };
-            let values = if section == DEFAULT_SECTION {
+            let values = if target == DEFAULT_SECTION {
                 &mut config.defaults
             } else {
-                config.sections.entry(section.clone()).or_default()
+                config.sections.entry(target.clone()).or_default()
             };
-            for (key, value) in options {
-                let key = key.to_lowercase();
-                let from_env = value.origin() == Some(ENV_ORIGIN);
-                let text = value.into_string().map_err(|_| {
-                    ConfigError::Environment(format!(
-                        "FARINE__{}__{}: nested keys are not supported",
-                        section.to_uppercase(),
-                        key.to_uppercase()
-                    ))
-                })?;
-                // `[DEFAULT]` from the file and `FARINE__DEFAULT__*` arrive as two tables (the
-                // environment's name is lower-cased): the environment wins whatever the order.
-                if from_env {
-                    config.from_env.insert((section.clone(), key.clone()));
-                    values.insert(key, text);
-                } else {
-                    values.entry(key).or_insert(text);
-                }
-            }
+            values.insert(key.clone(), value);
+            config.from_env.insert((target, key));
         }
         Ok(config)
     }
@@ -212,33 +180,34 @@ impl Config {
     }
 }
 
-/// The parsed file as a `config` source, one table per section.
-#[derive(Debug, Clone)]
-struct IniSource {
-    origin: String,
-    file: ini::IniFile,
-}
-
-impl config::Source for IniSource {
-    fn clone_into_box(&self) -> Box<dyn config::Source + Send + Sync> {
-        Box::new(self.clone())
+/// The `FARINE__<SECTION>__<KEY>` variables (of the process, or `env` when given), read with the
+/// `config` crate's environment source, as `(section, key, value)`, all names lower-cased. More
+/// separators scope the key to a handler: `FARINE__RELAY__RELAY__QUEUE` sets `relay.queue` in
+/// `[relay]`.
+fn environment_overrides(
+    env: Option<BTreeMap<String, String>>,
+) -> Result<Vec<(String, String, String)>, ConfigError> {
+    let source = config::Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator(ENV_SEPARATOR)
+        .separator(ENV_SEPARATOR)
+        .source(env.map(|vars| vars.into_iter().collect()));
+    let variables = config::Source::collect(&source)
+        .map_err(|e| ConfigError::Environment(redact::redact_uri(&e.to_string())))?;
+    let mut overrides = Vec::new();
+    for (path, value) in variables {
+        let Some((section, key)) = path.split_once('.') else {
+            return Err(ConfigError::Environment(format!(
+                "FARINE__{}: name a section and an option, as FARINE__<SECTION>__<KEY>",
+                path.to_uppercase()
+            )));
+        };
+        let text = value
+            .into_string()
+            .map_err(|e| ConfigError::Environment(e.to_string()))?;
+        overrides.push((section.to_string(), key.to_string(), text));
     }
-
-    fn collect(&self) -> Result<config::Map<String, config::Value>, config::ConfigError> {
-        let origin = Some(&self.origin);
-        Ok(self
-            .file
-            .sections
-            .iter()
-            .map(|(section, options)| {
-                let table: config::Map<String, config::Value> = options
-                    .iter()
-                    .map(|(k, v)| (k.clone(), config::Value::new(origin, v.as_str())))
-                    .collect();
-                (section.clone(), config::Value::new(origin, table))
-            })
-            .collect())
-    }
+    overrides.sort();
+    Ok(overrides)
 }
 
 /// One section of the configuration, with `[DEFAULT]` inherited. Cheap to clone.
@@ -276,6 +245,9 @@ impl Section {
         let key = key.to_lowercase();
         match self.inner.values.get(&key) {
             None => Ok(None),
+            // Values from the environment are taken as they are: a URI-encoded password
+            // (`%40`) must not need configparser's `%%`.
+            Some(raw) if self.inner.from_env.contains(&key) => Ok(Some(raw.clone())),
             Some(raw) => self.interpolate(&key, raw, 0).map(Some),
         }
     }
@@ -325,14 +297,30 @@ impl Section {
         } else {
             String::new()
         };
+        let shown = if self.refers_to_secret(&key) {
+            "****".to_string()
+        } else {
+            redact::display_value(&key, value)
+        };
         ConfigError::InvalidValue(Box::new(InvalidValue {
             file: self.file().to_string(),
             section: self.name().to_string(),
-            value: redact::display_value(&key, value),
+            value: shown,
             key,
             expected: expected.into(),
             origin,
         }))
+    }
+
+    /// True when the raw value of `key` interpolates a secret option (`%(db_password)s`).
+    fn refers_to_secret(&self, key: &str) -> bool {
+        let Some(raw) = self.inner.values.get(key) else {
+            return false;
+        };
+        raw.split("%(")
+            .skip(1)
+            .filter_map(|tail| tail.split_once(")s").map(|(name, _)| name))
+            .any(redact::is_secret_key)
     }
 
     fn interpolate(&self, key: &str, raw: &str, depth: usize) -> Result<String, ConfigError> {
@@ -370,7 +358,11 @@ impl Section {
                         "%({name})s refers to an option that is not set in this section or [DEFAULT]"
                     )));
                 };
-                out.push_str(&self.interpolate(key, value, depth + 1)?);
+                if self.inner.from_env.contains(&name) {
+                    out.push_str(value);
+                } else {
+                    out.push_str(&self.interpolate(key, value, depth + 1)?);
+                }
                 rest = &reference[end + 2..];
             } else {
                 return Err(fail(
@@ -404,6 +396,12 @@ impl HandlerSection<'_> {
     /// The handler's section.
     pub fn section(&self) -> &Section {
         self.section
+    }
+
+    /// The value of `<handler>.<key>` only, for keys that must not be shared between handlers.
+    pub fn get_own_str(&self, key: &str) -> Result<Option<String>, ConfigError> {
+        self.section
+            .get_str(&format!("{}.{}", self.handler, key).to_lowercase())
     }
 
     /// As [`Section::get_str`], handler-scoped key first.
@@ -613,6 +611,76 @@ drain_timeout = 2.5
             .unwrap_err()
             .to_string();
         assert!(err.contains("FARINE__RELAY__PREFETCH_COUNT"), "{err}");
+    }
+
+    #[test]
+    fn environment_values_are_not_interpolated() {
+        let env = [(
+            "FARINE__DEFAULT__AMQP_URI".to_string(),
+            "amqp://u:p%40ss@h/%2f".to_string(),
+        )];
+        let config = Config::from_ini_with_env(SAMPLE, "farine.ini", env).unwrap();
+        let relay = config.section("relay").unwrap();
+        assert_eq!(
+            relay.get_str("amqp_uri").unwrap().unwrap(),
+            "amqp://u:p%40ss@h/%2f"
+        );
+    }
+
+    #[test]
+    fn environment_names_find_a_file_section_whatever_its_case() {
+        let env = [("FARINE__ORDERS__QUEUE".to_string(), "q".to_string())];
+        let config = Config::from_ini_with_env("[Orders]\n", "f.ini", env).unwrap();
+        assert_eq!(
+            config
+                .section("Orders")
+                .unwrap()
+                .get_str("queue")
+                .unwrap()
+                .unwrap(),
+            "q"
+        );
+        assert!(!config.has_section("orders"));
+    }
+
+    #[test]
+    fn more_separators_scope_an_environment_override_to_a_handler() {
+        let env = [(
+            "FARINE__RELAY__RELAY__QUEUE".to_string(),
+            "from-env".to_string(),
+        )];
+        let config = Config::from_ini_with_env(SAMPLE, "farine.ini", env).unwrap();
+        let relay = config.section("relay").unwrap();
+        assert_eq!(
+            relay.handler("relay").get_str("queue").unwrap().unwrap(),
+            "from-env"
+        );
+    }
+
+    #[test]
+    fn a_lowercase_default_section_is_an_ordinary_section() {
+        let config = Config::from_ini("[default]\na = 1\n[s]\n", "f.ini").unwrap();
+        assert_eq!(config.section("s").unwrap().get_str("a").unwrap(), None);
+        assert!(config.has_section("default"));
+    }
+
+    #[test]
+    fn a_section_name_with_a_dot_is_taken_literally() {
+        let config = Config::from_ini("[postgres.main]\na = 1\n", "f.ini").unwrap();
+        assert!(config.has_section("postgres.main"));
+    }
+
+    #[test]
+    fn a_value_that_interpolates_a_secret_is_masked_in_errors() {
+        let text = "[s]\ndb_password = hunter2\nport = %(db_password)s\n";
+        let config = Config::from_ini(text, "f.ini").unwrap();
+        let err = config
+            .section("s")
+            .unwrap()
+            .get::<u16>("port")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]

@@ -24,7 +24,10 @@ pub fn is_secret_key(key: &str) -> bool {
 
 /// Replaces the password of every `scheme://user:password@host` in `text` by `****`.
 ///
-/// `text` may hold several URIs (a cluster list, or an error message that quotes one).
+/// `text` may hold several URIs (a cluster list, or an error message that quotes one). Users
+/// write passwords raw, so a password may contain `/`, `#`, `?` or `@`: the user info is taken to
+/// end at the last `@` of the URI, the URI at the first whitespace or at the `,` before the
+/// next `scheme://`.
 pub fn redact_uri(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -32,28 +35,23 @@ pub fn redact_uri(text: &str) -> String {
         let authority_start = scheme_end + 3;
         out.push_str(&rest[..authority_start]);
         rest = &rest[authority_start..];
-        // The authority ends at the first `/`, `?`, `#`, whitespace or list separator; the user
-        // info ends at the last `@` within it (a password may itself contain `@` when not encoded).
-        let authority_end = rest
-            .find(|c: char| c == '/' || c == '?' || c == '#' || c == ',' || c.is_whitespace())
-            .unwrap_or(rest.len());
-        let authority = &rest[..authority_end];
-        match authority.rfind('@') {
-            Some(at) => {
-                let userinfo = &authority[..at];
-                match userinfo.find(':') {
-                    Some(colon) => {
-                        out.push_str(&userinfo[..colon]);
-                        out.push(':');
-                        out.push_str(MASK);
-                    }
-                    None => out.push_str(userinfo),
-                }
-                out.push_str(&authority[at..]);
-            }
-            None => out.push_str(authority),
+        let mut uri_end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+        if let Some(next_scheme) = rest[..uri_end].find("://")
+            && let Some(comma) = rest[..next_scheme].rfind(',')
+        {
+            uri_end = comma;
         }
-        rest = &rest[authority_end..];
+        let uri = &rest[..uri_end];
+        match (uri.rfind('@'), uri.find(':')) {
+            (Some(at), Some(colon)) if colon < at => {
+                out.push_str(&uri[..colon]);
+                out.push(':');
+                out.push_str(MASK);
+                out.push_str(&uri[at..]);
+            }
+            _ => out.push_str(uri),
+        }
+        rest = &rest[uri_end..];
     }
     out.push_str(rest);
     out
@@ -77,6 +75,18 @@ mod tests {
         assert_eq!(
             redact_uri("amqp://guest:s3cr@t@127.0.0.1:5672/vhost"),
             "amqp://guest:****@127.0.0.1:5672/vhost"
+        );
+    }
+
+    #[test]
+    fn a_raw_password_with_uri_delimiters_is_masked_whole() {
+        assert_eq!(
+            redact_uri("amqp://guest:p#w;d/x?y@127.0.0.1:5672/"),
+            "amqp://guest:****@127.0.0.1:5672/"
+        );
+        assert_eq!(
+            redact_uri("error: amqp://u:a,b@h/v failed"),
+            "error: amqp://u:****@h/v failed"
         );
     }
 

@@ -47,6 +47,8 @@ pub enum StartError {
         #[source]
         source: PublishError,
     },
+    #[error("{0}")]
+    Conflict(String),
     #[error("service `{service}`, handler `{handler}` could not start: {cause}")]
     Handler {
         service: String,
@@ -58,7 +60,10 @@ pub enum StartError {
 impl StartError {
     /// True for errors in the configuration (the CLI exits with its config error code).
     pub fn is_config(&self) -> bool {
-        matches!(self, StartError::Config(_) | StartError::NothingToStart(_))
+        matches!(
+            self,
+            StartError::Config(_) | StartError::NothingToStart(_) | StartError::Conflict(_)
+        )
     }
 }
 
@@ -123,6 +128,16 @@ impl Runtime {
                 known.join(", ")
             )));
         }
+        if let Some(pair) = entries.windows(2).find(|pair| pair[0].name == pair[1].name) {
+            return Err(StartError::Conflict(format!(
+                "two services are named `{}` ({} in {} and {} in {}): rename one with #[farine::service(name = \"...\")]",
+                pair[0].name,
+                pair[0].type_name,
+                pair[0].module_path,
+                pair[1].type_name,
+                pair[1].module_path
+            )));
+        }
         let mut plans = Vec::new();
         for entry in entries {
             let section = self.config.section(entry.name)?;
@@ -134,6 +149,18 @@ impl Runtime {
                 continue;
             }
             plans.push(plan_service(entry, &section)?);
+        }
+        let mut queues: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
+        for plan in &plans {
+            for (_, consumer) in &plan.consumers {
+                let owner = (consumer.service, consumer.handler);
+                if let Some((service, handler)) = queues.insert(&consumer.queue.name, owner) {
+                    return Err(StartError::Conflict(format!(
+                        "handlers `{service}.{handler}` and `{}.{}` would consume the same queue `{}` and take each other's messages: give one another `<handler>.queue`",
+                        owner.0, owner.1, consumer.queue.name
+                    )));
+                }
+            }
         }
         if plans.is_empty() {
             return Err(StartError::NothingToStart(format!(
@@ -197,6 +224,13 @@ impl Runtime {
         let shared = Arc::new(shared);
         context::install(&shared);
 
+        // The longest a stop may take: a drain, then the broker round trips around it.
+        let stop_bound = plans
+            .iter()
+            .flat_map(|plan| plan.consumers.iter())
+            .map(|(_, consumer)| consumer.drain_timeout + consumer.op_timeout * 3)
+            .max()
+            .unwrap_or(Duration::ZERO);
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let mut pending = Vec::new();
@@ -234,6 +268,7 @@ impl Runtime {
             tasks,
             shared,
             connectors: connectors.into_values().collect(),
+            stop_bound,
         };
         for (service, handler, started) in pending {
             let failure = match started.await {
@@ -275,10 +310,16 @@ fn plan_service(
             publishers.push((name, exchange, routing_key, settings));
         }
     }
-    let bound = entry.build(section).map_err(|e| StartError::Build {
-        service: entry.name.to_string(),
-        cause: e.to_string(),
-    })?;
+    let bound = entry
+        .build(section)
+        .map_err(|e| match e.downcast::<ConfigError>() {
+            // `section.require(..)?` in an `init` function is a config error like any other.
+            Ok(config) => StartError::Config(*config),
+            Err(e) => StartError::Build {
+                service: entry.name.to_string(),
+                cause: e.to_string(),
+            },
+        })?;
     let consumers = bound
         .into_iter()
         .map(|bound| {
@@ -301,7 +342,11 @@ pub struct Running {
     tasks: JoinSet<()>,
     shared: Arc<Shared>,
     connectors: Vec<Arc<Connector>>,
+    stop_bound: Duration,
 }
+
+/// How long closing a publisher's channel may wait for the broker.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Running {
     /// A token that stops the runtime when cancelled (as a signal would).
@@ -313,9 +358,16 @@ impl Running {
     /// closes the publishers and the connection.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
-        while self.tasks.join_next().await.is_some() {}
+        let joined = tokio::time::timeout(self.stop_bound, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if joined.is_err() {
+            tracing::warn!(after = ?self.stop_bound, "handler tasks did not stop in time; they are aborted");
+            self.tasks.shutdown().await;
+        }
         for publisher in self.shared.publishers.values() {
-            publisher.close().await;
+            publisher.close_within(CLOSE_TIMEOUT).await;
         }
         for connector in &self.connectors {
             connector.close().await;

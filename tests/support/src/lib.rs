@@ -96,6 +96,11 @@ impl Broker {
         }
     }
 
+    /// The test's connection, for channels of its own.
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
     /// The test's channel, for anything the helpers do not cover.
     pub fn channel(&self) -> &Channel {
         &self.channel

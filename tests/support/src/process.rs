@@ -48,15 +48,21 @@ impl Process {
 
     /// Waits until a printed line contains `needle`, for at most `bound`.
     pub fn wait_for_output(&self, needle: &str, bound: Duration) -> bool {
+        self.wait_for_lines(needle, 1, bound)
+    }
+
+    /// Waits until `count` printed lines contain `needle`, for at most `bound`.
+    pub fn wait_for_lines(&self, needle: &str, count: usize, bound: Duration) -> bool {
         let deadline = Instant::now() + bound;
         while Instant::now() < deadline {
-            if self
+            let seen = self
                 .output
                 .lock()
                 .unwrap()
                 .iter()
-                .any(|l| l.contains(needle))
-            {
+                .filter(|l| l.contains(needle))
+                .count();
+            if seen >= count {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(10));
