@@ -48,9 +48,12 @@ pub fn parse_service_args(cx: &Ctxt, args: proc_macro2::TokenStream) -> ServiceA
         } else if meta.path.is_ident("init") {
             parsed.init = Some(meta.value()?.parse()?);
             Ok(())
+        } else if meta.path.is_ident("implements") {
+            parsed.implements = Some(meta.value()?.parse()?);
+            Ok(())
         } else {
             Err(meta.error(
-                "unknown key for #[farine::service]; expected `name = \"...\"` or `init = path::to::fn`",
+                "unknown key for #[farine::service]; expected `name = \"...\"`, `init = path::to::fn` or `implements = path::to::Interface`",
             ))
         }
     });
@@ -64,6 +67,13 @@ pub fn parse_service_args(cx: &Ctxt, args: proc_macro2::TokenStream) -> ServiceA
 pub fn parse_handler_args(cx: &Ctxt, kind: AttrKind, attr: &Attribute) -> HandlerArgs {
     let mut args = HandlerArgs::default();
     if matches!(attr.meta, syn::Meta::Path(_)) {
+        return args;
+    }
+    // `#[rpc::client("service")]`: the service as a bare string, as in the seed.
+    if kind == AttrKind::RpcClient
+        && let Ok(lit) = attr.parse_args::<LitStr>()
+    {
+        args.service = Some(lit.value());
         return args;
     }
     let result = attr.parse_nested_meta(|meta| {
@@ -85,10 +95,15 @@ pub fn parse_handler_args(cx: &Ctxt, kind: AttrKind, attr: &Attribute) -> Handle
                 kind.keys().join(", ")
             )));
         }
+        if key == "stream" {
+            args.stream = true;
+            return Ok(());
+        }
         let lit: LitStr = meta.value()?.parse()?;
         let slot = match key.as_str() {
             "exchange" => &mut args.exchange,
             "routing_key" => &mut args.routing_key,
+            "service" => &mut args.service,
             _ => &mut args.queue,
         };
         if slot.is_some() {

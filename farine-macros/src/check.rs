@@ -5,7 +5,8 @@ use syn::{Attribute, FnArg, ImplItemFn, ReturnType, Type};
 
 use crate::ctxt::Ctxt;
 use crate::model::{
-    AttrKind, Consume, ConsumeParam, HandlerArgs, HandlerModel, MessageParam, Publish,
+    AttrKind, Consume, ConsumeParam, HandlerArgs, HandlerModel, MessageParam, Publish, ReplyShape,
+    RpcClient, RpcMethod,
 };
 
 const CONSUME_SIGNATURE: &str = "expected `async fn name(&self, body: T) -> Result<(), E>`, where T is any `serde::de::DeserializeOwned` type and E: Display, optionally with a `message: farine::Message` parameter after the body";
@@ -32,10 +33,10 @@ fn farine_type_name(ty: &Type) -> Option<(String, bool)> {
     }
 }
 
-/// The common shape: `async`, `&self`, not generic (for handlers the runtime calls).
+/// The common shape: `async`, `&self` (for handlers the runtime calls).
 fn check_common(cx: &Ctxt, kind: AttrKind, method: &ImplItemFn, signature: &str) -> bool {
     let sig = &method.sig;
-    let mut ok = true;
+    let mut ok = check_receiver(cx, kind, method, signature);
     if sig.asyncness.is_none() {
         cx.error_spanned_by(
             sig.fn_token,
@@ -46,6 +47,13 @@ fn check_common(cx: &Ctxt, kind: AttrKind, method: &ImplItemFn, signature: &str)
         );
         ok = false;
     }
+    ok
+}
+
+/// `&self` first.
+fn check_receiver(cx: &Ctxt, kind: AttrKind, method: &ImplItemFn, signature: &str) -> bool {
+    let sig = &method.sig;
+    let mut ok = true;
     match sig.inputs.first() {
         Some(FnArg::Receiver(receiver))
             if receiver.reference.is_some() && receiver.mutability.is_none() => {}
@@ -200,6 +208,141 @@ pub fn publish(
             method: sig.ident.clone(),
             exchange,
             routing_key: args.routing_key.unwrap_or_default(),
+        })
+    })
+}
+
+const RPC_METHOD_SIGNATURE: &str = "expected `async fn name(&self, a: A, b: B, ...) -> T` (or `-> Result<T, E>`), where the parameters are `serde::de::DeserializeOwned`, T is `serde::Serialize` and E: Display; or `fn name(&self, ...) -> impl Stream<Item = T>` for a streaming method";
+
+/// The type of `Item = X` in an `impl Stream<Item = X>` return type.
+fn stream_item(ty: &Type) -> Option<Option<&Type>> {
+    let Type::ImplTrait(impl_trait) = ty else {
+        return None;
+    };
+    impl_trait.bounds.iter().find_map(|bound| {
+        let syn::TypeParamBound::Trait(bound) = bound else {
+            return None;
+        };
+        let last = bound.path.segments.last()?;
+        if last.ident != "Stream" {
+            return None;
+        }
+        let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
+            return Some(None);
+        };
+        Some(args.args.iter().find_map(|arg| match arg {
+            syn::GenericArgument::AssocType(assoc) if assoc.ident == "Item" => Some(&assoc.ty),
+            _ => None,
+        }))
+    })
+}
+
+/// True when `ty` is written as a `Result` (`Result<T, E>`, `std::result::Result<..>`).
+fn is_result(ty: &Type) -> bool {
+    match ty {
+        Type::Path(path) if path.qself.is_none() => path
+            .path
+            .segments
+            .last()
+            .is_some_and(|s| s.ident == "Result" && !s.arguments.is_empty()),
+        Type::Group(group) => is_result(&group.elem),
+        Type::Paren(paren) => is_result(&paren.elem),
+        _ => false,
+    }
+}
+
+pub fn rpc_method(cx: &Ctxt, method: &ImplItemFn, args: HandlerArgs) -> Option<HandlerModel> {
+    let sig = &method.sig;
+    let mut ok = check_receiver(cx, AttrKind::RpcMethod, method, RPC_METHOD_SIGNATURE);
+    if !sig.generics.params.is_empty() {
+        cx.error_spanned_by(
+            &sig.generics,
+            format!("an #[rpc::method] cannot be generic: {RPC_METHOD_SIGNATURE}"),
+        );
+        ok = false;
+    }
+    let output = match &sig.output {
+        ReturnType::Default => None,
+        ReturnType::Type(_, ty) => Some(ty.clone()),
+    };
+    let item = output.as_deref().and_then(stream_item);
+    let shape = match (item, args.stream) {
+        (Some(Some(item)), _) if is_result(item) => ReplyShape::StreamOfResults,
+        (Some(_), _) | (None, true) => ReplyShape::Stream,
+        (None, false) if output.as_deref().is_some_and(is_result) => ReplyShape::Result,
+        (None, false) => ReplyShape::Value,
+    };
+    let streaming = matches!(shape, ReplyShape::Stream | ReplyShape::StreamOfResults);
+    if sig.asyncness.is_none() && !streaming {
+        cx.error_spanned_by(
+            sig.fn_token,
+            format!("an #[rpc::method] must be `async fn` unless it returns a stream: {RPC_METHOD_SIGNATURE}"),
+        );
+        ok = false;
+    }
+    let mut params = Vec::new();
+    for input in sig.inputs.iter().skip(1) {
+        let FnArg::Typed(typed) = input else { continue };
+        let syn::Pat::Ident(pat) = &*typed.pat else {
+            cx.error_spanned_by(
+                &typed.pat,
+                "an #[rpc::method] parameter needs a plain name: callers may pass it by name (a keyword argument)",
+            );
+            ok = false;
+            continue;
+        };
+        if let Type::Reference(reference) = &*typed.ty {
+            cx.error_spanned_by(
+                reference,
+                "an #[rpc::method] argument is decoded into a value the method owns: take `T`, not `&T`",
+            );
+            ok = false;
+            continue;
+        }
+        let name = syn::Ident::new(
+            pat.ident.to_string().trim_start_matches("r#"),
+            pat.ident.span(),
+        );
+        params.push((name, (*typed.ty).clone()));
+    }
+    ok.then(|| {
+        HandlerModel::RpcMethod(RpcMethod {
+            method: sig.ident.clone(),
+            is_async: sig.asyncness.is_some(),
+            params,
+            shape,
+            output,
+        })
+    })
+}
+
+const RPC_CLIENT_SIGNATURE: &str = "expected `async fn name(&self, rpc: farine::rpc::Client, ...)` (or a typed client generated by #[rpc::interface])";
+
+pub fn rpc_client(
+    cx: &Ctxt,
+    method: &ImplItemFn,
+    args: HandlerArgs,
+    attribute: &Attribute,
+) -> Option<HandlerModel> {
+    let mut ok = check_common(cx, AttrKind::RpcClient, method, RPC_CLIENT_SIGNATURE);
+    if !matches!(method.sig.inputs.iter().nth(1), Some(FnArg::Typed(_))) {
+        cx.error_spanned_by(
+            &method.sig.inputs,
+            format!("an #[rpc::client] method takes the client that farine supplies first: {RPC_CLIENT_SIGNATURE}"),
+        );
+        ok = false;
+    }
+    let Some(service) = args.service else {
+        cx.error_spanned_by(
+            attribute,
+            "#[rpc::client] needs the service to call: #[rpc::client(\"service\")]",
+        );
+        return None;
+    };
+    ok.then(|| {
+        HandlerModel::RpcClient(RpcClient {
+            method: method.sig.ident.clone(),
+            service,
         })
     })
 }

@@ -13,7 +13,8 @@ use crate::attr::{self, CHECKED_MARKER};
 use crate::check;
 use crate::ctxt::Ctxt;
 use crate::model::{
-    AttrKind, Consume, ConsumeParam, HandlerModel, MessageParam, Publish, ServiceArgs,
+    AttrKind, Consume, ConsumeParam, HandlerModel, MessageParam, Publish, ReplyShape, RpcClient,
+    RpcMethod, ServiceArgs,
 };
 
 /// Expands `#[farine::service]` on `item`.
@@ -68,12 +69,13 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
         }
         let attribute = method.attrs[index].clone();
         let model = match kind {
-            AttrKind::Consume | AttrKind::Publish => {
+            AttrKind::Consume | AttrKind::Publish | AttrKind::RpcMethod | AttrKind::RpcClient => {
                 let parsed = attr::parse_handler_args(&cx, kind, &attribute);
-                if kind == AttrKind::Consume {
-                    check::consume(&cx, method, parsed, &attribute)
-                } else {
-                    check::publish(&cx, method, parsed, &attribute)
+                match kind {
+                    AttrKind::Consume => check::consume(&cx, method, parsed, &attribute),
+                    AttrKind::Publish => check::publish(&cx, method, parsed, &attribute),
+                    AttrKind::RpcMethod => check::rpc_method(&cx, method, parsed),
+                    _ => check::rpc_client(&cx, method, parsed, &attribute),
                 }
             }
             reserved => {
@@ -100,20 +102,44 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
         return quote!(#item #errors);
     }
 
-    // Split each #[publish] method into the caller-facing method and `<name>_with`.
+    // The delegating impl of the interface, from the RPC methods as written (before the split).
+    let interface_impl = args
+        .implements
+        .as_ref()
+        .map(|interface| implement_interface(&item, interface, &handlers));
+
+    // Split each #[publish] and #[rpc::client] method into the caller-facing method, which
+    // farine supplies the publisher or client to, and `<name>_with`, which takes it.
     let mut items = Vec::with_capacity(item.items.len());
     for impl_item in std::mem::take(&mut item.items) {
-        match impl_item {
-            ImplItem::Fn(method)
-                if handlers.iter().any(
-                    |(h, _)| matches!(h, HandlerModel::Publish(p) if p.method == method.sig.ident),
-                ) =>
-            {
-                let (wrapper, with) = split_publish(method);
+        let ImplItem::Fn(method) = impl_item else {
+            items.push(impl_item);
+            continue;
+        };
+        let injected = handlers.iter().find_map(|(h, _)| match h {
+            HandlerModel::Publish(p) if p.method == method.sig.ident => {
+                let name = p.method.to_string();
+                Some(quote! {
+                    ::farine::__private::publisher(<Self as ::farine::__private::Service>::NAME, #name)
+                })
+            }
+            HandlerModel::RpcClient(c) if c.method == method.sig.ident => {
+                let (name, target) = (c.method.to_string(), &c.service);
+                Some(quote! {
+                    ::std::convert::From::from(::farine::__private::rpc_client(
+                        <Self as ::farine::__private::Service>::NAME, #name, #target,
+                    ))
+                })
+            }
+            _ => None,
+        });
+        match injected {
+            Some(injected) => {
+                let (wrapper, with) = split_injected(method, injected);
                 items.push(ImplItem::Fn(wrapper));
                 items.push(ImplItem::Fn(with));
             }
-            other => items.push(other),
+            None => items.push(ImplItem::Fn(method)),
         }
     }
     item.items = items;
@@ -124,6 +150,8 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
         let handler = match handler {
             HandlerModel::Consume(consume) => consume_handler(consume),
             HandlerModel::Publish(publish) => publish_handler(publish),
+            HandlerModel::RpcMethod(rpc) => rpc_method_handler(rpc),
+            HandlerModel::RpcClient(client) => rpc_client_handler(client),
         };
         quote! {
             #(#cfgs)*
@@ -167,6 +195,119 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
 
         ::farine::__private::inventory::submit! {
             ::farine::__private::ServiceEntry::new::<#self_ty>(#type_name, ::std::module_path!())
+        }
+
+        #interface_impl
+    }
+}
+
+/// `impl Interface for Service`, each method delegating to the service's own: the compiler
+/// then checks that the service's RPC methods have the interface's exact signatures.
+fn implement_interface(
+    item: &ItemImpl,
+    interface: &syn::Path,
+    handlers: &[(HandlerModel, Vec<Attribute>)],
+) -> TokenStream {
+    let self_ty = &item.self_ty;
+    let methods = item.items.iter().filter_map(|impl_item| {
+        let ImplItem::Fn(method) = impl_item else {
+            return None;
+        };
+        let rpc = handlers.iter().find_map(|(h, cfgs)| match h {
+            HandlerModel::RpcMethod(rpc) if rpc.method == method.sig.ident => Some((rpc, cfgs)),
+            _ => None,
+        })?;
+        let (rpc, cfgs) = rpc;
+        let sig = &method.sig;
+        let name = &sig.ident;
+        let args = rpc.params.iter().map(|(name, _)| name);
+        let call = if rpc.is_async {
+            quote!(<#self_ty>::#name(self, #(#args),*).await)
+        } else {
+            quote!(<#self_ty>::#name(self, #(#args),*))
+        };
+        Some(quote! {
+            #(#cfgs)*
+            #sig {
+                #call
+            }
+        })
+    });
+    quote! {
+        impl #interface for #self_ty {
+            #(#methods)*
+        }
+    }
+}
+
+fn rpc_method_handler(rpc: &RpcMethod) -> TokenStream {
+    use syn::spanned::Spanned;
+    let RpcMethod {
+        method,
+        is_async,
+        params,
+        shape,
+        output,
+    } = rpc;
+    let name = method.to_string();
+    let names = params.iter().map(|(name, _)| name.to_string());
+    let stream = matches!(shape, ReplyShape::Stream | ReplyShape::StreamOfResults);
+    let takes = params.iter().enumerate().map(|(index, (_, ty))| {
+        let arg = format_ident!("arg{}", index);
+        let take = quote_spanned! {ty.span()=> ::farine::__private::RpcArguments::take::<#ty>};
+        quote! {
+            let #arg = match #take(&mut args, #index) {
+                ::std::result::Result::Ok(value) => value,
+                ::std::result::Result::Err(error) => return call.fail(error).await,
+            };
+        }
+    });
+    let args = (0..params.len()).map(|index| format_ident!("arg{}", index));
+    let invoke = if *is_async {
+        quote!(service.#method(#(#args),*).await)
+    } else {
+        quote!(service.#method(#(#args),*))
+    };
+    let reply = match shape {
+        ReplyShape::Value => quote!(reply_value),
+        ReplyShape::Result => quote!(reply_result),
+        ReplyShape::Stream => quote!(reply_stream),
+        ReplyShape::StreamOfResults => quote!(reply_stream_results),
+    };
+    let span = output
+        .as_ref()
+        .map_or_else(proc_macro2::Span::call_site, |ty| ty.span());
+    let reply = quote_spanned! {span=> ::farine::__private::RpcCall::#reply};
+    quote! {
+        ::farine::__private::Handler {
+            name: #name,
+            kind: ::farine::__private::HandlerKind::Rpc(
+                ::farine::__private::RpcSpec { stream: #stream },
+                |service: ::std::sync::Arc<Self>, mut call: ::farine::__private::RpcCall|
+                    -> ::farine::__private::BoxFuture<'static, ()> {
+                    ::std::boxed::Box::pin(async move {
+                        let mut args = match call.arguments(&[#(#names),*]) {
+                            ::std::result::Result::Ok(args) => args,
+                            ::std::result::Result::Err(error) => return call.fail(error).await,
+                        };
+                        #(#takes)*
+                        #reply(call, #invoke).await
+                    })
+                },
+            ),
+        }
+    }
+}
+
+fn rpc_client_handler(client: &RpcClient) -> TokenStream {
+    let name = client.method.to_string();
+    let service = &client.service;
+    quote! {
+        ::farine::__private::Handler {
+            name: #name,
+            kind: ::farine::__private::HandlerKind::RpcClient(::farine::__private::RpcClientSpec {
+                service: #service,
+            }),
         }
     }
 }
@@ -290,9 +431,9 @@ fn publish_handler(publish: &Publish) -> TokenStream {
 }
 
 /// `async fn seen(&self, publisher: Publisher, event: &Value) -> R { body }` becomes
-/// `async fn seen(&self, event: &Value) -> R` (farine supplies the publisher) and
+/// `async fn seen(&self, event: &Value) -> R` (farine supplies the publisher, `injected`) and
 /// `async fn seen_with(&self, publisher: Publisher, event: &Value) -> R { body }`.
-fn split_publish(original: ImplItemFn) -> (ImplItemFn, ImplItemFn) {
+fn split_injected(original: ImplItemFn, injected: TokenStream) -> (ImplItemFn, ImplItemFn) {
     let ident = original.sig.ident.clone();
     let with_ident = format_ident!("{}_with", ident);
     let name = ident.to_string();
@@ -349,11 +490,7 @@ fn split_publish(original: ImplItemFn) -> (ImplItemFn, ImplItemFn) {
     }
     wrapper.sig.inputs = inputs;
     wrapper.block = parse_quote!({
-        self.#with_ident(
-            ::farine::__private::publisher(<Self as ::farine::__private::Service>::NAME, #name),
-            #(#forwarded),*
-        )
-        .await
+        self.#with_ident(#injected, #(#forwarded),*).await
     });
     (wrapper, with)
 }

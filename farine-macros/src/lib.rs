@@ -10,6 +10,7 @@ mod attr;
 mod check;
 mod ctxt;
 mod generate;
+mod interface;
 mod model;
 
 use proc_macro::TokenStream;
@@ -70,16 +71,22 @@ pub fn execute(args: TokenStream, item: TokenStream) -> TokenStream {
     standalone("execute", args, item)
 }
 
-/// Reserved: an RPC method. Not available yet.
+/// Exposes a method over RPC under the service's name: see the farine README.
 #[proc_macro_attribute]
 pub fn rpc_method(args: TokenStream, item: TokenStream) -> TokenStream {
     standalone("rpc::method", args, item)
 }
 
-/// Reserved: an RPC client injected into a method. Not available yet.
+/// Supplies an RPC client of another service to a method: see the farine README.
 #[proc_macro_attribute]
 pub fn rpc_client(args: TokenStream, item: TokenStream) -> TokenStream {
     standalone("rpc::client", args, item)
+}
+
+/// Declares a service's RPC methods once, for a typed client and a checked server.
+#[proc_macro_attribute]
+pub fn rpc_interface(args: TokenStream, item: TokenStream) -> TokenStream {
+    interface::expand(args.into(), item.into()).into()
 }
 
 /// Reserved: a Server-Sent-Events listener. Not available yet.

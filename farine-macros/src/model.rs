@@ -10,6 +10,9 @@ pub struct ServiceArgs {
     pub name: Option<(String, Span)>,
     /// `init = path`: `fn(&farine::config::Section) -> Result<Self, E>` instead of `Default`.
     pub init: Option<Path>,
+    /// `implements = path::Trait`: an `#[rpc::interface]` trait the service's RPC methods
+    /// implement, checked by the compiler.
+    pub implements: Option<Path>,
 }
 
 /// The handler attributes farine knows. The last four are reserved for later issues.
@@ -40,6 +43,8 @@ impl AttrKind {
         match self {
             AttrKind::Consume => &["exchange", "routing_key", "queue"],
             AttrKind::Publish => &["exchange", "routing_key"],
+            AttrKind::RpcMethod => &["stream"],
+            AttrKind::RpcClient => &["service"],
             _ => &[],
         }
     }
@@ -51,6 +56,10 @@ pub struct HandlerArgs {
     pub exchange: Option<String>,
     pub routing_key: Option<String>,
     pub queue: Option<String>,
+    /// `#[rpc::method(stream)]`.
+    pub stream: bool,
+    /// `#[rpc::client("service")]`.
+    pub service: Option<String>,
 }
 
 /// How a `#[consume]` handler receives the message handle.
@@ -84,8 +93,40 @@ pub struct Publish {
     pub routing_key: String,
 }
 
+/// How an RPC method's result becomes replies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum ReplyShape {
+    /// A plain value (unit included).
+    Value,
+    /// A `Result`: `Err` is an error reply.
+    Result,
+    /// A stream of values.
+    Stream,
+    /// A stream of `Result`s.
+    StreamOfResults,
+}
+
+/// A checked `#[rpc::method]`.
+pub struct RpcMethod {
+    pub method: Ident,
+    pub is_async: bool,
+    /// Parameter names (for keyword arguments) and types, after `&self`.
+    pub params: Vec<(Ident, Type)>,
+    pub shape: ReplyShape,
+    /// The declared return type, where a type that cannot be sent is reported.
+    pub output: Option<Box<Type>>,
+}
+
+/// A checked `#[rpc::client("service")]` method.
+pub struct RpcClient {
+    pub method: Ident,
+    pub service: String,
+}
+
 /// A checked handler.
 pub enum HandlerModel {
     Consume(Consume),
     Publish(Publish),
+    RpcMethod(RpcMethod),
+    RpcClient(RpcClient),
 }

@@ -197,5 +197,31 @@ fn describe(
                 Err(e) => format!("publish {name}: {e}"),
             }
         }
+        HandlerInfo::Rpc { name, spec } => {
+            let queue = section
+                .get_str("rpc_queue")
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| service.to_string());
+            format!(
+                "rpc {name}: exchange {service} (direct), routing key {:?}, queue {queue}{}",
+                crate::rpc::wire::routing_key(service, name),
+                if spec.stream {
+                    ", streams its result"
+                } else {
+                    ""
+                }
+            )
+        }
+        HandlerInfo::RpcClient { name, spec } => {
+            let timeout = section
+                .handler(name)
+                .get_or("rpc_timeout", crate::rpc::client::DEFAULT_TIMEOUT)
+                .map_or_else(|e| e.to_string(), |t| format!("{t:?}"));
+            format!(
+                "rpc client {name}: calls service {}, timeout {timeout}",
+                spec.service
+            )
+        }
     }
 }

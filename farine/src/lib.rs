@@ -34,17 +34,13 @@ pub mod amqp;
 pub mod cli;
 pub mod config;
 pub mod registry;
+pub mod rpc;
 pub mod runtime;
 
 pub use amqp::message::{DecodeError, Message, SettleError};
 pub use amqp::publisher::{PublishError, PublishOptions, Publisher};
 pub use farine_macros::{consume, execute, publish, service};
 pub use runtime::{Running, Runtime, StartError};
-
-/// RPC over AMQP. `#[rpc::method]` and `#[rpc::client]` are reserved: they are not built yet.
-pub mod rpc {
-    pub use farine_macros::{rpc_client as client, rpc_method as method};
-}
 
 /// Event streams. `#[stream::http]` is reserved: it is not built yet.
 pub mod stream {
@@ -71,9 +67,11 @@ macro_rules! main {
 pub mod __private {
     pub use crate::amqp::consumer::{IntoOutcome, Outcome};
     pub use crate::registry::{
-        BoxError, ConsumeSpec, Handler, HandlerKind, PublishSpec, Service, ServiceEntry,
+        BoxError, ConsumeSpec, Handler, HandlerKind, PublishSpec, RpcClientSpec, RpcSpec, Service,
+        ServiceEntry,
     };
-    pub use crate::runtime::context::publisher;
+    pub use crate::rpc::server::{Arguments as RpcArguments, RpcCall};
+    pub use crate::runtime::context::{publisher, rpc_client};
     pub use futures_util::future::BoxFuture;
     pub use inventory;
     pub use serde;

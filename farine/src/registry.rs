@@ -11,6 +11,7 @@ use futures_util::future::BoxFuture;
 use crate::amqp::consumer::Outcome;
 use crate::amqp::message::Message;
 use crate::config::Section;
+use crate::rpc::server::{BoundRpc, RpcFn};
 
 /// An error of any kind, as user code returns it.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -41,6 +42,24 @@ pub enum HandlerKind<S> {
     Consume(ConsumeSpec, ConsumeFn<S>),
     /// `#[publish]`: no task; farine prepares the method's publisher.
     Publish(PublishSpec),
+    /// `#[rpc::method]`: served by the service's RPC server task.
+    Rpc(RpcSpec, RpcFn<S>),
+    /// `#[rpc::client("service")]`: no task; farine prepares the method's client.
+    RpcClient(RpcClientSpec),
+}
+
+/// The arguments of `#[rpc::method(...)]`.
+#[derive(Debug, Clone, Copy)]
+pub struct RpcSpec {
+    /// The method returns a stream of items.
+    pub stream: bool,
+}
+
+/// The argument of `#[rpc::client("service")]`.
+#[derive(Debug, Clone, Copy)]
+pub struct RpcClientSpec {
+    /// The service called.
+    pub service: &'static str,
 }
 
 /// The arguments of `#[consume(...)]`.
@@ -69,15 +88,33 @@ pub enum HandlerInfo {
         name: &'static str,
         spec: PublishSpec,
     },
+    Rpc {
+        name: &'static str,
+        spec: RpcSpec,
+    },
+    RpcClient {
+        name: &'static str,
+        spec: RpcClientSpec,
+    },
 }
 
 impl HandlerInfo {
     /// The method's name.
     pub fn name(&self) -> &'static str {
         match self {
-            HandlerInfo::Consume { name, .. } | HandlerInfo::Publish { name, .. } => name,
+            HandlerInfo::Consume { name, .. }
+            | HandlerInfo::Publish { name, .. }
+            | HandlerInfo::Rpc { name, .. }
+            | HandlerInfo::RpcClient { name, .. } => name,
         }
     }
+}
+
+/// A built service: its handlers with the instance captured.
+#[derive(Default)]
+pub(crate) struct Bound {
+    pub consumers: Vec<BoundConsumer>,
+    pub rpc: Vec<(&'static str, BoundRpc)>,
 }
 
 /// A built service's consume handlers, with the service instance captured.
@@ -96,7 +133,7 @@ pub struct ServiceEntry {
     /// The Rust module that declares it.
     pub module_path: &'static str,
     describe: fn() -> Vec<HandlerInfo>,
-    build: fn(&Section) -> Result<Vec<BoundConsumer>, BoxError>,
+    build: fn(&Section) -> Result<Bound, BoxError>,
 }
 
 inventory::collect!(ServiceEntry);
@@ -125,7 +162,7 @@ impl ServiceEntry {
         (self.describe)()
     }
 
-    pub(crate) fn build(&self, section: &Section) -> Result<Vec<BoundConsumer>, BoxError> {
+    pub(crate) fn build(&self, section: &Section) -> Result<Bound, BoxError> {
         (self.build)(section)
     }
 }
@@ -142,24 +179,35 @@ fn describe<S: Service>() -> Vec<HandlerInfo> {
                 name: handler.name,
                 spec,
             },
+            HandlerKind::Rpc(spec, _) => HandlerInfo::Rpc {
+                name: handler.name,
+                spec,
+            },
+            HandlerKind::RpcClient(spec) => HandlerInfo::RpcClient {
+                name: handler.name,
+                spec,
+            },
         })
         .collect()
 }
 
-fn build<S: Service>(section: &Section) -> Result<Vec<BoundConsumer>, BoxError> {
+fn build<S: Service>(section: &Section) -> Result<Bound, BoxError> {
     let service = Arc::new(S::build(section)?);
-    Ok(S::handlers()
-        .into_iter()
-        .filter_map(|handler| match handler.kind {
-            HandlerKind::Consume(spec, call) => {
-                let service = service.clone();
-                Some(BoundConsumer {
-                    name: handler.name,
-                    spec,
-                    call: Arc::new(move |message| call(service.clone(), message)),
-                })
-            }
-            HandlerKind::Publish(_) => None,
-        })
-        .collect())
+    let mut bound = Bound::default();
+    for handler in S::handlers() {
+        let instance = service.clone();
+        match handler.kind {
+            HandlerKind::Consume(spec, call) => bound.consumers.push(BoundConsumer {
+                name: handler.name,
+                spec,
+                call: Arc::new(move |message| call(instance.clone(), message)),
+            }),
+            HandlerKind::Rpc(_, call) => bound.rpc.push((
+                handler.name,
+                Arc::new(move |request| call(instance.clone(), request)),
+            )),
+            HandlerKind::Publish(_) | HandlerKind::RpcClient(_) => {}
+        }
+    }
+    Ok(bound)
 }

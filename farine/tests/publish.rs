@@ -110,6 +110,7 @@ fn standalone(uri: String, exchange: &str, timeout: Duration) -> Publisher {
         PublisherSettings {
             persistent: true,
             timeout,
+            declare_exchange: true,
         },
     )
 }

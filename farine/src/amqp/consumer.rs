@@ -175,6 +175,7 @@ pub(crate) async fn run(
         PublisherSettings {
             persistent: true,
             timeout: plan.op_timeout,
+            declare_exchange: false,
         },
     );
     let mut in_flight = JoinSet::new();

@@ -33,7 +33,12 @@ pub enum PublishError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
     #[error("publish to exchange `{exchange}` failed: {cause}")]
-    Channel { exchange: String, cause: String },
+    Channel {
+        exchange: String,
+        cause: String,
+        /// The AMQP reply code when the broker closed the channel (404: no such exchange).
+        code: Option<u16>,
+    },
     #[error(
         "the broker refused (nacked) the message for exchange `{exchange}`, routing key `{routing_key}`"
     )]
@@ -88,6 +93,9 @@ pub struct PublisherSettings {
     pub persistent: bool,
     /// The bound on one publish, confirm included.
     pub timeout: Duration,
+    /// Declare the exchange when the channel opens. An RPC client does not: a missing
+    /// exchange is how it learns that no such service listens.
+    pub declare_exchange: bool,
 }
 
 impl Default for PublisherSettings {
@@ -95,6 +103,7 @@ impl Default for PublisherSettings {
         Self {
             persistent: true,
             timeout: Duration::from_secs(10),
+            declare_exchange: true,
         }
     }
 }
@@ -265,10 +274,15 @@ impl Publisher {
 }
 
 impl Core {
-    fn channel_error(&self, e: impl std::fmt::Display) -> PublishError {
+    fn channel_error(&self, e: lapin::Error) -> PublishError {
+        let code = match e.kind() {
+            lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
+            _ => None,
+        };
         PublishError::Channel {
             exchange: self.exchange.name.clone(),
             cause: e.to_string(),
+            code,
         }
     }
 
@@ -290,10 +304,16 @@ impl Core {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|e| self.channel_error(e))?;
-        self.exchange
-            .declare(&channel)
-            .await
-            .map_err(|e| self.channel_error(e))?;
+        if self.settings.declare_exchange {
+            self.exchange
+                .declare(&channel)
+                .await
+                .map_err(|e| PublishError::Channel {
+                    exchange: self.exchange.name.clone(),
+                    cause: e.to_string(),
+                    code: None,
+                })?;
+        }
         if let Ok(mut slot) = self.channel.lock() {
             *slot = Some(channel.clone());
         }

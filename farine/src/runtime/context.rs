@@ -11,11 +11,13 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, Weak};
 
 use crate::amqp::publisher::Publisher;
+use crate::rpc::Client;
 
 /// What handlers of a runtime share.
 #[derive(Default)]
 pub(crate) struct Shared {
     pub publishers: HashMap<(&'static str, &'static str), Publisher>,
+    pub rpc_clients: HashMap<(&'static str, &'static str), Client>,
 }
 
 tokio::task_local! {
@@ -47,18 +49,28 @@ pub(crate) fn uninstall(shared: &Arc<Shared>) {
     }
 }
 
+/// Looks `find` up in the handler's runtime, else in the process's.
+fn lookup<T>(find: impl Fn(&Shared) -> Option<T>) -> Option<T> {
+    CURRENT
+        .try_with(|shared| find(shared))
+        .ok()
+        .flatten()
+        .or_else(|| {
+            let process = PROCESS.lock().ok()?.as_ref()?.upgrade()?;
+            find(&process)
+        })
+}
+
 /// The publisher of `service`'s `#[publish]` method `method`.
 #[doc(hidden)]
 pub fn publisher(service: &'static str, method: &'static str) -> Publisher {
-    let key = (service, method);
-    let scoped = CURRENT
-        .try_with(|shared| shared.publishers.get(&key).cloned())
-        .ok()
-        .flatten();
-    scoped
-        .or_else(|| {
-            let process = PROCESS.lock().ok()?.as_ref()?.upgrade()?;
-            process.publishers.get(&key).cloned()
-        })
+    lookup(|shared| shared.publishers.get(&(service, method)).cloned())
         .unwrap_or_else(|| Publisher::detached(service, method))
+}
+
+/// The client of `service`'s `#[rpc::client(target)]` method `method`.
+#[doc(hidden)]
+pub fn rpc_client(service: &'static str, method: &'static str, target: &'static str) -> Client {
+    lookup(|shared| shared.rpc_clients.get(&(service, method)).cloned())
+        .unwrap_or_else(|| Client::detached(target, method))
 }

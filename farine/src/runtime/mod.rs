@@ -23,6 +23,8 @@ use crate::amqp::publisher::{PublishError, Publisher, PublisherSettings};
 use crate::amqp::topology::ExchangeSettings;
 use crate::config::{Config, ConfigError, Section};
 use crate::registry::{BoundConsumer, HandlerInfo, ServiceEntry};
+use crate::rpc::Client;
+use crate::rpc::server::{self as rpc_server, BoundRpc, RpcServerPlan};
 use context::Shared;
 use supervisor::Ready;
 
@@ -77,7 +79,9 @@ pub struct Runtime {
 struct ServicePlan {
     entry: &'static ServiceEntry,
     consumers: Vec<(BoundConsumer, ConsumerPlan)>,
+    rpc: Option<(RpcServerPlan, Vec<(&'static str, BoundRpc)>)>,
     publishers: Vec<(&'static str, ExchangeSettings, String, PublisherSettings)>,
+    rpc_clients: Vec<(&'static str, &'static str, Duration)>,
     amqp_uri: String,
     connect_timeout: Duration,
 }
@@ -152,12 +156,20 @@ impl Runtime {
         }
         let mut queues: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
         for plan in &plans {
-            for (_, consumer) in &plan.consumers {
-                let owner = (consumer.service, consumer.handler);
-                if let Some((service, handler)) = queues.insert(&consumer.queue.name, owner) {
+            let rpc_queue = plan
+                .rpc
+                .iter()
+                .map(|(rpc, _)| (&rpc.queue.name, (rpc.service, "rpc")));
+            let consumer_queues = plan
+                .consumers
+                .iter()
+                .map(|(_, c)| (&c.queue.name, (c.service, c.handler)));
+            for (queue, owner) in consumer_queues.chain(rpc_queue) {
+                let consumer_queue = queue;
+                if let Some((service, handler)) = queues.insert(consumer_queue, owner) {
                     return Err(StartError::Conflict(format!(
                         "handlers `{service}.{handler}` and `{}.{}` would consume the same queue `{}` and take each other's messages: give one another `<handler>.queue`",
-                        owner.0, owner.1, consumer.queue.name
+                        owner.0, owner.1, consumer_queue
                     )));
                 }
             }
@@ -220,6 +232,12 @@ impl Runtime {
                     .publishers
                     .insert((plan.entry.name, *method), publisher);
             }
+            for (method, target, timeout) in &plan.rpc_clients {
+                let client = Client::new(connector.clone(), *target, *timeout);
+                shared
+                    .rpc_clients
+                    .insert((plan.entry.name, *method), client);
+            }
         }
         let shared = Arc::new(shared);
         context::install(&shared);
@@ -227,8 +245,17 @@ impl Runtime {
         // The longest a stop may take: a drain, then the broker round trips around it.
         let stop_bound = plans
             .iter()
-            .flat_map(|plan| plan.consumers.iter())
-            .map(|(_, consumer)| consumer.drain_timeout + consumer.op_timeout * 3)
+            .flat_map(|plan| {
+                let consumers = plan
+                    .consumers
+                    .iter()
+                    .map(|(_, c)| c.drain_timeout + c.op_timeout * 3);
+                let rpc = plan
+                    .rpc
+                    .iter()
+                    .map(|(r, _)| r.drain_timeout + r.op_timeout * 3);
+                consumers.chain(rpc).collect::<Vec<_>>()
+            })
             .max()
             .unwrap_or(Duration::ZERO);
         let shutdown = CancellationToken::new();
@@ -236,6 +263,36 @@ impl Runtime {
         let mut pending = Vec::new();
         for plan in plans {
             let connector = connectors[&plan.amqp_uri].clone();
+            if let Some((rpc_plan, methods)) = plan.rpc {
+                let (ready, started) = Ready::new();
+                let service = rpc_plan.service;
+                let methods: std::collections::HashMap<_, _> = methods
+                    .into_iter()
+                    .map(|(name, call)| {
+                        (crate::rpc::wire::routing_key(service, name), (name, call))
+                    })
+                    .collect();
+                let (methods, rpc_plan) = (Arc::new(methods), Arc::new(rpc_plan));
+                let (connector, shared, token) =
+                    (connector.clone(), shared.clone(), shutdown.clone());
+                tasks.spawn(supervisor::supervise(
+                    service,
+                    "rpc",
+                    shutdown.clone(),
+                    ready,
+                    move |ready| {
+                        rpc_server::run(
+                            rpc_plan.clone(),
+                            connector.clone(),
+                            methods.clone(),
+                            shared.clone(),
+                            token.clone(),
+                            ready,
+                        )
+                    },
+                ));
+                pending.push((service, "rpc", started));
+            }
             for (bound, consumer_plan) in plan.consumers {
                 let (ready, started) = Ready::new();
                 let consumer_plan = Arc::new(consumer_plan);
@@ -296,7 +353,14 @@ fn plan_service(
         .unwrap_or_else(|| DEFAULT_AMQP_URI.to_string());
     let connect_timeout = section.get_or("connect_timeout", Duration::from_secs(10))?;
     let mut publishers = Vec::new();
+    let mut rpc_clients = Vec::new();
     for info in entry.handlers() {
+        if let HandlerInfo::RpcClient { name, spec } = info {
+            let timeout = section
+                .handler(name)
+                .get_or("rpc_timeout", crate::rpc::client::DEFAULT_TIMEOUT)?;
+            rpc_clients.push((name, spec.service, timeout));
+        }
         if let HandlerInfo::Publish { name, spec } = info {
             let scoped = section.handler(name);
             let exchange = ExchangeSettings::from_config(&scoped, spec.exchange)?;
@@ -306,6 +370,7 @@ fn plan_service(
             let settings = PublisherSettings {
                 persistent: scoped.get_or("persistent", true)?,
                 timeout: scoped.get_or("publish_timeout", Duration::from_secs(10))?,
+                declare_exchange: true,
             };
             publishers.push((name, exchange, routing_key, settings));
         }
@@ -320,7 +385,17 @@ fn plan_service(
                 cause: e.to_string(),
             },
         })?;
+    let rpc = if bound.rpc.is_empty() {
+        None
+    } else {
+        let methods = bound.rpc.iter().map(|(name, _)| *name).collect();
+        Some((
+            RpcServerPlan::from_config(entry.name, methods, section)?,
+            bound.rpc,
+        ))
+    };
     let consumers = bound
+        .consumers
         .into_iter()
         .map(|bound| {
             let plan = ConsumerPlan::from_config(entry.name, bound.name, &bound.spec, section)?;
@@ -330,7 +405,9 @@ fn plan_service(
     Ok(ServicePlan {
         entry,
         consumers,
+        rpc,
         publishers,
+        rpc_clients,
         amqp_uri,
         connect_timeout,
     })

@@ -1,0 +1,702 @@
+//! The RPC client: calls another service's `#[rpc::method]`s, one result or a stream of them.
+//!
+//! One [`Client`] targets one service. All its calls share one reply queue (exclusive to the
+//! connection, named by the broker) and one table of calls in flight keyed by correlation id,
+//! so any number of concurrent calls go through it; clones share all of it. Requests are
+//! published with `mandatory` and a confirm, so a call to a method nobody serves fails at once
+//! (`NoSuchMethod`, or `NoSuchService` when the service's exchange does not exist) instead of
+//! timing out. A reply that arrives after its call gave up finds no entry and is dropped.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use super::RpcError;
+use super::wire::{self, ErrorBody, ErrorKind, Reply, Request};
+use crate::amqp::connection::Connector;
+use crate::amqp::publisher::{PublishError, PublishOptions, Publisher, PublisherSettings};
+use crate::amqp::topology::ExchangeSettings;
+
+/// The default bound on a call, as in the seed (config key `rpc_timeout`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The arguments of a call: positional (`arg`) and by name (`kwarg`).
+///
+/// Tuples of serialisable values convert into positional arguments: `client.call("repeat",
+/// ("abc", 3))`.
+#[derive(Debug, Clone, Default)]
+pub struct Args {
+    args: Vec<Value>,
+    kwargs: Map<String, Value>,
+    error: Option<String>,
+}
+
+impl Args {
+    /// No arguments.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a positional argument.
+    pub fn arg(mut self, value: impl Serialize) -> Self {
+        match serde_json::to_value(value) {
+            Ok(value) => self.args.push(value),
+            Err(e) => self.error = Some(format!("argument {}: {e}", self.args.len())),
+        }
+        self
+    }
+
+    /// Adds an argument by name.
+    pub fn kwarg(mut self, name: &str, value: impl Serialize) -> Self {
+        match serde_json::to_value(value) {
+            Ok(value) => {
+                self.kwargs.insert(name.to_string(), value);
+            }
+            Err(e) => self.error = Some(format!("argument `{name}`: {e}")),
+        }
+        self
+    }
+
+    fn into_body(self) -> Result<Vec<u8>, String> {
+        if let Some(error) = self.error {
+            return Err(error);
+        }
+        let request = Request {
+            args: self.args,
+            kwargs: self.kwargs,
+        };
+        serde_json::to_vec(&request).map_err(|e| e.to_string())
+    }
+}
+
+impl From<()> for Args {
+    fn from((): ()) -> Self {
+        Args::new()
+    }
+}
+
+macro_rules! tuple_args {
+    ($($name:ident),+) => {
+        impl<$($name: Serialize),+> From<($($name,)+)> for Args {
+            #[allow(non_snake_case)]
+            fn from(($($name,)+): ($($name,)+)) -> Self {
+                Args::new()$(.arg($name))+
+            }
+        }
+    };
+}
+
+tuple_args!(A);
+tuple_args!(A, B);
+tuple_args!(A, B, C);
+tuple_args!(A, B, C, D);
+tuple_args!(A, B, C, D, E);
+tuple_args!(A, B, C, D, E, F);
+tuple_args!(A, B, C, D, E, F, G);
+tuple_args!(A, B, C, D, E, F, G, H);
+
+/// Per-call options.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallOptions {
+    /// Overrides the client's timeout for this call (for a stream: the longest wait for the
+    /// next item).
+    pub timeout: Option<Duration>,
+}
+
+impl CallOptions {
+    /// Options with this timeout.
+    pub fn timeout(timeout: Duration) -> Self {
+        Self {
+            timeout: Some(timeout),
+        }
+    }
+}
+
+enum Pending {
+    Unary(oneshot::Sender<Reply>),
+    Stream(mpsc::UnboundedSender<Reply>),
+}
+
+type Calls = Arc<Mutex<HashMap<String, Pending>>>;
+
+/// Calls the RPC methods of one service. Cheap to clone; clones share the reply queue.
+#[derive(Clone)]
+pub struct Client {
+    target: Target,
+    timeout: Option<Duration>,
+}
+
+#[derive(Clone)]
+enum Target {
+    Live(Arc<Inner>),
+    Detached {
+        service: String,
+        caller: &'static str,
+    },
+}
+
+struct Inner {
+    service: String,
+    connector: Arc<Connector>,
+    timeout: Duration,
+    requests: Publisher,
+    calls: Calls,
+    replies: tokio::sync::Mutex<Option<ReplyQueue>>,
+    next_id: AtomicU64,
+    prefix: String,
+}
+
+struct ReplyQueue {
+    name: String,
+    alive: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(mut replies) = self.replies.try_lock()
+            && let Some(queue) = replies.take()
+        {
+            queue.task.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("service", &self.service())
+            .finish()
+    }
+}
+
+fn call_prefix() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    format!("{:016x}", hasher.finish())
+}
+
+impl Client {
+    /// A client of `service` on `connector`'s connection; `timeout` bounds each call.
+    pub fn new(connector: Arc<Connector>, service: impl Into<String>, timeout: Duration) -> Self {
+        let service = service.into();
+        let requests = Publisher::new(
+            connector.clone(),
+            ExchangeSettings {
+                name: service.clone(),
+                ..ExchangeSettings::default_exchange()
+            },
+            String::new(),
+            PublisherSettings {
+                persistent: false,
+                timeout,
+                declare_exchange: false,
+            },
+        );
+        Self {
+            timeout: None,
+            target: Target::Live(Arc::new(Inner {
+                service,
+                connector,
+                timeout,
+                requests,
+                calls: Arc::new(Mutex::new(HashMap::new())),
+                replies: tokio::sync::Mutex::new(None),
+                next_id: AtomicU64::new(0),
+                prefix: call_prefix(),
+            })),
+        }
+    }
+
+    /// A client of its own connection to `uri`, outside any service (tests, tools), as the
+    /// seed's `rpc.Client('server', timeout)`.
+    pub async fn connect(uri: &str, service: &str, timeout: Duration) -> Result<Self, RpcError> {
+        let name = format!("farine rpc client: {service} (pid {})", std::process::id());
+        let connector = Arc::new(Connector::new(uri, name, Duration::from_secs(10)));
+        let client = Self::new(connector, service, timeout);
+        if let Target::Live(inner) = &client.target {
+            inner
+                .reply_queue()
+                .await
+                .map_err(|cause| RpcError::Connection {
+                    service: service.to_string(),
+                    method: String::new(),
+                    cause,
+                })?;
+        }
+        Ok(client)
+    }
+
+    pub(crate) fn detached(service: &str, caller: &'static str) -> Self {
+        Self {
+            timeout: None,
+            target: Target::Detached {
+                service: service.to_string(),
+                caller,
+            },
+        }
+    }
+
+    /// The same client (same reply queue) with another default timeout for its calls.
+    pub fn with_timeout(&self, timeout: Duration) -> Self {
+        Self {
+            target: self.target.clone(),
+            timeout: Some(timeout),
+        }
+    }
+
+    /// The service this client calls.
+    pub fn service(&self) -> &str {
+        match &self.target {
+            Target::Live(inner) => &inner.service,
+            Target::Detached { service, .. } => service,
+        }
+    }
+
+    /// Calls `method` with `args` and decodes its result as `T`.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        args: impl Into<Args>,
+    ) -> Result<T, RpcError> {
+        self.call_with(method, args, CallOptions::default()).await
+    }
+
+    /// As [`Client::call`], with per-call options (a timeout).
+    pub async fn call_with<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        args: impl Into<Args>,
+        options: CallOptions,
+    ) -> Result<T, RpcError> {
+        let inner = self.live(method)?;
+        let timeout = options.timeout.or(self.timeout).unwrap_or(inner.timeout);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (sender, receiver) = oneshot::channel();
+        let id = inner.next_call_id();
+        let _entry = Entry::insert(&inner.calls, &id, Pending::Unary(sender));
+        let sent = tokio::time::timeout_at(deadline, inner.send(method, &id, args.into(), timeout));
+        match sent.await {
+            Ok(result) => result?,
+            Err(_) => return Err(inner.timed_out(method, timeout)),
+        }
+        let reply = match tokio::time::timeout_at(deadline, receiver).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => return Err(inner.reply_queue_lost(method)),
+            Err(_) => return Err(inner.timed_out(method, timeout)),
+        };
+        match reply {
+            Reply::Item(value) => inner.decode(method, value),
+            Reply::End => inner.decode(method, Value::Null),
+            Reply::Error { message, detail } => Err(inner.remote(method, message, detail)),
+        }
+    }
+
+    /// Calls a streaming `method`: the items come as a [`Stream`] of results, ended by the
+    /// server's end marker or by the first error. Dropping the stream cancels the call on the
+    /// server. The timeout bounds the wait for each item.
+    pub async fn stream<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        args: impl Into<Args>,
+    ) -> Result<RpcStream<T>, RpcError> {
+        self.stream_with(method, args, CallOptions::default()).await
+    }
+
+    /// As [`Client::stream`], with per-call options.
+    pub async fn stream_with<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        args: impl Into<Args>,
+        options: CallOptions,
+    ) -> Result<RpcStream<T>, RpcError> {
+        let inner = self.live(method)?.clone();
+        let timeout = options.timeout.or(self.timeout).unwrap_or(inner.timeout);
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let id = inner.next_call_id();
+        let entry = Entry::insert(&inner.calls, &id, Pending::Stream(sender));
+        match tokio::time::timeout(timeout, inner.send(method, &id, args.into(), timeout)).await {
+            Ok(result) => result?,
+            Err(_) => return Err(inner.timed_out(method, timeout)),
+        }
+        Ok(RpcStream {
+            inner,
+            method: method.to_string(),
+            id,
+            entry: Some(entry),
+            receiver,
+            timeout,
+            idle: Box::pin(tokio::time::sleep(timeout)),
+            done: false,
+            _item: PhantomData,
+        })
+    }
+
+    fn live(&self, method: &str) -> Result<&Arc<Inner>, RpcError> {
+        match &self.target {
+            Target::Live(inner) => Ok(inner),
+            Target::Detached { service, caller } => Err(RpcError::NotRunning {
+                service: service.clone(),
+                method: method.to_string(),
+                caller,
+            }),
+        }
+    }
+
+    /// How many calls are waiting for a reply (for tests: a late reply must leave none behind).
+    pub fn calls_in_flight(&self) -> usize {
+        match &self.target {
+            Target::Live(inner) => inner.calls.lock().map(|c| c.len()).unwrap_or(0),
+            Target::Detached { .. } => 0,
+        }
+    }
+}
+
+/// A call's entry in the table, removed when the call ends however it ends.
+struct Entry {
+    calls: Calls,
+    id: String,
+}
+
+impl Entry {
+    fn insert(calls: &Calls, id: &str, pending: Pending) -> Self {
+        if let Ok(mut table) = calls.lock() {
+            table.insert(id.to_string(), pending);
+        }
+        Self {
+            calls: calls.clone(),
+            id: id.to_string(),
+        }
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        if let Ok(mut table) = self.calls.lock() {
+            table.remove(&self.id);
+        }
+    }
+}
+
+impl Inner {
+    fn next_call_id(&self) -> String {
+        format!(
+            "{}-{}",
+            self.prefix,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        id: &str,
+        args: Args,
+        timeout: Duration,
+    ) -> Result<(), RpcError> {
+        let body = args.into_body().map_err(|cause| RpcError::Encode {
+            service: self.service.clone(),
+            method: method.to_string(),
+            cause,
+        })?;
+        let reply_to = self
+            .reply_queue()
+            .await
+            .map_err(|cause| self.connection_error(method, cause))?;
+        let options = PublishOptions {
+            routing_key: Some(wire::routing_key(&self.service, method)),
+            correlation_id: Some(id.to_string()),
+            reply_to: Some(reply_to),
+            // A request nobody took within the call's timeout is dropped by the broker.
+            expiration: Some(timeout),
+            persistent: Some(false),
+            mandatory: true,
+            ..Default::default()
+        };
+        self.requests
+            .publish_bytes(&body, options)
+            .await
+            .map_err(|e| match e {
+                PublishError::Unroutable { .. } => RpcError::NoSuchMethod {
+                    service: self.service.clone(),
+                    method: method.to_string(),
+                },
+                PublishError::Channel {
+                    code: Some(404), ..
+                } => RpcError::NoSuchService {
+                    service: self.service.clone(),
+                    method: method.to_string(),
+                },
+                PublishError::Timeout { after, .. } => self.timed_out(method, after),
+                other => self.connection_error(method, other.to_string()),
+            })
+    }
+
+    /// The reply queue's name, declaring it (and starting its consumer) when there is none or
+    /// the last one died with its connection.
+    async fn reply_queue(&self) -> Result<String, String> {
+        let mut slot = self.replies.lock().await;
+        if let Some(queue) = slot.as_ref()
+            && queue.alive.load(Ordering::Acquire)
+        {
+            return Ok(queue.name.clone());
+        }
+        let conn = self
+            .connector
+            .connection()
+            .await
+            .map_err(|e| e.to_string())?;
+        let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let name = queue.name().to_string();
+        let mut consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let alive = Arc::new(AtomicBool::new(true));
+        let calls = self.calls.clone();
+        let service = self.service.clone();
+        let task_alive = alive.clone();
+        let task = tokio::spawn(async move {
+            let _channel = channel;
+            while let Some(Ok(delivery)) = consumer.next().await {
+                dispatch(&calls, &service, &delivery);
+            }
+            task_alive.store(false, Ordering::Release);
+            // The queue went with its connection: calls waiting on it get no reply.
+            if let Ok(mut table) = calls.lock() {
+                table.clear();
+            }
+        });
+        if let Some(old) = slot.replace(ReplyQueue {
+            name: name.clone(),
+            alive,
+            task,
+        }) {
+            old.task.abort();
+        }
+        Ok(name)
+    }
+
+    fn decode<T: DeserializeOwned>(&self, method: &str, value: Value) -> Result<T, RpcError> {
+        serde_json::from_value(value).map_err(|e| RpcError::Decode {
+            service: self.service.clone(),
+            method: method.to_string(),
+            cause: e.to_string(),
+        })
+    }
+
+    fn remote(&self, method: &str, message: String, detail: Option<ErrorBody>) -> RpcError {
+        RpcError::from_reply(&self.service, method, message, detail)
+    }
+
+    fn timed_out(&self, method: &str, after: Duration) -> RpcError {
+        RpcError::Timeout {
+            service: self.service.clone(),
+            method: method.to_string(),
+            after,
+        }
+    }
+
+    fn connection_error(&self, method: &str, cause: String) -> RpcError {
+        RpcError::Connection {
+            service: self.service.clone(),
+            method: method.to_string(),
+            cause,
+        }
+    }
+
+    fn reply_queue_lost(&self, method: &str) -> RpcError {
+        self.connection_error(
+            method,
+            "the connection to the broker was lost before the reply arrived".into(),
+        )
+    }
+
+    /// Tells every instance of the service to stop producing the stream `id`.
+    fn cancel(self: &Arc<Self>, id: &str) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inner = self.clone();
+        let id = id.to_string();
+        runtime.spawn(async move {
+            let options = PublishOptions {
+                routing_key: Some(wire::cancel_routing_key(&inner.service)),
+                correlation_id: Some(id),
+                persistent: Some(false),
+                ..Default::default()
+            };
+            if let Err(e) = inner.requests.publish_bytes(b"{}", options).await {
+                tracing::debug!(service = %inner.service, error = %e, "could not send a stream cancellation");
+            }
+        });
+    }
+}
+
+/// Hands one reply to the call waiting for it; a reply nobody waits for is dropped.
+fn dispatch(calls: &Calls, service: &str, delivery: &lapin::message::Delivery) {
+    let Some(id) = delivery.properties.correlation_id().as_ref() else {
+        return;
+    };
+    let Some(reply) = Reply::parse(&delivery.data) else {
+        tracing::warn!(service, correlation_id = %id, "ignored a reply that is not an RPC reply");
+        return;
+    };
+    let Ok(mut table) = calls.lock() else { return };
+    let id = id.as_str();
+    match table.get(id) {
+        Some(Pending::Unary(_)) => {
+            if let Some(Pending::Unary(sender)) = table.remove(id) {
+                let _ = sender.send(reply);
+            }
+        }
+        Some(Pending::Stream(sender)) => {
+            let last = !matches!(reply, Reply::Item(_));
+            let _ = sender.send(reply);
+            if last {
+                table.remove(id);
+            }
+        }
+        None => {}
+    }
+}
+
+/// The items of a streaming call. Dropping it before the end cancels the call on the server.
+pub struct RpcStream<T> {
+    inner: Arc<Inner>,
+    method: String,
+    id: String,
+    entry: Option<Entry>,
+    receiver: mpsc::UnboundedReceiver<Reply>,
+    timeout: Duration,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    done: bool,
+    _item: PhantomData<fn() -> T>,
+}
+
+impl<T> RpcStream<T> {
+    fn finish(&mut self) {
+        self.done = true;
+        self.entry = None;
+    }
+}
+
+impl<T: DeserializeOwned> Stream for RpcStream<T> {
+    type Item = Result<T, RpcError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.receiver.poll_recv(cx) {
+            Poll::Ready(Some(Reply::Item(value))) => {
+                let deadline = tokio::time::Instant::now() + self.timeout;
+                self.idle.as_mut().reset(deadline);
+                Poll::Ready(Some(self.inner.decode(&self.method, value)))
+            }
+            Poll::Ready(Some(Reply::End)) => {
+                self.finish();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Reply::Error { message, detail })) => {
+                self.finish();
+                let error = self.inner.remote(&self.method, message, detail);
+                Poll::Ready(Some(Err(error)))
+            }
+            Poll::Ready(None) => {
+                self.finish();
+                Poll::Ready(Some(Err(self.inner.reply_queue_lost(&self.method))))
+            }
+            Poll::Pending => match self.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    let error = self.inner.timed_out(&self.method, self.timeout);
+                    self.inner.cancel(&self.id);
+                    self.finish();
+                    Poll::Ready(Some(Err(error)))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<T> Drop for RpcStream<T> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.inner.cancel(&self.id);
+        }
+    }
+}
+
+impl RpcError {
+    pub(crate) fn from_reply(
+        service: &str,
+        method: &str,
+        message: String,
+        detail: Option<ErrorBody>,
+    ) -> RpcError {
+        let (service, method) = (service.to_string(), method.to_string());
+        match detail {
+            Some(ErrorBody {
+                kind: ErrorKind::BadArguments,
+                param,
+                message,
+                ..
+            }) => RpcError::BadArguments {
+                service,
+                method,
+                param,
+                message,
+            },
+            Some(ErrorBody {
+                kind: ErrorKind::UnknownMethod,
+                ..
+            }) => RpcError::NoSuchMethod { service, method },
+            Some(ErrorBody { kind, message, .. }) => RpcError::Remote {
+                service,
+                method,
+                kind: Some(kind),
+                message,
+            },
+            None => RpcError::Remote {
+                service,
+                method,
+                kind: None,
+                message,
+            },
+        }
+    }
+}

@@ -1,0 +1,590 @@
+//! The RPC server: one supervised task per service that has `#[rpc::method]`s.
+//!
+//! It declares exchange `<service>` and queue `<service>` (config `rpc_queue`), binds the queue
+//! once per method with `<service>__<method>`, and consumes it with `prefetch_count`: that many
+//! calls run at once, each in a task of its own. A call is acked after its last reply was
+//! published, so a server that dies mid-call leaves it to another instance. Each instance also
+//! has an exclusive control queue bound with `<service>.__cancel__`, on which callers that
+//! stopped reading a stream say so; a stream item the broker returns (its caller's reply queue
+//! is gone: the caller died) stops the stream too. `docs/rpc-protocol.md` is the protocol.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, Stream, StreamExt};
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::wire::{self, ErrorBody, ErrorKind, Reply, Request};
+use crate::amqp::connection::Connector;
+use crate::amqp::consumer::{ConsumeError, panic_message};
+use crate::amqp::message::Message;
+use crate::amqp::publisher::{PublishError, PublishOptions, Publisher, PublisherSettings};
+use crate::amqp::topology::{ExchangeSettings, QueueSettings, TopologyError};
+use crate::config::{ConfigError, Section};
+use crate::runtime::context::{self, Shared};
+use crate::runtime::supervisor::Ready;
+
+/// What an `#[rpc::method]` looks like once the macro wrapped it.
+pub type RpcFn<S> = fn(Arc<S>, RpcCall) -> BoxFuture<'static, ()>;
+
+pub(crate) type BoundRpc = Arc<dyn Fn(RpcCall) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// One call being served: its arguments, and where its replies go.
+pub struct RpcCall {
+    state: Arc<CallState>,
+    request: Request,
+}
+
+struct CallState {
+    service: &'static str,
+    method: &'static str,
+    reply_to: Option<String>,
+    correlation_id: Option<String>,
+    replies: Publisher,
+    cancelled: CancellationToken,
+    finished: AtomicBool,
+}
+
+impl CallState {
+    fn error(&self, kind: ErrorKind, message: String, param: Option<String>) -> ErrorBody {
+        ErrorBody {
+            kind,
+            message,
+            service: self.service.to_string(),
+            method: self.method.to_string(),
+            param,
+        }
+    }
+
+    /// Publishes one reply; `mandatory` asks the broker to return it when the caller's queue is
+    /// gone.
+    async fn send(&self, body: &[u8], mandatory: bool) -> Result<(), PublishError> {
+        let Some(reply_to) = &self.reply_to else {
+            return Ok(());
+        };
+        let options = PublishOptions {
+            routing_key: Some(reply_to.clone()),
+            correlation_id: self.correlation_id.clone(),
+            persistent: Some(false),
+            mandatory,
+            ..Default::default()
+        };
+        self.replies.publish_bytes(body, options).await
+    }
+
+    async fn finish(&self, body: &[u8]) {
+        self.finished.store(true, Ordering::Release);
+        if let Err(e) = self.send(body, false).await {
+            tracing::warn!(service = self.service, method = self.method, error = %e, "could not send an RPC reply");
+        }
+    }
+
+    async fn fail(&self, error: ErrorBody) {
+        tracing::debug!(service = self.service, method = self.method, error = %error.message, "RPC call failed");
+        self.finish(&Reply::error_body(&error)).await;
+    }
+
+    /// Sends a result and the end marker.
+    async fn respond(&self, value: Value) {
+        self.finished.store(true, Ordering::Release);
+        let sent = match self.send(&Reply::item_body(&value), false).await {
+            Ok(()) => self.send(&Reply::end_body(), false).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            tracing::warn!(service = self.service, method = self.method, error = %e, "could not send an RPC reply");
+        }
+    }
+
+    /// Sends one stream item; `false` when the stream must stop (caller gone or cancelled).
+    async fn item(&self, value: Value) -> bool {
+        match self.send(&Reply::item_body(&value), true).await {
+            Ok(()) => !self.cancelled.is_cancelled(),
+            Err(PublishError::Unroutable { .. }) => {
+                tracing::info!(
+                    service = self.service,
+                    method = self.method,
+                    "the caller's reply queue is gone: stream stopped"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!(service = self.service, method = self.method, error = %e, "could not send a stream item: stream stopped");
+                false
+            }
+        }
+    }
+}
+
+/// The arguments of a call, matched to the method's parameters.
+pub struct Arguments {
+    slots: Vec<Option<Value>>,
+    names: &'static [&'static str],
+    state: Arc<CallState>,
+}
+
+impl Arguments {
+    /// Takes the parameter at `index` (of `names`), decoded as `T`. A missing argument is read
+    /// as `null`, so `Option` parameters may be left out.
+    pub fn take<T: DeserializeOwned>(&mut self, index: usize) -> Result<T, ErrorBody> {
+        let name = self.names.get(index).copied().unwrap_or("?");
+        match self.slots.get_mut(index).and_then(Option::take) {
+            Some(value) => serde_json::from_value(value).map_err(|e| {
+                self.state.error(
+                    ErrorKind::BadArguments,
+                    format!(
+                        "argument `{name}` is not a {}: {e}",
+                        std::any::type_name::<T>()
+                    ),
+                    Some(name.to_string()),
+                )
+            }),
+            None => serde_json::from_value(Value::Null).map_err(|_| {
+                self.state.error(
+                    ErrorKind::BadArguments,
+                    format!("missing argument `{name}`"),
+                    Some(name.to_string()),
+                )
+            }),
+        }
+    }
+}
+
+impl RpcCall {
+    /// Matches positional arguments to `names` in order and keyword arguments by name. Keyword
+    /// arguments named `__x__` are protocol flags (the seed's `__stream__`) and are ignored.
+    pub fn arguments(&mut self, names: &'static [&'static str]) -> Result<Arguments, ErrorBody> {
+        let state = &self.state;
+        let args = std::mem::take(&mut self.request.args);
+        if args.len() > names.len() {
+            return Err(state.error(
+                ErrorKind::BadArguments,
+                format!(
+                    "takes {} argument(s), got {} positional",
+                    names.len(),
+                    args.len()
+                ),
+                None,
+            ));
+        }
+        let mut slots: Vec<Option<Value>> = args.into_iter().map(Some).collect();
+        slots.resize(names.len(), None);
+        for (name, value) in std::mem::take(&mut self.request.kwargs) {
+            if name.starts_with("__") && name.ends_with("__") {
+                continue;
+            }
+            let Some(index) = names.iter().position(|n| *n == name) else {
+                return Err(state.error(
+                    ErrorKind::BadArguments,
+                    format!("no parameter named `{name}`"),
+                    Some(name),
+                ));
+            };
+            if slots[index].is_some() {
+                return Err(state.error(
+                    ErrorKind::BadArguments,
+                    format!("argument `{name}` is given twice"),
+                    Some(name),
+                ));
+            }
+            slots[index] = Some(value);
+        }
+        Ok(Arguments {
+            slots,
+            names,
+            state: state.clone(),
+        })
+    }
+
+    /// Replies with an error (bad arguments, found by the generated code).
+    pub async fn fail(self, error: ErrorBody) {
+        self.state.fail(error).await;
+    }
+
+    /// Replies with a method's plain return value.
+    pub async fn reply_value<T: Serialize>(self, value: T) {
+        match serde_json::to_value(value) {
+            Ok(value) => self.state.respond(value).await,
+            Err(e) => self.encode_failed(e).await,
+        }
+    }
+
+    /// Replies with a method's `Result`: `Err` becomes an error reply with its message.
+    pub async fn reply_result<T: Serialize, E: Display>(self, result: Result<T, E>) {
+        match result {
+            Ok(value) => self.reply_value(value).await,
+            Err(e) => {
+                let error = self.state.error(ErrorKind::Remote, e.to_string(), None);
+                self.state.fail(error).await;
+            }
+        }
+    }
+
+    /// Replies with each item of a stream, then the end marker; stops early when the caller
+    /// cancels or is gone.
+    pub async fn reply_stream<S, T>(self, stream: S)
+    where
+        S: Stream<Item = T> + Send,
+        T: Serialize,
+    {
+        self.reply_stream_results(stream.map(Ok::<T, std::convert::Infallible>))
+            .await;
+    }
+
+    /// As [`RpcCall::reply_stream`], for items that are `Result`s: the first `Err` ends the
+    /// stream with an error reply.
+    pub async fn reply_stream_results<S, T, E>(self, stream: S)
+    where
+        S: Stream<Item = Result<T, E>> + Send,
+        T: Serialize,
+        E: Display,
+    {
+        let state = self.state;
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            let next = tokio::select! {
+                next = stream.next() => next,
+                _ = state.cancelled.cancelled() => {
+                    tracing::info!(service = state.service, method = state.method, "the caller cancelled the stream");
+                    state.finished.store(true, Ordering::Release);
+                    return;
+                }
+            };
+            match next {
+                None => {
+                    state.finish(&Reply::end_body()).await;
+                    return;
+                }
+                Some(Ok(item)) => {
+                    let value = match serde_json::to_value(item) {
+                        Ok(value) => value,
+                        Err(e) => {
+                            let error = state.error(
+                                ErrorKind::Remote,
+                                format!("cannot encode an item: {e}"),
+                                None,
+                            );
+                            state.fail(error).await;
+                            return;
+                        }
+                    };
+                    if !state.item(value).await {
+                        state.finished.store(true, Ordering::Release);
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    let error = state.error(ErrorKind::Remote, e.to_string(), None);
+                    state.fail(error).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn encode_failed(self, e: serde_json::Error) {
+        let error = self.state.error(
+            ErrorKind::Remote,
+            format!("cannot encode the result: {e}"),
+            None,
+        );
+        self.state.fail(error).await;
+    }
+}
+
+/// Everything an RPC server needs, resolved from the service and its section at start.
+#[derive(Debug, Clone)]
+pub(crate) struct RpcServerPlan {
+    pub service: &'static str,
+    pub exchange: ExchangeSettings,
+    pub queue: QueueSettings,
+    pub methods: Vec<&'static str>,
+    pub prefetch: u16,
+    pub drain_timeout: Duration,
+    pub op_timeout: Duration,
+}
+
+impl RpcServerPlan {
+    pub fn from_config(
+        service: &'static str,
+        methods: Vec<&'static str>,
+        section: &Section,
+    ) -> Result<Self, ConfigError> {
+        let scoped = section.handler("rpc");
+        let prefetch = match scoped.get_or("prefetch_count", 10u16)? {
+            0 => {
+                return Err(section.invalid(
+                    "prefetch_count",
+                    "0",
+                    "a whole number from 1 to 65535",
+                ));
+            }
+            n => n,
+        };
+        Ok(Self {
+            service,
+            exchange: ExchangeSettings {
+                name: service.to_string(),
+                ..ExchangeSettings::from_config(&scoped, service)?
+            },
+            queue: QueueSettings {
+                name: section
+                    .get_str("rpc_queue")?
+                    .unwrap_or_else(|| service.to_string()),
+                ..QueueSettings::from_config(&scoped, None, service.to_string())?
+            },
+            methods,
+            prefetch,
+            drain_timeout: scoped.get_or("drain_timeout", Duration::from_secs(30))?,
+            op_timeout: scoped.get_or("connect_timeout", Duration::from_secs(10))?,
+        })
+    }
+}
+
+/// Runs the RPC server of one service until shutdown (`Ok`) or a channel failure (`Err`).
+pub(crate) async fn run(
+    plan: Arc<RpcServerPlan>,
+    connector: Arc<Connector>,
+    methods: Arc<HashMap<String, (&'static str, BoundRpc)>>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    ready: Ready,
+) -> Result<(), ConsumeError> {
+    let (channel, mut requests, mut control) =
+        tokio::time::timeout(plan.op_timeout, set_up(&plan, &connector))
+            .await
+            .map_err(|_| ConsumeError::Timeout(plan.op_timeout))??;
+    let tag = requests.tag();
+    tracing::info!(
+        service = plan.service,
+        handler = "rpc",
+        queue = %plan.queue.name,
+        methods = ?plan.methods,
+        prefetch = plan.prefetch,
+        "serving RPC"
+    );
+    ready.signal(Ok(()));
+
+    let replies = Publisher::new(
+        connector.clone(),
+        ExchangeSettings::default_exchange(),
+        String::new(),
+        PublisherSettings {
+            persistent: false,
+            timeout: plan.op_timeout,
+            declare_exchange: false,
+        },
+    );
+    let streams: Arc<Mutex<HashMap<String, CancellationToken>>> = Arc::default();
+    let mut in_flight = JoinSet::new();
+    let stopped = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Ok(()),
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+            cancel = control.next() => match cancel {
+                Some(Ok(delivery)) => {
+                    if let Some(id) = delivery.properties.correlation_id().as_ref()
+                        && let Ok(streams) = streams.lock()
+                        && let Some(token) = streams.get(id.as_str())
+                    {
+                        token.cancel();
+                    }
+                }
+                Some(Err(e)) => break Err(ConsumeError::Channel(e.to_string())),
+                None => break Err(ConsumeError::Ended),
+            },
+            next = requests.next() => match next {
+                Some(Ok(delivery)) => {
+                    let task = serve(
+                        plan.service,
+                        Message::new(delivery),
+                        methods.clone(),
+                        replies.clone(),
+                        streams.clone(),
+                    );
+                    in_flight.spawn(context::scope(shared.clone(), task));
+                }
+                Some(Err(e)) => break Err(ConsumeError::Channel(e.to_string())),
+                None => break Err(ConsumeError::Ended),
+            },
+        }
+    };
+
+    if stopped.is_ok() {
+        let cancel = channel.basic_cancel(tag, BasicCancelOptions::default());
+        let _ = tokio::time::timeout(plan.op_timeout, cancel).await;
+        let drained = tokio::time::timeout(plan.drain_timeout, async {
+            while in_flight.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                service = plan.service,
+                handler = "rpc",
+                unfinished = in_flight.len(),
+                "RPC calls still running at the end of the drain timeout are stopped; the broker requeues them"
+            );
+        }
+    }
+    in_flight.shutdown().await;
+    replies.close_within(plan.op_timeout).await;
+    if channel.status().connected() {
+        let close = channel.close(200, "farine RPC server stopped".into());
+        let _ = tokio::time::timeout(plan.op_timeout, close).await;
+    }
+    stopped
+}
+
+async fn set_up(
+    plan: &RpcServerPlan,
+    connector: &Connector,
+) -> Result<(lapin::Channel, lapin::Consumer, lapin::Consumer), ConsumeError> {
+    let channel_err = |e: lapin::Error| ConsumeError::Channel(e.to_string());
+    let conn = connector.connection().await?;
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| TopologyError::Channel(e.to_string()))?;
+    channel
+        .basic_qos(plan.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(channel_err)?;
+    plan.exchange.declare(&channel).await?;
+    for method in &plan.methods {
+        plan.queue
+            .declare_and_bind(
+                &channel,
+                &plan.exchange,
+                &wire::routing_key(plan.service, method),
+            )
+            .await?;
+    }
+    // This instance's control queue: cancellations of streams, whichever instance serves them.
+    let control_queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(channel_err)?;
+    channel
+        .queue_bind(
+            control_queue.name().clone(),
+            plan.exchange.name.as_str().into(),
+            wire::cancel_routing_key(plan.service).into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(channel_err)?;
+    let requests = channel
+        .basic_consume(
+            plan.queue.name.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(channel_err)?;
+    let control = channel
+        .basic_consume(
+            control_queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(channel_err)?;
+    Ok((channel, requests, control))
+}
+
+/// Serves one request: decode, dispatch, reply, then ack.
+async fn serve(
+    service: &'static str,
+    message: Message,
+    methods: Arc<HashMap<String, (&'static str, BoundRpc)>>,
+    replies: Publisher,
+    streams: Arc<Mutex<HashMap<String, CancellationToken>>>,
+) {
+    let found = methods.get(message.routing_key());
+    let state = Arc::new(CallState {
+        service,
+        method: found.map_or("?", |(name, _)| name),
+        reply_to: message.reply_to().map(str::to_string),
+        correlation_id: message.correlation_id().map(str::to_string),
+        replies,
+        cancelled: CancellationToken::new(),
+        finished: AtomicBool::new(false),
+    });
+    let registered = state.correlation_id.clone().inspect(|id| {
+        if let Ok(mut streams) = streams.lock() {
+            streams.insert(id.clone(), state.cancelled.clone());
+        }
+    });
+
+    match (found, serde_json::from_slice::<Request>(message.body())) {
+        (None, _) => {
+            let error = state.error(
+                ErrorKind::UnknownMethod,
+                format!(
+                    "service `{service}` has no method for routing key `{}`",
+                    message.routing_key()
+                ),
+                None,
+            );
+            state.fail(error).await;
+        }
+        (Some(_), Err(e)) => {
+            let error = state.error(
+                ErrorKind::BadRequest,
+                format!("the request is not {{\"args\": [...], \"kwargs\": {{...}}}}: {e}"),
+                None,
+            );
+            state.fail(error).await;
+        }
+        (Some((_, call)), Ok(request)) => {
+            let handled = call(RpcCall {
+                state: state.clone(),
+                request,
+            });
+            if let Err(panic) = AssertUnwindSafe(handled).catch_unwind().await {
+                let text = format!("panicked: {}", panic_message(&*panic));
+                tracing::error!(service, method = state.method, error = %text, "RPC method panicked");
+                if !state.finished.load(Ordering::Acquire) {
+                    state.fail(state.error(ErrorKind::Panic, text, None)).await;
+                }
+            }
+        }
+    }
+
+    if let Some(id) = registered
+        && let Ok(mut streams) = streams.lock()
+    {
+        streams.remove(&id);
+    }
+    if let Err(e) = message.ack().await {
+        tracing::warn!(service, method = state.method, error = %e, "could not ack an RPC request");
+    }
+}

@@ -1,0 +1,166 @@
+//! The RPC wire format, compatible with baguette-messaging: `docs/rpc-protocol.md` is its
+//! specification. This module only builds and reads the JSON bodies.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The routing key of a call of `method` on `service`: `<service>__<method>`.
+pub fn routing_key(service: &str, method: &str) -> String {
+    format!("{service}__{method}")
+}
+
+/// The routing key that cancels a streaming call on every instance of `service`.
+pub fn cancel_routing_key(service: &str) -> String {
+    format!("{service}.__cancel__")
+}
+
+/// A request body: `{"args": [...], "kwargs": {...}}`.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Request {
+    #[serde(default)]
+    pub args: Vec<Value>,
+    #[serde(default)]
+    pub kwargs: Map<String, Value>,
+}
+
+/// What kind of failure an error reply reports (the `kind` of the `error` extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The method returned an error.
+    Remote,
+    /// The method panicked.
+    Panic,
+    /// An argument is missing, extra, or of the wrong type.
+    BadArguments,
+    /// The service has no such method (a stale binding, or an older server).
+    UnknownMethod,
+    /// The request body is not `{"args": [...], "kwargs": {...}}`.
+    BadRequest,
+}
+
+/// The structured error farine adds beside `__except__` (older peers ignore it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    pub kind: ErrorKind,
+    pub message: String,
+    pub service: String,
+    pub method: String,
+    /// The parameter at fault, for `bad_arguments`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
+}
+
+/// One reply message, as read by a client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// `{"body": <value>, "__end__": false}`: a result, or one item of a stream.
+    Item(Value),
+    /// `{"__end__": true}`: the call is over.
+    End,
+    /// `{"__except__": "<message>", "error": {...}}`: the call failed; nothing follows.
+    Error {
+        message: String,
+        detail: Option<ErrorBody>,
+    },
+}
+
+impl Reply {
+    /// Reads a reply body; `None` when it is none of the three shapes.
+    pub fn parse(body: &[u8]) -> Option<Reply> {
+        let Value::Object(mut object) = serde_json::from_slice(body).ok()? else {
+            return None;
+        };
+        if let Some(except) = object.remove("__except__")
+            && !except.is_null()
+        {
+            let message = match except {
+                Value::String(text) => text,
+                other => other.to_string(),
+            };
+            let detail = object
+                .remove("error")
+                .and_then(|e| serde_json::from_value(e).ok());
+            return Some(Reply::Error { message, detail });
+        }
+        match object.remove("body") {
+            Some(body) => Some(Reply::Item(body)),
+            None if object.get("__end__") == Some(&Value::Bool(true)) => Some(Reply::End),
+            None => None,
+        }
+    }
+
+    /// The JSON body of an item reply.
+    pub fn item_body(value: &Value) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({ "body": value, "__end__": false }))
+            .unwrap_or_default()
+    }
+
+    /// The JSON body of the end marker.
+    pub fn end_body() -> Vec<u8> {
+        br#"{"__end__":true}"#.to_vec()
+    }
+
+    /// The JSON body of an error reply.
+    pub fn error_body(error: &ErrorBody) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({ "__except__": error.message, "error": error }))
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_three_reply_shapes_are_read() {
+        assert_eq!(
+            Reply::parse(br#"{"body": 3, "__end__": false}"#),
+            Some(Reply::Item(json!(3)))
+        );
+        assert_eq!(Reply::parse(br#"{"__end__": true}"#), Some(Reply::End));
+        assert_eq!(
+            Reply::parse(br#"{"__except__": "Traceback: boom"}"#),
+            Some(Reply::Error {
+                message: "Traceback: boom".into(),
+                detail: None
+            })
+        );
+        assert_eq!(Reply::parse(b"[1]"), None);
+    }
+
+    #[test]
+    fn a_null_body_is_an_item_and_a_null_except_is_not_an_error() {
+        assert_eq!(
+            Reply::parse(br#"{"body": null, "__end__": false, "__except__": null}"#),
+            Some(Reply::Item(Value::Null))
+        );
+    }
+
+    #[test]
+    fn error_replies_carry_the_message_twice_for_old_and_new_peers() {
+        let error = ErrorBody {
+            kind: ErrorKind::BadArguments,
+            message: "missing argument `times`".into(),
+            service: "server".into(),
+            method: "repeat".into(),
+            param: Some("times".into()),
+        };
+        let parsed = Reply::parse(&Reply::error_body(&error)).unwrap();
+        assert_eq!(
+            parsed,
+            Reply::Error {
+                message: "missing argument `times`".into(),
+                detail: Some(error)
+            }
+        );
+    }
+
+    #[test]
+    fn requests_default_missing_args_and_kwargs() {
+        let request: Request = serde_json::from_str(r#"{"args": [1]}"#).unwrap();
+        assert_eq!(request.args, vec![json!(1)]);
+        assert!(request.kwargs.is_empty());
+    }
+}

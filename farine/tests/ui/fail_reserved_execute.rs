@@ -1,0 +1,12 @@
+use farine::execute;
+
+#[derive(Default)]
+pub struct Worker;
+
+#[farine::service]
+impl Worker {
+    #[execute]
+    async fn work(&self) {}
+}
+
+fn main() {}
