@@ -5,8 +5,8 @@ use syn::{Attribute, FnArg, ImplItemFn, ReturnType, Type};
 
 use crate::ctxt::Ctxt;
 use crate::model::{
-    AttrKind, Consume, ConsumeParam, HandlerArgs, HandlerModel, MessageParam, Publish, ReplyShape,
-    RpcClient, RpcMethod,
+    AttrKind, Consume, ConsumeParam, Execute, HandlerArgs, HandlerModel, MessageParam, Publish,
+    ReplyShape, RpcClient, RpcMethod, Sse, SseParam,
 };
 
 const CONSUME_SIGNATURE: &str = "expected `async fn name(&self, body: T) -> Result<(), E>`, where T is any `serde::de::DeserializeOwned` type and E: Display, optionally with a `message: farine::Message` parameter after the body";
@@ -343,6 +343,90 @@ pub fn rpc_client(
         HandlerModel::RpcClient(RpcClient {
             method: method.sig.ident.clone(),
             service,
+        })
+    })
+}
+
+const EXECUTE_SIGNATURE: &str = "expected `async fn name(&self) -> Result<(), E>` (E: Display) or nothing, optionally with a `shutdown: farine::Shutdown` parameter";
+
+fn output_of(sig: &syn::Signature) -> Option<Box<Type>> {
+    match &sig.output {
+        ReturnType::Default => None,
+        ReturnType::Type(_, ty) => Some(ty.clone()),
+    }
+}
+
+pub fn execute(cx: &Ctxt, method: &ImplItemFn) -> Option<HandlerModel> {
+    let mut ok = check_common(cx, AttrKind::Execute, method, EXECUTE_SIGNATURE);
+    let sig = &method.sig;
+    let mut takes_shutdown = false;
+    for (index, input) in sig.inputs.iter().skip(1).enumerate() {
+        let FnArg::Typed(typed) = input else { continue };
+        match farine_type_name(&typed.ty) {
+            Some((name, false)) if name == "Shutdown" && index == 0 => takes_shutdown = true,
+            _ => {
+                cx.error_spanned_by(
+                    typed,
+                    format!("an #[execute] method takes nothing but, optionally, the shutdown signal: {EXECUTE_SIGNATURE}"),
+                );
+                ok = false;
+            }
+        }
+    }
+    ok.then(|| {
+        HandlerModel::Execute(Execute {
+            method: sig.ident.clone(),
+            takes_shutdown,
+            output: output_of(sig),
+        })
+    })
+}
+
+const SSE_SIGNATURE: &str = "expected `async fn name(&self, data: T) -> Result<(), E>`, where T is `String` (the raw data) or any `serde::de::DeserializeOwned` type (decoded from JSON), optionally with an `event: farine::stream::Event` parameter after it";
+
+pub fn sse(cx: &Ctxt, method: &ImplItemFn) -> Option<HandlerModel> {
+    let mut ok = check_common(cx, AttrKind::StreamHttp, method, SSE_SIGNATURE);
+    let sig = &method.sig;
+    let mut params = Vec::new();
+    for input in sig.inputs.iter().skip(1) {
+        let FnArg::Typed(typed) = input else { continue };
+        let is_event = matches!(farine_type_name(&typed.ty), Some((name, _)) if name == "Event");
+        let has_event = params.iter().any(|p| matches!(p, SseParam::Event { .. }));
+        let has_body = params.iter().any(|p| matches!(p, SseParam::Body { .. }));
+        if is_event && !has_event {
+            let by_ref = matches!(&*typed.ty, Type::Reference(_));
+            params.push(SseParam::Event { by_ref });
+        } else if !is_event && !has_body && !has_event {
+            if let Type::Reference(reference) = &*typed.ty {
+                cx.error_spanned_by(
+                    reference,
+                    "the data is decoded into a value the handler owns: take `T`, not `&T`",
+                );
+                ok = false;
+            }
+            let raw =
+                matches!(farine_type_name(&typed.ty), Some((name, false)) if name == "String");
+            params.push(SseParam::Body {
+                ty: typed.ty.clone(),
+                raw,
+            });
+        } else {
+            cx.error_spanned_by(typed, format!("a #[stream::http] handler takes the data and then, optionally, the event: {SSE_SIGNATURE}"));
+            ok = false;
+        }
+    }
+    if params.is_empty() {
+        cx.error_spanned_by(
+            &sig.inputs,
+            format!("a #[stream::http] handler needs the data or the event: {SSE_SIGNATURE}"),
+        );
+        ok = false;
+    }
+    ok.then(|| {
+        HandlerModel::Sse(Sse {
+            method: sig.ident.clone(),
+            params,
+            output: output_of(sig),
         })
     })
 }

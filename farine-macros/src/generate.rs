@@ -13,8 +13,8 @@ use crate::attr::{self, CHECKED_MARKER};
 use crate::check;
 use crate::ctxt::Ctxt;
 use crate::model::{
-    AttrKind, Consume, ConsumeParam, HandlerModel, MessageParam, Publish, ReplyShape, RpcClient,
-    RpcMethod, ServiceArgs,
+    AttrKind, Consume, ConsumeParam, Execute, HandlerModel, MessageParam, Publish, ReplyShape,
+    RpcClient, RpcMethod, ServiceArgs, Sse, SseParam,
 };
 
 /// Expands `#[farine::service]` on `item`.
@@ -78,15 +78,26 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
                     _ => check::rpc_client(&cx, method, parsed, &attribute),
                 }
             }
-            reserved => {
-                cx.error_spanned_by(
-                    &attribute,
-                    format!(
-                        "{} is reserved: it is not available in this version of farine yet",
-                        reserved.display()
-                    ),
-                );
-                None
+            AttrKind::Execute | AttrKind::StreamHttp => {
+                if !matches!(attribute.meta, syn::Meta::Path(_))
+                    && !attr::is_checked_marker(
+                        &attribute
+                            .meta
+                            .require_list()
+                            .map(|l| l.tokens.clone())
+                            .unwrap_or_default(),
+                    )
+                {
+                    cx.error_spanned_by(
+                        &attribute,
+                        format!("{} takes no arguments: its settings are in the service's config section", kind.display()),
+                    );
+                }
+                if kind == AttrKind::Execute {
+                    check::execute(&cx, method)
+                } else {
+                    check::sse(&cx, method)
+                }
             }
         };
         for (position, _) in &found {
@@ -152,6 +163,8 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
             HandlerModel::Publish(publish) => publish_handler(publish),
             HandlerModel::RpcMethod(rpc) => rpc_method_handler(rpc),
             HandlerModel::RpcClient(client) => rpc_client_handler(client),
+            HandlerModel::Execute(execute) => execute_handler(execute),
+            HandlerModel::Sse(sse) => sse_handler(sse),
         };
         quote! {
             #(#cfgs)*
@@ -292,6 +305,98 @@ fn rpc_method_handler(rpc: &RpcMethod) -> TokenStream {
                         };
                         #(#takes)*
                         #reply(call, #invoke).await
+                    })
+                },
+            ),
+        }
+    }
+}
+
+/// `<R as IntoOutcome>::into_outcome`, with the return type's span for a wrong return type.
+fn into_outcome(output: &Option<Box<syn::Type>>) -> TokenStream {
+    match output {
+        Some(ty) => {
+            use syn::spanned::Spanned;
+            quote_spanned! {ty.span()=> <#ty as ::farine::__private::IntoOutcome>::into_outcome}
+        }
+        None => quote!(<() as ::farine::__private::IntoOutcome>::into_outcome),
+    }
+}
+
+fn execute_handler(execute: &Execute) -> TokenStream {
+    let Execute {
+        method,
+        takes_shutdown,
+        output,
+    } = execute;
+    let name = method.to_string();
+    let args = if *takes_shutdown {
+        quote!(shutdown)
+    } else {
+        quote!()
+    };
+    let into = into_outcome(output);
+    quote! {
+        ::farine::__private::Handler {
+            name: #name,
+            kind: ::farine::__private::HandlerKind::Execute(
+                |service: ::std::sync::Arc<Self>, shutdown: ::farine::__private::Shutdown|
+                    -> ::farine::__private::BoxFuture<'static, ::farine::__private::Outcome> {
+                    ::std::boxed::Box::pin(async move {
+                        let _ = &shutdown;
+                        #into(service.#method(#args).await)
+                    })
+                },
+            ),
+        }
+    }
+}
+
+fn sse_handler(sse: &Sse) -> TokenStream {
+    use syn::spanned::Spanned;
+    let Sse {
+        method,
+        params,
+        output,
+    } = sse;
+    let name = method.to_string();
+    let mut decode = TokenStream::new();
+    let mut args = Vec::new();
+    for param in params {
+        match param {
+            SseParam::Body { raw: true, .. } => {
+                decode = quote! { let data = ::std::string::ToString::to_string(event.data()); };
+                args.push(quote!(data));
+            }
+            SseParam::Body { ty, raw: false } => {
+                let decode_fn =
+                    quote_spanned! {ty.span()=> ::farine::__private::SseEvent::decode::<#ty>};
+                decode = quote! {
+                    let data = match #decode_fn(&event) {
+                        ::std::result::Result::Ok(data) => data,
+                        ::std::result::Result::Err(error) => {
+                            return ::farine::__private::Outcome::Undecodable(error);
+                        }
+                    };
+                };
+                args.push(quote!(data));
+            }
+            SseParam::Event { by_ref: true } => args.push(quote!(&event)),
+            SseParam::Event { by_ref: false } => {
+                args.push(quote!(::std::clone::Clone::clone(&event)))
+            }
+        }
+    }
+    let into = into_outcome(output);
+    quote! {
+        ::farine::__private::Handler {
+            name: #name,
+            kind: ::farine::__private::HandlerKind::Sse(
+                |service: ::std::sync::Arc<Self>, event: ::farine::__private::SseEvent|
+                    -> ::farine::__private::BoxFuture<'static, ::farine::__private::Outcome> {
+                    ::std::boxed::Box::pin(async move {
+                        #decode
+                        #into(service.#method(#(#args),*).await)
                     })
                 },
             ),

@@ -65,7 +65,7 @@ pub fn publish(args: TokenStream, item: TokenStream) -> TokenStream {
     standalone("publish", args, item)
 }
 
-/// Reserved: a method run (and restarted) by farine. Not available yet.
+/// A method farine runs, and runs again when it returns: see the farine README.
 #[proc_macro_attribute]
 pub fn execute(args: TokenStream, item: TokenStream) -> TokenStream {
     standalone("execute", args, item)
@@ -89,7 +89,7 @@ pub fn rpc_interface(args: TokenStream, item: TokenStream) -> TokenStream {
     interface::expand(args.into(), item.into()).into()
 }
 
-/// Reserved: a Server-Sent-Events listener. Not available yet.
+/// A handler for each event of the service's Server-Sent-Events endpoint: see the farine README.
 #[proc_macro_attribute]
 pub fn stream_http(args: TokenStream, item: TokenStream) -> TokenStream {
     standalone("stream::http", args, item)

@@ -123,8 +123,32 @@ pub struct RpcClient {
     pub service: String,
 }
 
+/// A checked `#[execute]` method.
+pub struct Execute {
+    pub method: Ident,
+    pub takes_shutdown: bool,
+    pub output: Option<Box<Type>>,
+}
+
+/// A `#[stream::http]` parameter, in declaration order.
+pub enum SseParam {
+    /// The event's data: raw text for `String`, else decoded from JSON.
+    Body { ty: Box<Type>, raw: bool },
+    /// The event handle.
+    Event { by_ref: bool },
+}
+
+/// A checked `#[stream::http]` handler.
+pub struct Sse {
+    pub method: Ident,
+    pub params: Vec<SseParam>,
+    pub output: Option<Box<Type>>,
+}
+
 /// A checked handler.
 pub enum HandlerModel {
+    Execute(Execute),
+    Sse(Sse),
     Consume(Consume),
     Publish(Publish),
     RpcMethod(RpcMethod),

@@ -102,10 +102,13 @@ fn run(module: &'static str, args: Args) -> u8 {
     };
     runtime.block_on(async move {
         match Runtime::new(config).module(module).start().await {
-            Ok(running) => {
-                running.run_until_signal().await;
-                EXIT_OK
-            }
+            Ok(running) => match running.run_until_signal().await {
+                Ok(()) => EXIT_OK,
+                Err(e) => {
+                    eprintln!("farine: {e}");
+                    EXIT_FAILURE
+                }
+            },
             Err(e) => {
                 tracing::error!(error = %e, "farine could not start");
                 eprintln!("farine: {e}");
@@ -212,6 +215,23 @@ fn describe(
                     ""
                 }
             )
+        }
+        HandlerInfo::Execute { name } => {
+            let scoped = section.handler(name);
+            let restart = scoped.get_or("restart", true).unwrap_or(true);
+            format!("execute {name}: restart {restart}")
+        }
+        HandlerInfo::Sse { name } => {
+            let endpoint = section
+                .handler(name)
+                .get_str("endpoint")
+                .ok()
+                .flatten()
+                .map_or_else(
+                    || "(no endpoint configured)".to_string(),
+                    |e| config::redact::redact_uri(&e),
+                );
+            format!("stream::http {name}: endpoint {endpoint}")
         }
         HandlerInfo::RpcClient { name, spec } => {
             let timeout = section

@@ -34,19 +34,18 @@
 pub mod amqp;
 pub mod cli;
 pub mod config;
+pub mod db;
+pub mod execute;
 pub mod registry;
 pub mod rpc;
 pub mod runtime;
+pub mod stream;
 
 pub use amqp::message::{DecodeError, Message, SettleError};
 pub use amqp::publisher::{PublishError, PublishOptions, Publisher};
+pub use execute::Shutdown;
 pub use farine_macros::{consume, execute, publish, service};
-pub use runtime::{Running, Runtime, StartError};
-
-/// Event streams. `#[stream::http]` is reserved: it is not built yet.
-pub mod stream {
-    pub use farine_macros::stream_http as http;
-}
+pub use runtime::{RunError, Running, Runtime, StartError};
 
 /// Gives a service package its `main`: `farine::main!();` in `src/main.rs` declares the
 /// package's `service` module (`src/service.rs`) and runs the farine command line for it.
@@ -67,12 +66,14 @@ macro_rules! main {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::amqp::consumer::{IntoOutcome, Outcome};
+    pub use crate::execute::Shutdown;
     pub use crate::registry::{
         BoxError, ConsumeSpec, Handler, HandlerKind, PublishSpec, RpcClientSpec, RpcSpec, Service,
         ServiceEntry,
     };
     pub use crate::rpc::server::{Arguments as RpcArguments, RpcCall};
     pub use crate::runtime::context::{publisher, rpc_client};
+    pub use crate::stream::Event as SseEvent;
     pub use futures_util::future::BoxFuture;
     pub use inventory;
     pub use serde;

@@ -11,7 +11,9 @@ use futures_util::future::BoxFuture;
 use crate::amqp::consumer::Outcome;
 use crate::amqp::message::Message;
 use crate::config::Section;
+use crate::execute::{BoundExecute, ExecuteFn};
 use crate::rpc::server::{BoundRpc, RpcFn};
+use crate::stream::{BoundSse, SseFn};
 
 /// An error of any kind, as user code returns it.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -46,6 +48,10 @@ pub enum HandlerKind<S> {
     Rpc(RpcSpec, RpcFn<S>),
     /// `#[rpc::client("service")]`: no task; farine prepares the method's client.
     RpcClient(RpcClientSpec),
+    /// `#[execute]`: a task that runs the method, and runs it again when it returns.
+    Execute(ExecuteFn<S>),
+    /// `#[stream::http]`: a task that listens to the configured SSE endpoint.
+    Sse(SseFn<S>),
 }
 
 /// The arguments of `#[rpc::method(...)]`.
@@ -96,6 +102,12 @@ pub enum HandlerInfo {
         name: &'static str,
         spec: RpcClientSpec,
     },
+    Execute {
+        name: &'static str,
+    },
+    Sse {
+        name: &'static str,
+    },
 }
 
 impl HandlerInfo {
@@ -105,7 +117,9 @@ impl HandlerInfo {
             HandlerInfo::Consume { name, .. }
             | HandlerInfo::Publish { name, .. }
             | HandlerInfo::Rpc { name, .. }
-            | HandlerInfo::RpcClient { name, .. } => name,
+            | HandlerInfo::RpcClient { name, .. }
+            | HandlerInfo::Execute { name }
+            | HandlerInfo::Sse { name } => name,
         }
     }
 }
@@ -115,6 +129,8 @@ impl HandlerInfo {
 pub(crate) struct Bound {
     pub consumers: Vec<BoundConsumer>,
     pub rpc: Vec<(&'static str, BoundRpc)>,
+    pub executes: Vec<(&'static str, BoundExecute)>,
+    pub listeners: Vec<(&'static str, BoundSse)>,
 }
 
 /// A built service's consume handlers, with the service instance captured.
@@ -187,6 +203,8 @@ fn describe<S: Service>() -> Vec<HandlerInfo> {
                 name: handler.name,
                 spec,
             },
+            HandlerKind::Execute(_) => HandlerInfo::Execute { name: handler.name },
+            HandlerKind::Sse(_) => HandlerInfo::Sse { name: handler.name },
         })
         .collect()
 }
@@ -205,6 +223,14 @@ fn build<S: Service>(section: &Section) -> Result<Bound, BoxError> {
             HandlerKind::Rpc(_, call) => bound.rpc.push((
                 handler.name,
                 Arc::new(move |request| call(instance.clone(), request)),
+            )),
+            HandlerKind::Execute(call) => bound.executes.push((
+                handler.name,
+                Arc::new(move |shutdown| call(instance.clone(), shutdown)),
+            )),
+            HandlerKind::Sse(call) => bound.listeners.push((
+                handler.name,
+                Arc::new(move |event| call(instance.clone(), event)),
             )),
             HandlerKind::Publish(_) | HandlerKind::RpcClient(_) => {}
         }

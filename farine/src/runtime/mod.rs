@@ -22,11 +22,16 @@ use crate::amqp::consumer::{self, ConsumerPlan};
 use crate::amqp::publisher::{PublishError, Publisher, PublisherSettings};
 use crate::amqp::topology::ExchangeSettings;
 use crate::config::{Config, ConfigError, Section};
+use crate::db::DbSettings;
+use crate::db::checkpoint::Checkpoint;
+use crate::execute::{self, BoundExecute, ExecutePlan};
 use crate::registry::{BoundConsumer, HandlerInfo, ServiceEntry};
 use crate::rpc::Client;
 use crate::rpc::server::{self as rpc_server, BoundRpc, RpcServerPlan};
+use crate::stream::{self as sse, BoundSse, Position, SsePlan};
 use context::Shared;
 use supervisor::Ready;
+use supervisor::{Policy, ServiceFailed};
 
 /// The broker farine connects to when no `amqp_uri` is configured.
 pub const DEFAULT_AMQP_URI: &str = "amqp://guest:guest@127.0.0.1:5672";
@@ -51,6 +56,8 @@ pub enum StartError {
     },
     #[error("{0}")]
     Conflict(String),
+    #[error(transparent)]
+    Database(#[from] crate::db::DbError),
     #[error("service `{service}`, handler `{handler}` could not start: {cause}")]
     Handler {
         service: String,
@@ -82,6 +89,11 @@ struct ServicePlan {
     rpc: Option<(RpcServerPlan, Vec<(&'static str, BoundRpc)>)>,
     publishers: Vec<(&'static str, ExchangeSettings, String, PublisherSettings)>,
     rpc_clients: Vec<(&'static str, &'static str, Duration)>,
+    executes: Vec<(BoundExecute, ExecutePlan)>,
+    listeners: Vec<(BoundSse, SsePlan)>,
+    /// The restart policy of each handler task, by handler name (`rpc` for the RPC server).
+    policies: std::collections::HashMap<&'static str, Policy>,
+    db: Option<DbSettings>,
     amqp_uri: String,
     connect_timeout: Duration,
 }
@@ -242,29 +254,45 @@ impl Runtime {
         let shared = Arc::new(shared);
         context::install(&shared);
 
-        // The longest a stop may take: a drain, then the broker round trips around it.
-        let stop_bound = plans
-            .iter()
-            .flat_map(|plan| {
-                let consumers = plan
-                    .consumers
-                    .iter()
-                    .map(|(_, c)| c.drain_timeout + c.op_timeout * 3);
-                let rpc = plan
-                    .rpc
-                    .iter()
-                    .map(|(r, _)| r.drain_timeout + r.op_timeout * 3);
-                consumers.chain(rpc).collect::<Vec<_>>()
-            })
-            .max()
-            .unwrap_or(Duration::ZERO);
+        // One pool per database; the connection is checked now, so a wrong password stops
+        // start-up here with a message naming host, port, database and user.
+        let mut pools: BTreeMap<String, crate::db::PgPool> = BTreeMap::new();
+        for plan in &plans {
+            if let Some(db) = &plan.db
+                && !pools.contains_key(&db.describe())
+            {
+                let pool = db.connect().await?;
+                tracing::info!(database = %db.describe(), "connected to PostgreSQL");
+                pools.insert(db.describe(), pool);
+            }
+        }
+
         let shutdown = CancellationToken::new();
+        let (failed, failures) = tokio::sync::mpsc::unbounded_channel();
         let mut tasks = JoinSet::new();
         let mut pending = Vec::new();
+        let mut stop_bound = Duration::ZERO;
         for plan in plans {
             let connector = connectors[&plan.amqp_uri].clone();
-            if let Some((rpc_plan, methods)) = plan.rpc {
+            let policy = |handler: &str| plan.policies.get(handler).copied();
+            let mut spawn = |service: &'static str, handler: &'static str, task: TaskFactory| {
                 let (ready, started) = Ready::new();
+                let Some(policy) = policy(handler) else {
+                    return;
+                };
+                tasks.spawn(supervisor::supervise(
+                    service,
+                    handler,
+                    policy,
+                    shutdown.clone(),
+                    ready,
+                    failed.clone(),
+                    task,
+                ));
+                pending.push((service, handler, started));
+            };
+            let token = shutdown.clone();
+            if let Some((rpc_plan, methods)) = plan.rpc {
                 let service = rpc_plan.service;
                 let methods: std::collections::HashMap<_, _> = methods
                     .into_iter()
@@ -272,53 +300,105 @@ impl Runtime {
                         (crate::rpc::wire::routing_key(service, name), (name, call))
                     })
                     .collect();
+                stop_bound = stop_bound.max(rpc_plan.drain_timeout + rpc_plan.op_timeout * 3);
                 let (methods, rpc_plan) = (Arc::new(methods), Arc::new(rpc_plan));
-                let (connector, shared, token) =
-                    (connector.clone(), shared.clone(), shutdown.clone());
-                tasks.spawn(supervisor::supervise(
+                let (connector, shared, token) = (connector.clone(), shared.clone(), token.clone());
+                spawn(
                     service,
                     "rpc",
-                    shutdown.clone(),
-                    ready,
-                    move |ready| {
-                        rpc_server::run(
+                    Box::new(move |ready| {
+                        let run = rpc_server::run(
                             rpc_plan.clone(),
                             connector.clone(),
                             methods.clone(),
                             shared.clone(),
                             token.clone(),
                             ready,
-                        )
-                    },
-                ));
-                pending.push((service, "rpc", started));
+                        );
+                        Box::pin(async move { run.await.map_err(|e| e.to_string()) })
+                    }),
+                );
             }
             for (bound, consumer_plan) in plan.consumers {
-                let (ready, started) = Ready::new();
+                stop_bound =
+                    stop_bound.max(consumer_plan.drain_timeout + consumer_plan.op_timeout * 3);
                 let consumer_plan = Arc::new(consumer_plan);
                 let (service, handler) = (consumer_plan.service, consumer_plan.handler);
-                let (connector, shared, token) =
-                    (connector.clone(), shared.clone(), shutdown.clone());
+                let (connector, shared, token) = (connector.clone(), shared.clone(), token.clone());
                 let call = bound.call;
-                tasks.spawn(supervisor::supervise(
+                spawn(
                     service,
                     handler,
-                    shutdown.clone(),
-                    ready,
-                    move |ready| {
-                        consumer::run(
+                    Box::new(move |ready| {
+                        let run = consumer::run(
                             consumer_plan.clone(),
                             connector.clone(),
                             call.clone(),
                             shared.clone(),
                             token.clone(),
                             ready,
-                        )
-                    },
-                ));
-                pending.push((service, handler, started));
+                        );
+                        Box::pin(async move { run.await.map_err(|e| e.to_string()) })
+                    }),
+                );
+            }
+            for (call, execute_plan) in plan.executes {
+                stop_bound = stop_bound.max(execute_plan.drain_timeout + Duration::from_secs(1));
+                let execute_plan = Arc::new(execute_plan);
+                let (service, handler) = (execute_plan.service, execute_plan.handler);
+                let (shared, token) = (shared.clone(), token.clone());
+                spawn(
+                    service,
+                    handler,
+                    Box::new(move |ready| {
+                        let run = execute::run(
+                            execute_plan.clone(),
+                            call.clone(),
+                            shared.clone(),
+                            token.clone(),
+                            ready,
+                        );
+                        Box::pin(async move { run.await.map_err(|e| e.to_string()) })
+                    }),
+                );
+            }
+            for (call, sse_plan) in plan.listeners {
+                let checkpoint = match (&plan.db, sse_plan.use_checkpoint) {
+                    (Some(db), true) => {
+                        let pool = pools[&db.describe()].clone();
+                        let opened = Checkpoint::open(pool, sse_plan.service, sse_plan.handler)
+                            .await
+                            .map_err(|e| StartError::Handler {
+                                service: sse_plan.service.to_string(),
+                                handler: sse_plan.handler.to_string(),
+                                cause: format!("cannot prepare the checkpoint table: {e}"),
+                            })?;
+                        Some(opened)
+                    }
+                    _ => None,
+                };
+                let position = Position::new(checkpoint);
+                let sse_plan = Arc::new(sse_plan);
+                let (service, handler) = (sse_plan.service, sse_plan.handler);
+                let (shared, token) = (shared.clone(), token.clone());
+                spawn(
+                    service,
+                    handler,
+                    Box::new(move |ready| {
+                        let run = sse::run(
+                            sse_plan.clone(),
+                            call.clone(),
+                            position.clone(),
+                            shared.clone(),
+                            token.clone(),
+                            ready,
+                        );
+                        Box::pin(async move { run.await.map_err(|e| e.to_string()) })
+                    }),
+                );
             }
         }
+        stop_bound += Duration::from_secs(1);
 
         let running = Running {
             shutdown,
@@ -326,6 +406,7 @@ impl Runtime {
             shared,
             connectors: connectors.into_values().collect(),
             stop_bound,
+            failures,
         };
         for (service, handler, started) in pending {
             let failure = match started.await {
@@ -394,6 +475,24 @@ fn plan_service(
             bound.rpc,
         ))
     };
+    let executes = bound
+        .executes
+        .into_iter()
+        .map(|(name, call)| Ok((call, ExecutePlan::from_config(entry.name, name, section)?)))
+        .collect::<Result<Vec<_>, ConfigError>>()?;
+    let listeners = bound
+        .listeners
+        .into_iter()
+        .map(|(name, call)| Ok((call, SsePlan::from_config(entry.name, name, section)?)))
+        .collect::<Result<Vec<_>, ConfigError>>()?;
+    let mut policies = std::collections::HashMap::new();
+    policies.insert("rpc", Policy::from_config(&section.handler("rpc"))?);
+    for info in entry.handlers() {
+        policies.insert(
+            info.name(),
+            Policy::from_config(&section.handler(info.name()))?,
+        );
+    }
     let consumers = bound
         .consumers
         .into_iter()
@@ -408,6 +507,10 @@ fn plan_service(
         rpc,
         publishers,
         rpc_clients,
+        executes,
+        listeners,
+        policies,
+        db: DbSettings::from_config(section)?,
         amqp_uri,
         connect_timeout,
     })
@@ -420,6 +523,19 @@ pub struct Running {
     shared: Arc<Shared>,
     connectors: Vec<Arc<Connector>>,
     stop_bound: Duration,
+    failures: tokio::sync::mpsc::UnboundedReceiver<ServiceFailed>,
+}
+
+/// A task factory: each call starts one run of a handler's task.
+type TaskFactory =
+    Box<dyn FnMut(Ready) -> futures_util::future::BoxFuture<'static, Result<(), String>> + Send>;
+
+/// Why a running runtime stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A handler failed more often than its restart policy allows.
+    #[error(transparent)]
+    ServiceFailed(#[from] ServiceFailed),
 }
 
 /// How long closing a publisher's channel may wait for the broker.
@@ -453,13 +569,28 @@ impl Running {
         tracing::info!("stopped");
     }
 
-    /// Runs until SIGINT or SIGTERM (or the shutdown token), then stops.
-    pub async fn run_until_signal(self) {
+    /// Runs until SIGINT or SIGTERM (or the shutdown token), then stops; or until a handler
+    /// fails more often than its restart policy allows, then stops and returns the failure.
+    pub async fn run_until_signal(mut self) -> Result<(), RunError> {
         let token = self.shutdown.clone();
-        tokio::select! {
-            name = shutdown::signal() => tracing::info!(signal = name, "stopping: draining in-flight handlers"),
-            _ = token.cancelled() => tracing::info!("stopping: draining in-flight handlers"),
-        }
+        let failure = tokio::select! {
+            name = shutdown::signal() => {
+                tracing::info!(signal = name, "stopping: draining in-flight handlers");
+                None
+            }
+            _ = token.cancelled() => {
+                tracing::info!("stopping: draining in-flight handlers");
+                None
+            }
+            Some(failure) = self.failures.recv() => {
+                tracing::error!(error = %failure, "stopping: a service failed");
+                Some(failure)
+            }
+        };
         self.stop().await;
+        match failure {
+            Some(failure) => Err(failure.into()),
+            None => Ok(()),
+        }
     }
 }

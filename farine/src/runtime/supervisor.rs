@@ -1,10 +1,13 @@
 //! Supervision: every handler task runs under a loop that restarts it when it fails.
 //!
 //! A task that returns an error or panics is restarted after a delay that doubles from
-//! `RESTART_DELAY_MIN` up to `RESTART_DELAY_MAX`, and falls back to the minimum once a run lasted
+//! `restart_delay` up to `restart_delay_max`, and falls back to the minimum once a run lasted
 //! `STABLE_AFTER`. A failure of one task touches no other: each has its own loop. A task that
 //! fails before it ever got ready (its first start) is not restarted: the start-up reports it.
-//! `docs/supervision.md` describes the model.
+//! A task that fails more than `max_restarts` times within `restart_window` is not restarted
+//! either: the service is failed, the runtime stops and the process exits non-zero, so the
+//! orchestrator notices instead of a silent flapping. A task that ends with `Ok` is done (an
+//! `#[execute]` method with `restart = false`). `docs/supervision.md` describes the model.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -16,11 +19,50 @@ use futures_util::FutureExt;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::consumer::panic_message;
+use std::collections::VecDeque;
 
-const RESTART_DELAY_MIN: Duration = Duration::from_millis(100);
-const RESTART_DELAY_MAX: Duration = Duration::from_secs(30);
+use tokio::sync::mpsc;
+
+use crate::amqp::consumer::panic_message;
+use crate::config::{ConfigError, HandlerSection};
+
 const STABLE_AFTER: Duration = Duration::from_secs(60);
+
+/// How a handler's task is restarted, from the config.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Policy {
+    pub delay_min: Duration,
+    pub delay_max: Duration,
+    pub max_restarts: u32,
+    pub window: Duration,
+}
+
+impl Policy {
+    /// `restart_delay` (100 ms), `restart_delay_max` (30 s), `max_restarts` (5),
+    /// `restart_window` (60 s).
+    pub fn from_config(handler: &HandlerSection<'_>) -> Result<Self, ConfigError> {
+        Ok(Self {
+            delay_min: handler.get_or("restart_delay", Duration::from_millis(100))?,
+            delay_max: handler.get_or("restart_delay_max", Duration::from_secs(30))?,
+            max_restarts: handler.get_or("max_restarts", 5u32)?,
+            window: handler.get_or("restart_window", Duration::from_secs(60))?,
+        })
+    }
+}
+
+/// A handler that failed more often than its policy allows.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "service `{service}`, handler `{handler}` failed {failures} times within {window:?} (more than max_restarts = {max_restarts}); last cause: {cause}"
+)]
+pub struct ServiceFailed {
+    pub service: &'static str,
+    pub handler: &'static str,
+    pub failures: usize,
+    pub max_restarts: u32,
+    pub window: Duration,
+    pub cause: String,
+}
 
 /// The first start's result: `Err` carries the cause.
 pub(crate) type Started = Result<(), String>;
@@ -55,19 +97,24 @@ impl Ready {
     }
 }
 
-/// Runs `task` until `shutdown`, restarting it with backoff whenever it fails.
+/// Runs `task` until `shutdown`, restarting it with backoff whenever it fails, until it fails
+/// more often than `policy` allows (reported on `failed`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn supervise<F, Fut, E>(
     service: &'static str,
     handler: &'static str,
+    policy: Policy,
     shutdown: CancellationToken,
     ready: Ready,
+    failed: mpsc::UnboundedSender<ServiceFailed>,
     mut task: F,
 ) where
     F: FnMut(Ready) -> Fut,
     Fut: Future<Output = Result<(), E>>,
     E: Display,
 {
-    let mut delay = RESTART_DELAY_MIN;
+    let mut delay = policy.delay_min;
+    let mut failures: VecDeque<Instant> = VecDeque::new();
     loop {
         let started = Instant::now();
         let result = AssertUnwindSafe(task(ready.clone())).catch_unwind().await;
@@ -75,7 +122,7 @@ pub(crate) async fn supervise<F, Fut, E>(
             return;
         }
         let cause = match result {
-            Ok(Ok(())) => "the task ended".to_string(),
+            Ok(Ok(())) => return,
             Ok(Err(e)) => e.to_string(),
             Err(panic) => format!("panicked: {}", panic_message(&*panic)),
         };
@@ -83,14 +130,35 @@ pub(crate) async fn supervise<F, Fut, E>(
             ready.signal(Err(cause));
             return;
         }
-        if started.elapsed() >= STABLE_AFTER {
-            delay = RESTART_DELAY_MIN;
+        let now = Instant::now();
+        failures.push_back(now);
+        while failures
+            .front()
+            .is_some_and(|at| now.duration_since(*at) > policy.window)
+        {
+            failures.pop_front();
         }
-        tracing::warn!(service, handler, cause = %cause, restart_in = ?delay, "handler task failed; restarting");
+        if failures.len() > policy.max_restarts as usize {
+            let failure = ServiceFailed {
+                service,
+                handler,
+                failures: failures.len(),
+                max_restarts: policy.max_restarts,
+                window: policy.window,
+                cause,
+            };
+            tracing::error!(service, handler, error = %failure, "handler failed too often: the service is failed");
+            let _ = failed.send(failure);
+            return;
+        }
+        if started.elapsed() >= STABLE_AFTER {
+            delay = policy.delay_min;
+        }
+        tracing::warn!(service, handler, cause = %cause, restart_in = ?delay, failures = failures.len(), "handler task failed; restarting");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled() => return,
         }
-        delay = (delay * 2).min(RESTART_DELAY_MAX);
+        delay = (delay * 2).min(policy.delay_max);
     }
 }

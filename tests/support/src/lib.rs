@@ -6,6 +6,7 @@
 
 pub mod process;
 pub mod proxy;
+pub mod sse;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,0 +1,111 @@
+//! PostgreSQL: the pool a service gets when its section configures a database.
+//!
+//! The keys are the seed's, read from `[DEFAULT]` or the service's section: `db_connector`
+//! (`postgres`), `db_host`, `db_port` (5432), `db_name`, `db_user`, `db_password`,
+//! `db_max_conn` (max connections, 10), `db_stale_timeout` (idle timeout, 300 s), `db_timeout`
+//! (acquire timeout, 30 s). At start farine connects once and fails fast with an error naming
+//! host, port, database and user, never the password. Queries are runtime queries: building
+//! farine needs no database.
+
+pub mod checkpoint;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::config::{ConfigError, Section};
+
+pub use sqlx::PgPool;
+
+/// The database settings of a service, when it has any.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct DbSettings {
+    pub host: String,
+    pub port: u16,
+    pub name: String,
+    pub user: String,
+    password: Option<String>,
+    pub max_connections: u32,
+    pub idle_timeout: Duration,
+    pub acquire_timeout: Duration,
+}
+
+impl std::fmt::Debug for DbSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.describe())
+    }
+}
+
+/// Why the database could not be used. Never contains the password.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to PostgreSQL {target}: {cause}")]
+pub struct DbError {
+    pub target: String,
+    pub cause: String,
+}
+
+impl DbSettings {
+    /// The settings of `section`, or `None` when it sets no `db_connector`.
+    pub fn from_config(section: &Section) -> Result<Option<Self>, ConfigError> {
+        let Some(connector) = section.get_str("db_connector")? else {
+            return Ok(None);
+        };
+        if !connector.trim().eq_ignore_ascii_case("postgres") {
+            return Err(section.invalid(
+                "db_connector",
+                &connector,
+                "one of the supported connectors: postgres",
+            ));
+        }
+        Ok(Some(Self {
+            host: section.require("db_host")?,
+            port: section.get_or("db_port", 5432u16)?,
+            name: section.require("db_name")?,
+            user: section.require("db_user")?,
+            password: section.get_str("db_password")?,
+            max_connections: section.get_or("db_max_conn", 10u32)?,
+            idle_timeout: section.get_or("db_stale_timeout", Duration::from_secs(300))?,
+            acquire_timeout: section.get_or("db_timeout", Duration::from_secs(30))?,
+        }))
+    }
+
+    /// `user@host:port/database`, for logs and errors.
+    pub fn describe(&self) -> String {
+        format!("{}@{}:{}/{}", self.user, self.host, self.port, self.name)
+    }
+
+    /// Opens the pool and checks, once, that a connection can be made.
+    pub async fn connect(&self) -> Result<PgPool, DbError> {
+        let mut options = PgConnectOptions::new()
+            .host(&self.host)
+            .port(self.port)
+            .database(&self.name)
+            .username(&self.user)
+            .application_name("farine");
+        if let Some(password) = &self.password {
+            options = options.password(password);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .idle_timeout(self.idle_timeout)
+            .acquire_timeout(self.acquire_timeout)
+            .connect_with(options)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(pool)
+    }
+
+    fn error(&self, e: sqlx::Error) -> DbError {
+        let mut cause = e.to_string();
+        if let Some(password) = self.password.as_deref().filter(|p| !p.is_empty()) {
+            cause = cause.replace(password, "****");
+        }
+        DbError {
+            target: format!(
+                "host {} port {} database {} user {}",
+                self.host, self.port, self.name, self.user
+            ),
+            cause,
+        }
+    }
+}

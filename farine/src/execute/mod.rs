@@ -1,0 +1,145 @@
+//! `#[execute]`: a method farine runs, and runs again when it returns.
+//!
+//! As in the seed, a method that returns is run again (`restart = true`, the default) after
+//! `interval` (default 0); with `restart = false` it runs once. An `Err` or a panic is a failure:
+//! the supervisor restarts the method with backoff and counts it against the restart-intensity
+//! limit (`docs/supervision.md`). The method may take a [`Shutdown`] to learn that the process
+//! is stopping; it then has `drain_timeout` to return before it is stopped.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::consumer::{Outcome, panic_message};
+use crate::config::{ConfigError, Section};
+use crate::runtime::context::{self, Shared};
+use crate::runtime::supervisor::Ready;
+
+/// What an `#[execute]` method looks like once the macro wrapped it.
+pub type ExecuteFn<S> = fn(Arc<S>, Shutdown) -> BoxFuture<'static, Outcome>;
+
+pub(crate) type BoundExecute = Arc<dyn Fn(Shutdown) -> BoxFuture<'static, Outcome> + Send + Sync>;
+
+/// Tells an `#[execute]` method that the process is stopping. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Shutdown {
+    token: CancellationToken,
+}
+
+impl Shutdown {
+    /// A shutdown signal of its own (tests; call [`Shutdown::trigger`] to fire it).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn from_token(token: CancellationToken) -> Self {
+        Self { token }
+    }
+
+    /// Waits until the process is stopping.
+    pub async fn cancelled(&self) {
+        self.token.cancelled().await;
+    }
+
+    /// True once the process is stopping.
+    pub fn is_cancelled(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Fires the signal.
+    pub fn trigger(&self) {
+        self.token.cancel();
+    }
+}
+
+/// How an `#[execute]` method is run, from its section.
+#[derive(Debug, Clone)]
+pub(crate) struct ExecutePlan {
+    pub service: &'static str,
+    pub handler: &'static str,
+    pub restart: bool,
+    pub interval: Duration,
+    pub drain_timeout: Duration,
+}
+
+impl ExecutePlan {
+    pub fn from_config(
+        service: &'static str,
+        handler: &'static str,
+        section: &Section,
+    ) -> Result<Self, ConfigError> {
+        let scoped = section.handler(handler);
+        Ok(Self {
+            service,
+            handler,
+            restart: scoped.get_or("restart", true)?,
+            interval: scoped.get_or("interval", Duration::ZERO)?,
+            drain_timeout: scoped.get_or("drain_timeout", Duration::from_secs(30))?,
+        })
+    }
+}
+
+/// Why an `#[execute]` method's run failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ExecuteError(String);
+
+/// Runs the method until shutdown, or once with `restart = false`; `Err` on a failed run.
+pub(crate) async fn run(
+    plan: Arc<ExecutePlan>,
+    call: BoundExecute,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    ready: Ready,
+) -> Result<(), ExecuteError> {
+    ready.signal(Ok(()));
+    tracing::info!(
+        service = plan.service,
+        handler = plan.handler,
+        restart = plan.restart,
+        "executing"
+    );
+    loop {
+        let run = context::scope(shared.clone(), call(Shutdown::from_token(shutdown.clone())));
+        let mut run = Box::pin(AssertUnwindSafe(run).catch_unwind());
+        let result = tokio::select! {
+            result = &mut run => result,
+            _ = shutdown.cancelled() => match tokio::time::timeout(plan.drain_timeout, run).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!(service = plan.service, handler = plan.handler, "the method did not return within the drain timeout; it is stopped");
+                    return Ok(());
+                }
+            },
+        };
+        let outcome = result.unwrap_or_else(|panic| {
+            Outcome::Failed(format!("panicked: {}", panic_message(&*panic)))
+        });
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        match outcome {
+            Outcome::Failed(error)
+            | Outcome::Undecodable(crate::DecodeError { cause: error, .. }) => {
+                return Err(ExecuteError(error));
+            }
+            Outcome::Done if !plan.restart => {
+                tracing::info!(
+                    service = plan.service,
+                    handler = plan.handler,
+                    "finished (restart = false)"
+                );
+                return Ok(());
+            }
+            Outcome::Done => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(plan.interval) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}

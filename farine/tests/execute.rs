@@ -1,0 +1,176 @@
+//! `#[execute]` and the supervision of every handler kind: runs, restarts with backoff,
+//! shutdown, and the restart-intensity limit.
+
+mod common;
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::BOUND;
+use farine::config::Config;
+use farine::{RunError, Runtime, Shutdown, execute};
+use farine_test_support::{amqp_uri, wait_until};
+
+fn config(service: &str, options: &str) -> Config {
+    let text = format!("[{service}]\namqp_uri = {}\n{options}", amqp_uri());
+    Config::from_ini(&text, "test.ini").unwrap()
+}
+
+static RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[derive(Default)]
+struct Repeated;
+
+#[farine::service(name = "exec_repeated")]
+impl Repeated {
+    #[execute]
+    async fn run(&self) {
+        RUNS.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_that_returns_is_run_again_after_the_interval() {
+    let started = Instant::now();
+    let running = Runtime::new(config("exec_repeated", "interval = 50ms\n"))
+        .services(["exec_repeated"])
+        .start()
+        .await
+        .expect("starts");
+    assert!(wait_until(BOUND, || RUNS.load(Ordering::SeqCst) >= 3).await);
+    assert!(
+        started.elapsed() >= Duration::from_millis(100),
+        "runs 50 ms apart"
+    );
+    running.stop().await;
+}
+
+static ONCE: AtomicUsize = AtomicUsize::new(0);
+
+#[derive(Default)]
+struct Once;
+
+#[farine::service(name = "exec_once")]
+impl Once {
+    #[execute]
+    async fn run(&self) -> Result<(), String> {
+        ONCE.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    // A second handler keeps the service alive, so the test can observe the first stays done.
+    #[execute]
+    async fn idle(&self, shutdown: Shutdown) {
+        shutdown.cancelled().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_restart_false_a_method_runs_once() {
+    let running = Runtime::new(config("exec_once", "run.restart = false\n"))
+        .services(["exec_once"])
+        .start()
+        .await
+        .expect("starts");
+    assert!(wait_until(BOUND, || ONCE.load(Ordering::SeqCst) == 1).await);
+    running.stop().await;
+    assert_eq!(ONCE.load(Ordering::SeqCst), 1);
+}
+
+static FAILED_AT: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
+
+#[derive(Default)]
+struct Failing;
+
+#[farine::service(name = "exec_failing")]
+impl Failing {
+    #[execute]
+    async fn run(&self) -> Result<(), String> {
+        FAILED_AT.lock().unwrap().push(Instant::now());
+        Err("always fails".into())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_method_is_restarted_with_growing_backoff() {
+    let options = "restart_delay = 100ms\nrestart_delay_max = 1s\nmax_restarts = 100\n";
+    let running = Runtime::new(config("exec_failing", options))
+        .services(["exec_failing"])
+        .start()
+        .await
+        .expect("starts");
+    assert!(wait_until(BOUND, || FAILED_AT.lock().unwrap().len() >= 4).await);
+    running.stop().await;
+    let at = FAILED_AT.lock().unwrap().clone();
+    let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps[0] >= Duration::from_millis(100), "{gaps:?}");
+    assert!(gaps[1] >= Duration::from_millis(200), "{gaps:?}");
+    assert!(gaps[2] >= Duration::from_millis(400), "{gaps:?}");
+}
+
+static SAW_SHUTDOWN: AtomicUsize = AtomicUsize::new(0);
+
+#[derive(Default)]
+struct Patient;
+
+#[farine::service(name = "exec_patient")]
+impl Patient {
+    #[execute]
+    async fn wait(&self, shutdown: Shutdown) {
+        shutdown.cancelled().await;
+        SAW_SHUTDOWN.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_observes_shutdown_and_ends_cleanly() {
+    let running = Runtime::new(config("exec_patient", ""))
+        .services(["exec_patient"])
+        .start()
+        .await
+        .expect("starts");
+    let stopping = Instant::now();
+    running.stop().await;
+    assert!(stopping.elapsed() < Duration::from_secs(2));
+    assert_eq!(SAW_SHUTDOWN.load(Ordering::SeqCst), 1);
+}
+
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+#[derive(Default)]
+struct Panicky;
+
+#[farine::service(name = "exec_panicky")]
+impl Panicky {
+    #[execute]
+    async fn explode(&self) {
+        PANICS.fetch_add(1, Ordering::SeqCst);
+        panic!("explodes on every run");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_failures_than_max_restarts_in_the_window_fail_the_service() {
+    let options = "restart_delay = 10ms\nmax_restarts = 3\nrestart_window = 30\n";
+    let running = Runtime::new(config("exec_panicky", options))
+        .services(["exec_panicky"])
+        .start()
+        .await
+        .expect("starts");
+    let result = tokio::time::timeout(BOUND, running.run_until_signal())
+        .await
+        .expect("the runtime stops by itself");
+    let RunError::ServiceFailed(failure) = result.expect_err("the service failed");
+    let text = failure.to_string();
+    assert_eq!(
+        (failure.service, failure.handler),
+        ("exec_panicky", "explode")
+    );
+    assert!(text.contains("explodes on every run"), "{text}");
+    assert_eq!(
+        PANICS.load(Ordering::SeqCst),
+        4,
+        "the first run and three restarts"
+    );
+}
