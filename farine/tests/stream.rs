@@ -11,9 +11,8 @@ use farine::Runtime;
 use farine::config::Config;
 use farine::stream::Event;
 use farine_test_support::sse::SseServer;
-use farine_test_support::{amqp_uri, unique, wait_until};
+use farine_test_support::{Database, amqp_uri, wait_until};
 use serde::Deserialize;
-use sqlx::Connection;
 
 fn config(service: &str, options: &str) -> Config {
     let text = format!("[{service}]\namqp_uri = {}\n{options}", amqp_uri());
@@ -196,49 +195,6 @@ impl Checkpointed {
     #[farine::stream::http]
     async fn on_number(&self, number: Number) {
         CHECKPOINTED.lock().unwrap().push(number.n);
-    }
-}
-
-/// A database of the test's own, dropped at the end.
-struct Database {
-    name: String,
-}
-
-impl Database {
-    async fn create() -> Self {
-        let name = unique("db").replace('-', "_");
-        let mut admin = sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres")
-            .await
-            .expect("PostgreSQL is reachable");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        Self { name }
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                if let Ok(mut admin) =
-                    sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres").await
-                {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
-                    .execute(&mut admin)
-                    .await;
-                }
-            });
-        })
-        .join();
     }
 }
 

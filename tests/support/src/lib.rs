@@ -344,3 +344,58 @@ impl Drop for IniFile {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+/// A PostgreSQL database of the test's own (on the local server, as user `postgres`), dropped
+/// when this is dropped.
+pub struct Database {
+    pub name: String,
+}
+
+const POSTGRES_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+impl Database {
+    pub async fn create() -> Self {
+        use sqlx::Connection;
+        let name = unique("db").replace('-', "_");
+        let mut admin = sqlx::PgConnection::connect(POSTGRES_ADMIN)
+            .await
+            .expect("PostgreSQL is reachable (is it running?)");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .expect("database created");
+        Self { name }
+    }
+
+    /// The `db_*` keys of a farine section for this database.
+    pub fn ini_keys(&self) -> String {
+        format!(
+            "db_connector = postgres\ndb_host = 127.0.0.1\ndb_name = {}\ndb_user = postgres\n",
+            self.name
+        )
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                use sqlx::Connection;
+                if let Ok(mut admin) = sqlx::PgConnection::connect(POSTGRES_ADMIN).await {
+                    let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(drop))
+                        .execute(&mut admin)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
