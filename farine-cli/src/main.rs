@@ -244,6 +244,13 @@ fn run_all(args: &Args, binaries: &[(String, PathBuf)]) -> Result<u8, Failure> {
         .map_err(|e| (EXIT_FAILURE, format!("cannot start: {e}")))?;
     runtime.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
+        // Take the signals over before spawning, so none is lost (or kills the launcher alone).
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return Err((EXIT_FAILURE, "cannot install signal handlers".into()));
+        };
         let mut running = tokio::task::JoinSet::new();
         let mut pids = Vec::new();
         for (name, binary) in binaries {
@@ -273,12 +280,6 @@ fn run_all(args: &Args, binaries: &[(String, PathBuf)]) -> Result<u8, Failure> {
                 (name, code)
             });
         }
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            return Err((EXIT_FAILURE, "cannot install signal handlers".into()));
-        };
         let mut worst = EXIT_OK;
         let mut stopping = false;
         loop {

@@ -65,7 +65,8 @@ async fn farine_start_sse_relays_exactly_the_100_events_in_order_across_two_cuts
     assert_eq!(server.requests().len(), 3, "two cuts, two resumes");
 
     process.signal(SIGTERM);
-    assert_eq!(process.wait_exit(BOUND).and_then(|s| s.code()), Some(0));
+    let status = process.wait_exit(BOUND).and_then(|s| s.code());
+    assert_eq!(status, Some(0), "{}", process.output());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,5 +184,6 @@ async fn farine_start_rpc_and_mixed_an_sse_event_goes_through_rpc() {
         process.output()
     );
     process.signal(SIGTERM);
-    assert_eq!(process.wait_exit(BOUND).and_then(|s| s.code()), Some(0));
+    let status = process.wait_exit(BOUND).and_then(|s| s.code());
+    assert_eq!(status, Some(0), "{}", process.output());
 }

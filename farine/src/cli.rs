@@ -101,8 +101,10 @@ fn run(module: &'static str, args: Args) -> u8 {
         }
     };
     runtime.block_on(async move {
+        // Signals first: a SIGTERM during start-up stops the process cleanly once started.
+        let signals = crate::runtime::shutdown::Signals::install();
         match Runtime::new(config).module(module).start().await {
-            Ok(running) => match running.run_until_signal().await {
+            Ok(running) => match running.run_until(signals).await {
                 Ok(()) => EXIT_OK,
                 Err(e) => {
                     eprintln!("farine: {e}");

@@ -28,7 +28,8 @@
 //!
 //! Where things live: [`config`] (the INI file), [`registry`] (what the macros register),
 //! [`runtime`] (start, supervision, shutdown), [`amqp`] (connection, topology, consumers,
-//! publishers, messages), [`rpc`] (RPC server, client, wire format), [`cli`] (the command line
+//! publishers, messages), [`rpc`] (RPC server, client, wire format), [`stream`] (SSE
+//! listeners), [`execute`] (restarted methods), [`db`] (PostgreSQL), [`cli`] (the command line
 //! of a service binary).
 
 pub mod amqp;

@@ -571,10 +571,16 @@ impl Running {
 
     /// Runs until SIGINT or SIGTERM (or the shutdown token), then stops; or until a handler
     /// fails more often than its restart policy allows, then stops and returns the failure.
-    pub async fn run_until_signal(mut self) -> Result<(), RunError> {
+    pub async fn run_until_signal(self) -> Result<(), RunError> {
+        self.run_until(shutdown::Signals::install()).await
+    }
+
+    /// As [`Running::run_until_signal`], with signal handlers installed earlier (before
+    /// start-up, as the command line does).
+    pub async fn run_until(mut self, mut signals: shutdown::Signals) -> Result<(), RunError> {
         let token = self.shutdown.clone();
         let failure = tokio::select! {
-            name = shutdown::signal() => {
+            name = signals.recv() => {
                 tracing::info!(signal = name, "stopping: draining in-flight handlers");
                 None
             }
