@@ -94,3 +94,42 @@ pub fn rpc_interface(args: TokenStream, item: TokenStream) -> TokenStream {
 pub fn stream_http(args: TokenStream, item: TokenStream) -> TokenStream {
     standalone("stream::http", args, item)
 }
+
+/// The package's `migrations/*.sql` files (named `<version>_<description>.sql`), embedded as
+/// `&[farine::db::EmbeddedMigration]`; `&[]` when there is no such folder. Used by
+/// `farine::main!()`.
+#[proc_macro]
+pub fn embed_migrations(_input: TokenStream) -> TokenStream {
+    let Ok(dir) = std::env::var("CARGO_MANIFEST_DIR") else {
+        return quote::quote!(&[]).into();
+    };
+    let folder = std::path::Path::new(&dir).join("migrations");
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(&folder) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let Some(stem) = name.strip_suffix(".sql") else {
+                continue;
+            };
+            let Some((version, description)) = stem.split_once('_') else {
+                continue;
+            };
+            let Ok(version) = version.parse::<i64>() else {
+                continue;
+            };
+            found.push((version, description.replace('_', " "), entry.path()));
+        }
+    }
+    found.sort_by_key(|(version, _, _)| *version);
+    let items = found.iter().map(|(version, description, path)| {
+        let path = path.to_string_lossy().to_string();
+        quote::quote! {
+            ::farine::db::EmbeddedMigration {
+                version: #version,
+                description: #description,
+                sql: ::std::include_str!(#path),
+            }
+        }
+    });
+    quote::quote!(&[#(#items),*]).into()
+}

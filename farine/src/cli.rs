@@ -44,8 +44,16 @@ pub struct Args {
 
 /// Runs the binary of module `module` (its package name) with the process's arguments.
 pub fn main(module: &'static str) -> ExitCode {
+    main_with_migrations(module, &[])
+}
+
+/// As [`main`], applying `migrations` at start to each database the services use.
+pub fn main_with_migrations(
+    module: &'static str,
+    migrations: &'static [crate::db::EmbeddedMigration],
+) -> ExitCode {
     let args = Args::parse();
-    ExitCode::from(run(module, args))
+    ExitCode::from(run(module, migrations, args))
 }
 
 fn init_logging(level: Option<&str>) -> Result<(), String> {
@@ -63,7 +71,11 @@ fn init_logging(level: Option<&str>) -> Result<(), String> {
     Ok(())
 }
 
-fn run(module: &'static str, args: Args) -> u8 {
+fn run(
+    module: &'static str,
+    migrations: &'static [crate::db::EmbeddedMigration],
+    args: Args,
+) -> u8 {
     if let Err(message) = init_logging(args.log_level.as_deref()) {
         eprintln!("farine: {message}");
         return EXIT_USAGE;
@@ -103,7 +115,12 @@ fn run(module: &'static str, args: Args) -> u8 {
     runtime.block_on(async move {
         // Signals first: a SIGTERM during start-up stops the process cleanly once started.
         let signals = crate::runtime::shutdown::Signals::install();
-        match Runtime::new(config).module(module).start().await {
+        match Runtime::new(config)
+            .module(module)
+            .migrations(migrations)
+            .start()
+            .await
+        {
             Ok(running) => match running.run_until(signals).await {
                 Ok(()) => EXIT_OK,
                 Err(e) => {

@@ -44,12 +44,14 @@ pub mod stream;
 
 pub use amqp::message::{DecodeError, Message, SettleError};
 pub use amqp::publisher::{PublishError, PublishOptions, Publisher};
+pub use db::{Db, DbCallError};
 pub use execute::Shutdown;
 pub use farine_macros::{consume, execute, publish, service};
 pub use runtime::{RunError, Running, Runtime, StartError};
 
 /// Gives a service package its `main`: `farine::main!();` in `src/main.rs` declares the
-/// package's `service` module (`src/service.rs`) and runs the farine command line for it.
+/// package's `service` module (`src/service.rs`), embeds the package's `migrations/` folder
+/// (applied at start when a database is configured) and runs the farine command line.
 /// `farine::main!(services);` names another module.
 #[macro_export]
 macro_rules! main {
@@ -59,7 +61,10 @@ macro_rules! main {
     ($module:ident) => {
         mod $module;
         fn main() -> ::std::process::ExitCode {
-            $crate::cli::main(::std::env!("CARGO_PKG_NAME"))
+            $crate::cli::main_with_migrations(
+                ::std::env!("CARGO_PKG_NAME"),
+                $crate::__private::embed_migrations!(),
+            )
         }
     };
 }
@@ -75,6 +80,7 @@ pub mod __private {
     pub use crate::rpc::server::{Arguments as RpcArguments, RpcCall};
     pub use crate::runtime::context::{publisher, rpc_client};
     pub use crate::stream::Event as SseEvent;
+    pub use farine_macros::embed_migrations;
     pub use futures_util::future::BoxFuture;
     pub use inventory;
     pub use serde;

@@ -19,12 +19,11 @@
 //! start-up or shutdown.
 
 use std::fmt::Display;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio::task::JoinSet;
@@ -85,6 +84,16 @@ pub(crate) struct ConsumerPlan {
     pub drain_timeout: Duration,
     /// The bound on each broker round trip of set-up and shutdown (`connect_timeout`).
     pub op_timeout: Duration,
+    /// `transaction = true`: the call runs in a transaction committed before the ack.
+    pub transaction: bool,
+    /// `inbox = true`: the message id is recorded in the same transaction; a known id is acked
+    /// without running the handler.
+    pub inbox: bool,
+    /// `inbox_key`: the top-level field of the JSON body that identifies the message, instead
+    /// of its `message_id` property.
+    pub inbox_key: Option<String>,
+    /// The database of each call, when the service has one (set at start).
+    pub db: Option<Arc<crate::db::call::CallDb>>,
 }
 
 impl ConsumerPlan {
@@ -122,6 +131,10 @@ impl ConsumerPlan {
             },
             drain_timeout: scoped.get_or("drain_timeout", Duration::from_secs(30))?,
             op_timeout: scoped.get_or("connect_timeout", Duration::from_secs(10))?,
+            transaction: scoped.get_or("transaction", false)? || scoped.get_or("inbox", false)?,
+            inbox: scoped.get_or("inbox", false)?,
+            inbox_key: scoped.get_str("inbox_key")?,
+            db: None,
         })
     }
 }
@@ -265,11 +278,47 @@ async fn handle(
     retry: Publisher,
     shutdown: CancellationToken,
 ) {
-    let outcome = match AssertUnwindSafe(handled).catch_unwind().await {
-        Ok(outcome) => outcome,
-        Err(panic) => Outcome::Failed(format!("panicked: {}", panic_message(&*panic))),
+    let id = inbox_id(&plan, &message);
+    let outcome = match crate::db::call::around(plan.db.as_deref(), id.as_deref(), handled).await {
+        crate::db::call::Called::Ran(outcome) => outcome,
+        crate::db::call::Called::Duplicate => {
+            tracing::info!(
+                service = plan.service,
+                handler = plan.handler,
+                message_id = id.as_deref().unwrap_or(""),
+                "already handled (the id is in the inbox): acked without running the handler again"
+            );
+            Outcome::Done
+        }
     };
     settle(&plan, &message, outcome, &retry, &shutdown).await;
+}
+
+/// The id the inbox records for `message`: the `inbox_key` field of its body, else its
+/// `message_id`; `None` (no deduplication, logged) when it has neither.
+fn inbox_id(plan: &ConsumerPlan, message: &Message) -> Option<String> {
+    if !plan.inbox {
+        return None;
+    }
+    let id = match &plan.inbox_key {
+        Some(key) => serde_json::from_slice::<serde_json::Value>(message.body())
+            .ok()
+            .and_then(|body| match body.get(key) {
+                Some(serde_json::Value::String(text)) => Some(text.clone()),
+                Some(serde_json::Value::Null) | None => None,
+                Some(other) => Some(other.to_string()),
+            }),
+        None => message.message_id().map(str::to_string),
+    };
+    if id.is_none() {
+        tracing::warn!(
+            service = plan.service,
+            handler = plan.handler,
+            delivery_tag = message.delivery_tag(),
+            "a message without an id cannot be deduplicated by the inbox; handled as is"
+        );
+    }
+    id
 }
 
 async fn settle(

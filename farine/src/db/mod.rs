@@ -7,7 +7,11 @@
 //! host, port, database and user, never the password. Queries are runtime queries: building
 //! farine needs no database.
 
+pub mod call;
 pub mod checkpoint;
+
+pub use call::{Db, DbCallError};
+pub use sqlx;
 
 use std::time::Duration;
 
@@ -108,4 +112,36 @@ impl DbSettings {
             cause,
         }
     }
+}
+
+/// A migration embedded in the service binary by `farine::main!()` from the package's
+/// `migrations/` folder (files `<version>_<description>.sql`, as sqlx names them).
+#[derive(Debug, Clone, Copy)]
+pub struct EmbeddedMigration {
+    pub version: i64,
+    pub description: &'static str,
+    pub sql: &'static str,
+}
+
+/// Applies `migrations` that the database has not seen yet, each once, under sqlx's migration
+/// lock (several instances starting at once are safe).
+pub async fn migrate(pool: &PgPool, migrations: &[EmbeddedMigration]) -> Result<(), sqlx::Error> {
+    use sqlx::SqlSafeStr;
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
+    let migrations = migrations
+        .iter()
+        .map(|m| {
+            Migration::new(
+                m.version,
+                m.description.into(),
+                MigrationType::Simple,
+                m.sql.into_sql_str(),
+                false,
+            )
+        })
+        .collect();
+    Migrator::with_migrations(migrations)
+        .run(pool)
+        .await
+        .map_err(|e| sqlx::Error::Migrate(Box::new(e)))
 }

@@ -64,6 +64,10 @@ pub(crate) struct ExecutePlan {
     pub restart: bool,
     pub interval: Duration,
     pub drain_timeout: Duration,
+    /// `transaction = true`: each call runs in a transaction, committed when it succeeds.
+    pub transaction: bool,
+    /// The database of each run, when the service has one (set at start).
+    pub db: Option<Arc<crate::db::call::CallDb>>,
 }
 
 impl ExecutePlan {
@@ -79,6 +83,8 @@ impl ExecutePlan {
             restart: scoped.get_or("restart", true)?,
             interval: scoped.get_or("interval", Duration::ZERO)?,
             drain_timeout: scoped.get_or("drain_timeout", Duration::from_secs(30))?,
+            transaction: scoped.get_or("transaction", false)?,
+            db: None,
         })
     }
 }
@@ -105,6 +111,13 @@ pub(crate) async fn run(
     );
     loop {
         let run = context::scope(shared.clone(), call(Shutdown::from_token(shutdown.clone())));
+        let db = plan.db.clone();
+        let run = async move {
+            match crate::db::call::around(db.as_deref(), None, run).await {
+                crate::db::call::Called::Ran(outcome) => outcome,
+                crate::db::call::Called::Duplicate => Outcome::Done,
+            }
+        };
         let mut run = Box::pin(AssertUnwindSafe(run).catch_unwind());
         let result = tokio::select! {
             result = &mut run => result,

@@ -10,13 +10,12 @@
 
 use std::collections::HashMap;
 use std::fmt::Display;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use futures_util::{FutureExt, Stream, StreamExt};
+use futures_util::{Stream, StreamExt};
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
 };
@@ -29,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, ErrorBody, ErrorKind, Reply, Request};
 use crate::amqp::connection::Connector;
-use crate::amqp::consumer::{ConsumeError, panic_message};
+use crate::amqp::consumer::ConsumeError;
 use crate::amqp::message::Message;
 use crate::amqp::publisher::{PublishError, PublishOptions, Publisher, PublisherSettings};
 use crate::amqp::topology::{ExchangeSettings, QueueSettings, TopologyError};
@@ -315,6 +314,8 @@ pub(crate) struct RpcServerPlan {
     pub prefetch: u16,
     pub drain_timeout: Duration,
     pub op_timeout: Duration,
+    /// The database of each call (`farine::Db::current()`), when the service has one.
+    pub db: Option<Arc<crate::db::call::CallDb>>,
 }
 
 impl RpcServerPlan {
@@ -350,6 +351,7 @@ impl RpcServerPlan {
             prefetch,
             drain_timeout: scoped.get_or("drain_timeout", Duration::from_secs(30))?,
             op_timeout: scoped.get_or("connect_timeout", Duration::from_secs(10))?,
+            db: None,
         })
     }
 }
@@ -411,6 +413,7 @@ pub(crate) async fn run(
                 Some(Ok(delivery)) => {
                     let task = serve(
                         plan.service,
+                        plan.db.clone(),
                         Message::new(delivery),
                         methods.clone(),
                         replies.clone(),
@@ -523,6 +526,7 @@ async fn set_up(
 /// Serves one request: decode, dispatch, reply, then ack.
 async fn serve(
     service: &'static str,
+    db: Option<Arc<crate::db::call::CallDb>>,
     message: Message,
     methods: Arc<HashMap<String, (&'static str, BoundRpc)>>,
     replies: Publisher,
@@ -569,8 +573,15 @@ async fn serve(
                 state: state.clone(),
                 request,
             });
-            if let Err(panic) = AssertUnwindSafe(handled).catch_unwind().await {
-                let text = format!("panicked: {}", panic_message(&*panic));
+            let handled = async move {
+                handled.await;
+                crate::amqp::consumer::Outcome::Done
+            };
+            // The call's connection (`farine::Db::current()`), given back when it ends.
+            let called = crate::db::call::around(db.as_deref(), None, handled).await;
+            if let crate::db::call::Called::Ran(crate::amqp::consumer::Outcome::Failed(text)) =
+                called
+            {
                 tracing::error!(service, method = state.method, error = %text, "RPC method panicked");
                 if !state.finished.load(Ordering::Acquire) {
                     state.fail(state.error(ErrorKind::Panic, text, None)).await;

@@ -58,6 +58,8 @@ pub enum StartError {
     Conflict(String),
     #[error(transparent)]
     Database(#[from] crate::db::DbError),
+    #[error("database {database}: {cause}")]
+    Migrations { database: String, cause: String },
     #[error("service `{service}`, handler `{handler}` could not start: {cause}")]
     Handler {
         service: String,
@@ -81,6 +83,7 @@ pub struct Runtime {
     config: Config,
     module: String,
     only: Option<Vec<String>>,
+    migrations: &'static [crate::db::EmbeddedMigration],
 }
 
 struct ServicePlan {
@@ -105,7 +108,15 @@ impl Runtime {
             config,
             module: env!("CARGO_PKG_NAME").to_string(),
             only: None,
+            migrations: &[],
         }
+    }
+
+    /// The migrations to apply at start to each database the services use (what
+    /// `farine::main!()` embeds from the package's `migrations/` folder).
+    pub fn migrations(mut self, migrations: &'static [crate::db::EmbeddedMigration]) -> Self {
+        self.migrations = migrations;
+        self
     }
 
     /// Names the module (the package) in the connection name.
@@ -263,7 +274,33 @@ impl Runtime {
             {
                 let pool = db.connect().await?;
                 tracing::info!(database = %db.describe(), "connected to PostgreSQL");
+                if !self.migrations.is_empty() {
+                    crate::db::migrate(&pool, self.migrations)
+                        .await
+                        .map_err(|e| StartError::Migrations {
+                            database: db.describe(),
+                            cause: e.to_string(),
+                        })?;
+                    tracing::info!(database = %db.describe(), migrations = self.migrations.len(), "migrations applied");
+                }
+                if plan.consumers.iter().any(|(_, c)| c.inbox) {
+                    crate::db::call::create_inbox(&pool).await.map_err(|e| {
+                        StartError::Migrations {
+                            database: db.describe(),
+                            cause: format!("cannot create farine_inbox: {e}"),
+                        }
+                    })?;
+                }
                 pools.insert(db.describe(), pool);
+            } else if let Some(db) = &plan.db
+                && plan.consumers.iter().any(|(_, c)| c.inbox)
+            {
+                crate::db::call::create_inbox(&pools[&db.describe()])
+                    .await
+                    .map_err(|e| StartError::Migrations {
+                        database: db.describe(),
+                        cause: format!("cannot create farine_inbox: {e}"),
+                    })?;
             }
         }
 
@@ -272,8 +309,34 @@ impl Runtime {
         let mut tasks = JoinSet::new();
         let mut pending = Vec::new();
         let mut stop_bound = Duration::ZERO;
-        for plan in plans {
+        for mut plan in plans {
             let connector = connectors[&plan.amqp_uri].clone();
+            if let Some(db) = &plan.db {
+                let pool = pools[&db.describe()].clone();
+                let call_db = |transaction: bool, inbox: Option<crate::db::call::Inbox>| {
+                    Some(Arc::new(crate::db::call::CallDb {
+                        pool: pool.clone(),
+                        transaction,
+                        inbox,
+                    }))
+                };
+                for (_, consumer) in &mut plan.consumers {
+                    let inbox = consumer.inbox.then_some(crate::db::call::Inbox {
+                        service: consumer.service,
+                        handler: consumer.handler,
+                    });
+                    consumer.db = call_db(consumer.transaction, inbox);
+                }
+                for (_, execute) in &mut plan.executes {
+                    execute.db = call_db(execute.transaction, None);
+                }
+                for (_, listener) in &mut plan.listeners {
+                    listener.db = call_db(listener.transaction, None);
+                }
+                if let Some((rpc, _)) = &mut plan.rpc {
+                    rpc.db = call_db(false, None);
+                }
+            }
             let policy = |handler: &str| plan.policies.get(handler).copied();
             let mut spawn = |service: &'static str, handler: &'static str, task: TaskFactory| {
                 let (ready, started) = Ready::new();
@@ -485,6 +548,17 @@ fn plan_service(
         .into_iter()
         .map(|(name, call)| Ok((call, SsePlan::from_config(entry.name, name, section)?)))
         .collect::<Result<Vec<_>, ConfigError>>()?;
+    let db = DbSettings::from_config(section)?;
+    if db.is_none() {
+        let transactional = consumers_need_db(&entry.handlers(), section)?;
+        if let Some(handler) = transactional {
+            return Err(StartError::Config(section.invalid(
+                &format!("{handler}.transaction"),
+                "true",
+                "a database: `transaction` and `inbox` need db_connector and the db_* keys",
+            )));
+        }
+    }
     let mut policies = std::collections::HashMap::new();
     policies.insert("rpc", Policy::from_config(&section.handler("rpc"))?);
     for info in entry.handlers() {
@@ -510,7 +584,7 @@ fn plan_service(
         executes,
         listeners,
         policies,
-        db: DbSettings::from_config(section)?,
+        db,
         amqp_uri,
         connect_timeout,
     })
@@ -599,4 +673,19 @@ impl Running {
             None => Ok(()),
         }
     }
+}
+
+/// The first handler of a service without a database whose config asks for a transaction or
+/// an inbox.
+fn consumers_need_db(
+    handlers: &[HandlerInfo],
+    section: &Section,
+) -> Result<Option<&'static str>, ConfigError> {
+    for handler in handlers {
+        let scoped = section.handler(handler.name());
+        if scoped.get_or("transaction", false)? || scoped.get_or("inbox", false)? {
+            return Ok(Some(handler.name()));
+        }
+    }
+    Ok(None)
 }

@@ -14,18 +14,17 @@
 //! `on_error = skip` (default) logs it and moves on, `on_error = stop` fails the handler's task,
 //! which the supervisor restarts from the last position (and counts towards its limit).
 
-use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eventsource_client::{self as es, Client as _, SSE};
+use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use futures_util::{FutureExt, StreamExt};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 use crate::DecodeError;
-use crate::amqp::consumer::{Outcome, panic_message};
+use crate::amqp::consumer::Outcome;
 use crate::config::{ConfigError, Section, redact};
 use crate::db::checkpoint::Checkpoint;
 use crate::runtime::context::{self, Shared};
@@ -115,6 +114,10 @@ pub(crate) struct SsePlan {
     pub retry_delay: Duration,
     pub on_error: OnError,
     pub use_checkpoint: bool,
+    /// `transaction = true`: each call runs in a transaction, committed when it succeeds.
+    pub transaction: bool,
+    /// The database of each call, when the service has one (set at start).
+    pub db: Option<Arc<crate::db::call::CallDb>>,
 }
 
 impl SsePlan {
@@ -164,6 +167,8 @@ impl SsePlan {
             retry_delay: scoped.get_or("retry_delay", Duration::from_secs(1))?,
             on_error,
             use_checkpoint: scoped.get_or("checkpoint", true)?,
+            transaction: scoped.get_or("transaction", false)?,
+            db: None,
         })
     }
 }
@@ -327,12 +332,10 @@ async fn handle(
     let mut delay = plan.retry_delay;
     for attempt in 1..=plan.max_attempts {
         let run = context::scope(shared.clone(), call(event.clone()));
-        let outcome = AssertUnwindSafe(run)
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|panic| {
-                Outcome::Failed(format!("panicked: {}", panic_message(&*panic)))
-            });
+        let outcome = match crate::db::call::around(plan.db.as_deref(), None, run).await {
+            crate::db::call::Called::Ran(outcome) => outcome,
+            crate::db::call::Called::Duplicate => Outcome::Done,
+        };
         let error = match outcome {
             Outcome::Done => return Ok(()),
             Outcome::Undecodable(error) => {

@@ -1,0 +1,334 @@
+//! PostgreSQL against the real server, each test in a database of its own: pool settings,
+//! the call's connection and transaction, the inbox, and migrations.
+
+mod common;
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::BOUND;
+use farine::config::Config;
+use farine::db::{EmbeddedMigration, sqlx};
+use farine::{Db, DbCallError, Runtime, Shutdown, consume, execute};
+use farine_test_support::{Broker, Database, amqp_uri, unique, wait_until};
+use lapin::BasicProperties;
+use lapin::types::ShortString;
+use serde_json::{Value, json};
+
+fn config(service: &str, database: &Database, options: &str) -> Config {
+    let text = format!(
+        "[{service}]\namqp_uri = {}\n{}{options}",
+        amqp_uri(),
+        database.ini_keys()
+    );
+    Config::from_ini(&text, "test.ini").unwrap()
+}
+
+async fn count(database: &Database, sql: &str) -> i64 {
+    use sqlx::Connection;
+    let url = format!("postgres://postgres@127.0.0.1:5432/{}", database.name);
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+}
+
+const NOTES: &[EmbeddedMigration] = &[EmbeddedMigration {
+    version: 1,
+    description: "notes",
+    sql: "CREATE TABLE notes (id text PRIMARY KEY, body text NOT NULL)",
+}];
+
+// ---------------------------------------------------------------------------------------------
+
+static MAX_CONNECTIONS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+#[derive(Default)]
+struct Pooled;
+
+#[farine::service(name = "db_pooled")]
+impl Pooled {
+    #[execute]
+    async fn inspect(&self, shutdown: Shutdown) -> Result<(), DbCallError> {
+        let db = Db::current();
+        let options = db.pool()?.options();
+        MAX_CONNECTIONS
+            .lock()
+            .unwrap()
+            .push(options.get_max_connections());
+        let one: i32 = sqlx::query_scalar("SELECT 1")
+            .fetch_one(&mut *db.conn().await?)
+            .await?;
+        assert_eq!(one, 1);
+        shutdown.cancelled().await;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_follows_the_seed_keys_and_a_handler_gets_a_connection() {
+    let database = Database::create().await;
+    let running = Runtime::new(config("db_pooled", &database, "db_max_conn = 3\n"))
+        .services(["db_pooled"])
+        .start()
+        .await
+        .expect("starts");
+    assert!(wait_until(BOUND, || !MAX_CONNECTIONS.lock().unwrap().is_empty()).await);
+    running.stop().await;
+    assert_eq!(MAX_CONNECTIONS.lock().unwrap()[0], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_db_connector_is_a_config_error_listing_the_supported_ones() {
+    let text = format!(
+        "[db_pooled]\namqp_uri = {}\ndb_connector = mysql\n",
+        amqp_uri()
+    );
+    let error = Runtime::new(Config::from_ini(&text, "test.ini").unwrap())
+        .services(["db_pooled"])
+        .start()
+        .await
+        .err()
+        .expect("refused");
+    assert!(error.is_config(), "{error}");
+    assert!(
+        error.to_string().contains("supported connectors: postgres"),
+        "{error}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static NOTED: AtomicUsize = AtomicUsize::new(0);
+
+#[derive(Default)]
+struct Notes;
+
+#[farine::service(name = "db_notes")]
+impl Notes {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn note(&self, body: Value) -> Result<(), String> {
+        let db = Db::current();
+        let mut conn = db.conn().await.map_err(|e| e.to_string())?;
+        sqlx::query("INSERT INTO notes (id, body) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET body = notes.body || '+' || $2")
+            .bind(body["id"].as_str().unwrap_or("?"))
+            .bind(body["text"].as_str().unwrap_or(""))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        drop(conn);
+        NOTED.fetch_add(1, Ordering::SeqCst);
+        if body["fail"] == true {
+            return Err("fails after writing".into());
+        }
+        Ok(())
+    }
+}
+
+async fn start_notes(
+    database: &Database,
+    broker: &Broker,
+    options: &str,
+) -> (farine::Running, String) {
+    let (exchange, queue) = (unique("notes-x"), unique("notes-q"));
+    broker.forget_exchange_on_drop(&exchange);
+    broker.forget_queue_on_drop(&queue);
+    let options = format!(
+        "note.exchange = {exchange}\nnote.queue = {queue}\nretry_delay = 10ms\nmax_attempts = 2\n{options}"
+    );
+    let running = Runtime::new(config("db_notes", database, &options))
+        .services(["db_notes"])
+        .migrations(NOTES)
+        .start()
+        .await
+        .expect("starts");
+    (running, exchange)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_transaction_ok_commits_and_err_rolls_back_before_the_message_is_settled() {
+    let database = Database::create().await;
+    let broker = Broker::connect().await;
+    let (running, exchange) = start_notes(&database, &broker, "note.transaction = true\n").await;
+    broker
+        .publish_json(&exchange, "rk", &json!({"id": "kept", "text": "a"}))
+        .await;
+    broker
+        .publish_json(
+            &exchange,
+            "rk",
+            &json!({"id": "lost", "text": "b", "fail": true}),
+        )
+        .await;
+    // One call for `kept`, two attempts for `lost`.
+    assert!(wait_until(BOUND, || NOTED.load(Ordering::SeqCst) == 3).await);
+    running.stop().await;
+    assert_eq!(
+        count(&database, "SELECT count(*) FROM notes WHERE id = 'kept'").await,
+        1
+    );
+    assert_eq!(
+        count(&database, "SELECT count(*) FROM notes WHERE id = 'lost'").await,
+        0,
+        "both failed attempts were rolled back"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static INBOXED: AtomicUsize = AtomicUsize::new(0);
+static B_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[derive(Default)]
+struct Inboxed;
+
+#[farine::service(name = "db_inboxed")]
+impl Inboxed {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn apply(&self, body: Value) -> Result<(), String> {
+        let db = Db::current();
+        let mut conn = db.conn().await.map_err(|e| e.to_string())?;
+        sqlx::query("INSERT INTO notes (id, body) VALUES ($1, 'x') ON CONFLICT (id) DO UPDATE SET body = notes.body || 'x'")
+            .bind(body["account"].as_str().unwrap_or("?"))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        drop(conn);
+        INBOXED.fetch_add(1, Ordering::SeqCst);
+        if body["fail_first"] == true && !B_FAILED.swap(true, Ordering::SeqCst) {
+            return Err("fails after writing, the first time".into());
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbox_applies_each_message_id_once_under_duplicates_and_retries() {
+    let database = Database::create().await;
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("inbox-x"), unique("inbox-q"));
+    broker.forget_exchange_on_drop(&exchange);
+    broker.forget_queue_on_drop(&queue);
+    let options = format!(
+        "apply.exchange = {exchange}\napply.queue = {queue}\napply.inbox = true\nretry_delay = 10ms\n"
+    );
+    let running = Runtime::new(config("db_inboxed", &database, &options))
+        .services(["db_inboxed"])
+        .migrations(NOTES)
+        .start()
+        .await
+        .expect("starts");
+    let with_id = |id: &str| BasicProperties::default().with_message_id(ShortString::from(id));
+    // `a` published three times, `b` once but failing on its first attempt.
+    for _ in 0..3 {
+        broker
+            .publish_with(&exchange, "rk", br#"{"account": "a"}"#, with_id("m-a"))
+            .await;
+    }
+    broker
+        .publish_with(
+            &exchange,
+            "rk",
+            br#"{"account": "b", "fail_first": true}"#,
+            with_id("m-b"),
+        )
+        .await;
+    broker
+        .publish_with(
+            &exchange,
+            "rk",
+            br#"{"account": "done"}"#,
+            with_id("m-done"),
+        )
+        .await;
+    assert!(broker.wait_for_consumers(&queue, 1, BOUND).await);
+    assert!(
+        wait_until(BOUND, || INBOXED.load(Ordering::SeqCst) >= 3).await,
+        "handled"
+    );
+    // Wait until every message left the queue (settled), then stop.
+    let mut settled = false;
+    for _ in 0..500 {
+        if broker.queue_state(&queue).await == Some((0, 1))
+            && count(&database, "SELECT count(*) FROM farine_inbox").await == 3
+        {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    running.stop().await;
+    assert!(settled, "all three ids recorded");
+    assert_eq!(
+        count(
+            &database,
+            "SELECT length(body)::bigint FROM notes WHERE id = 'a'"
+        )
+        .await,
+        1,
+        "the duplicates of m-a were not applied again"
+    );
+    assert_eq!(
+        count(
+            &database,
+            "SELECT length(body)::bigint FROM notes WHERE id = 'b'"
+        )
+        .await,
+        1,
+        "m-b's failed attempt was rolled back with its inbox row, its retry applied once"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Migrated;
+
+#[farine::service(name = "db_migrated")]
+impl Migrated {
+    #[execute]
+    async fn idle(&self, shutdown: Shutdown) {
+        shutdown.cancelled().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_applied_once_under_two_concurrent_starts() {
+    let database = Database::create().await;
+    let start = || {
+        Runtime::new(config("db_migrated", &database, ""))
+            .services(["db_migrated"])
+            .migrations(NOTES)
+            .start()
+    };
+    let (first, second) = tokio::join!(start(), start());
+    let (first, second) = (first.expect("first starts"), second.expect("second starts"));
+    first.stop().await;
+    second.stop().await;
+    assert_eq!(
+        count(&database, "SELECT count(*) FROM _sqlx_migrations").await,
+        1
+    );
+    assert_eq!(
+        count(&database, "SELECT count(*) FROM notes").await,
+        0,
+        "the table exists"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_without_a_database_is_a_config_error() {
+    let text = format!(
+        "[db_notes]\namqp_uri = {}\nnote.transaction = true\n",
+        amqp_uri()
+    );
+    let error = Runtime::new(Config::from_ini(&text, "test.ini").unwrap())
+        .services(["db_notes"])
+        .start()
+        .await
+        .err()
+        .expect("refused");
+    assert!(error.is_config(), "{error}");
+    assert!(error.to_string().contains("db_connector"), "{error}");
+}
