@@ -1,0 +1,166 @@
+//! End to end: `farine --start=db` keeps a ledger in PostgreSQL, applying each entry once,
+//! even with duplicates and a SIGKILL in the middle of a batch.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use farine::rpc::Client;
+use farine_test_support::process::{Process, SIGKILL, SIGTERM};
+use farine_test_support::{Broker, Database, IniFile, amqp_uri, unique};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, ExchangeKind};
+use serde_json::json;
+
+const START_BOUND: Duration = Duration::from_secs(300);
+const BOUND: Duration = Duration::from_secs(30);
+
+fn start_db(ini: &IniFile) -> Process {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_farine"));
+    command
+        .args(["--start=db", "--config"])
+        .arg(&ini.path)
+        .current_dir(workspace)
+        .env("RUST_LOG", "info");
+    let process = Process::spawn(command);
+    assert!(
+        process.wait_for_lines("serving RPC", 1, START_BOUND)
+            && process.wait_for_output("consuming", BOUND),
+        "farine --start=db started:\n{}",
+        process.output()
+    );
+    process
+}
+
+/// Entry `i` of a batch: accounts `a0`..`a9`, amounts 1..=7, message id `<batch>-<i>`.
+fn entry(batch: &str, i: u32) -> (String, i64, String) {
+    (
+        format!("a{}", i % 10),
+        i64::from(i % 7 + 1),
+        format!("{batch}-{i}"),
+    )
+}
+
+async fn publish(broker: &Broker, exchange: &str, batch: &str, range: std::ops::Range<u32>) {
+    for i in range {
+        let (account, amount, id) = entry(batch, i);
+        let body = serde_json::to_vec(&json!({"account": account, "amount": amount})).unwrap();
+        let properties = BasicProperties::default().with_message_id(ShortString::from(id));
+        broker
+            .publish_with(exchange, "entry", &body, properties.clone())
+            .await;
+        // Every fifth entry is published twice, with the same message id.
+        if i % 5 == 0 {
+            broker
+                .publish_with(exchange, "entry", &body, properties)
+                .await;
+        }
+    }
+}
+
+fn expected(batch: &str, count: u32) -> BTreeMap<String, i64> {
+    let mut balances = BTreeMap::new();
+    for i in 0..count {
+        let (account, amount, _) = entry(batch, i);
+        *balances.entry(account).or_insert(0) += amount;
+    }
+    balances
+}
+
+/// Asks `balance` for every account until the answers match, within the bound.
+async fn wait_for_balances(expected: &BTreeMap<String, i64>) -> BTreeMap<String, i64> {
+    let ledger = Client::connect(&amqp_uri(), "ledger", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + BOUND;
+    loop {
+        let mut balances = BTreeMap::new();
+        for account in expected.keys() {
+            let balance: i64 = ledger.call("balance", (account,)).await.unwrap();
+            balances.insert(account.clone(), balance);
+        }
+        if &balances == expected || tokio::time::Instant::now() >= deadline {
+            return balances;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn ini(database: &Database, exchange: &str, queue: &str) -> IniFile {
+    IniFile::new(&format!(
+        "[DEFAULT]\namqp_uri = {}\n[ledger]\n{}entry.inbox = true\nentry.exchange = {exchange}\nentry.queue = {queue}\nprefetch_count = 20\n",
+        amqp_uri(),
+        database.ini_keys()
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_entries_with_duplicates_give_the_right_balances_each_id_applied_once() {
+    let broker = Broker::connect().await;
+    let database = Database::create().await;
+    let (exchange, queue) = (unique("ledger"), unique("ledger-entries"));
+    broker
+        .declare_exchange(&exchange, ExchangeKind::Direct)
+        .await;
+    broker.forget_queue_on_drop(&queue);
+    let ini = ini(&database, &exchange, &queue);
+    let mut process = start_db(&ini);
+
+    publish(&broker, &exchange, "one", 0..1000).await;
+    let want = expected("one", 1000);
+    assert_eq!(wait_for_balances(&want).await, want, "{}", process.output());
+
+    process.signal(SIGTERM);
+    assert_eq!(process.wait_exit(BOUND).and_then(|s| s.code()), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_in_the_middle_of_a_batch_then_a_restart_still_gives_the_right_balances() {
+    let broker = Broker::connect().await;
+    let database = Database::create().await;
+    let (exchange, queue) = (unique("ledger"), unique("ledger-entries"));
+    broker
+        .declare_exchange(&exchange, ExchangeKind::Direct)
+        .await;
+    broker.forget_queue_on_drop(&queue);
+    let ini = ini(&database, &exchange, &queue);
+    let mut first = start_db(&ini);
+
+    publish(&broker, &exchange, "two", 0..1000).await;
+    // Kill it while it works through the batch: some entries committed, some in flight.
+    assert!(first.wait_for_output("consuming", BOUND));
+    first.signal(SIGKILL);
+    first.wait_exit(BOUND).expect("killed");
+
+    let mut second = start_db(&ini);
+    let want = expected("two", 1000);
+    assert_eq!(wait_for_balances(&want).await, want, "{}", second.output());
+    second.signal(SIGTERM);
+    assert_eq!(second.wait_exit(BOUND).and_then(|s| s.code()), Some(0));
+}
+
+#[test]
+fn a_database_that_refuses_stops_start_up_naming_it_but_never_its_password() {
+    // The local server trusts local connections, so the refusal is staged on a port where no
+    // database listens; the password must not appear whatever the cause.
+    let ini = IniFile::new(&format!(
+        "[DEFAULT]\namqp_uri = {}\n[ledger]\ndb_connector = postgres\ndb_host = 127.0.0.1\ndb_port = 1\ndb_name = test\ndb_user = postgres\ndb_password = p4ss-w0rd-secret\ndb_timeout = 2\n",
+        amqp_uri()
+    ));
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_farine"))
+        .args(["--start=db", "--config"])
+        .arg(&ini.path)
+        .current_dir(workspace)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("host 127.0.0.1 port 1 database test user postgres"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("p4ss-w0rd-secret"), "{stderr}");
+}
