@@ -12,8 +12,8 @@ pub struct Calc;
 #[farine::service(implements = CalcApi)]
 impl Calc {
     #[farine::rpc::method]
-    async fn add(&self, a: i64, b: String) -> i64 {
-        a + b.len() as i64
+    async fn add(&self, a: i64, b: u32) -> i64 {
+        a + i64::from(b)
     }
 }
 
