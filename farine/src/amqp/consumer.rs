@@ -210,34 +210,85 @@ pub(crate) async fn run(
         }
     };
 
-    if stopped.is_ok() {
-        // Stop taking new messages, then let in-flight handlers finish and settle.
-        let cancel = channel.basic_cancel(tag.clone(), BasicCancelOptions::default());
-        if let Ok(Err(e)) = tokio::time::timeout(plan.op_timeout, cancel).await {
-            tracing::debug!(service = plan.service, handler = plan.handler, error = %e, "cancelling the consumer");
-        }
-        let drained = tokio::time::timeout(plan.drain_timeout, async {
-            while in_flight.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(
-                service = plan.service,
-                handler = plan.handler,
-                unfinished = in_flight.len(),
-                drain_timeout = ?plan.drain_timeout,
-                "handlers still running at the end of the drain timeout are stopped; the broker requeues their messages"
-            );
-        }
+    WindDown {
+        service: plan.service,
+        handler: plan.handler,
+        channel: &channel,
+        drain_timeout: plan.drain_timeout,
+        op_timeout: plan.op_timeout,
     }
-    // Handlers still running now cannot settle on a broken channel: their messages come back.
-    in_flight.shutdown().await;
-    retry.close_within(plan.op_timeout).await;
-    if channel.status().connected() {
-        let close = channel.close(200, "farine consumer stopped".into());
-        let _ = tokio::time::timeout(plan.op_timeout, close).await;
-    }
+    .run(stopped.is_ok().then_some(tag), &mut in_flight, &retry)
+    .await;
     stopped
+}
+
+/// How a consuming task (a consumer, an RPC server) stops: shared by both.
+pub(crate) struct WindDown<'a> {
+    pub service: &'static str,
+    pub handler: &'static str,
+    pub channel: &'a lapin::Channel,
+    pub drain_timeout: Duration,
+    pub op_timeout: Duration,
+}
+
+impl WindDown<'_> {
+    /// On a clean stop (`tag`), cancels the consumer (no new deliveries) and lets the in-flight
+    /// tasks finish within the drain timeout; then stops whatever still runs (the broker
+    /// requeues its messages), closes `publisher` and the channel. Every broker round trip is
+    /// bounded by `op_timeout`.
+    pub async fn run(
+        self,
+        tag: Option<lapin::types::ShortString>,
+        in_flight: &mut JoinSet<()>,
+        publisher: &Publisher,
+    ) {
+        let (service, handler) = (self.service, self.handler);
+        if let Some(tag) = tag {
+            let cancel = self
+                .channel
+                .basic_cancel(tag, BasicCancelOptions::default());
+            if let Ok(Err(e)) = tokio::time::timeout(self.op_timeout, cancel).await {
+                tracing::debug!(service, handler, error = %e, "cancelling the consumer");
+            }
+            let drained = tokio::time::timeout(self.drain_timeout, async {
+                while in_flight.join_next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
+                tracing::warn!(
+                    service,
+                    handler,
+                    unfinished = in_flight.len(),
+                    drain_timeout = ?self.drain_timeout,
+                    "handlers still running at the end of the drain timeout are stopped; the broker requeues their messages"
+                );
+            }
+        }
+        // Handlers still running now cannot settle on a broken channel: their messages come back.
+        in_flight.shutdown().await;
+        publisher.close_within(self.op_timeout).await;
+        if self.channel.status().connected() {
+            let close = self.channel.close(200, "farine handler stopped".into());
+            let _ = tokio::time::timeout(self.op_timeout, close).await;
+        }
+    }
+}
+
+/// Opens a channel with `basic.qos(prefetch)` on the connector's connection.
+pub(crate) async fn open_channel(
+    connector: &Connector,
+    prefetch: u16,
+) -> Result<lapin::Channel, ConsumeError> {
+    let conn = connector.connection().await?;
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| TopologyError::Channel(e.to_string()))?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| ConsumeError::Channel(e.to_string()))?;
+    Ok(channel)
 }
 
 /// Opens the consumer's channel, declares its topology and starts consuming.
@@ -246,15 +297,7 @@ async fn set_up(
     connector: &Connector,
 ) -> Result<(lapin::Channel, lapin::Consumer), ConsumeError> {
     let channel_err = |e: lapin::Error| ConsumeError::Channel(e.to_string());
-    let conn = connector.connection().await?;
-    let channel = conn
-        .create_channel()
-        .await
-        .map_err(|e| TopologyError::Channel(e.to_string()))?;
-    channel
-        .basic_qos(plan.prefetch, BasicQosOptions::default())
-        .await
-        .map_err(channel_err)?;
+    let channel = open_channel(connector, plan.prefetch).await?;
     plan.exchange.declare(&channel).await?;
     plan.queue
         .declare_and_bind(&channel, &plan.exchange, &plan.routing_key)

@@ -16,9 +16,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::{Stream, StreamExt};
-use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -28,10 +26,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, ErrorBody, ErrorKind, Reply, Request};
 use crate::amqp::connection::Connector;
-use crate::amqp::consumer::ConsumeError;
+use crate::amqp::consumer::{ConsumeError, WindDown, open_channel};
 use crate::amqp::message::Message;
 use crate::amqp::publisher::{PublishError, PublishOptions, Publisher, PublisherSettings};
-use crate::amqp::topology::{ExchangeSettings, QueueSettings, TopologyError};
+use crate::amqp::topology::{ExchangeSettings, QueueSettings};
 use crate::config::{ConfigError, Section};
 use crate::runtime::context::{self, Shared};
 use crate::runtime::supervisor::Ready;
@@ -427,28 +425,15 @@ pub(crate) async fn run(
         }
     };
 
-    if stopped.is_ok() {
-        let cancel = channel.basic_cancel(tag, BasicCancelOptions::default());
-        let _ = tokio::time::timeout(plan.op_timeout, cancel).await;
-        let drained = tokio::time::timeout(plan.drain_timeout, async {
-            while in_flight.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(
-                service = plan.service,
-                handler = "rpc",
-                unfinished = in_flight.len(),
-                "RPC calls still running at the end of the drain timeout are stopped; the broker requeues them"
-            );
-        }
+    WindDown {
+        service: plan.service,
+        handler: "rpc",
+        channel: &channel,
+        drain_timeout: plan.drain_timeout,
+        op_timeout: plan.op_timeout,
     }
-    in_flight.shutdown().await;
-    replies.close_within(plan.op_timeout).await;
-    if channel.status().connected() {
-        let close = channel.close(200, "farine RPC server stopped".into());
-        let _ = tokio::time::timeout(plan.op_timeout, close).await;
-    }
+    .run(stopped.is_ok().then_some(tag), &mut in_flight, &replies)
+    .await;
     stopped
 }
 
@@ -457,15 +442,7 @@ async fn set_up(
     connector: &Connector,
 ) -> Result<(lapin::Channel, lapin::Consumer, lapin::Consumer), ConsumeError> {
     let channel_err = |e: lapin::Error| ConsumeError::Channel(e.to_string());
-    let conn = connector.connection().await?;
-    let channel = conn
-        .create_channel()
-        .await
-        .map_err(|e| TopologyError::Channel(e.to_string()))?;
-    channel
-        .basic_qos(plan.prefetch, BasicQosOptions::default())
-        .await
-        .map_err(channel_err)?;
+    let channel = open_channel(connector, plan.prefetch).await?;
     plan.exchange.declare(&channel).await?;
     for method in &plan.methods {
         plan.queue
