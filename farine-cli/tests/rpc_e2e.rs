@@ -9,10 +9,8 @@ use farine::rpc::{Client, RpcError, StreamExt};
 use farine_test_support::amqp_uri;
 use farine_test_support::process::{Process, SIGTERM};
 use futures_util::future::join_all;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
-use lapin::types::{FieldTable, ShortString};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
 use lapin::{BasicProperties, Confirmation};
 use rpc::ServerApiClient;
 use serde_json::{Value, json};
@@ -130,34 +128,11 @@ impl HandWritten {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .unwrap();
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let replies = channel
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let (reply_to, replies) = farine_test_support::reply_queue(&channel).await;
         Self {
             _connection: connection,
             channel,
-            reply_to: queue.name().clone(),
+            reply_to,
             replies,
             next_id: 0,
         }

@@ -13,7 +13,7 @@ use farine::{Running, Runtime};
 use farine_test_support::{Broker, amqp_uri, unique, wait_until};
 use futures_util::future::join_all;
 use lapin::BasicProperties;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::{FieldTable, ShortString};
 use serde_json::{Value, json};
 
@@ -427,29 +427,7 @@ async fn a_caller_that_dies_mid_stream_stops_the_server_producing_it() {
         .await
         .unwrap();
     let channel = caller.create_channel().await.unwrap();
-    let reply_queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut replies = channel
-        .basic_consume(
-            reply_queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (reply_queue, mut replies) = farine_test_support::reply_queue(&channel).await;
     channel
         .basic_publish(
             "rpc_orphaned".into(),
@@ -457,7 +435,7 @@ async fn a_caller_that_dies_mid_stream_stops_the_server_producing_it() {
             BasicPublishOptions::default(),
             br#"{"args": [], "kwargs": {}}"#,
             BasicProperties::default()
-                .with_reply_to(reply_queue.name().clone())
+                .with_reply_to(reply_queue.clone())
                 .with_correlation_id(ShortString::from("c-1")),
         )
         .await
@@ -489,36 +467,13 @@ async fn a_hand_written_client_following_the_protocol_doc_gets_the_same_answers(
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
-    let reply_queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut replies = channel
-        .basic_consume(
-            reply_queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (reply_queue, mut replies) = farine_test_support::reply_queue(&channel).await;
     let call = |method: &str, body: Value, id: &str| {
         let channel = channel.clone();
         let (method, id, reply_to) = (
             format!("rpc_calc_by_hand__{method}"),
             id.to_string(),
-            reply_queue.name().clone(),
+            reply_queue.clone(),
         );
         async move {
             channel

@@ -399,3 +399,35 @@ impl Drop for Database {
         .join();
     }
 }
+
+/// A hand-written RPC caller's reply queue on `channel`: server-named, exclusive (gone with the
+/// connection), consumed without acks, as `docs/rpc-protocol.md` describes. Returns its name
+/// and its consumer.
+pub async fn reply_queue(channel: &Channel) -> (lapin::types::ShortString, lapin::Consumer) {
+    use lapin::options::BasicConsumeOptions;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("reply queue declared");
+    let consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("reply queue consumed");
+    (queue.name().clone(), consumer)
+}
