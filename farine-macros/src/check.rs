@@ -299,11 +299,7 @@ pub fn rpc_method(cx: &Ctxt, method: &ImplItemFn, args: HandlerArgs) -> Option<H
             ok = false;
             continue;
         }
-        let name = syn::Ident::new(
-            pat.ident.to_string().trim_start_matches("r#"),
-            pat.ident.span(),
-        );
-        params.push((name, (*typed.ty).clone()));
+        params.push((pat.ident.clone(), (*typed.ty).clone()));
     }
     ok.then(|| {
         HandlerModel::RpcMethod(RpcMethod {

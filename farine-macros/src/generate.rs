@@ -263,7 +263,11 @@ fn rpc_method_handler(rpc: &RpcMethod) -> TokenStream {
         output,
     } = rpc;
     let name = method.to_string();
-    let names = params.iter().map(|(name, _)| name.to_string());
+    // The wire names: `r#type` is passed as the keyword argument `type`.
+    let names = params.iter().map(|(name, _)| {
+        use syn::ext::IdentExt;
+        name.unraw().to_string()
+    });
     let stream = matches!(shape, ReplyShape::Stream | ReplyShape::StreamOfResults);
     let takes = params.iter().enumerate().map(|(index, (_, ty))| {
         let arg = format_ident!("arg{}", index);
@@ -277,9 +281,9 @@ fn rpc_method_handler(rpc: &RpcMethod) -> TokenStream {
     });
     let args = (0..params.len()).map(|index| format_ident!("arg{}", index));
     let invoke = if *is_async {
-        quote!(service.#method(#(#args),*).await)
+        quote!(<Self>::#method(&*service, #(#args),*).await)
     } else {
-        quote!(service.#method(#(#args),*))
+        quote!(<Self>::#method(&*service, #(#args),*))
     };
     let reply = match shape {
         ReplyShape::Value => quote!(reply_value),
@@ -344,7 +348,7 @@ fn execute_handler(execute: &Execute) -> TokenStream {
                     -> ::farine::__private::BoxFuture<'static, ::farine::__private::Outcome> {
                     ::std::boxed::Box::pin(async move {
                         let _ = &shutdown;
-                        #into(service.#method(#args).await)
+                        #into(<Self>::#method(&*service, #args).await)
                     })
                 },
             ),
@@ -396,7 +400,7 @@ fn sse_handler(sse: &Sse) -> TokenStream {
                     -> ::farine::__private::BoxFuture<'static, ::farine::__private::Outcome> {
                     ::std::boxed::Box::pin(async move {
                         #decode
-                        #into(service.#method(#(#args),*).await)
+                        #into(<Self>::#method(&*service, #(#args),*).await)
                     })
                 },
             ),
@@ -494,7 +498,7 @@ fn consume_handler(consume: &Consume) -> TokenStream {
         None => quote!(<() as ::farine::__private::IntoOutcome>::into_outcome),
     };
     let outcome = quote! {
-        #into_outcome(service.#method(#(#call_args),*).await)
+        #into_outcome(<Self>::#method(&*service, #(#call_args),*).await)
     };
     quote! {
         ::farine::__private::Handler {

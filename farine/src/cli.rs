@@ -248,7 +248,7 @@ fn describe(
                 .flatten()
                 .map_or_else(
                     || "(no endpoint configured)".to_string(),
-                    |e| config::redact::redact_uri(&e),
+                    |e| crate::stream::display_endpoint(&e),
                 );
             format!("stream::http {name}: endpoint {endpoint}")
         }

@@ -38,7 +38,7 @@ const ENV_SEPARATOR: &str = "__";
 const MAX_INTERPOLATION_DEPTH: usize = 10;
 
 /// The whole configuration, after the environment overrides were applied.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     file: Arc<str>,
     defaults: BTreeMap<String, String>,
@@ -210,13 +210,45 @@ fn environment_overrides(
     Ok(overrides)
 }
 
+/// Values as they may be shown: secrets masked (`Debug` of [`Config`] and [`Section`]).
+fn redacted(values: &BTreeMap<String, String>) -> BTreeMap<&str, String> {
+    values
+        .iter()
+        .map(|(key, value)| (key.as_str(), redact::display_value(key, value)))
+        .collect()
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sections: BTreeMap<&str, _> = self
+            .sections
+            .iter()
+            .map(|(name, values)| (name.as_str(), redacted(values)))
+            .collect();
+        f.debug_struct("Config")
+            .field("file", &self.file)
+            .field("defaults", &redacted(&self.defaults))
+            .field("sections", &sections)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for SectionInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Section")
+            .field("file", &self.file)
+            .field("name", &self.name)
+            .field("values", &redacted(&self.values))
+            .finish()
+    }
+}
+
 /// One section of the configuration, with `[DEFAULT]` inherited. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Section {
     inner: Arc<SectionInner>,
 }
 
-#[derive(Debug)]
 struct SectionInner {
     file: Arc<str>,
     name: String,
@@ -717,6 +749,14 @@ drain_timeout = 2.5
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("bad.ini, line 2:"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_masks_secrets() {
+        let text = "[DEFAULT]\ndb_password = hunter2\n[s]\namqp_uri = amqp://u:hunter2@h/\nheaders =\n    Authorization: Bearer hunter2\n";
+        let config = Config::from_ini(text, "f.ini").unwrap();
+        let shown = format!("{config:?} {:?}", config.section("s").unwrap());
+        assert!(!shown.contains("hunter2"), "{shown}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub fn is_secret_key(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     [
         "password",
+        "headers",
         "passwd",
         "secret",
         "token",

@@ -19,6 +19,8 @@ tokio::task_local! {
 
 enum State {
     Idle,
+    /// The call is over: the handle no longer reaches the database.
+    Closed,
     Conn(PoolConnection<Postgres>),
     Tx(Transaction<'static, Postgres>),
 }
@@ -48,6 +50,10 @@ pub enum DbCallError {
         "this handler has no database: set db_connector (and the db_* keys) in its service's section"
     )]
     NotConfigured,
+    #[error(
+        "this database handle belongs to a handler call that is over; use Db::current() in the call"
+    )]
+    CallOver,
     #[error(transparent)]
     Sql(#[from] sqlx::Error),
 }
@@ -78,14 +84,24 @@ impl Db {
     pub async fn conn(&self) -> Result<MappedMutexGuard<'_, PgConnection>, DbCallError> {
         let (pool, state) = self.inner.as_ref().ok_or(DbCallError::NotConfigured)?;
         let mut guard = state.lock().await;
+        if matches!(*guard, State::Closed) {
+            return Err(DbCallError::CallOver);
+        }
         if matches!(*guard, State::Idle) {
             *guard = State::Conn(pool.acquire().await?);
         }
         Ok(MutexGuard::map(guard, |state| match state {
             State::Conn(conn) => &mut **conn,
             State::Tx(tx) => &mut **tx,
-            State::Idle => unreachable!("a connection was just taken"),
+            State::Idle | State::Closed => unreachable!("a connection was just taken"),
         }))
+    }
+
+    /// Ends the call: the connection goes back to the pool, later uses are errors.
+    async fn close(&self) {
+        if let Some((_, state)) = &self.inner {
+            *state.lock().await = State::Closed;
+        }
     }
 
     /// A transaction of its own, on another connection of the pool.
@@ -152,7 +168,9 @@ where
     };
     if !plan.transaction {
         let db = Db::new(plan.pool.clone(), State::Idle);
-        return Called::Ran(caught(CALL.scope(db, call).await));
+        let outcome = caught(CALL.scope(db.clone(), call).await);
+        db.close().await;
+        return Called::Ran(outcome);
     }
     let mut tx = match plan.pool.begin().await {
         Ok(tx) => tx,
@@ -184,7 +202,7 @@ where
     let db = Db::new(plan.pool.clone(), State::Tx(tx));
     let outcome = caught(CALL.scope(db.clone(), call).await);
     let state = match db.inner {
-        Some((_, state)) => std::mem::replace(&mut *state.lock().await, State::Idle),
+        Some((_, state)) => std::mem::replace(&mut *state.lock().await, State::Closed),
         None => State::Idle,
     };
     let State::Tx(tx) = state else {

@@ -401,7 +401,7 @@ impl Inner {
     }
 
     async fn send(
-        &self,
+        self: &Arc<Self>,
         method: &str,
         id: &str,
         args: Args,
@@ -447,7 +447,7 @@ impl Inner {
 
     /// The reply queue's name, declaring it (and starting its consumer) when there is none or
     /// the last one died with its connection.
-    async fn reply_queue(&self) -> Result<String, String> {
+    async fn reply_queue(self: &Arc<Self>) -> Result<String, String> {
         let mut slot = self.replies.lock().await;
         if let Some(queue) = slot.as_ref()
             && queue.alive.load(Ordering::Acquire)
@@ -489,10 +489,23 @@ impl Inner {
         let calls = self.calls.clone();
         let service = self.service.clone();
         let task_alive = alive.clone();
+        let owner = Arc::downgrade(self);
         let task = tokio::spawn(async move {
             let _channel = channel;
+            let mut cancelled = std::collections::HashSet::new();
             while let Some(Ok(delivery)) = consumer.next().await {
-                dispatch(&calls, &service, &delivery);
+                let Some(orphan) = dispatch(&calls, &service, &delivery) else {
+                    continue;
+                };
+                // Items keep coming for a call nobody reads: stop that stream (once per id).
+                if cancelled.len() > 4096 {
+                    cancelled.clear();
+                }
+                if cancelled.insert(orphan.clone())
+                    && let Some(inner) = owner.upgrade()
+                {
+                    inner.cancel(&orphan);
+                }
             }
             task_alive.store(false, Ordering::Release);
             // The queue went with its connection: calls waiting on it get no reply.
@@ -566,16 +579,16 @@ impl Inner {
     }
 }
 
-/// Hands one reply to the call waiting for it; a reply nobody waits for is dropped.
-fn dispatch(calls: &Calls, service: &str, delivery: &lapin::message::Delivery) {
-    let Some(id) = delivery.properties.correlation_id().as_ref() else {
-        return;
-    };
+/// Hands one reply to the call waiting for it; a reply nobody waits for is dropped. Returns the
+/// id of an *item* nobody waits for: a stream whose reader is gone (dropped before the server
+/// took the request, or read as a single result), which the caller then cancels.
+fn dispatch(calls: &Calls, service: &str, delivery: &lapin::message::Delivery) -> Option<String> {
+    let id = delivery.properties.correlation_id().as_ref()?;
     let Some(reply) = Reply::parse(&delivery.data) else {
         tracing::warn!(service, correlation_id = %id, "ignored a reply that is not an RPC reply");
-        return;
+        return None;
     };
-    let Ok(mut table) = calls.lock() else { return };
+    let mut table = calls.lock().ok()?;
     let id = id.as_str();
     match table.get(id) {
         Some(Pending::Unary(_)) => {
@@ -590,8 +603,9 @@ fn dispatch(calls: &Calls, service: &str, delivery: &lapin::message::Delivery) {
                 table.remove(id);
             }
         }
-        None => {}
+        None => return matches!(reply, Reply::Item(_)).then(|| id.to_string()),
     }
+    None
 }
 
 /// The items of a streaming call. Dropping it before the end cancels the call on the server.

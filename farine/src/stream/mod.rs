@@ -114,6 +114,10 @@ pub(crate) struct SsePlan {
     pub retry_delay: Duration,
     pub on_error: OnError,
     pub use_checkpoint: bool,
+    /// Bounds on connecting and on the silence between two reads (`connect_timeout`,
+    /// `read_timeout`): past them the connection is dropped and reopened.
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
     /// `transaction = true`: each call runs in a transaction, committed when it succeeds.
     pub transaction: bool,
     /// The database of each call, when the service has one (set at start).
@@ -131,8 +135,12 @@ impl SsePlan {
             Some(endpoint) => endpoint,
             None => section.require::<String>("endpoint")?,
         };
-        if es::ClientBuilder::for_url(&endpoint).is_err() {
-            return Err(section.invalid("endpoint", &endpoint, "an http:// URL"));
+        if !endpoint.starts_with("http://") || es::ClientBuilder::for_url(&endpoint).is_err() {
+            return Err(section.invalid(
+                "endpoint",
+                &endpoint,
+                "an http:// URL (https is not supported yet)",
+            ));
         }
         let mut headers = Vec::new();
         for line in scoped.get_str("headers")?.unwrap_or_default().lines() {
@@ -143,7 +151,19 @@ impl SsePlan {
             let Some((name, value)) = line.split_once(':') else {
                 return Err(section.invalid("headers", "****", "one `Name: value` per line"));
             };
-            headers.push((name.trim().to_string(), value.trim().to_string()));
+            let name = name.trim();
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+            {
+                return Err(section.invalid(
+                    "headers",
+                    "****",
+                    "one `Name: value` per line, with a valid header name",
+                ));
+            }
+            headers.push((name.to_string(), value.trim().to_string()));
         }
         let start_from = match scoped.get_str("start_from")?.as_deref().map(str::trim) {
             None | Some("end") => StartFrom::End,
@@ -167,6 +187,8 @@ impl SsePlan {
             retry_delay: scoped.get_or("retry_delay", Duration::from_secs(1))?,
             on_error,
             use_checkpoint: scoped.get_or("checkpoint", true)?,
+            connect_timeout: scoped.get_or("connect_timeout", Duration::from_secs(10))?,
+            read_timeout: scoped.get_or("read_timeout", Duration::from_secs(300))?,
             transaction: scoped.get_or("transaction", false)?,
             db: None,
         })
@@ -252,7 +274,7 @@ pub(crate) async fn run(
 ) -> Result<(), SseError> {
     ready.signal(Ok(()));
     let (service, handler) = (plan.service, plan.handler);
-    let endpoint = redact::redact_uri(&plan.endpoint);
+    let endpoint = display_endpoint(&plan.endpoint);
     let mut delay = plan.reconnect_delay;
     loop {
         let last = position.start(&plan).await?;
@@ -303,6 +325,12 @@ pub(crate) async fn run(
     }
 }
 
+/// The endpoint for logs: without its query string (which may carry a token) and password.
+pub(crate) fn display_endpoint(endpoint: &str) -> String {
+    let without_query = endpoint.split(['?', '#']).next().unwrap_or(endpoint);
+    redact::redact_uri(without_query)
+}
+
 fn client(plan: &SsePlan, last: Option<&str>) -> Result<impl es::Client, String> {
     let mut builder = es::ClientBuilder::for_url(&plan.endpoint)
         .map_err(|e| e.to_string())?
@@ -316,7 +344,12 @@ fn client(plan: &SsePlan, last: Option<&str>) -> Result<impl es::Client, String>
     if let Some(last) = last {
         builder = builder.last_event_id(last.to_string());
     }
-    let transport = launchdarkly_sdk_transport::HyperTransport::new().map_err(|e| e.to_string())?;
+    // Bounded: a silent or half-open connection errors out and is reconnected.
+    let transport = launchdarkly_sdk_transport::HyperTransport::builder()
+        .connect_timeout(plan.connect_timeout)
+        .read_timeout(plan.read_timeout)
+        .build_http()
+        .map_err(|e| e.to_string())?;
     Ok(builder.build_with_transport(transport))
 }
 
