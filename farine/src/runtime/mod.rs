@@ -440,6 +440,8 @@ impl Runtime {
                     }
                     _ => None,
                 };
+                // A listener finishes the event in hand: give it a drain like the other handlers.
+                stop_bound = stop_bound.max(Duration::from_secs(30));
                 let position = Position::new(checkpoint);
                 let sse_plan = Arc::new(sse_plan);
                 let (service, handler) = (sse_plan.service, sse_plan.handler);
