@@ -332,3 +332,34 @@ async fn a_transaction_without_a_database_is_a_config_error() {
     assert!(error.is_config(), "{error}");
     assert!(error.to_string().contains("db_connector"), "{error}");
 }
+
+#[derive(Default)]
+struct Answering;
+
+#[farine::service(name = "db_answering")]
+impl Answering {
+    #[farine::rpc::method]
+    async fn answer(&self) -> u32 {
+        42
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_on_an_rpc_method_is_refused_rather_than_ignored() {
+    let database = Database::create().await;
+    let error = Runtime::new(config(
+        "db_answering",
+        &database,
+        "answer.transaction = true\n",
+    ))
+    .services(["db_answering"])
+    .start()
+    .await
+    .err()
+    .expect("refused");
+    assert!(error.is_config(), "{error}");
+    assert!(
+        error.to_string().contains("Db::current().begin()"),
+        "{error}"
+    );
+}

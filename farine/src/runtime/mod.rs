@@ -551,6 +551,18 @@ fn plan_service(
         .map(|(name, call)| Ok((call, SsePlan::from_config(entry.name, name, section)?)))
         .collect::<Result<Vec<_>, ConfigError>>()?;
     let db = DbSettings::from_config(section)?;
+    for info in entry.handlers() {
+        if let HandlerInfo::Rpc { name, .. } = info
+            && section.handler(name).get_or("transaction", false)?
+        {
+            // Replies are sent during the call, before a commit could happen.
+            return Err(StartError::Config(section.invalid(
+                &format!("{name}.transaction"),
+                "true",
+                "no transaction for an RPC method (its replies go out during the call): open one with Db::current().begin()",
+            )));
+        }
+    }
     if db.is_none() {
         let transactional = consumers_need_db(&entry.handlers(), section)?;
         if let Some(handler) = transactional {
