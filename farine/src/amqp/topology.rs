@@ -190,6 +190,36 @@ impl QueueSettings {
     }
 }
 
+/// A queue of this connection alone: server-named, exclusive, auto-deleted, consumed without
+/// acks. An RPC caller's reply queue and an RPC server's control queue are such queues.
+pub(crate) async fn private_queue(
+    channel: &Channel,
+) -> lapin::Result<(lapin::types::ShortString, lapin::Consumer)> {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((queue.name().clone(), consumer))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,8 +16,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -27,7 +25,7 @@ use super::RpcError;
 use super::wire::{self, ErrorBody, ErrorKind, Reply, Request};
 use crate::amqp::connection::Connector;
 use crate::amqp::publisher::{PublishError, PublishOptions, Publisher, PublisherSettings};
-use crate::amqp::topology::ExchangeSettings;
+use crate::amqp::topology::{ExchangeSettings, private_queue};
 
 /// The default bound on a call, as in the seed (config key `rpc_timeout`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -460,31 +458,8 @@ impl Inner {
             .await
             .map_err(|e| e.to_string())?;
         let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let name = queue.name().to_string();
-        let mut consumer = channel
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+        let (name, mut consumer) = private_queue(&channel).await.map_err(|e| e.to_string())?;
+        let name = name.to_string();
         let alive = Arc::new(AtomicBool::new(true));
         let calls = self.calls.clone();
         let service = self.service.clone();

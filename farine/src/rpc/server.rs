@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::{Stream, StreamExt};
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions};
 use lapin::types::FieldTable;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -29,7 +29,7 @@ use crate::amqp::connection::Connector;
 use crate::amqp::consumer::{ConsumeError, WindDown, open_channel};
 use crate::amqp::message::Message;
 use crate::amqp::publisher::{PublishError, PublishOptions, Publisher, PublisherSettings};
-use crate::amqp::topology::{ExchangeSettings, QueueSettings};
+use crate::amqp::topology::{ExchangeSettings, QueueSettings, private_queue};
 use crate::config::{ConfigError, Section};
 use crate::runtime::context::{self, Shared};
 use crate::runtime::supervisor::Ready;
@@ -454,21 +454,10 @@ async fn set_up(
             .await?;
     }
     // This instance's control queue: cancellations of streams, whichever instance serves them.
-    let control_queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(channel_err)?;
+    let (control_queue, control) = private_queue(&channel).await.map_err(channel_err)?;
     channel
         .queue_bind(
-            control_queue.name().clone(),
+            control_queue,
             plan.exchange.name.as_str().into(),
             wire::cancel_routing_key(plan.service).into(),
             QueueBindOptions::default(),
@@ -481,18 +470,6 @@ async fn set_up(
             plan.queue.name.as_str().into(),
             "".into(),
             BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(channel_err)?;
-    let control = channel
-        .basic_consume(
-            control_queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
             FieldTable::default(),
         )
         .await
