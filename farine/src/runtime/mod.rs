@@ -283,16 +283,10 @@ impl Runtime {
                         })?;
                     tracing::info!(database = %db.describe(), migrations = self.migrations.len(), "migrations applied");
                 }
-                if plan.consumers.iter().any(|(_, c)| c.inbox) {
-                    crate::db::call::create_inbox(&pool).await.map_err(|e| {
-                        StartError::Migrations {
-                            database: db.describe(),
-                            cause: format!("cannot create farine_inbox: {e}"),
-                        }
-                    })?;
-                }
                 pools.insert(db.describe(), pool);
-            } else if let Some(db) = &plan.db
+            }
+            // The inbox table, where a service of this database asks for it.
+            if let Some(db) = &plan.db
                 && plan.consumers.iter().any(|(_, c)| c.inbox)
             {
                 crate::db::call::create_inbox(&pools[&db.describe()])
