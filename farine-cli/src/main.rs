@@ -37,6 +37,15 @@ struct Args {
     /// Lists the modules, or with --start the services and handlers of each, and exits.
     #[arg(long)]
     list: bool,
+    /// Checks the config and connects to each AMQP node and database it names, printing each
+    /// round-trip time; exits 0, or 1 when something is unreachable. With --start, checks
+    /// that module's services (their whole config) instead.
+    #[arg(long)]
+    check: bool,
+    /// With --start: moves the messages of a handler's dead-letter queue back to its queue
+    /// (HANDLER is `service.handler`) and exits.
+    #[arg(long, value_name = "HANDLER")]
+    replay_dead_letters: Option<String>,
     /// Log level or tracing filter (default: $RUST_LOG, else info).
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
@@ -68,6 +77,9 @@ fn main() -> ExitCode {
 type Failure = (u8, String);
 
 fn run(args: Args) -> Result<u8, Failure> {
+    if args.check && args.start.is_empty() {
+        return Ok(check_config_file(args.config.as_deref()));
+    }
     let modules = modules(args.manifest_path.as_deref())?;
     let available = || modules.keys().cloned().collect::<Vec<_>>().join(", ");
     if args.start.is_empty() {
@@ -99,6 +111,35 @@ fn run(args: Args) -> Result<u8, Failure> {
         return Err(exec(binary, &forwarded(&args, name)));
     }
     run_all(&args, &binaries)
+}
+
+/// `farine --check` without a module: the connections every section of the config names.
+fn check_config_file(flag: Option<&Path>) -> u8 {
+    let path = farine::config::resolve_path(flag);
+    let config = match farine::config::Config::load(&path) {
+        Ok(config) => config,
+        Err(e) => {
+            println!("config {}: {e}", path.display());
+            println!("check failed");
+            return EXIT_FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            println!("cannot start the async runtime: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    let (ok, lines) = runtime.block_on(farine::runtime::check::config_file(&config));
+    for line in lines {
+        println!("{line}");
+    }
+    println!("{}", if ok { "check passed" } else { "check failed" });
+    if ok { EXIT_OK } else { EXIT_FAILURE }
 }
 
 /// Reads the workspace with `cargo metadata` and keeps the packages that depend on farine.
@@ -207,6 +248,12 @@ fn forwarded(args: &Args, module: &str) -> Vec<String> {
     }
     if args.list {
         out.push("--list".into());
+    }
+    if args.check {
+        out.push("--check".into());
+    }
+    if let Some(handler) = &args.replay_dead_letters {
+        out.push(format!("--replay-dead-letters={handler}"));
     }
     if let Some(level) = &args.log_level {
         out.push(format!("--log-level={level}"));

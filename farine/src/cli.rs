@@ -36,6 +36,14 @@ pub struct Args {
     /// Lists the services and their handlers (exchange, queue, routing key) and exits.
     #[arg(long)]
     pub list: bool,
+    /// Validates the config, connects to each AMQP node and database the services use, prints
+    /// each round-trip time, and exits 0 (all reachable) or 1.
+    #[arg(long)]
+    pub check: bool,
+    /// Moves the messages in a handler's dead-letter queue (`<queue>.dead`) back to its queue
+    /// with a fresh attempt count, then exits. HANDLER is `service.handler`.
+    #[arg(long, value_name = "HANDLER")]
+    pub replay_dead_letters: Option<String>,
     /// Log level or filter: error, warn, info, debug, trace, or a tracing filter such as
     /// `farine=debug`. Default: $RUST_LOG, else info.
     #[arg(long, value_name = "LEVEL")]
@@ -97,6 +105,11 @@ fn run(
     }
     let config = match loaded {
         Ok(config) => config,
+        Err(e) if args.check => {
+            println!("config {}: {e}", path.display());
+            println!("check failed");
+            return EXIT_FAILURE;
+        }
         Err(e) => {
             eprintln!("farine: {e}");
             return EXIT_CONFIG;
@@ -112,6 +125,38 @@ fn run(
             return EXIT_FAILURE;
         }
     };
+    if args.check {
+        return runtime.block_on(async move {
+            let (ok, lines) = Runtime::new(config).module(module).check().await;
+            for line in lines {
+                println!("{line}");
+            }
+            println!("{}", if ok { "check passed" } else { "check failed" });
+            if ok { EXIT_OK } else { EXIT_FAILURE }
+        });
+    }
+    if let Some(target) = args.replay_dead_letters {
+        return runtime.block_on(async move {
+            match Runtime::new(config)
+                .module(module)
+                .replay_dead_letters(&target)
+                .await
+            {
+                Ok((moved, from, to)) => {
+                    println!("replayed {moved} dead letter(s) from {from} to {to}");
+                    EXIT_OK
+                }
+                Err(e) => {
+                    eprintln!("farine: {e}");
+                    if e.is_config() {
+                        EXIT_CONFIG
+                    } else {
+                        EXIT_FAILURE
+                    }
+                }
+            }
+        });
+    }
     runtime.block_on(async move {
         // Signals first: a SIGTERM during start-up stops the process cleanly once started.
         let signals = crate::runtime::shutdown::Signals::install();
@@ -192,12 +237,17 @@ fn describe(
         HandlerInfo::Consume { name, spec } => {
             match ConsumerPlan::from_config(service, name, spec, section) {
                 Ok(plan) => format!(
-                    "consume {name}: exchange {} ({}), routing key {:?}, queue {}, prefetch {}",
+                    "consume {name}: exchange {} ({}), routing key {:?}, queue {}, prefetch {}, retries {} (x{}), dead letters {}",
                     plan.exchange.name,
                     plan.exchange.kind_name(),
                     plan.routing_key,
                     plan.queue.name,
-                    plan.prefetch
+                    plan.prefetch,
+                    plan.retry_queue.name,
+                    plan.max_attempts,
+                    plan.dead_letter_queue
+                        .as_ref()
+                        .map_or("rejected (dead_letter_queue = none)", |q| q.name.as_str()),
                 ),
                 Err(e) => format!("consume {name}: {e}"),
             }

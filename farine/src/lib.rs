@@ -42,6 +42,7 @@ pub mod rpc;
 pub mod runtime;
 pub mod stream;
 
+pub use amqp::error::{BrokerError, Resource};
 pub use amqp::message::{DecodeError, Message, SettleError};
 pub use amqp::publisher::{PublishError, PublishOptions, Publisher};
 pub use db::{Db, DbCallError};

@@ -1,31 +1,164 @@
 //! The AMQP connection of a process: opened once, shared by every handler, reopened when lost.
 //!
-//! lapin's own auto-recovery is left off (it has open bugs); farine owns reconnection: a handler
-//! whose channel breaks is restarted by the supervisor, asks the [`Connector`] for a connection,
-//! and the connector opens a new one when the old one is gone.
+//! lapin's own auto-recovery is left off (it has open bugs); farine owns reconnection. A
+//! [`Connector`] holds the broker's nodes (`amqp_uri` may list several), picks one with its
+//! [`NodeSelector`], and hands out the open connection. When the connection breaks (the broker
+//! restarted, the network was cut, heartbeats stopped), every handler whose channel died asks
+//! the connector again: the first one dials, with backoff from `reconnect_delay` to
+//! `reconnect_delay_max`, moving on to the next node after each failure, and the others wait
+//! for it. Each handler then declares its topology again and resumes (`docs/reliability.md`).
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
+use lapin::tcp::OwnedTLSConfig;
+use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
+use tokio_util::sync::CancellationToken;
 
+use super::error::{BrokerError, Resource};
 use crate::config::redact::redact_uri;
 
 /// A failure to reach the broker. Never contains the password.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ConnectError {
-    #[error("cannot connect to AMQP broker {uri}: {cause}")]
-    Failed { uri: String, cause: String },
-    #[error("cannot connect to AMQP broker {uri}: no answer within {after:?}")]
-    Timeout { uri: String, after: Duration },
+    /// Every node refused or failed; `causes` has one entry per node, naming its host and port.
+    #[error("cannot connect to AMQP broker {}", .causes.join("; "))]
+    Failed { causes: Vec<String> },
+    /// The broker refused the credentials (403 ACCESS_REFUSED at login).
+    #[error("AMQP broker {broker} refused the login of user `{user}`: {text}")]
+    LoginRefused {
+        broker: String,
+        user: String,
+        text: String,
+    },
+    /// The `amqp_uri` text is not a list of AMQP URIs.
+    #[error("{0}")]
+    BadUri(String),
+    /// The runtime is stopping: no connection is opened any more.
+    #[error("the connection to the AMQP broker is closed: farine is stopping")]
+    Closed,
 }
 
-/// Opens and hands out the connection to one broker URI.
+impl From<ConnectError> for BrokerError {
+    fn from(error: ConnectError) -> Self {
+        match error {
+            ConnectError::LoginRefused { broker, text, .. } => BrokerError::AccessRefused {
+                resource: Resource::Broker(broker),
+                text,
+            },
+            ConnectError::Failed { ref causes } => BrokerError::ConnectionBroken {
+                broker: causes
+                    .iter()
+                    .filter_map(|c| c.split(": ").next())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                cause: error.to_string(),
+            },
+            other => BrokerError::ConnectionBroken {
+                broker: String::new(),
+                cause: other.to_string(),
+            },
+        }
+    }
+}
+
+/// How the node of a multi-node `amqp_uri` is chosen (`amqp_node_selector`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NodeSelector {
+    /// The nodes in the order listed: the first is preferred; after a failure the next one is
+    /// tried, round the list.
+    #[default]
+    InOrder,
+    /// A random order for each round of attempts: spreads the services over the cluster.
+    Random,
+}
+
+impl FromStr for NodeSelector {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "in_order" => Ok(NodeSelector::InOrder),
+            "random" => Ok(NodeSelector::Random),
+            _ => Err("one of in_order, random".to_string()),
+        }
+    }
+}
+
+/// How a [`Connector`] connects.
+#[derive(Debug, Clone)]
+pub struct ConnectorSettings {
+    /// The bound on opening the connection to one node.
+    pub connect_timeout: Duration,
+    /// The heartbeat proposed to the broker, in seconds (a URI's `?heartbeat=` wins); the
+    /// connection is dropped after two silent intervals.
+    pub heartbeat: u16,
+    pub selector: NodeSelector,
+    /// Backoff between rounds of reconnection attempts: from `reconnect_delay`, doubling, up to
+    /// `reconnect_delay_max`.
+    pub reconnect_delay: Duration,
+    pub reconnect_delay_max: Duration,
+    /// PEM certificates to trust for `amqps://` beside the system's (`amqp_tls_ca_file`).
+    pub tls_ca: Option<String>,
+}
+
+impl Default for ConnectorSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            heartbeat: 10,
+            selector: NodeSelector::InOrder,
+            reconnect_delay: Duration::from_millis(100),
+            reconnect_delay_max: Duration::from_secs(5),
+            tls_ca: None,
+        }
+    }
+}
+
+/// One broker node of `amqp_uri`.
+#[derive(Clone)]
+struct Node {
+    uri: AMQPUri,
+    /// `host:port`, for logs and errors.
+    addr: String,
+}
+
+/// Splits `amqp_uri` into its nodes: URIs separated by commas or whitespace.
+pub fn parse_nodes(text: &str) -> Result<Vec<AMQPUri>, String> {
+    let nodes: Vec<&str> = text
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|part| !part.is_empty())
+        .collect();
+    if nodes.is_empty() {
+        return Err("no AMQP URI given".to_string());
+    }
+    nodes
+        .into_iter()
+        .map(|node| {
+            AMQPUri::from_str(node)
+                .map_err(|e| format!("`{}` is not an AMQP URI: {e}", redact_uri(node)))
+        })
+        .collect()
+}
+
+struct State {
+    current: Option<Arc<Connection>>,
+    /// The node to try first in the next round.
+    next: usize,
+}
+
+/// Opens and hands out the connection to one broker (one or several nodes).
 pub struct Connector {
-    uri: String,
+    text: String,
+    nodes: Result<Vec<Node>, String>,
     name: String,
-    timeout: Duration,
-    current: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    settings: ConnectorSettings,
+    state: tokio::sync::Mutex<State>,
+    /// `host:port` of the node connected last (or being tried), for errors.
+    broker: Mutex<String>,
+    closed: CancellationToken,
 }
 
 impl std::fmt::Debug for Connector {
@@ -38,57 +171,233 @@ impl std::fmt::Debug for Connector {
 }
 
 impl Connector {
-    /// A connector for `uri`; `name` is shown by the broker (management UI, `rabbitmqctl`).
+    /// A connector for `uri` (one or several AMQP URIs separated by commas) with the default
+    /// settings but `timeout`; `name` is shown by the broker (management UI, `rabbitmqctl`).
     pub fn new(uri: impl Into<String>, name: impl Into<String>, timeout: Duration) -> Self {
+        let settings = ConnectorSettings {
+            connect_timeout: timeout,
+            ..ConnectorSettings::default()
+        };
+        Self::with_settings(uri, name, settings)
+    }
+
+    /// A connector with explicit settings.
+    pub fn with_settings(
+        uri: impl Into<String>,
+        name: impl Into<String>,
+        settings: ConnectorSettings,
+    ) -> Self {
+        let text = uri.into();
+        let nodes = parse_nodes(&text).map(|uris| {
+            uris.into_iter()
+                .map(|mut uri| {
+                    if uri.query.heartbeat.is_none() {
+                        uri.query.heartbeat = Some(settings.heartbeat);
+                    }
+                    let addr = format!("{}:{}", uri.authority.host, uri.authority.port);
+                    Node { uri, addr }
+                })
+                .collect::<Vec<_>>()
+        });
+        let broker = match &nodes {
+            Ok(nodes) => nodes.first().map(|n| n.addr.clone()).unwrap_or_default(),
+            Err(_) => String::new(),
+        };
         Self {
-            uri: uri.into(),
+            text,
+            nodes,
             name: name.into(),
-            timeout,
-            current: tokio::sync::Mutex::new(None),
+            settings,
+            state: tokio::sync::Mutex::new(State {
+                current: None,
+                next: 0,
+            }),
+            broker: Mutex::new(broker),
+            closed: CancellationToken::new(),
         }
     }
 
-    /// The URI with its password masked, for logs and errors.
+    /// The URI(s) with passwords masked, for logs and errors.
     pub fn display_uri(&self) -> String {
-        redact_uri(&self.uri)
+        redact_uri(&self.text)
     }
 
-    /// The open connection, opening one when there is none or the last one broke.
+    /// `host:port` of the node in use (or tried last).
+    pub fn broker(&self) -> String {
+        self.broker.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+
+    /// The connect timeout, which also bounds each broker round trip of set-up and shutdown.
+    pub fn connect_timeout(&self) -> Duration {
+        self.settings.connect_timeout
+    }
+
+    /// True while a connection is open.
+    pub fn is_connected(&self) -> bool {
+        self.state
+            .try_lock()
+            .map(|state| {
+                state
+                    .current
+                    .as_ref()
+                    .is_some_and(|c| c.status().connected())
+            })
+            // Someone holds the lock: a connection is being opened.
+            .unwrap_or(false)
+    }
+
+    /// The open connection, opening one when there is none or the last one broke: one round of
+    /// attempts over the nodes, each bounded by the connect timeout.
     pub async fn connection(&self) -> Result<Arc<Connection>, ConnectError> {
-        let mut current = self.current.lock().await;
-        if let Some(conn) = current.as_ref()
-            && conn.status().connected()
-        {
-            return Ok(conn.clone());
+        let mut state = self.state.lock().await;
+        if let Some(conn) = live(&state) {
+            return Ok(conn);
         }
+        self.open(&mut state).await
+    }
+
+    /// As [`Connector::connection`], retrying with backoff until a connection is open, the
+    /// `deadline` (if any) passes or the connector is closed. One caller dials; the others wait
+    /// for its connection.
+    pub async fn connection_until(
+        &self,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Arc<Connection>, ConnectError> {
+        let mut state = tokio::select! {
+            state = self.state.lock() => state,
+            _ = self.closed.cancelled() => return Err(ConnectError::Closed),
+        };
+        if let Some(conn) = live(&state) {
+            return Ok(conn);
+        }
+        let mut delay = self.settings.reconnect_delay;
+        let mut attempt = 1u32;
+        loop {
+            let error = match self.open(&mut state).await {
+                Ok(conn) => return Ok(conn),
+                Err(ConnectError::Closed) => return Err(ConnectError::Closed),
+                Err(e) => e,
+            };
+            let wake = tokio::time::Instant::now() + delay;
+            if let Some(deadline) = deadline
+                && wake >= deadline
+            {
+                // No round fits before the deadline: wait it out rather than dial in a loop.
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => {}
+                    _ = self.closed.cancelled() => {}
+                }
+                return Err(error);
+            }
+            tracing::warn!(
+                broker = %self.display_uri(),
+                attempt,
+                retry_in = ?delay,
+                error = %error,
+                "cannot reach the AMQP broker; retrying"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = self.closed.cancelled() => return Err(ConnectError::Closed),
+            }
+            delay = (delay * 2).min(self.settings.reconnect_delay_max);
+            attempt += 1;
+        }
+    }
+
+    /// One round over the nodes, in the selector's order.
+    async fn open(&self, state: &mut State) -> Result<Arc<Connection>, ConnectError> {
+        if self.closed.is_cancelled() {
+            return Err(ConnectError::Closed);
+        }
+        let nodes = self
+            .nodes
+            .as_ref()
+            .map_err(|e| ConnectError::BadUri(e.clone()))?;
+        let reconnect = state.current.take().is_some();
+        let mut causes = Vec::new();
+        for index in self.order(nodes.len(), state.next) {
+            let node = &nodes[index];
+            if let Ok(mut broker) = self.broker.lock() {
+                broker.clone_from(&node.addr);
+            }
+            match self.open_node(node).await {
+                Ok(conn) => {
+                    let conn = Arc::new(conn);
+                    if reconnect {
+                        tracing::info!(broker = %node.addr, connection = %self.name, "reconnected to the AMQP broker");
+                    } else {
+                        tracing::info!(broker = %node.addr, connection = %self.name, "connected to AMQP broker");
+                    }
+                    watch(&conn, node.addr.clone());
+                    state.current = Some(conn.clone());
+                    state.next = index;
+                    return Ok(conn);
+                }
+                Err(ConnectError::Failed { causes: mut more }) => {
+                    tracing::debug!(broker = %node.addr, error = ?more, "AMQP node failed");
+                    causes.append(&mut more);
+                    // The next round starts after the node that failed.
+                    state.next = (index + 1) % nodes.len();
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Err(ConnectError::Failed { causes })
+    }
+
+    fn order(&self, len: usize, first: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..len).map(|i| (first + i) % len).collect();
+        if self.settings.selector == NodeSelector::Random {
+            shuffle(&mut order);
+        }
+        order
+    }
+
+    async fn open_node(&self, node: &Node) -> Result<Connection, ConnectError> {
         let properties = ConnectionProperties::default()
             .with_connection_name(self.name.as_str().into())
             .with_client_property("product".into(), "farine".into())
             .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into());
-        let opened = tokio::time::timeout(self.timeout, Connection::connect(&self.uri, properties))
-            .await
-            .map_err(|_| ConnectError::Timeout {
-                uri: self.display_uri(),
-                after: self.timeout,
-            })?
-            .map_err(|e| ConnectError::Failed {
-                uri: self.display_uri(),
-                cause: redact_uri(&e.to_string()),
-            })?;
-        let conn = Arc::new(opened);
-        tracing::info!(broker = %self.display_uri(), connection = %self.name, "connected to AMQP broker");
-        *current = Some(conn.clone());
-        Ok(conn)
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: self.settings.tls_ca.clone(),
+        };
+        let failed = |cause: String| ConnectError::Failed {
+            causes: vec![format!("{}: {cause}", node.addr)],
+        };
+        let runtime = lapin::runtime::default_runtime().map_err(|e| failed(e.to_string()))?;
+        let connect =
+            Connection::connect_uri_with_config(node.uri.clone(), properties, tls, runtime);
+        match tokio::time::timeout(self.settings.connect_timeout, connect).await {
+            Err(_) => Err(failed(format!(
+                "no answer within {:?}",
+                self.settings.connect_timeout
+            ))),
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => match e.kind() {
+                lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 403 => {
+                    Err(ConnectError::LoginRefused {
+                        broker: node.addr.clone(),
+                        user: node.uri.authority.userinfo.username.clone(),
+                        text: redact_uri(amqp.get_message().as_str()),
+                    })
+                }
+                _ => Err(failed(redact_uri(&e.to_string()))),
+            },
+        }
     }
 
-    /// Closes the connection, when one is open, waiting at most the connect timeout.
+    /// Closes the connection, when one is open, waiting at most the connect timeout; no
+    /// connection is opened afterwards.
     pub async fn close(&self) {
-        let conn = self.current.lock().await.take();
+        self.closed.cancel();
+        let conn = self.state.lock().await.current.take();
         if let Some(conn) = conn
             && conn.status().connected()
         {
             let close = conn.close(200, "farine shutting down".into());
-            match tokio::time::timeout(self.timeout, close).await {
+            match tokio::time::timeout(self.settings.connect_timeout, close).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(error = %e, "closing the AMQP connection"),
                 Err(_) => {
@@ -96,5 +405,140 @@ impl Connector {
                 }
             }
         }
+    }
+
+    /// Opens a connection to each node in turn and measures it: the time to open it and one
+    /// round trip (a channel opened and closed). For `--check`.
+    pub async fn ping(&self) -> Vec<(String, Result<(Duration, Duration), ConnectError>)> {
+        let nodes = match &self.nodes {
+            Ok(nodes) => nodes.clone(),
+            Err(e) => return vec![(self.display_uri(), Err(ConnectError::BadUri(e.clone())))],
+        };
+        let mut results = Vec::new();
+        for node in nodes {
+            let started = Instant::now();
+            let measured = match self.open_node(&node).await {
+                Ok(conn) => {
+                    let opened = started.elapsed();
+                    let trip = Instant::now();
+                    let round_trip = async {
+                        let channel = conn.create_channel().await?;
+                        channel.close(200, "ping".into()).await
+                    };
+                    let result =
+                        match tokio::time::timeout(self.settings.connect_timeout, round_trip).await
+                        {
+                            Ok(Ok(())) => Ok((opened, trip.elapsed())),
+                            Ok(Err(e)) => Err(ConnectError::Failed {
+                                causes: vec![format!("{}: {e}", node.addr)],
+                            }),
+                            Err(_) => Err(ConnectError::Failed {
+                                causes: vec![format!("{}: no answer to a round trip", node.addr)],
+                            }),
+                        };
+                    let _ = tokio::time::timeout(
+                        self.settings.connect_timeout,
+                        conn.close(200, "ping done".into()),
+                    )
+                    .await;
+                    result
+                }
+                Err(e) => Err(e),
+            };
+            results.push((node.addr.clone(), measured));
+        }
+        results
+    }
+}
+
+fn live(state: &State) -> Option<Arc<Connection>> {
+    state
+        .current
+        .as_ref()
+        .filter(|conn| conn.status().connected())
+        .cloned()
+}
+
+/// Logs what happens to a connection: its loss (the cause), and the broker blocking publishers
+/// (a memory or disk alarm).
+fn watch(conn: &Connection, broker: String) {
+    let mut events = conn.events_listener();
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            match event {
+                lapin::Event::Error(error) => {
+                    tracing::warn!(broker = %broker, error = %redact_uri(&error.to_string()), "the connection to the AMQP broker is lost; handlers reconnect");
+                }
+                lapin::Event::ConnectionBlocked(reason) => {
+                    tracing::warn!(broker = %broker, reason = %reason, "the broker blocks publishing (resource alarm): publishes wait, bounded by publish_timeout");
+                }
+                lapin::Event::ConnectionUnblocked => {
+                    tracing::info!(broker = %broker, "the broker unblocked publishing");
+                }
+                _ => {}
+            }
+        }
+    });
+}
+
+/// A Fisher-Yates shuffle seeded by the standard library's random hasher keys (no extra
+/// dependency for one shuffle per reconnection round).
+fn shuffle(items: &mut [usize]) {
+    use std::hash::{BuildHasher, Hasher};
+    let state = std::collections::hash_map::RandomState::new();
+    for i in (1..items.len()).rev() {
+        let mut hasher = state.build_hasher();
+        hasher.write_usize(i);
+        let j = (hasher.finish() % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amqp_uri_lists_nodes_separated_by_commas_or_whitespace() {
+        let nodes =
+            parse_nodes("amqp://u:p@a:5672, amqp://u:p@b:5673\n amqps://u:p@c/vhost").unwrap();
+        let hosts: Vec<_> = nodes
+            .iter()
+            .map(|n| (n.authority.host.as_str(), n.authority.port))
+            .collect();
+        assert_eq!(hosts, [("a", 5672), ("b", 5673), ("c", 5671)]);
+        assert_eq!(nodes[2].vhost, "vhost");
+    }
+
+    #[test]
+    fn a_bad_node_is_an_error_without_its_password() {
+        let err = parse_nodes("amqp://u:secret@a:5672,http://u:secret@b").unwrap_err();
+        assert!(!err.contains("secret") && err.contains("b"), "{err}");
+        assert!(parse_nodes(" , ").is_err());
+    }
+
+    #[test]
+    fn the_selector_is_read_from_its_name() {
+        assert_eq!("random".parse(), Ok(NodeSelector::Random));
+        assert_eq!("In_Order".parse(), Ok(NodeSelector::InOrder));
+        assert!("first".parse::<NodeSelector>().is_err());
+    }
+
+    #[test]
+    fn in_order_starts_at_the_preferred_node_and_random_visits_every_node_once() {
+        let connector = Connector::new("amqp://a,amqp://b,amqp://c", "t", Duration::from_secs(1));
+        assert_eq!(connector.order(3, 0), [0, 1, 2]);
+        assert_eq!(connector.order(3, 2), [2, 0, 1]);
+        let random = Connector::with_settings(
+            "amqp://a,amqp://b,amqp://c",
+            "t",
+            ConnectorSettings {
+                selector: NodeSelector::Random,
+                ..Default::default()
+            },
+        );
+        let mut order = random.order(3, 0);
+        order.sort();
+        assert_eq!(order, [0, 1, 2]);
     }
 }

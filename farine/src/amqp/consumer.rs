@@ -6,11 +6,14 @@
 //! (`docs/consuming.md`):
 //! - `Ok` (or `()`): ack;
 //! - a body that does not decode into the handler's type: reject without requeue;
-//! - `Err` or a panic: after `retry_delay`, the message is published again to the tail of its
-//!   queue with its attempt count in the `x-farine-attempt` header, then acked; at the
-//!   `max_attempts`-th failure it is rejected without requeue (dead-lettered when the queue has
-//!   a dead-letter exchange). The count lives in the message, so a restart or a redelivery
-//!   neither resets it nor spends it.
+//! - `Err` or a panic: the message is published to the handler's retry queue `<queue>.retry`
+//!   with its attempt count in the `x-farine-attempt` header and a per-message TTL of
+//!   `retry_delay`, then acked; the broker dead-letters it back to `<queue>` when the TTL
+//!   expires, so a delay never blocks the consumer. At the `max_attempts`-th failure it is
+//!   published to the dead-letter queue `<queue>.dead` with the error in `x-farine-error`, then
+//!   acked. The count lives in the message, so a restart or a redelivery neither resets it nor
+//!   spends it.
+//! - a body that does not decode: straight to the dead-letter queue.
 //!
 //! A handler that settled the message itself is not settled again. On shutdown the consumer is
 //! cancelled (no new deliveries), in-flight handlers get `drain_timeout` to finish and settle,
@@ -30,9 +33,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::connection::{ConnectError, Connector};
+use super::error::{BrokerError, Resource};
 use super::message::{DecodeError, Message};
-use super::publisher::{Publisher, PublisherSettings};
-use super::topology::{ExchangeSettings, QueueSettings, TopologyError};
+use super::publisher::{PublishError, Publisher, PublisherSettings};
+use super::topology::{ExchangeSettings, QueueSettings};
 use crate::config::{ConfigError, Section};
 use crate::registry::ConsumeSpec;
 use crate::runtime::context::{self, Shared};
@@ -81,6 +85,12 @@ pub(crate) struct ConsumerPlan {
     pub prefetch: u16,
     pub retry_delay: Duration,
     pub max_attempts: u32,
+    /// Where failed messages wait `retry_delay` (`<queue>.retry`, config `retry_queue`).
+    pub retry_queue: QueueSettings,
+    /// Where messages go after their last attempt or when they do not decode (`<queue>.dead`,
+    /// config `dead_letter_queue`); `None` (`dead_letter_queue = none`): rejected without
+    /// requeue, for queues with a dead-letter exchange of their own.
+    pub dead_letter_queue: Option<QueueSettings>,
     pub drain_timeout: Duration,
     /// The bound on each broker round trip of set-up and shutdown (`connect_timeout`).
     pub op_timeout: Duration,
@@ -104,11 +114,28 @@ impl ConsumerPlan {
         section: &Section,
     ) -> Result<Self, ConfigError> {
         let scoped = section.handler(handler);
+        let queue =
+            QueueSettings::from_config(&scoped, spec.queue, format!("{service}.{handler}"))?;
+        let retry_queue = QueueSettings::companion(
+            scoped
+                .get_own_str("retry_queue")?
+                .unwrap_or_else(|| format!("{}.retry", queue.name)),
+            queue.durable,
+            retry_arguments(&queue.name),
+        );
+        let dead_letter_queue = match scoped.get_own_str("dead_letter_queue")? {
+            Some(name) if name.trim().eq_ignore_ascii_case("none") => None,
+            Some(name) => Some(name),
+            None => Some(format!("{}.dead", queue.name)),
+        }
+        .map(|name| QueueSettings::companion(name, queue.durable, FieldTable::default()));
         Ok(Self {
             service,
             handler,
             exchange: ExchangeSettings::from_config(&scoped, spec.exchange)?,
-            queue: QueueSettings::from_config(&scoped, spec.queue, format!("{service}.{handler}"))?,
+            queue,
+            retry_queue,
+            dead_letter_queue,
             routing_key: scoped
                 .get_str("routing_key")?
                 .unwrap_or_else(|| spec.routing_key.to_string()),
@@ -139,19 +166,72 @@ impl ConsumerPlan {
     }
 }
 
+/// The arguments of a retry queue: expired messages go back to `queue` through the default
+/// exchange.
+fn retry_arguments(queue: &str) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        lapin::types::AMQPValue::LongString("".into()),
+    );
+    arguments.insert(
+        "x-dead-letter-routing-key".into(),
+        lapin::types::AMQPValue::LongString(queue.into()),
+    );
+    arguments
+}
+
 /// Why a consumer stopped (the supervisor restarts it).
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumeError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
     #[error(transparent)]
-    Topology(#[from] TopologyError),
-    #[error("channel error: {0}")]
-    Channel(String),
+    Broker(#[from] BrokerError),
     #[error("the broker cancelled the consumer or closed its channel")]
     Ended,
     #[error("the broker did not answer within {0:?} while the consumer was set up")]
     Timeout(Duration),
+    /// The connection went away under the consumer: it resumes once farine reconnected.
+    #[error("the connection to the broker was lost: {0}")]
+    ConnectionLost(String),
+}
+
+impl ConsumeError {
+    /// True when the task stopped because the connection went away, not through a fault of
+    /// its own: the supervisor does not count it against the restart limit.
+    pub(crate) fn connection_lost(&self) -> bool {
+        match self {
+            ConsumeError::ConnectionLost(_) | ConsumeError::Connect(_) => true,
+            ConsumeError::Broker(error) => error.is_connection(),
+            _ => false,
+        }
+    }
+
+    /// This error, or `ConnectionLost` when the connection `conn` is no longer open.
+    pub(crate) fn on(self, conn: &lapin::Connection) -> Self {
+        if conn.status().connected() || self.connection_lost() {
+            self
+        } else {
+            ConsumeError::ConnectionLost(self.to_string())
+        }
+    }
+}
+
+/// The connection a consuming task starts on: on its first start one round of attempts (a
+/// broker that is down fails start-up), on a restart as long as it takes to reconnect.
+pub(crate) async fn connection_for(
+    connector: &Connector,
+    ready: &Ready,
+    shutdown: &CancellationToken,
+) -> Result<Option<Arc<lapin::Connection>>, ConsumeError> {
+    if ready.pending() {
+        return Ok(Some(connector.connection().await?));
+    }
+    tokio::select! {
+        conn = connector.connection_until(None) => Ok(Some(conn?)),
+        _ = shutdown.cancelled() => Ok(None),
+    }
 }
 
 type Call = Arc<dyn Fn(Message) -> BoxFuture<'static, Outcome> + Send + Sync>;
@@ -165,9 +245,15 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
     ready: Ready,
 ) -> Result<(), ConsumeError> {
-    let (channel, mut consumer) = tokio::time::timeout(plan.op_timeout, set_up(&plan, &connector))
-        .await
-        .map_err(|_| ConsumeError::Timeout(plan.op_timeout))??;
+    let Some(conn) = connection_for(&connector, &ready, &shutdown).await? else {
+        return Ok(());
+    };
+    let broker = connector.broker();
+    let (channel, mut consumer) =
+        tokio::time::timeout(plan.op_timeout, set_up(&plan, &conn, &broker))
+            .await
+            .map_err(|_| ConsumeError::Timeout(plan.op_timeout).on(&conn))?
+            .map_err(|e| e.on(&conn))?;
     let tag = consumer.tag();
     tracing::info!(
         service = plan.service,
@@ -180,15 +266,17 @@ pub(crate) async fn run(
     );
     ready.signal(Ok(()));
 
-    // Failed messages go back to the tail of their queue through the default exchange.
+    // Failed messages go to the retry and dead-letter queues through the default exchange.
     let retry = Publisher::new(
         connector.clone(),
         ExchangeSettings::default_exchange(),
-        plan.queue.name.clone(),
+        plan.retry_queue.name.clone(),
         PublisherSettings {
             persistent: true,
             timeout: plan.op_timeout,
             declare_exchange: false,
+            mandatory: true,
+            max_message_bytes: usize::MAX,
         },
     );
     let mut in_flight = JoinSet::new();
@@ -201,11 +289,12 @@ pub(crate) async fn run(
                 Some(Ok(delivery)) => {
                     let message = Message::new(delivery);
                     let handled = call(message.clone());
-                    let task = handle(plan.clone(), message, handled, retry.clone(), shutdown.clone());
+                    let companions = Companions { retry: retry.clone(), channel: channel.clone(), broker: broker.clone() };
+                    let task = handle(plan.clone(), message, handled, companions, shutdown.clone());
                     in_flight.spawn(context::scope(shared.clone(), task));
                 }
-                Some(Err(e)) => break Err(ConsumeError::Channel(e.to_string())),
-                None => break Err(ConsumeError::Ended),
+                Some(Err(e)) => break Err(ConsumeError::Broker(BrokerError::from_lapin(&e, Resource::Queue(plan.queue.name.clone()), &broker)).on(&conn)),
+                None => break Err(ConsumeError::Ended.on(&conn)),
             },
         }
     };
@@ -274,51 +363,71 @@ impl WindDown<'_> {
     }
 }
 
-/// Opens a channel with `basic.qos(prefetch)` on the connector's connection.
+/// Opens a channel with `basic.qos(prefetch)` on `conn` (a connection to `broker`).
 pub(crate) async fn open_channel(
-    connector: &Connector,
+    conn: &lapin::Connection,
+    broker: &str,
     prefetch: u16,
-) -> Result<lapin::Channel, ConsumeError> {
-    let conn = connector.connection().await?;
-    let channel = conn
-        .create_channel()
-        .await
-        .map_err(|e| TopologyError::Channel(e.to_string()))?;
+) -> Result<lapin::Channel, BrokerError> {
+    let channel_err = |e: lapin::Error| BrokerError::from_lapin(&e, Resource::Channel, broker);
+    let channel = conn.create_channel().await.map_err(channel_err)?;
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await
-        .map_err(|e| ConsumeError::Channel(e.to_string()))?;
+        .map_err(channel_err)?;
     Ok(channel)
 }
 
-/// Opens the consumer's channel, declares its topology and starts consuming.
-async fn set_up(
-    plan: &ConsumerPlan,
-    connector: &Connector,
-) -> Result<(lapin::Channel, lapin::Consumer), ConsumeError> {
-    let channel_err = |e: lapin::Error| ConsumeError::Channel(e.to_string());
-    let channel = open_channel(connector, plan.prefetch).await?;
-    plan.exchange.declare(&channel).await?;
-    plan.queue
-        .declare_and_bind(&channel, &plan.exchange, &plan.routing_key)
-        .await?;
-    let consumer = channel
+/// Starts consuming `queue` on `channel`.
+pub(crate) async fn basic_consume(
+    channel: &lapin::Channel,
+    broker: &str,
+    queue: &str,
+) -> Result<lapin::Consumer, BrokerError> {
+    channel
         .basic_consume(
-            plan.queue.name.as_str().into(),
+            queue.into(),
             "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
-        .map_err(channel_err)?;
+        .map_err(|e| BrokerError::from_lapin(&e, Resource::Queue(queue.to_string()), broker))
+}
+
+/// Opens the consumer's channel, declares its topology (exchange, queue and binding, retry and
+/// dead-letter queues) and starts consuming.
+async fn set_up(
+    plan: &ConsumerPlan,
+    conn: &lapin::Connection,
+    broker: &str,
+) -> Result<(lapin::Channel, lapin::Consumer), ConsumeError> {
+    let channel = open_channel(conn, broker, plan.prefetch).await?;
+    plan.exchange.declare(&channel, broker).await?;
+    plan.queue
+        .declare_and_bind(&channel, broker, &plan.exchange, &plan.routing_key)
+        .await?;
+    plan.retry_queue.declare(&channel, broker).await?;
+    if let Some(dead) = &plan.dead_letter_queue {
+        dead.declare(&channel, broker).await?;
+    }
+    let consumer = basic_consume(&channel, broker, &plan.queue.name).await?;
     Ok((channel, consumer))
+}
+
+/// What a failed message is sent on: the publisher to the retry and dead-letter queues, and the
+/// consumer's channel, to declare them again if someone deleted them.
+struct Companions {
+    retry: Publisher,
+    channel: lapin::Channel,
+    broker: String,
 }
 
 async fn handle(
     plan: Arc<ConsumerPlan>,
     message: Message,
     handled: BoxFuture<'static, Outcome>,
-    retry: Publisher,
+    companions: Companions,
     shutdown: CancellationToken,
 ) {
     let id = inbox_id(&plan, &message);
@@ -334,7 +443,7 @@ async fn handle(
             Outcome::Done
         }
     };
-    settle(&plan, &message, outcome, &retry, &shutdown).await;
+    settle(&plan, &message, outcome, &companions, &shutdown).await;
 }
 
 /// The id the inbox records for `message`: the `inbox_key` field of its body, else its
@@ -368,16 +477,28 @@ async fn settle(
     plan: &ConsumerPlan,
     message: &Message,
     outcome: Outcome,
-    retry: &Publisher,
+    companions: &Companions,
     shutdown: &CancellationToken,
 ) {
     let (service, handler, delivery_tag) = (plan.service, plan.handler, message.delivery_tag());
-    let result = match outcome {
+    let attempt = message.attempt();
+    let (error, target) = match outcome {
         Outcome::Done => {
-            if message.is_settled() {
-                return;
+            if !message.is_settled()
+                && let Err(e) = message.ack().await
+            {
+                tracing::warn!(service, handler, delivery_tag, error = %e, "could not ack a message");
             }
-            message.ack().await
+            return;
+        }
+        _ if message.is_settled() => {
+            tracing::error!(
+                service,
+                handler,
+                delivery_tag,
+                "handler failed after settling its message"
+            );
+            return;
         }
         Outcome::Undecodable(error) => {
             tracing::warn!(
@@ -385,60 +506,90 @@ async fn settle(
                 handler,
                 delivery_tag,
                 reason = %error,
-                "rejected a message whose body does not decode (not requeued)"
+                "a message whose body does not decode goes to the dead-letter queue"
             );
-            if message.is_settled() {
-                return;
-            }
-            message.reject(false).await
+            (error.to_string(), Target::Dead("undecodable"))
+        }
+        Outcome::Failed(error) if attempt >= plan.max_attempts => {
+            tracing::error!(
+                service,
+                handler,
+                delivery_tag,
+                attempt,
+                error = %error,
+                "handler failed on the last attempt: the message goes to the dead-letter queue"
+            );
+            (error, Target::Dead("failed"))
         }
         Outcome::Failed(error) => {
-            if message.is_settled() {
-                tracing::error!(service, handler, delivery_tag, error = %error, "handler failed after settling its message");
-                return;
-            }
-            let attempt = message.attempt();
-            if attempt >= plan.max_attempts {
-                tracing::error!(
-                    service,
-                    handler,
-                    delivery_tag,
-                    attempt,
-                    error = %error,
-                    "handler failed on the last attempt: message rejected without requeue (dead-lettered if the queue has a dead-letter exchange)"
-                );
-                message.reject(false).await
-            } else {
-                tracing::warn!(
-                    service,
-                    handler,
-                    delivery_tag,
-                    attempt,
-                    error = %error,
-                    retry_in = ?plan.retry_delay,
-                    "handler failed: the message will be retried"
-                );
-                let waited = tokio::select! {
-                    _ = tokio::time::sleep(plan.retry_delay) => true,
-                    _ = shutdown.cancelled() => false,
-                };
-                if !waited {
-                    // Shutting down: give the message back as it is (its count unchanged).
-                    message.nack(true).await
-                } else {
-                    match retry.republish(message, attempt + 1, &error).await {
-                        Ok(()) => message.ack().await,
-                        Err(e) => {
-                            tracing::warn!(service, handler, delivery_tag, error = %e, "could not publish the retry: the message is requeued");
-                            message.nack(true).await
-                        }
-                    }
-                }
-            }
+            tracing::warn!(
+                service,
+                handler,
+                delivery_tag,
+                attempt,
+                error = %error,
+                retry_in = ?plan.retry_delay,
+                "handler failed: the message will be retried"
+            );
+            (error, Target::Retry)
         }
+    };
+    let result = match (&target, &plan.dead_letter_queue) {
+        (Target::Dead(_), None) => message.reject(false).await,
+        _ => match forward(plan, message, &error, &target, companions).await {
+            Ok(()) => message.ack().await,
+            Err(e) => {
+                // Nothing is lost: the message goes back to its queue, after a pause so that a
+                // broker refusing the copy cannot make it spin.
+                tracing::warn!(service, handler, delivery_tag, error = %e, "could not move the failed message; it is requeued");
+                tokio::select! {
+                    _ = tokio::time::sleep(plan.retry_delay) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                message.nack(true).await
+            }
+        },
     };
     if let Err(e) = result {
         tracing::warn!(service, handler, delivery_tag, error = %e, "could not settle a message");
+    }
+}
+
+/// Where a failed message goes.
+enum Target {
+    /// The retry queue, to come back after `retry_delay`.
+    Retry,
+    /// The dead-letter queue, with the reason (`failed`, `undecodable`).
+    Dead(&'static str),
+}
+
+/// Publishes the failed message's copy to the retry or dead-letter queue and waits for the
+/// confirm; declares the queue again when it is gone (someone deleted it), once.
+async fn forward(
+    plan: &ConsumerPlan,
+    message: &Message,
+    error: &str,
+    target: &Target,
+    companions: &Companions,
+) -> Result<(), PublishError> {
+    let (queue, copy) = match target {
+        Target::Retry => (
+            &plan.retry_queue,
+            super::message::Copy::retry(message, message.attempt() + 1, error, plan.retry_delay),
+        ),
+        Target::Dead(reason) => (
+            plan.dead_letter_queue.as_ref().unwrap_or(&plan.retry_queue),
+            super::message::Copy::dead(message, error, reason, &plan.queue.name),
+        ),
+    };
+    match companions.retry.send_copy(&queue.name, &copy).await {
+        Err(PublishError::Broker(BrokerError::NoRoute { .. })) => {
+            queue
+                .declare(&companions.channel, &companions.broker)
+                .await?;
+            companions.retry.send_copy(&queue.name, &copy).await
+        }
+        other => other,
     }
 }
 

@@ -12,6 +12,94 @@ use serde::de::DeserializeOwned;
 pub const ATTEMPT_HEADER: &str = "x-farine-attempt";
 /// The header holding the error of a message's last failed attempt.
 pub const ERROR_HEADER: &str = "x-farine-error";
+/// On a dead letter: why it is there (`failed`: every attempt failed; `undecodable`: the body
+/// does not decode into the handler's type).
+pub const REASON_HEADER: &str = "x-farine-reason";
+/// On a dead letter: the queue it was consumed from (where a replay sends it back).
+pub const QUEUE_HEADER: &str = "x-farine-queue";
+/// On a retried or dead letter: the exchange and routing key it was first published with.
+pub const EXCHANGE_HEADER: &str = "x-farine-exchange";
+pub const ROUTING_KEY_HEADER: &str = "x-farine-routing-key";
+/// On a dead letter: when it was dead-lettered, in seconds since the Unix epoch.
+pub const FAILED_AT_HEADER: &str = "x-farine-failed-at";
+
+/// A failed message's copy on its way to the retry or the dead-letter queue: the same body and
+/// properties, with farine's headers.
+pub(crate) struct Copy {
+    pub body: Vec<u8>,
+    pub properties: lapin::BasicProperties,
+}
+
+impl Copy {
+    /// The copy for the retry queue: attempt `attempt` comes after `delay` (its TTL).
+    pub fn retry(message: &Message, attempt: u32, error: &str, delay: std::time::Duration) -> Self {
+        let mut headers = message.origin_headers();
+        headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(attempt));
+        headers.insert(ERROR_HEADER.into(), error_value(error));
+        let properties = without_expiration(message.properties())
+            .with_headers(headers)
+            .with_expiration(delay.as_millis().to_string().into());
+        Self {
+            body: message.body().to_vec(),
+            properties,
+        }
+    }
+
+    /// The copy for the dead-letter queue, with no TTL: a dead letter waits for a human.
+    pub fn dead(message: &Message, error: &str, reason: &str, queue: &str) -> Self {
+        let mut headers = message.origin_headers();
+        headers.insert(
+            ATTEMPT_HEADER.into(),
+            AMQPValue::LongUInt(message.attempt()),
+        );
+        headers.insert(ERROR_HEADER.into(), error_value(error));
+        headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+        headers.insert(QUEUE_HEADER.into(), AMQPValue::LongString(queue.into()));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        headers.insert(FAILED_AT_HEADER.into(), AMQPValue::Timestamp(now));
+        Self {
+            body: message.body().to_vec(),
+            properties: without_expiration(message.properties()).with_headers(headers),
+        }
+    }
+}
+
+/// An error text as a header value, cut to 1 KiB (headers travel with every copy).
+fn error_value(error: &str) -> AMQPValue {
+    let mut end = error.len().min(1024);
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    AMQPValue::LongString(error[..end].into())
+}
+
+/// `properties` without their per-message TTL.
+pub(crate) fn without_expiration(properties: &lapin::BasicProperties) -> lapin::BasicProperties {
+    let mut copy = lapin::BasicProperties::default();
+    macro_rules! keep {
+        ($($get:ident => $set:ident),* $(,)?) => {
+            $(if let Some(value) = properties.$get() { copy = copy.$set(value.clone()); })*
+        };
+    }
+    keep!(
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        headers => with_headers,
+        delivery_mode => with_delivery_mode,
+        priority => with_priority,
+        correlation_id => with_correlation_id,
+        reply_to => with_reply_to,
+        message_id => with_message_id,
+        timestamp => with_timestamp,
+        kind => with_type,
+        user_id => with_user_id,
+        app_id => with_app_id,
+        cluster_id => with_cluster_id,
+    );
+    copy
+}
 
 /// A message delivered to a `#[consume]` handler. Cheap to clone; all clones share one delivery.
 ///
@@ -162,6 +250,23 @@ impl Message {
             _ => 1,
         };
         u32::try_from(value).unwrap_or(1).max(1)
+    }
+
+    /// The headers, with the exchange and routing key the message was first published with
+    /// (kept across retries, which arrive through the default exchange).
+    fn origin_headers(&self) -> FieldTable {
+        let mut headers = self.headers();
+        if !headers.inner().contains_key(EXCHANGE_HEADER) {
+            headers.insert(
+                EXCHANGE_HEADER.into(),
+                AMQPValue::LongString(self.exchange().into()),
+            );
+            headers.insert(
+                ROUTING_KEY_HEADER.into(),
+                AMQPValue::LongString(self.routing_key().into()),
+            );
+        }
+        headers
     }
 
     pub(crate) fn properties(&self) -> &lapin::BasicProperties {

@@ -3,9 +3,12 @@
 
 pub mod connection;
 pub mod consumer;
+pub mod dead_letter;
+pub mod error;
 pub mod message;
 pub mod publisher;
 pub mod topology;
 
+pub use error::{BrokerError, Resource};
 pub use lapin::ExchangeKind;
 pub use lapin::types::{AMQPValue, FieldTable};

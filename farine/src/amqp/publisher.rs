@@ -10,12 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 use serde::Serialize;
 
 use super::connection::{ConnectError, Connector};
-use super::message::{ATTEMPT_HEADER, ERROR_HEADER, Message};
+use super::error::{BrokerError, Resource};
 use super::topology::ExchangeSettings;
 
 /// A failure to publish, naming the exchange and what to do about it.
@@ -30,29 +30,26 @@ pub enum PublishError {
     },
     #[error("cannot encode the message for exchange `{exchange}` as JSON: {cause}")]
     Encode { exchange: String, cause: String },
-    #[error(transparent)]
-    Connect(#[from] ConnectError),
-    #[error("publish to exchange `{exchange}` failed: {cause}")]
-    Channel {
+    /// The body is larger than `max_message_bytes`: refused before it reaches the broker
+    /// (which would close the channel, or the connection, over it).
+    #[error(
+        "the message for exchange `{exchange}` is {size} bytes, over max_message_bytes = {limit}: send a reference to the data instead, or raise the limit"
+    )]
+    TooLarge {
         exchange: String,
-        cause: String,
-        /// The AMQP reply code when the broker closed the channel (404: no such exchange).
-        code: Option<u16>,
+        size: usize,
+        limit: usize,
     },
+    /// The broker refused the message (`NoRoute` for a `mandatory` message nobody takes,
+    /// `NotFound` for a missing exchange, ...) or the connection is broken.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
     #[error(
         "the broker refused (nacked) the message for exchange `{exchange}`, routing key `{routing_key}`"
     )]
     Nacked {
         exchange: String,
         routing_key: String,
-    },
-    #[error(
-        "no queue is bound to exchange `{exchange}` for routing key `{routing_key}` ({reply_text}); the message was returned"
-    )]
-    Unroutable {
-        exchange: String,
-        routing_key: String,
-        reply_text: String,
     },
     #[error(
         "no confirm from the broker within {after:?} for exchange `{exchange}`, routing key `{routing_key}`"
@@ -62,6 +59,22 @@ pub enum PublishError {
         routing_key: String,
         after: Duration,
     },
+}
+
+impl PublishError {
+    /// The broker's error, when the broker refused the message or the connection broke.
+    pub fn broker(&self) -> Option<&BrokerError> {
+        match self {
+            PublishError::Broker(error) => Some(error),
+            _ => None,
+        }
+    }
+}
+
+impl From<ConnectError> for PublishError {
+    fn from(error: ConnectError) -> Self {
+        PublishError::Broker(error.into())
+    }
 }
 
 /// Per-message options of [`Publisher::publish_with`]. The defaults are those of
@@ -80,8 +93,8 @@ pub struct PublishOptions {
     /// Overrides the publisher's delivery mode (persistent by default).
     pub persistent: Option<bool>,
     /// Ask the broker to return the message when no queue is bound for it
-    /// ([`PublishError::Unroutable`]).
-    pub mandatory: bool,
+    /// ([`BrokerError::NoRoute`]); `None`: the publisher's setting (config `mandatory`).
+    pub mandatory: Option<bool>,
     /// Overrides `application/json` (for [`Publisher::publish_bytes`]).
     pub content_type: Option<String>,
 }
@@ -96,7 +109,14 @@ pub struct PublisherSettings {
     /// Declare the exchange when the channel opens. An RPC client does not: a missing
     /// exchange is how it learns that no such service listens.
     pub declare_exchange: bool,
+    /// Publish with `mandatory` unless a message says otherwise (config `mandatory`).
+    pub mandatory: bool,
+    /// The largest body accepted (config `max_message_bytes`).
+    pub max_message_bytes: usize,
 }
+
+/// The default `max_message_bytes`: 16 MiB, well under RabbitMQ's own limit (128 MiB).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 impl Default for PublisherSettings {
     fn default() -> Self {
@@ -104,6 +124,8 @@ impl Default for PublisherSettings {
             persistent: true,
             timeout: Duration::from_secs(10),
             declare_exchange: true,
+            mandatory: false,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -222,31 +244,21 @@ impl Publisher {
     /// bounded by the publish timeout.
     pub async fn prepare(&self) -> Result<(), PublishError> {
         let core = self.core()?;
-        let timeout = core.settings.timeout;
-        match tokio::time::timeout(timeout, core.channel()).await {
-            Ok(result) => result.map(|_| ()),
-            Err(_) => Err(PublishError::Timeout {
-                exchange: core.exchange.name.clone(),
-                routing_key: core.routing_key.clone(),
-                after: timeout,
-            }),
-        }
+        let deadline = tokio::time::Instant::now() + core.settings.timeout;
+        core.bounded(deadline, &core.routing_key, core.channel(deadline))
+            .await
+            .map(|_| ())
     }
 
-    /// Publishes a failed message again, unchanged but for its attempt and error headers.
-    pub(crate) async fn republish(
+    /// Publishes a failed message's copy to `queue` through the default exchange.
+    pub(crate) async fn send_copy(
         &self,
-        message: &Message,
-        attempt: u32,
-        error: &str,
+        queue: &str,
+        copy: &super::message::Copy,
     ) -> Result<(), PublishError> {
         let core = self.core()?;
-        let mut headers = message.headers();
-        headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(attempt));
-        let error: String = error.chars().take(1024).collect();
-        headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(error.into()));
-        let properties = message.properties().clone().with_headers(headers);
-        core.bounded(core.send(message.body(), &core.routing_key, false, properties))
+        let mandatory = core.settings.mandatory;
+        core.send_bounded(&copy.body, queue, mandatory, copy.properties.clone())
             .await
     }
 
@@ -274,20 +286,18 @@ impl Publisher {
 }
 
 impl Core {
-    fn channel_error(&self, e: lapin::Error) -> PublishError {
-        let code = match e.kind() {
-            lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
-            _ => None,
-        };
-        PublishError::Channel {
-            exchange: self.exchange.name.clone(),
-            cause: e.to_string(),
-            code,
-        }
+    fn broker_error(&self, e: &lapin::Error) -> PublishError {
+        let resource = Resource::Exchange(self.exchange.name.clone());
+        PublishError::Broker(BrokerError::from_lapin(
+            e,
+            resource,
+            &self.connector.broker(),
+        ))
     }
 
-    /// The open confirm channel, reopened (and the exchange declared again) when it broke.
-    async fn channel(&self) -> Result<Channel, PublishError> {
+    /// The open confirm channel, reopened (and the exchange declared again) when it broke;
+    /// waits for a reconnection until `deadline`.
+    async fn channel(&self, deadline: tokio::time::Instant) -> Result<Channel, PublishError> {
         if let Some(channel) = self.live_channel() {
             return Ok(channel);
         }
@@ -295,24 +305,19 @@ impl Core {
         if let Some(channel) = self.live_channel() {
             return Ok(channel);
         }
-        let conn = self.connector.connection().await?;
+        let conn = self.connector.connection_until(Some(deadline)).await?;
         let channel = conn
             .create_channel()
             .await
-            .map_err(|e| self.channel_error(e))?;
+            .map_err(|e| self.broker_error(&e))?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
-            .map_err(|e| self.channel_error(e))?;
+            .map_err(|e| self.broker_error(&e))?;
         if self.settings.declare_exchange {
             self.exchange
-                .declare(&channel)
-                .await
-                .map_err(|e| PublishError::Channel {
-                    exchange: self.exchange.name.clone(),
-                    cause: e.to_string(),
-                    code: None,
-                })?;
+                .declare(&channel, &self.connector.broker())
+                .await?;
         }
         if let Ok(mut slot) = self.channel.lock() {
             *slot = Some(channel.clone());
@@ -328,31 +333,85 @@ impl Core {
     }
 
     async fn publish(&self, payload: &[u8], options: PublishOptions) -> Result<(), PublishError> {
+        if payload.len() > self.settings.max_message_bytes {
+            return Err(PublishError::TooLarge {
+                exchange: self.exchange.name.clone(),
+                size: payload.len(),
+                limit: self.settings.max_message_bytes,
+            });
+        }
         let routing_key = options
             .routing_key
             .clone()
             .unwrap_or_else(|| self.routing_key.clone());
-        let mandatory = options.mandatory;
+        let mandatory = options.mandatory.unwrap_or(self.settings.mandatory);
         let properties = self.properties(options);
-        self.bounded(self.send(payload, &routing_key, mandatory, properties))
+        self.send_bounded(payload, &routing_key, mandatory, properties)
             .await
     }
 
-    /// Runs `publish` within the publish timeout.
-    async fn bounded(
+    /// Sends within the publish timeout. When the connection breaks before the confirm, the
+    /// message is sent again once farine reconnected, while time is left: the broker may then
+    /// hold it twice (at-least-once, `docs/delivery.md`), but it is never silently lost.
+    async fn send_bounded(
         &self,
-        publish: impl std::future::Future<Output = Result<(), PublishError>>,
+        payload: &[u8],
+        routing_key: &str,
+        mandatory: bool,
+        properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let timeout = self.settings.timeout;
-        tokio::time::timeout(timeout, publish)
-            .await
-            .unwrap_or_else(|_| {
-                Err(PublishError::Timeout {
-                    exchange: self.exchange.name.clone(),
-                    routing_key: self.routing_key.clone(),
-                    after: timeout,
-                })
-            })
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
+        let attempts = async {
+            loop {
+                match self
+                    .send(
+                        payload,
+                        routing_key,
+                        mandatory,
+                        properties.clone(),
+                        deadline,
+                    )
+                    .await
+                {
+                    Err(PublishError::Broker(BrokerError::ConnectionBroken { broker, cause }))
+                        if tokio::time::Instant::now() < deadline =>
+                    {
+                        tracing::debug!(%broker, %cause, exchange = %self.exchange.name, "publish interrupted by a broken connection; sending again after the reconnection");
+                        // Let the connection be seen as broken before asking for a new one.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    other => return other,
+                }
+            }
+        };
+        self.bounded(deadline, routing_key, attempts).await
+    }
+
+    /// Runs `publish` until `deadline`. A publish that ran out of time while the broker was
+    /// unreachable says so (`ConnectionBroken`, naming the broker), not merely `Timeout`.
+    async fn bounded<T>(
+        &self,
+        deadline: tokio::time::Instant,
+        routing_key: &str,
+        publish: impl std::future::Future<Output = Result<T, PublishError>>,
+    ) -> Result<T, PublishError> {
+        match tokio::time::timeout_at(deadline, publish).await {
+            Ok(result) => result,
+            Err(_) if !self.connector.is_connected() => {
+                Err(PublishError::Broker(BrokerError::ConnectionBroken {
+                    broker: self.connector.broker(),
+                    cause: format!(
+                        "not reconnected within publish_timeout ({:?})",
+                        self.settings.timeout
+                    ),
+                }))
+            }
+            Err(_) => Err(PublishError::Timeout {
+                exchange: self.exchange.name.clone(),
+                routing_key: routing_key.to_string(),
+                after: self.settings.timeout,
+            }),
+        }
     }
 
     fn properties(&self, options: PublishOptions) -> BasicProperties {
@@ -393,8 +452,9 @@ impl Core {
         routing_key: &str,
         mandatory: bool,
         properties: BasicProperties,
+        deadline: tokio::time::Instant,
     ) -> Result<(), PublishError> {
-        let channel = self.channel().await?;
+        let channel = self.channel(deadline).await?;
         let confirm = channel
             .basic_publish(
                 self.exchange.name.as_str().into(),
@@ -407,14 +467,20 @@ impl Core {
                 properties,
             )
             .await
-            .map_err(|e| self.channel_error(e))?;
-        match confirm.await.map_err(|e| self.channel_error(e))? {
+            .map_err(|e| self.broker_error(&e))?;
+        match confirm.await.map_err(|e| self.broker_error(&e))? {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Ack(Some(returned)) => Err(PublishError::Unroutable {
-                exchange: self.exchange.name.clone(),
-                routing_key: routing_key.to_string(),
-                reply_text: returned.reply_text.to_string(),
-            }),
+            Confirmation::Ack(Some(returned)) => {
+                Err(PublishError::Broker(match returned.reply_code {
+                    313 => BrokerError::NoConsumers {
+                        resource: Resource::Exchange(self.exchange.name.clone()),
+                    },
+                    _ => BrokerError::NoRoute {
+                        exchange: self.exchange.name.clone(),
+                        routing_key: routing_key.to_string(),
+                    },
+                }))
+            }
             Confirmation::Nack(_) => Err(PublishError::Nacked {
                 exchange: self.exchange.name.clone(),
                 routing_key: routing_key.to_string(),

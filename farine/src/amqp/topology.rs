@@ -6,9 +6,10 @@
 //! share each queue as competing consumers. `docs/topology.md` is the full account.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
+use super::error::{BrokerError, Resource};
 use crate::config::{ConfigError, HandlerSection};
 
 /// An exchange as farine declares it.
@@ -18,35 +19,23 @@ pub struct ExchangeSettings {
     pub kind: ExchangeKind,
     pub durable: bool,
     pub auto_delete: bool,
+    /// `exchange_arguments` (`alternate-exchange`, ...).
+    pub arguments: FieldTable,
 }
 
-/// A queue as farine declares it.
+/// A queue as farine declares it, and how it is bound.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueSettings {
     pub name: String,
     pub durable: bool,
     pub auto_delete: bool,
     pub exclusive: bool,
-}
-
-/// A failure to declare or bind, naming what was being declared.
-#[derive(Debug, thiserror::Error)]
-pub enum TopologyError {
-    #[error("cannot open a channel: {0}")]
-    Channel(String),
-    #[error("cannot declare exchange `{exchange}`: {cause}")]
-    Exchange { exchange: String, cause: String },
-    #[error("cannot declare queue `{queue}`: {cause}")]
-    Queue { queue: String, cause: String },
-    #[error(
-        "cannot bind queue `{queue}` to exchange `{exchange}` with routing key `{routing_key}`: {cause}"
-    )]
-    Bind {
-        queue: String,
-        exchange: String,
-        routing_key: String,
-        cause: String,
-    },
+    /// `queue_arguments` (`x-queue-type`, `x-message-ttl`, `x-max-length`,
+    /// `x-dead-letter-exchange`, ...).
+    pub arguments: FieldTable,
+    /// `binding_arguments`: the match arguments of a headers-exchange binding (`x-match`, and
+    /// the headers to match).
+    pub binding_arguments: FieldTable,
 }
 
 fn parse_kind(handler: &HandlerSection<'_>) -> Result<ExchangeKind, ConfigError> {
@@ -66,6 +55,55 @@ fn parse_kind(handler: &HandlerSection<'_>) -> Result<ExchangeKind, ConfigError>
     }
 }
 
+/// An argument table from config: `name = value` pairs, one per line or separated by commas.
+/// A whole number is sent as a signed 64-bit integer (what RabbitMQ expects of `x-message-ttl`
+/// or `x-max-length`), `true`/`false` as a boolean, anything else as a string; a value in
+/// double quotes is always a string (`format = "42"`).
+pub fn parse_arguments(handler: &HandlerSection<'_>, key: &str) -> Result<FieldTable, ConfigError> {
+    let mut table = FieldTable::default();
+    let Some(text) = handler.get_str(key)? else {
+        return Ok(table);
+    };
+    for pair in text
+        .split(['\n', ','])
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        let Some((name, value)) = pair.split_once('=') else {
+            return Err(handler.section().invalid(
+                key,
+                &text,
+                "`name = value` pairs, one per line or separated by commas",
+            ));
+        };
+        let (name, value) = (name.trim(), value.trim());
+        if name.is_empty() {
+            return Err(handler
+                .section()
+                .invalid(key, &text, "an argument name before each `=`"));
+        }
+        table.insert(name.into(), argument_value(value));
+    }
+    Ok(table)
+}
+
+fn argument_value(value: &str) -> AMQPValue {
+    if let Some(quoted) = value
+        .strip_prefix('"')
+        .and_then(|rest| rest.strip_suffix('"'))
+    {
+        return AMQPValue::LongString(quoted.into());
+    }
+    if let Ok(number) = value.parse::<i64>() {
+        return AMQPValue::LongLongInt(number);
+    }
+    match value {
+        "true" => AMQPValue::Boolean(true),
+        "false" => AMQPValue::Boolean(false),
+        _ => AMQPValue::LongString(value.into()),
+    }
+}
+
 impl ExchangeSettings {
     /// The default exchange (`""`): it routes by queue name and is never declared.
     pub fn default_exchange() -> Self {
@@ -74,11 +112,12 @@ impl ExchangeSettings {
             kind: ExchangeKind::Direct,
             durable: true,
             auto_delete: false,
+            arguments: FieldTable::default(),
         }
     }
 
     /// The exchange of a handler: `exchange` (name, overriding the attribute's), `exchange_type`,
-    /// `exchange_durable`, `exchange_auto_delete`.
+    /// `exchange_durable`, `exchange_auto_delete`, `exchange_arguments`.
     pub fn from_config(handler: &HandlerSection<'_>, declared: &str) -> Result<Self, ConfigError> {
         Ok(Self {
             name: handler
@@ -87,11 +126,13 @@ impl ExchangeSettings {
             kind: parse_kind(handler)?,
             durable: handler.get_or("exchange_durable", true)?,
             auto_delete: handler.get_or("exchange_auto_delete", false)?,
+            arguments: parse_arguments(handler, "exchange_arguments")?,
         })
     }
 
-    /// Declares the exchange (the default exchange, `""`, needs no declaration).
-    pub async fn declare(&self, channel: &Channel) -> Result<(), TopologyError> {
+    /// Declares the exchange on `channel`, a channel to `broker` (`host:port`, for errors). The
+    /// default exchange, `""`, needs no declaration.
+    pub async fn declare(&self, channel: &Channel, broker: &str) -> Result<(), BrokerError> {
         if self.name.is_empty() {
             return Ok(());
         }
@@ -105,13 +146,10 @@ impl ExchangeSettings {
                 self.name.as_str().into(),
                 self.kind.clone(),
                 options,
-                FieldTable::default(),
+                self.arguments.clone(),
             )
             .await
-            .map_err(|e| TopologyError::Exchange {
-                exchange: self.name.clone(),
-                cause: e.to_string(),
-            })
+            .map_err(|e| BrokerError::from_lapin(&e, Resource::Exchange(self.name.clone()), broker))
     }
 
     /// The exchange type as the broker names it.
@@ -128,9 +166,9 @@ impl ExchangeSettings {
 
 impl QueueSettings {
     /// The queue of a handler: `<handler>.queue` (default: the attribute's, else
-    /// `<service>.<handler>`), `queue_durable`, `queue_auto_delete`, `queue_exclusive`. The name
-    /// is read only handler-scoped: a `queue` shared by several handlers would make them take
-    /// each other's messages.
+    /// `<service>.<handler>`), `queue_durable`, `queue_auto_delete`, `queue_exclusive`,
+    /// `queue_arguments`, `binding_arguments`. The name is read only handler-scoped: a `queue`
+    /// shared by several handlers would make them take each other's messages.
     pub fn from_config(
         handler: &HandlerSection<'_>,
         declared: Option<&str>,
@@ -145,16 +183,25 @@ impl QueueSettings {
             durable: handler.get_or("queue_durable", true)?,
             auto_delete: handler.get_or("queue_auto_delete", false)?,
             exclusive: handler.get_or("queue_exclusive", false)?,
+            arguments: parse_arguments(handler, "queue_arguments")?,
+            binding_arguments: parse_arguments(handler, "binding_arguments")?,
         })
     }
 
-    /// Declares the queue and binds it to `exchange` with `routing_key`.
-    pub async fn declare_and_bind(
-        &self,
-        channel: &Channel,
-        exchange: &ExchangeSettings,
-        routing_key: &str,
-    ) -> Result<(), TopologyError> {
+    /// A plain durable queue of farine's own (a retry or dead-letter queue) with `arguments`.
+    pub(crate) fn companion(name: String, durable: bool, arguments: FieldTable) -> Self {
+        Self {
+            name,
+            durable,
+            auto_delete: false,
+            exclusive: false,
+            arguments,
+            binding_arguments: FieldTable::default(),
+        }
+    }
+
+    /// Declares the queue on `channel` (a channel to `broker`).
+    pub async fn declare(&self, channel: &Channel, broker: &str) -> Result<(), BrokerError> {
         let options = QueueDeclareOptions {
             durable: self.durable,
             auto_delete: self.auto_delete,
@@ -162,12 +209,22 @@ impl QueueSettings {
             ..Default::default()
         };
         channel
-            .queue_declare(self.name.as_str().into(), options, FieldTable::default())
+            .queue_declare(self.name.as_str().into(), options, self.arguments.clone())
             .await
-            .map_err(|e| TopologyError::Queue {
-                queue: self.name.clone(),
-                cause: e.to_string(),
-            })?;
+            .map(|_| ())
+            .map_err(|e| BrokerError::from_lapin(&e, Resource::Queue(self.name.clone()), broker))
+    }
+
+    /// Declares the queue and binds it to `exchange` with `routing_key` (and the binding
+    /// arguments).
+    pub async fn declare_and_bind(
+        &self,
+        channel: &Channel,
+        broker: &str,
+        exchange: &ExchangeSettings,
+        routing_key: &str,
+    ) -> Result<(), BrokerError> {
+        self.declare(channel, broker).await?;
         if exchange.name.is_empty() {
             // Every queue is bound to the default exchange by its name already.
             return Ok(());
@@ -178,14 +235,16 @@ impl QueueSettings {
                 exchange.name.as_str().into(),
                 routing_key.into(),
                 QueueBindOptions::default(),
-                FieldTable::default(),
+                self.binding_arguments.clone(),
             )
             .await
-            .map_err(|e| TopologyError::Bind {
-                queue: self.name.clone(),
-                exchange: exchange.name.clone(),
-                routing_key: routing_key.to_string(),
-                cause: e.to_string(),
+            .map_err(|e| {
+                let binding = Resource::Binding {
+                    queue: self.name.clone(),
+                    exchange: exchange.name.clone(),
+                    routing_key: routing_key.to_string(),
+                };
+                BrokerError::from_lapin(&e, binding, broker)
             })
     }
 }
@@ -255,6 +314,50 @@ mod tests {
         let other = section.handler("other");
         let queue = QueueSettings::from_config(&other, Some("attr"), "x".into()).unwrap();
         assert_eq!(queue.name, "attr");
+    }
+
+    #[test]
+    fn arguments_are_typed_integers_booleans_and_strings_one_per_line_or_comma_separated() {
+        let text = "[svc]\nqueue_arguments =\n    x-queue-type = quorum\n    x-max-length = 1000\nh.binding_arguments = x-match = all, format = \"42\", draft = false\n";
+        let config = Config::from_ini(text, "f.ini").unwrap();
+        let section = config.section("svc").unwrap();
+        let queue = QueueSettings::from_config(&section.handler("h"), None, "q".into()).unwrap();
+        let args = queue.arguments.inner();
+        assert_eq!(
+            args.get("x-queue-type"),
+            Some(&AMQPValue::LongString("quorum".into()))
+        );
+        assert_eq!(
+            args.get("x-max-length"),
+            Some(&AMQPValue::LongLongInt(1000))
+        );
+        let binding = queue.binding_arguments.inner();
+        assert_eq!(
+            binding.get("x-match"),
+            Some(&AMQPValue::LongString("all".into()))
+        );
+        assert_eq!(
+            binding.get("format"),
+            Some(&AMQPValue::LongString("42".into()))
+        );
+        assert_eq!(binding.get("draft"), Some(&AMQPValue::Boolean(false)));
+        // Another handler has the section's queue arguments but not h's binding.
+        let other = QueueSettings::from_config(&section.handler("o"), None, "o".into()).unwrap();
+        assert!(other.binding_arguments.inner().is_empty());
+        assert_eq!(other.arguments, queue.arguments);
+    }
+
+    #[test]
+    fn an_argument_without_a_value_is_a_config_error_naming_the_key() {
+        let config = Config::from_ini("[svc]\nqueue_arguments = x-max-length\n", "f.ini").unwrap();
+        let section = config.section("svc").unwrap();
+        let err = QueueSettings::from_config(&section.handler("h"), None, "q".into())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("queue_arguments") && err.contains("name = value"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::RpcError;
 use super::wire::{self, ErrorBody, ErrorKind, Reply, Request};
 use crate::amqp::connection::Connector;
+use crate::amqp::error::{BrokerError, Resource};
 use crate::amqp::publisher::{PublishError, PublishOptions, Publisher, PublisherSettings};
 use crate::amqp::topology::{ExchangeSettings, private_queue};
 
@@ -122,9 +123,16 @@ impl CallOptions {
     }
 }
 
-enum Pending {
+enum Reader {
     Unary(oneshot::Sender<Reply>),
     Stream(mpsc::UnboundedSender<Reply>),
+}
+
+/// A call in flight, and the reply queue its request named (`None` until it is sent): when a
+/// reply queue dies with its connection, only the calls that named it lose their replies.
+struct Pending {
+    reader: Reader,
+    queue: Option<u64>,
 }
 
 type Calls = Arc<Mutex<HashMap<String, Pending>>>;
@@ -158,6 +166,8 @@ struct Inner {
 
 struct ReplyQueue {
     name: String,
+    /// Counts the reply queues of this client: which one a request named.
+    generation: u64,
     alive: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -202,6 +212,8 @@ impl Client {
                 persistent: false,
                 timeout,
                 declare_exchange: false,
+                mandatory: true,
+                max_message_bytes: crate::amqp::publisher::DEFAULT_MAX_MESSAGE_BYTES,
             },
         );
         Self {
@@ -227,7 +239,7 @@ impl Client {
         let client = Self::new(connector, service, timeout);
         if let Target::Live(inner) = &client.target {
             inner
-                .reply_queue()
+                .reply_queue(Some(tokio::time::Instant::now()))
                 .await
                 .map_err(|cause| RpcError::Connection {
                     service: service.to_string(),
@@ -285,16 +297,16 @@ impl Client {
         let deadline = tokio::time::Instant::now() + timeout;
         let (sender, receiver) = oneshot::channel();
         let id = inner.next_call_id();
-        let _entry = Entry::insert(&inner.calls, &id, Pending::Unary(sender));
-        let sent = tokio::time::timeout_at(deadline, inner.send(method, &id, args.into(), timeout));
-        match sent.await {
+        let _entry = Entry::insert(&inner.calls, &id, Reader::Unary(sender));
+        let sent = inner.send(method, &id, args.into(), timeout, deadline);
+        match tokio::time::timeout_at(deadline, sent).await {
             Ok(result) => result?,
             Err(_) => return Err(inner.timed_out(method, timeout)),
         }
         let reply = match tokio::time::timeout_at(deadline, receiver).await {
             Ok(Ok(reply)) => reply,
             Ok(Err(_)) => return Err(inner.reply_queue_lost(method)),
-            Err(_) => return Err(inner.timed_out(method, timeout)),
+            Err(_) => return Err(inner.not_answered(method, timeout).await),
         };
         match reply {
             Reply::Item(value) => inner.decode(method, value),
@@ -325,8 +337,10 @@ impl Client {
         let timeout = options.timeout.or(self.timeout).unwrap_or(inner.timeout);
         let (sender, receiver) = mpsc::unbounded_channel();
         let id = inner.next_call_id();
-        let entry = Entry::insert(&inner.calls, &id, Pending::Stream(sender));
-        match tokio::time::timeout(timeout, inner.send(method, &id, args.into(), timeout)).await {
+        let entry = Entry::insert(&inner.calls, &id, Reader::Stream(sender));
+        let deadline = tokio::time::Instant::now() + timeout;
+        let sent = inner.send(method, &id, args.into(), timeout, deadline);
+        match tokio::time::timeout_at(deadline, sent).await {
             Ok(result) => result?,
             Err(_) => return Err(inner.timed_out(method, timeout)),
         }
@@ -370,9 +384,15 @@ struct Entry {
 }
 
 impl Entry {
-    fn insert(calls: &Calls, id: &str, pending: Pending) -> Self {
+    fn insert(calls: &Calls, id: &str, reader: Reader) -> Self {
         if let Ok(mut table) = calls.lock() {
-            table.insert(id.to_string(), pending);
+            table.insert(
+                id.to_string(),
+                Pending {
+                    reader,
+                    queue: None,
+                },
+            );
         }
         Self {
             calls: calls.clone(),
@@ -404,16 +424,22 @@ impl Inner {
         id: &str,
         args: Args,
         timeout: Duration,
+        deadline: tokio::time::Instant,
     ) -> Result<(), RpcError> {
         let body = args.into_body().map_err(|cause| RpcError::Encode {
             service: self.service.clone(),
             method: method.to_string(),
             cause,
         })?;
-        let reply_to = self
-            .reply_queue()
+        let (reply_to, generation) = self
+            .reply_queue(Some(deadline))
             .await
             .map_err(|cause| self.connection_error(method, cause))?;
+        if let Ok(mut table) = self.calls.lock()
+            && let Some(pending) = table.get_mut(id)
+        {
+            pending.queue = Some(generation);
+        }
         let options = PublishOptions {
             routing_key: Some(wire::routing_key(&self.service, method)),
             correlation_id: Some(id.to_string()),
@@ -421,40 +447,76 @@ impl Inner {
             // A request nobody took within the call's timeout is dropped by the broker.
             expiration: Some(timeout),
             persistent: Some(false),
-            mandatory: true,
             ..Default::default()
         };
         self.requests
             .publish_bytes(&body, options)
             .await
             .map_err(|e| match e {
-                PublishError::Unroutable { .. } => RpcError::NoSuchMethod {
+                PublishError::Broker(BrokerError::NoRoute { .. }) => RpcError::NoSuchMethod {
                     service: self.service.clone(),
                     method: method.to_string(),
                 },
-                PublishError::Channel {
-                    code: Some(404), ..
-                } => RpcError::NoSuchService {
+                PublishError::Broker(BrokerError::NotFound { .. }) => RpcError::NoSuchService {
                     service: self.service.clone(),
                     method: method.to_string(),
                 },
                 PublishError::Timeout { after, .. } => self.timed_out(method, after),
+                PublishError::TooLarge { .. } => RpcError::Encode {
+                    service: self.service.clone(),
+                    method: method.to_string(),
+                    cause: e.to_string(),
+                },
                 other => self.connection_error(method, other.to_string()),
             })
     }
 
-    /// The reply queue's name, declaring it (and starting its consumer) when there is none or
-    /// the last one died with its connection.
-    async fn reply_queue(self: &Arc<Self>) -> Result<String, String> {
+    /// The error of a call that got no reply in time: `NoConsumers` when the service's queue
+    /// (`<service>`, the default `rpc_queue`) has no consumer, else `Timeout`.
+    async fn not_answered(&self, method: &str, timeout: Duration) -> RpcError {
+        let probe = async {
+            let conn = self.connector.connection().await.ok()?;
+            let channel = conn.create_channel().await.ok()?;
+            let options = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            let declared = channel
+                .queue_declare(self.service.as_str().into(), options, Default::default())
+                .await;
+            let _ = channel.close(200, "probe done".into()).await;
+            declared.ok().map(|queue| queue.consumer_count())
+        };
+        let bound = self.connector.connect_timeout().min(Duration::from_secs(2));
+        match tokio::time::timeout(bound, probe).await {
+            Ok(Some(0)) => RpcError::Broker {
+                service: self.service.clone(),
+                method: method.to_string(),
+                error: Box::new(BrokerError::NoConsumers {
+                    resource: Resource::Queue(self.service.clone()),
+                }),
+            },
+            _ => self.timed_out(method, timeout),
+        }
+    }
+
+    /// The reply queue's name and generation, declaring it (and starting its consumer) when
+    /// there is none or the last one died with its connection; waits for a reconnection until
+    /// `deadline`.
+    async fn reply_queue(
+        self: &Arc<Self>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(String, u64), String> {
         let mut slot = self.replies.lock().await;
         if let Some(queue) = slot.as_ref()
             && queue.alive.load(Ordering::Acquire)
         {
-            return Ok(queue.name.clone());
+            return Ok((queue.name.clone(), queue.generation));
         }
+        let generation = slot.as_ref().map_or(0, |queue| queue.generation + 1);
         let conn = self
             .connector
-            .connection()
+            .connection_until(deadline)
             .await
             .map_err(|e| e.to_string())?;
         let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
@@ -483,19 +545,22 @@ impl Inner {
                 }
             }
             task_alive.store(false, Ordering::Release);
-            // The queue went with its connection: calls waiting on it get no reply.
+            // The queue went with its connection: the calls that named it get no reply (they
+            // fail at once, whether or not the server ran them: not safe to repeat blindly).
+            // Calls not sent yet go out on the next queue.
             if let Ok(mut table) = calls.lock() {
-                table.clear();
+                table.retain(|_, pending| pending.queue.is_none_or(|g| g > generation));
             }
         });
         if let Some(old) = slot.replace(ReplyQueue {
             name: name.clone(),
+            generation,
             alive,
             task,
         }) {
             old.task.abort();
         }
-        Ok(name)
+        Ok((name, generation))
     }
 
     fn decode<T: DeserializeOwned>(&self, method: &str, value: Value) -> Result<T, RpcError> {
@@ -565,13 +630,17 @@ fn dispatch(calls: &Calls, service: &str, delivery: &lapin::message::Delivery) -
     };
     let mut table = calls.lock().ok()?;
     let id = id.as_str();
-    match table.get(id) {
-        Some(Pending::Unary(_)) => {
-            if let Some(Pending::Unary(sender)) = table.remove(id) {
+    match table.get(id).map(|pending| &pending.reader) {
+        Some(Reader::Unary(_)) => {
+            if let Some(Pending {
+                reader: Reader::Unary(sender),
+                ..
+            }) = table.remove(id)
+            {
                 let _ = sender.send(reply);
             }
         }
-        Some(Pending::Stream(sender)) => {
+        Some(Reader::Stream(sender)) => {
             let last = !matches!(reply, Reply::Item(_));
             let _ = sender.send(reply);
             if last {

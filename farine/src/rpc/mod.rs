@@ -74,6 +74,15 @@ pub enum RpcError {
         method: String,
         cause: String,
     },
+    /// The broker refused the call: `NoConsumers` when the service's queue exists but no
+    /// instance consumes it (found when a call times out).
+    #[error("{service}.{method}: {error}")]
+    Broker {
+        service: String,
+        method: String,
+        #[source]
+        error: Box<crate::amqp::error::BrokerError>,
+    },
     /// An injected client used where no farine runtime runs its service.
     #[error(
         "the RPC client of `{caller}` (calling {service}.{method}) was used outside a running farine service: start the service with farine, or pass a client yourself (`{caller}_with`)"
@@ -97,6 +106,7 @@ impl RpcError {
             | RpcError::Decode { service, .. }
             | RpcError::Encode { service, .. }
             | RpcError::Connection { service, .. }
+            | RpcError::Broker { service, .. }
             | RpcError::NotRunning { service, .. } => service,
         }
     }
@@ -112,6 +122,7 @@ impl RpcError {
             | RpcError::Decode { method, .. }
             | RpcError::Encode { method, .. }
             | RpcError::Connection { method, .. }
+            | RpcError::Broker { method, .. }
             | RpcError::NotRunning { method, .. } => method,
         }
     }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::{Stream, StreamExt};
-use lapin::options::{BasicConsumeOptions, QueueBindOptions};
+use lapin::options::QueueBindOptions;
 use lapin::types::FieldTable;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -26,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, ErrorBody, ErrorKind, Reply, Request};
 use crate::amqp::connection::Connector;
-use crate::amqp::consumer::{ConsumeError, WindDown, open_channel};
+use crate::amqp::consumer::{ConsumeError, WindDown, basic_consume, connection_for, open_channel};
+use crate::amqp::error::{BrokerError, Resource};
 use crate::amqp::message::Message;
 use crate::amqp::publisher::{PublishError, PublishOptions, Publisher, PublisherSettings};
 use crate::amqp::topology::{ExchangeSettings, QueueSettings, private_queue};
@@ -76,16 +77,29 @@ impl CallState {
             routing_key: Some(reply_to.clone()),
             correlation_id: self.correlation_id.clone(),
             persistent: Some(false),
-            mandatory,
+            mandatory: Some(mandatory),
             ..Default::default()
         };
         self.replies.publish_bytes(body, options).await
     }
 
+    /// After a reply was refused for its size: tells the caller with an error reply instead.
+    async fn too_large(&self, error: &PublishError) {
+        tracing::warn!(service = self.service, method = self.method, error = %error, "an RPC reply is too large; the caller gets an error instead");
+        let body = Reply::error_body(&self.error(ErrorKind::Remote, error.to_string(), None));
+        if let Err(e) = self.send(&body, false).await {
+            tracing::warn!(service = self.service, method = self.method, error = %e, "could not send an RPC reply");
+        }
+    }
+
     async fn finish(&self, body: &[u8]) {
         self.finished.store(true, Ordering::Release);
-        if let Err(e) = self.send(body, false).await {
-            tracing::warn!(service = self.service, method = self.method, error = %e, "could not send an RPC reply");
+        match self.send(body, false).await {
+            Ok(()) => {}
+            Err(e @ PublishError::TooLarge { .. }) => self.too_large(&e).await,
+            Err(e) => {
+                tracing::warn!(service = self.service, method = self.method, error = %e, "could not send an RPC reply")
+            }
         }
     }
 
@@ -101,8 +115,12 @@ impl CallState {
             Ok(()) => self.send(&Reply::end_body(), false).await,
             Err(e) => Err(e),
         };
-        if let Err(e) = sent {
-            tracing::warn!(service = self.service, method = self.method, error = %e, "could not send an RPC reply");
+        match sent {
+            Ok(()) => {}
+            Err(e @ PublishError::TooLarge { .. }) => self.too_large(&e).await,
+            Err(e) => {
+                tracing::warn!(service = self.service, method = self.method, error = %e, "could not send an RPC reply")
+            }
         }
     }
 
@@ -110,12 +128,16 @@ impl CallState {
     async fn item(&self, value: Value) -> bool {
         match self.send(&Reply::item_body(&value), true).await {
             Ok(()) => !self.cancelled.is_cancelled(),
-            Err(PublishError::Unroutable { .. }) => {
+            Err(PublishError::Broker(crate::amqp::error::BrokerError::NoRoute { .. })) => {
                 tracing::info!(
                     service = self.service,
                     method = self.method,
                     "the caller's reply queue is gone: stream stopped"
                 );
+                false
+            }
+            Err(e @ PublishError::TooLarge { .. }) => {
+                self.too_large(&e).await;
                 false
             }
             Err(e) => {
@@ -312,6 +334,8 @@ pub(crate) struct RpcServerPlan {
     pub prefetch: u16,
     pub drain_timeout: Duration,
     pub op_timeout: Duration,
+    /// The largest reply accepted (`max_message_bytes`); a larger result is an error reply.
+    pub max_message_bytes: usize,
     /// The database of each call (`farine::Db::current()`), when the service has one.
     pub db: Option<Arc<crate::db::call::CallDb>>,
 }
@@ -349,6 +373,10 @@ impl RpcServerPlan {
             prefetch,
             drain_timeout: scoped.get_or("drain_timeout", Duration::from_secs(30))?,
             op_timeout: scoped.get_or("connect_timeout", Duration::from_secs(10))?,
+            max_message_bytes: scoped.get_or(
+                "max_message_bytes",
+                crate::amqp::publisher::DEFAULT_MAX_MESSAGE_BYTES,
+            )?,
             db: None,
         })
     }
@@ -363,10 +391,15 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
     ready: Ready,
 ) -> Result<(), ConsumeError> {
+    let Some(conn) = connection_for(&connector, &ready, &shutdown).await? else {
+        return Ok(());
+    };
+    let broker = connector.broker();
     let (channel, mut requests, mut control) =
-        tokio::time::timeout(plan.op_timeout, set_up(&plan, &connector))
+        tokio::time::timeout(plan.op_timeout, set_up(&plan, &conn, &broker))
             .await
-            .map_err(|_| ConsumeError::Timeout(plan.op_timeout))??;
+            .map_err(|_| ConsumeError::Timeout(plan.op_timeout).on(&conn))?
+            .map_err(|e| e.on(&conn))?;
     let tag = requests.tag();
     tracing::info!(
         service = plan.service,
@@ -386,8 +419,18 @@ pub(crate) async fn run(
             persistent: false,
             timeout: plan.op_timeout,
             declare_exchange: false,
+            mandatory: false,
+            max_message_bytes: plan.max_message_bytes,
         },
     );
+    let channel_error = |e: lapin::Error, queue: &str| {
+        ConsumeError::Broker(BrokerError::from_lapin(
+            &e,
+            Resource::Queue(queue.to_string()),
+            &broker,
+        ))
+        .on(&conn)
+    };
     let streams: Arc<Mutex<HashMap<String, CancellationToken>>> = Arc::default();
     let mut in_flight = JoinSet::new();
     let stopped = loop {
@@ -404,8 +447,8 @@ pub(crate) async fn run(
                         token.cancel();
                     }
                 }
-                Some(Err(e)) => break Err(ConsumeError::Channel(e.to_string())),
-                None => break Err(ConsumeError::Ended),
+                Some(Err(e)) => break Err(channel_error(e, "control")),
+                None => break Err(ConsumeError::Ended.on(&conn)),
             },
             next = requests.next() => match next {
                 Some(Ok(delivery)) => {
@@ -419,8 +462,8 @@ pub(crate) async fn run(
                     );
                     in_flight.spawn(context::scope(shared.clone(), task));
                 }
-                Some(Err(e)) => break Err(ConsumeError::Channel(e.to_string())),
-                None => break Err(ConsumeError::Ended),
+                Some(Err(e)) => break Err(channel_error(e, &plan.queue.name)),
+                None => break Err(ConsumeError::Ended.on(&conn)),
             },
         }
     };
@@ -439,22 +482,31 @@ pub(crate) async fn run(
 
 async fn set_up(
     plan: &RpcServerPlan,
-    connector: &Connector,
+    conn: &lapin::Connection,
+    broker: &str,
 ) -> Result<(lapin::Channel, lapin::Consumer, lapin::Consumer), ConsumeError> {
-    let channel_err = |e: lapin::Error| ConsumeError::Channel(e.to_string());
-    let channel = open_channel(connector, plan.prefetch).await?;
-    plan.exchange.declare(&channel).await?;
+    let channel = open_channel(conn, broker, plan.prefetch).await?;
+    plan.exchange.declare(&channel, broker).await?;
     for method in &plan.methods {
         plan.queue
             .declare_and_bind(
                 &channel,
+                broker,
                 &plan.exchange,
                 &wire::routing_key(plan.service, method),
             )
             .await?;
     }
     // This instance's control queue: cancellations of streams, whichever instance serves them.
-    let (control_queue, control) = private_queue(&channel).await.map_err(channel_err)?;
+    let control_err = |e: lapin::Error| {
+        let binding = Resource::Binding {
+            queue: "(control queue)".to_string(),
+            exchange: plan.exchange.name.clone(),
+            routing_key: wire::cancel_routing_key(plan.service),
+        };
+        BrokerError::from_lapin(&e, binding, broker)
+    };
+    let (control_queue, control) = private_queue(&channel).await.map_err(control_err)?;
     channel
         .queue_bind(
             control_queue,
@@ -464,16 +516,8 @@ async fn set_up(
             FieldTable::default(),
         )
         .await
-        .map_err(channel_err)?;
-    let requests = channel
-        .basic_consume(
-            plan.queue.name.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(channel_err)?;
+        .map_err(control_err)?;
+    let requests = basic_consume(&channel, broker, &plan.queue.name).await?;
     Ok((channel, requests, control))
 }
 

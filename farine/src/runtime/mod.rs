@@ -6,7 +6,9 @@
 //! publisher, and starts one supervised task per `#[consume]` handler. It returns once every
 //! handler is consuming, or with the first error. [`Running::stop`] drains and closes.
 
+pub mod check;
 pub(crate) mod context;
+mod health;
 pub mod shutdown;
 pub(crate) mod supervisor;
 
@@ -17,7 +19,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::connection::{ConnectError, Connector};
+use crate::amqp::connection::{ConnectError, Connector, ConnectorSettings};
 use crate::amqp::consumer::{self, ConsumerPlan};
 use crate::amqp::publisher::{PublishError, Publisher, PublisherSettings};
 use crate::amqp::topology::ExchangeSettings;
@@ -30,8 +32,7 @@ use crate::rpc::Client;
 use crate::rpc::server::{self as rpc_server, BoundRpc, RpcServerPlan};
 use crate::stream::{self as sse, BoundSse, Position, SsePlan};
 use context::Shared;
-use supervisor::Ready;
-use supervisor::{Policy, ServiceFailed};
+use supervisor::{Policy, Ready, ServiceFailed, TaskError};
 
 /// The broker farine connects to when no `amqp_uri` is configured.
 pub const DEFAULT_AMQP_URI: &str = "amqp://guest:guest@127.0.0.1:5672";
@@ -52,7 +53,7 @@ pub enum StartError {
         service: String,
         method: String,
         #[source]
-        source: PublishError,
+        source: Box<PublishError>,
     },
     #[error("{0}")]
     Conflict(String),
@@ -60,6 +61,11 @@ pub enum StartError {
     Database(#[from] crate::db::DbError),
     #[error("database {database}: {cause}")]
     Migrations { database: String, cause: String },
+    #[error("cannot serve the health endpoint on {addr} (health_addr): {cause}")]
+    Health {
+        addr: std::net::SocketAddr,
+        cause: String,
+    },
     #[error("service `{service}`, handler `{handler}` could not start: {cause}")]
     Handler {
         service: String,
@@ -98,7 +104,9 @@ struct ServicePlan {
     policies: std::collections::HashMap<&'static str, Policy>,
     db: Option<DbSettings>,
     amqp_uri: String,
-    connect_timeout: Duration,
+    connector: ConnectorSettings,
+    /// `health_addr`: where liveness and readiness are served over HTTP.
+    health_addr: Option<std::net::SocketAddr>,
 }
 
 impl Runtime {
@@ -207,28 +215,104 @@ impl Runtime {
         Ok(plans)
     }
 
+    /// What `--check` does: validates the config (every service's section, as start-up would),
+    /// then opens a connection to each broker node and each database the services use and
+    /// measures it. Returns one line per check and whether all passed. Nothing is declared
+    /// and no message is consumed.
+    pub async fn check(self) -> (bool, Vec<String>) {
+        let plans = match self.plan() {
+            Ok(plans) => plans,
+            Err(e) => return (false, vec![format!("config {}: {e}", self.config.file())]),
+        };
+        let names: Vec<_> = plans.iter().map(|p| p.entry.name).collect();
+        let mut lines = vec![format!(
+            "config {}: ok (services: {})",
+            self.config.file(),
+            names.join(", ")
+        )];
+        let targets = plans
+            .iter()
+            .map(|plan| check::Target {
+                amqp_uri: plan.amqp_uri.clone(),
+                connector: plan.connector.clone(),
+                db: plan.db.clone(),
+            })
+            .collect();
+        let (ok, more) = check::connections(&self.module, targets).await;
+        lines.extend(more);
+        (ok, lines)
+    }
+
+    /// What `--replay-dead-letters service.handler` does: moves the messages now in the
+    /// handler's dead-letter queue back to its queue, with a fresh attempt count. Returns how
+    /// many moved, and the two queues.
+    pub async fn replay_dead_letters(
+        self,
+        target: &str,
+    ) -> Result<(u64, String, String), StartError> {
+        let plans = self.plan()?;
+        let found = plans.iter().find_map(|plan| {
+            plan.consumers.iter().find_map(|(_, consumer)| {
+                let name = format!("{}.{}", consumer.service, consumer.handler);
+                (name == target || (plans.len() == 1 && consumer.handler == target))
+                    .then_some((plan, consumer))
+            })
+        });
+        let Some((plan, consumer)) = found else {
+            let known: Vec<_> = plans
+                .iter()
+                .flat_map(|plan| plan.consumers.iter())
+                .map(|(_, c)| format!("{}.{}", c.service, c.handler))
+                .collect();
+            return Err(StartError::NothingToStart(format!(
+                "no #[consume] handler `{target}` (there are: {})",
+                known.join(", ")
+            )));
+        };
+        let Some(dead) = &consumer.dead_letter_queue else {
+            return Err(StartError::NothingToStart(format!(
+                "handler `{target}` has no farine dead-letter queue (dead_letter_queue = none)"
+            )));
+        };
+        let connector = Connector::with_settings(
+            plan.amqp_uri.clone(),
+            format!("farine {} replay (pid {})", self.module, std::process::id()),
+            plan.connector.clone(),
+        );
+        let moved = crate::amqp::dead_letter::replay(&connector, &dead.name, &consumer.queue.name)
+            .await
+            .map_err(|e| StartError::Handler {
+                service: consumer.service.to_string(),
+                handler: consumer.handler.to_string(),
+                cause: e.to_string(),
+            })?;
+        connector.close().await;
+        Ok((moved, dead.name.clone(), consumer.queue.name.clone()))
+    }
+
     /// Starts every enabled service; returns once all handlers are consuming.
     pub async fn start(self) -> Result<Running, StartError> {
         let plans = self.plan()?;
 
         // One connection per broker URI, named after the services it carries.
-        let mut by_uri: BTreeMap<String, (Vec<&'static str>, Duration)> = BTreeMap::new();
+        // (The first service of a URI gives its connection settings, but the longest timeout.)
+        let mut by_uri: BTreeMap<String, (Vec<&'static str>, ConnectorSettings)> = BTreeMap::new();
         for plan in &plans {
             let slot = by_uri
                 .entry(plan.amqp_uri.clone())
-                .or_insert((Vec::new(), plan.connect_timeout));
+                .or_insert((Vec::new(), plan.connector.clone()));
             slot.0.push(plan.entry.name);
-            slot.1 = slot.1.max(plan.connect_timeout);
+            slot.1.connect_timeout = slot.1.connect_timeout.max(plan.connector.connect_timeout);
         }
         let mut connectors = BTreeMap::new();
-        for (uri, (services, timeout)) in by_uri {
+        for (uri, (services, settings)) in by_uri {
             let name = format!(
                 "farine {}: {} (pid {})",
                 self.module,
                 services.join(", "),
                 std::process::id()
             );
-            let connector = Arc::new(Connector::new(uri.clone(), name, timeout));
+            let connector = Arc::new(Connector::with_settings(uri.clone(), name, settings));
             connector.connection().await?;
             connectors.insert(uri, connector);
         }
@@ -249,7 +333,7 @@ impl Runtime {
                     .map_err(|source| StartError::Publisher {
                         service: plan.entry.name.to_string(),
                         method: method.to_string(),
-                        source,
+                        source: Box::new(source),
                     })?;
                 shared
                     .publishers
@@ -302,6 +386,9 @@ impl Runtime {
         let (failed, failures) = tokio::sync::mpsc::unbounded_channel();
         let mut tasks = JoinSet::new();
         let mut pending = Vec::new();
+        let mut health_handlers = Vec::new();
+        let health_addrs: std::collections::BTreeSet<std::net::SocketAddr> =
+            plans.iter().filter_map(|plan| plan.health_addr).collect();
         let mut stop_bound = Duration::ZERO;
         for mut plan in plans {
             let connector = connectors[&plan.amqp_uri].clone();
@@ -342,10 +429,11 @@ impl Runtime {
                     handler,
                     policy,
                     shutdown.clone(),
-                    ready,
+                    ready.clone(),
                     failed.clone(),
                     task,
                 ));
+                health_handlers.push((service, handler, ready));
                 pending.push((service, handler, started));
             };
             let token = shutdown.clone();
@@ -372,7 +460,10 @@ impl Runtime {
                             token.clone(),
                             ready,
                         );
-                        Box::pin(async move { run.await.map_err(|e| e.to_string()) })
+                        let connector = connector.clone();
+                        Box::pin(
+                            async move { run.await.map_err(|e| consume_failure(e, &connector)) },
+                        )
                     }),
                 );
             }
@@ -395,7 +486,10 @@ impl Runtime {
                             token.clone(),
                             ready,
                         );
-                        Box::pin(async move { run.await.map_err(|e| e.to_string()) })
+                        let connector = connector.clone();
+                        Box::pin(
+                            async move { run.await.map_err(|e| consume_failure(e, &connector)) },
+                        )
                     }),
                 );
             }
@@ -415,7 +509,7 @@ impl Runtime {
                             token.clone(),
                             ready,
                         );
-                        Box::pin(async move { run.await.map_err(|e| e.to_string()) })
+                        Box::pin(async move { run.await.map_err(|e| TaskError::new(e, false)) })
                     }),
                 );
             }
@@ -452,18 +546,43 @@ impl Runtime {
                             token.clone(),
                             ready,
                         );
-                        Box::pin(async move { run.await.map_err(|e| e.to_string()) })
+                        Box::pin(async move { run.await.map_err(|e| TaskError::new(e, false)) })
                     }),
                 );
             }
         }
         stop_bound += Duration::from_secs(1);
 
+        let connectors: Vec<Arc<Connector>> = connectors.into_values().collect();
+        let health = Arc::new(health::Health {
+            handlers: health_handlers,
+            connectors: connectors.clone(),
+        });
+        for addr in health_addrs {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    tracing::info!(%addr, "health endpoint: GET /live, GET /ready");
+                    tasks.spawn(health::serve(listener, health.clone(), shutdown.clone()));
+                }
+                Err(e) => {
+                    shutdown.cancel();
+                    tasks.shutdown().await;
+                    for connector in &connectors {
+                        connector.close().await;
+                    }
+                    return Err(StartError::Health {
+                        addr,
+                        cause: e.to_string(),
+                    });
+                }
+            }
+        }
         let running = Running {
             shutdown,
             tasks,
             shared,
-            connectors: connectors.into_values().collect(),
+            connectors,
+            health,
             stop_bound,
             failures,
         };
@@ -491,7 +610,29 @@ fn plan_service(
     let amqp_uri = section
         .get_str("amqp_uri")?
         .unwrap_or_else(|| DEFAULT_AMQP_URI.to_string());
-    let connect_timeout = section.get_or("connect_timeout", Duration::from_secs(10))?;
+    if let Err(cause) = crate::amqp::connection::parse_nodes(&amqp_uri) {
+        return Err(StartError::Config(section.invalid(
+            "amqp_uri",
+            &amqp_uri,
+            format!("amqp://user:password@host:port/vhost (or amqps://), several separated by commas: {cause}"),
+        )));
+    }
+    let connector = connector_settings(section)?;
+    let health_addr = match section.get_str("health_addr")? {
+        None => None,
+        Some(text) if text.trim().is_empty() || text.trim() == "off" => None,
+        Some(text) => Some(text.trim().parse().map_err(|_| {
+            section.invalid(
+                "health_addr",
+                &text,
+                "host:port, such as 127.0.0.1:8080 (or off)",
+            )
+        })?),
+    };
+    let max_message_bytes = section.get_or(
+        "max_message_bytes",
+        crate::amqp::publisher::DEFAULT_MAX_MESSAGE_BYTES,
+    )?;
     let mut publishers = Vec::new();
     let mut rpc_clients = Vec::new();
     for info in entry.handlers() {
@@ -511,6 +652,8 @@ fn plan_service(
                 persistent: scoped.get_or("persistent", true)?,
                 timeout: scoped.get_or("publish_timeout", Duration::from_secs(10))?,
                 declare_exchange: true,
+                mandatory: scoped.get_or("mandatory", false)?,
+                max_message_bytes: scoped.get_or("max_message_bytes", max_message_bytes)?,
             };
             publishers.push((name, exchange, routing_key, settings));
         }
@@ -594,7 +737,38 @@ fn plan_service(
         policies,
         db,
         amqp_uri,
-        connect_timeout,
+        connector,
+        health_addr,
+    })
+}
+
+/// The connection settings of a service's section: `connect_timeout`, `heartbeat`,
+/// `amqp_node_selector`, `reconnect_delay`, `reconnect_delay_max`, `amqp_tls_ca_file`.
+pub(crate) fn connector_settings(section: &Section) -> Result<ConnectorSettings, ConfigError> {
+    let defaults = ConnectorSettings::default();
+    let selector = match section.get_str("amqp_node_selector")? {
+        None => defaults.selector,
+        Some(text) => text
+            .parse()
+            .map_err(|expected: String| section.invalid("amqp_node_selector", &text, expected))?,
+    };
+    let tls_ca = match section.get_str("amqp_tls_ca_file")? {
+        None => None,
+        Some(path) => Some(std::fs::read_to_string(path.trim()).map_err(|e| {
+            section.invalid(
+                "amqp_tls_ca_file",
+                &path,
+                format!("a readable PEM file of CA certificates ({e})"),
+            )
+        })?),
+    };
+    Ok(ConnectorSettings {
+        connect_timeout: section.get_or("connect_timeout", defaults.connect_timeout)?,
+        heartbeat: section.get_or("heartbeat", defaults.heartbeat)?,
+        selector,
+        reconnect_delay: section.get_or("reconnect_delay", defaults.reconnect_delay)?,
+        reconnect_delay_max: section.get_or("reconnect_delay_max", defaults.reconnect_delay_max)?,
+        tls_ca,
     })
 }
 
@@ -606,11 +780,19 @@ pub struct Running {
     connectors: Vec<Arc<Connector>>,
     stop_bound: Duration,
     failures: tokio::sync::mpsc::UnboundedReceiver<ServiceFailed>,
+    health: Arc<health::Health>,
 }
 
 /// A task factory: each call starts one run of a handler's task.
 type TaskFactory =
-    Box<dyn FnMut(Ready) -> futures_util::future::BoxFuture<'static, Result<(), String>> + Send>;
+    Box<dyn FnMut(Ready) -> futures_util::future::BoxFuture<'static, Result<(), TaskError>> + Send>;
+
+/// A consuming task's failure, marked as a lost connection when it was one (or when the
+/// connection is gone now): those do not count against the restart limit.
+fn consume_failure(error: consumer::ConsumeError, connector: &Connector) -> TaskError {
+    let lost = error.connection_lost() || !connector.is_connected();
+    TaskError::new(error, lost)
+}
 
 /// Why a running runtime stopped on its own.
 #[derive(Debug, thiserror::Error)]
@@ -624,6 +806,12 @@ pub enum RunError {
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Running {
+    /// True when every broker connection is open and every handler task is up: what
+    /// `GET /ready` of the health endpoint answers.
+    pub fn is_ready(&self) -> bool {
+        self.health.readiness().0
+    }
+
     /// A token that stops the runtime when cancelled (as a signal would).
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()

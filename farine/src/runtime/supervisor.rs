@@ -7,11 +7,15 @@
 //! A task that fails more than `max_restarts` times within `restart_window` is not restarted
 //! either: the service is failed, the runtime stops and the process exits non-zero, so the
 //! orchestrator notices instead of a silent flapping. A task that ends with `Ok` is done (an
-//! `#[execute]` method with `restart = false`). `docs/supervision.md` describes the model.
+//! `#[execute]` method with `restart = false`). A task that stopped because the broker
+//! connection went away is restarted too, but not counted against `max_restarts`: it waits for
+//! the reconnection, which has a backoff of its own, so a broker restart or a network cut
+//! never fails a service. `docs/supervision.md` describes the model.
 
 use std::fmt::Display;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -67,10 +71,35 @@ pub struct ServiceFailed {
 /// The first start's result: `Err` carries the cause.
 pub(crate) type Started = Result<(), String>;
 
-/// Tells the start-up, once, whether a task's first start succeeded.
+/// Why one run of a handler task ended.
+#[derive(Debug)]
+pub(crate) struct TaskError {
+    pub cause: String,
+    /// The broker connection went away: not the task's fault.
+    pub connection_lost: bool,
+}
+
+impl TaskError {
+    pub fn new(cause: impl Display, connection_lost: bool) -> Self {
+        Self {
+            cause: cause.to_string(),
+            connection_lost,
+        }
+    }
+}
+
+impl Display for TaskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.cause)
+    }
+}
+
+/// Tells the start-up, once, whether a task's first start succeeded, and the health endpoint,
+/// at any time, whether the task is up (consuming, serving, running).
 #[derive(Clone)]
 pub(crate) struct Ready {
     slot: Arc<Mutex<Option<oneshot::Sender<Started>>>>,
+    up: Arc<AtomicBool>,
 }
 
 impl Ready {
@@ -79,20 +108,32 @@ impl Ready {
         (
             Self {
                 slot: Arc::new(Mutex::new(Some(tx))),
+                up: Arc::new(AtomicBool::new(false)),
             },
             rx,
         )
     }
 
-    /// Reports the first start's result; later calls do nothing.
+    /// Reports a start's result: the first one to the start-up; each one to the health state.
     pub fn signal(&self, result: Started) {
+        self.up.store(result.is_ok(), Ordering::Release);
         let sender = self.slot.lock().ok().and_then(|mut slot| slot.take());
         if let Some(sender) = sender {
             let _ = sender.send(result);
         }
     }
 
-    fn pending(&self) -> bool {
+    /// True between a start that succeeded and the end of that run.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    fn down(&self) {
+        self.up.store(false, Ordering::Release);
+    }
+
+    /// True until the first start reported its result.
+    pub fn pending(&self) -> bool {
         self.slot.lock().map(|slot| slot.is_some()).unwrap_or(false)
     }
 }
@@ -100,7 +141,7 @@ impl Ready {
 /// Runs `task` until `shutdown`, restarting it with backoff whenever it fails, until it fails
 /// more often than `policy` allows (reported on `failed`).
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn supervise<F, Fut, E>(
+pub(crate) async fn supervise<F, Fut>(
     service: &'static str,
     handler: &'static str,
     policy: Policy,
@@ -110,25 +151,34 @@ pub(crate) async fn supervise<F, Fut, E>(
     mut task: F,
 ) where
     F: FnMut(Ready) -> Fut,
-    Fut: Future<Output = Result<(), E>>,
-    E: Display,
+    Fut: Future<Output = Result<(), TaskError>>,
 {
     let mut delay = policy.delay_min;
     let mut failures: VecDeque<Instant> = VecDeque::new();
     loop {
         let started = Instant::now();
         let result = AssertUnwindSafe(task(ready.clone())).catch_unwind().await;
+        ready.down();
         if shutdown.is_cancelled() {
             return;
         }
-        let cause = match result {
+        let (cause, connection_lost) = match result {
             Ok(Ok(())) => return,
-            Ok(Err(e)) => e.to_string(),
-            Err(panic) => format!("panicked: {}", panic_message(&*panic)),
+            Ok(Err(e)) => (e.cause, e.connection_lost),
+            Err(panic) => (format!("panicked: {}", panic_message(&*panic)), false),
         };
         if ready.pending() {
             ready.signal(Err(cause));
             return;
+        }
+        if connection_lost {
+            // Not counted: the next run waits for the reconnection (with its own backoff).
+            tracing::warn!(service, handler, cause = %cause, "the broker connection is lost; the handler resumes once farine reconnected");
+            tokio::select! {
+                _ = tokio::time::sleep(policy.delay_min) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            continue;
         }
         let now = Instant::now();
         failures.push_back(now);

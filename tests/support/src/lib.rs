@@ -7,6 +7,7 @@
 pub mod process;
 pub mod proxy;
 pub mod sse;
+pub mod tls;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -107,7 +108,8 @@ impl Broker {
         &self.channel
     }
 
-    /// Deletes `queue` when the broker is dropped.
+    /// Deletes `queue` when the broker is dropped, with `<queue>.retry` and `<queue>.dead`
+    /// (a farine consumer's retry and dead-letter queues) when they exist.
     pub fn forget_queue_on_drop(&self, queue: &str) {
         self.queues.lock().unwrap().push(queue.to_string());
     }
@@ -302,7 +304,12 @@ impl Drop for Broker {
                 else {
                     return;
                 };
-                for queue in queues {
+                // A farine consumer's queue comes with its retry and dead-letter queues.
+                let companions = queues
+                    .iter()
+                    .flat_map(|q| [format!("{q}.retry"), format!("{q}.dead")])
+                    .collect::<Vec<_>>();
+                for queue in queues.into_iter().chain(companions) {
                     if let Ok(channel) = connection.create_channel().await {
                         let _ = channel
                             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

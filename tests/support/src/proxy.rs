@@ -16,6 +16,7 @@ struct State {
     resumed: Notify,
     generation: AtomicU64,
     cut: Notify,
+    accepted: AtomicU64,
 }
 
 /// A running proxy; it stops when dropped.
@@ -36,11 +37,13 @@ impl Proxy {
             resumed: Notify::new(),
             generation: AtomicU64::new(0),
             cut: Notify::new(),
+            accepted: AtomicU64::new(0),
         });
         let accept_state = state.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let state = accept_state.clone();
+                state.accepted.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(state.target).await else {
                         return;
@@ -68,6 +71,11 @@ impl Proxy {
     /// An AMQP URI through the proxy.
     pub fn amqp_uri(&self) -> String {
         format!("amqp://guest:guest@{}", self.addr)
+    }
+
+    /// How many connections the proxy accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.state.accepted.load(Ordering::SeqCst)
     }
 
     /// Drops every open connection (new ones are accepted).

@@ -1,0 +1,309 @@
+//! Failures and poison messages against the real broker: retries through the retry queue,
+//! dead letters with their error, replay.
+
+mod common;
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{BOUND, config};
+use farine::amqp::message::{
+    ATTEMPT_HEADER, ERROR_HEADER, EXCHANGE_HEADER, QUEUE_HEADER, REASON_HEADER,
+};
+use farine::{Message, Runtime, consume};
+use farine_test_support::{Broker, Received, unique, wait_until};
+use lapin::types::AMQPValue;
+use serde_json::{Value, json};
+
+fn header(message: &Received, name: &str) -> Option<AMQPValue> {
+    message
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(name).cloned())
+}
+
+fn header_text(message: &Received, name: &str) -> String {
+    match header(message, name) {
+        Some(AMQPValue::LongString(text)) => text.to_string(),
+        other => panic!("header {name} is not a string: {other:?}"),
+    }
+}
+
+fn header_number(message: &Received, name: &str) -> i64 {
+    match header(message, name) {
+        Some(AMQPValue::LongUInt(n)) => i64::from(n),
+        Some(AMQPValue::LongLongInt(n)) => n,
+        Some(AMQPValue::LongInt(n)) => i64::from(n),
+        other => panic!("header {name} is not a number: {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// The handler's calls, in order: `Ok(n)` for a good message, `Err((attempt, at))` for the
+/// poison one.
+static CALLS: Mutex<Vec<Result<u64, (u32, Instant)>>> = Mutex::new(Vec::new());
+
+#[derive(Default)]
+struct PoisonProbe;
+
+#[farine::service(name = "poison_probe")]
+impl PoisonProbe {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn work(&self, body: Value, message: &Message) -> Result<(), String> {
+        if body["poison"] == json!(true) {
+            CALLS
+                .lock()
+                .unwrap()
+                .push(Err((message.attempt(), Instant::now())));
+            return Err("poisoned: this message can never be handled".into());
+        }
+        CALLS
+            .lock()
+            .unwrap()
+            .push(Ok(body["n"].as_u64().unwrap_or(0)));
+        Ok(())
+    }
+}
+
+fn poison_attempts() -> Vec<(u32, Instant)> {
+    CALLS
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.err())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_always_fails_is_dead_lettered_with_its_error_while_the_messages_behind_it_flow()
+ {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("poison-x"), unique("poison-q"));
+    broker.forget_exchange_on_drop(&exchange);
+    broker.forget_queue_on_drop(&queue);
+    let config = config(
+        "poison_probe",
+        &[
+            ("work.exchange", &exchange),
+            ("work.queue", &queue),
+            ("retry_delay", "1s"),
+            ("max_attempts", "3"),
+            // One message at a time: a retry that waited in the consumer would hold up all the
+            // others behind it.
+            ("prefetch_count", "1"),
+        ],
+    );
+    let running = Runtime::new(config)
+        .services(["poison_probe"])
+        .start()
+        .await
+        .expect("starts");
+
+    broker
+        .publish_json(&exchange, "rk", &json!({"poison": true}))
+        .await;
+    for n in 0..100 {
+        broker
+            .publish_json(&exchange, "rk", &json!({ "n": n }))
+            .await;
+    }
+    let dead = format!("{queue}.dead");
+    let dead_letters = broker.wait_for_messages(&dead, 1, BOUND).await;
+    running.stop().await;
+
+    // The hundred messages behind the poison were all handled before its last attempt.
+    let calls = CALLS.lock().unwrap().clone();
+    let good: Vec<_> = calls.iter().filter_map(|c| c.ok()).collect();
+    assert_eq!(good, (0..100).collect::<Vec<_>>());
+    let last_poison = calls.iter().rposition(Result::is_err).unwrap();
+    let last_good = calls.iter().rposition(Result::is_ok).unwrap();
+    assert!(
+        last_good < last_poison,
+        "the good messages did not wait for the poison's retries"
+    );
+
+    // Three attempts, each after retry_delay (waited in the broker's retry queue), no more.
+    let attempts = poison_attempts();
+    assert_eq!(
+        attempts.iter().map(|a| a.0).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    for pair in attempts.windows(2) {
+        assert!(pair[1].1 - pair[0].1 >= Duration::from_millis(1000));
+    }
+
+    assert_eq!(dead_letters.len(), 1, "one dead letter");
+    let letter = &dead_letters[0];
+    assert_eq!(
+        letter.json(),
+        json!({"poison": true}),
+        "the body is unchanged"
+    );
+    assert_eq!(header_number(letter, ATTEMPT_HEADER), 3);
+    assert!(header_text(letter, ERROR_HEADER).contains("poisoned"));
+    assert_eq!(header_text(letter, REASON_HEADER), "failed");
+    assert_eq!(header_text(letter, QUEUE_HEADER), queue);
+    assert_eq!(header_text(letter, EXCHANGE_HEADER), exchange);
+    assert!(
+        letter.properties.expiration().is_none(),
+        "a dead letter does not expire"
+    );
+    // Nothing is left behind in the queue or the retry queue.
+    assert_eq!(broker.queue_state(&queue).await, Some((0, 0)));
+    assert_eq!(
+        broker.queue_state(&format!("{queue}.retry")).await,
+        Some((0, 0))
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static ORDERS: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
+#[derive(serde::Deserialize)]
+struct Order {
+    id: u64,
+}
+
+#[derive(Default)]
+struct ShapeProbe;
+
+#[farine::service(name = "shape_probe")]
+impl ShapeProbe {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn on_order(&self, order: Order) -> Result<(), String> {
+        ORDERS.lock().unwrap().push(order.id);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_does_not_decode_goes_straight_to_the_dead_letter_queue_with_the_reason() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("shape-x"), unique("shape-q"));
+    broker.forget_exchange_on_drop(&exchange);
+    broker.forget_queue_on_drop(&queue);
+    let config = config(
+        "shape_probe",
+        &[
+            ("on_order.exchange", &exchange),
+            ("on_order.queue", &queue),
+            ("max_attempts", "5"),
+        ],
+    );
+    let running = Runtime::new(config)
+        .services(["shape_probe"])
+        .start()
+        .await
+        .expect("starts");
+
+    broker.publish(&exchange, "rk", b"{not json").await;
+    broker
+        .publish_json(&exchange, "rk", &json!({"id": 7}))
+        .await;
+    let dead = broker
+        .wait_for_messages(&format!("{queue}.dead"), 1, BOUND)
+        .await;
+    assert!(wait_until(BOUND, || ORDERS.lock().unwrap().len() == 1).await);
+    running.stop().await;
+
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].body, b"{not json");
+    assert_eq!(header_text(&dead[0], REASON_HEADER), "undecodable");
+    assert_eq!(
+        header_number(&dead[0], ATTEMPT_HEADER),
+        1,
+        "not retried: it would fail the same way"
+    );
+    assert!(header_text(&dead[0], ERROR_HEADER).contains("does not decode"));
+    assert_eq!(*ORDERS.lock().unwrap(), vec![7]);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static FIXED: AtomicBool = AtomicBool::new(false);
+static REPLAYED: Mutex<Vec<(u64, u32)>> = Mutex::new(Vec::new());
+
+#[derive(Default)]
+struct ReplayProbe;
+
+#[farine::service(name = "replay_probe")]
+impl ReplayProbe {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn flaky(&self, body: Value, message: &Message) -> Result<(), String> {
+        if !FIXED.load(Ordering::SeqCst) {
+            return Err("the downstream service is down".into());
+        }
+        REPLAYED
+            .lock()
+            .unwrap()
+            .push((body["n"].as_u64().unwrap_or(0), message.attempt()));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_dead_letters_sends_them_back_to_the_handler_with_a_fresh_attempt_count() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("replay-x"), unique("replay-q"));
+    broker.forget_exchange_on_drop(&exchange);
+    broker.forget_queue_on_drop(&queue);
+    let options = [
+        ("flaky.exchange", exchange.as_str()),
+        ("flaky.queue", queue.as_str()),
+        ("retry_delay", "20ms"),
+        ("max_attempts", "2"),
+    ];
+    let running = Runtime::new(config("replay_probe", &options))
+        .services(["replay_probe"])
+        .start()
+        .await
+        .expect("starts");
+    for n in 0..3 {
+        broker
+            .publish_json(&exchange, "rk", &json!({ "n": n }))
+            .await;
+    }
+    let dead = format!("{queue}.dead");
+    let deadline = Instant::now() + BOUND;
+    while broker.queue_state(&dead).await.map(|s| s.0) != Some(3) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(broker.queue_state(&dead).await.map(|s| s.0), Some(3));
+
+    // The cause is fixed; the dead letters go back.
+    FIXED.store(true, Ordering::SeqCst);
+    let (moved, from, to) = Runtime::new(config("replay_probe", &options))
+        .services(["replay_probe"])
+        .replay_dead_letters("replay_probe.flaky")
+        .await
+        .expect("replays");
+    assert_eq!(
+        (moved, from.as_str(), to.as_str()),
+        (3, dead.as_str(), queue.as_str())
+    );
+    assert!(wait_until(BOUND, || REPLAYED.lock().unwrap().len() == 3).await);
+    running.stop().await;
+    let mut replayed = REPLAYED.lock().unwrap().clone();
+    replayed.sort();
+    assert_eq!(
+        replayed,
+        vec![(0, 1), (1, 1), (2, 1)],
+        "each on its first attempt again"
+    );
+    assert_eq!(broker.queue_state(&dead).await, Some((0, 0)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_an_unknown_handler_is_a_config_error_listing_the_handlers() {
+    let error = Runtime::new(config("replay_probe", &[]))
+        .services(["replay_probe"])
+        .replay_dead_letters("replay_probe.nope")
+        .await
+        .expect_err("no such handler");
+    assert!(error.is_config(), "{error}");
+    assert!(error.to_string().contains("replay_probe.flaky"), "{error}");
+}
