@@ -82,7 +82,7 @@ async fn farine_start_pubsub_relays_an_order_to_audit_and_exits_0_on_sigterm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_that_is_not_json_is_rejected_and_logged_and_the_next_order_is_relayed() {
+async fn a_body_that_is_not_json_is_dead_lettered_and_logged_and_the_next_order_is_relayed() {
     let broker = Broker::connect().await;
     let (ini, orders, audit, queue) = own_topology("");
     broker.forget_exchange_on_drop(&orders);
@@ -115,7 +115,15 @@ async fn a_body_that_is_not_json_is_rejected_and_logged_and_the_next_order_is_re
     assert_eq!(
         broker.queue_state(&queue).await.map(|s| s.0),
         Some(0),
-        "rejected, not requeued"
+        "not requeued"
+    );
+    let dead = broker
+        .wait_for_messages(&format!("{queue}.dead"), 2, BOUND)
+        .await;
+    assert_eq!(
+        dead.len(),
+        2,
+        "both bad bodies are in the dead-letter queue"
     );
 
     process.signal(SIGTERM);

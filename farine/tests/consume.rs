@@ -85,7 +85,7 @@ impl FailProbe {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_message_is_retried_after_a_delay_up_to_max_attempts_then_rejected() {
+async fn a_failing_message_is_retried_after_a_delay_up_to_max_attempts_then_dead_lettered() {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("fail-x"), unique("fail-q"));
     broker.forget_exchange_on_drop(&exchange);
@@ -110,10 +110,15 @@ async fn a_failing_message_is_retried_after_a_delay_up_to_max_attempts_then_reje
         wait_until(BOUND, || len(&FAILED_CALLS) == 3).await,
         "three attempts"
     );
+    let dead = broker
+        .wait_for_messages(&format!("{queue}.dead"), 1, BOUND)
+        .await;
     running.stop().await;
-    // Rejected after the last attempt: stopping requeues anything unsettled, and the queue is
-    // empty.
+    // Dead-lettered after the last attempt: stopping requeues anything unsettled, and the
+    // queue is empty.
     assert_eq!(broker.queue_state(&queue).await, Some((0, 0)));
+    assert_eq!(dead.len(), 1, "in the dead-letter queue");
+    assert_eq!(dead[0].json(), json!({"n": 1}));
     let calls = FAILED_CALLS.lock().unwrap().clone();
     let attempts: Vec<_> = calls.iter().map(|(_, attempt)| *attempt).collect();
     assert_eq!(attempts, vec![1, 2, 3], "no hot redelivery loop");
@@ -248,7 +253,7 @@ async fn a_panicking_handler_is_caught_and_the_consumer_keeps_handling_messages(
         wait_until(BOUND, || PANIC_SEEN.lock().unwrap().contains(&2)).await,
         "the message after the panic was handled"
     );
-    // Treated as an error: retried once (max_attempts = 2), failed again, then rejected.
+    // Treated as an error: retried once (max_attempts = 2), failed again, then dead-lettered.
     assert!(wait_until(BOUND, || PANICS.load(Ordering::SeqCst) == 2).await);
     running.stop().await;
     assert_eq!(broker.queue_state(&queue).await, Some((0, 0)));
@@ -276,7 +281,8 @@ impl DecodeProbe {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_that_does_not_decode_is_rejected_without_requeue_and_never_reaches_the_handler() {
+async fn a_body_that_does_not_decode_is_dead_lettered_without_retries_and_never_reaches_the_handler()
+ {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("decode-x"), unique("decode-q"));
     broker.forget_exchange_on_drop(&exchange);
@@ -299,12 +305,23 @@ async fn a_body_that_does_not_decode_is_rejected_without_requeue_and_never_reach
         .publish_json(&exchange, "rk", &json!({"id": 7}))
         .await;
     assert!(wait_until(BOUND, || len(&ORDERS) == 1).await);
+    let dead = broker
+        .wait_for_messages(&format!("{queue}.dead"), 2, BOUND)
+        .await;
     running.stop().await;
     assert_eq!(*ORDERS.lock().unwrap(), vec![7]);
     assert_eq!(
         broker.queue_state(&queue).await,
         Some((0, 0)),
-        "the bad bodies were rejected, not requeued"
+        "the bad bodies were not requeued"
+    );
+    let bodies: Vec<_> = dead.iter().map(|m| m.body.clone()).collect();
+    assert_eq!(
+        bodies,
+        vec![
+            b"this is not json".to_vec(),
+            br#"{"wrong":"shape"}"#.to_vec()
+        ]
     );
 }
 

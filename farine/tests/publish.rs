@@ -232,3 +232,33 @@ async fn a_publish_during_a_cut_waits_for_the_reconnection_and_goes_through() {
     ns.dedup();
     assert_eq!(ns, [1, 2, 3, 4]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_gets_a_unique_message_id_unless_it_brings_its_own() {
+    let broker = Broker::connect().await;
+    let exchange = unique("ids-x");
+    broker.forget_exchange_on_drop(&exchange);
+    let publisher = standalone(amqp_uri(), &exchange, BOUND);
+    publisher.prepare().await.expect("declares the exchange");
+    let observer = broker.bind_queue(&exchange, "rk").await;
+    publisher.publish(&json!(1)).await.unwrap();
+    publisher.publish(&json!(2)).await.unwrap();
+    let own = PublishOptions {
+        message_id: Some("mine".into()),
+        ..Default::default()
+    };
+    publisher.publish_with(&json!(3), own).await.unwrap();
+    let received = broker.wait_for_messages(&observer, 3, BOUND).await;
+    let ids: Vec<String> = received
+        .iter()
+        .map(|m| {
+            m.properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert!(!ids[0].is_empty() && ids[0] != ids[1], "{ids:?}");
+    assert_eq!(ids[2], "mine");
+}

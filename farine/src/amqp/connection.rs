@@ -4,8 +4,8 @@
 //! [`Connector`] holds the broker's nodes (`amqp_uri` may list several), picks one with its
 //! [`NodeSelector`], and hands out the open connection. When the connection breaks (the broker
 //! restarted, the network was cut, heartbeats stopped), every handler whose channel died asks
-//! the connector again: the first one dials, with backoff from `reconnect_delay` to
-//! `reconnect_delay_max`, moving on to the next node after each failure, and the others wait
+//! the connector again: the first one dials, with backoff from `amqp_reconnect_delay` to
+//! `amqp_reconnect_delay_max`, moving on to the next node after each failure, and the others wait
 //! for it. Each handler then declares its topology again and resumes (`docs/reliability.md`).
 
 use std::str::FromStr;
@@ -92,12 +92,12 @@ impl FromStr for NodeSelector {
 pub struct ConnectorSettings {
     /// The bound on opening the connection to one node.
     pub connect_timeout: Duration,
-    /// The heartbeat proposed to the broker, in seconds (a URI's `?heartbeat=` wins); the
-    /// connection is dropped after two silent intervals.
+    /// The heartbeat proposed to the broker, in seconds (`amqp_heartbeat`; a URI's
+    /// `?heartbeat=` wins); the connection is dropped after two silent intervals.
     pub heartbeat: u16,
     pub selector: NodeSelector,
-    /// Backoff between rounds of reconnection attempts: from `reconnect_delay`, doubling, up to
-    /// `reconnect_delay_max`.
+    /// Backoff between rounds of reconnection attempts: from `amqp_reconnect_delay`, doubling,
+    /// up to `amqp_reconnect_delay_max`.
     pub reconnect_delay: Duration,
     pub reconnect_delay_max: Duration,
     /// PEM certificates to trust for `amqps://` beside the system's (`amqp_tls_ca_file`).
@@ -408,7 +408,7 @@ impl Connector {
     }
 
     /// Opens a connection to each node in turn and measures it: the time to open it and one
-    /// round trip (a channel opened and closed). For `--check`.
+    /// round trip (a passive declare of `amq.direct`). For `--check`.
     pub async fn ping(&self) -> Vec<(String, Result<(Duration, Duration), ConnectError>)> {
         let nodes = match &self.nodes {
             Ok(nodes) => nodes.clone(),
@@ -420,15 +420,29 @@ impl Connector {
             let measured = match self.open_node(&node).await {
                 Ok(conn) => {
                     let opened = started.elapsed();
-                    let trip = Instant::now();
+                    // One round trip: a passive declare of a built-in exchange.
                     let round_trip = async {
                         let channel = conn.create_channel().await?;
-                        channel.close(200, "ping".into()).await
+                        let trip = Instant::now();
+                        channel
+                            .exchange_declare(
+                                "amq.direct".into(),
+                                lapin::ExchangeKind::Direct,
+                                lapin::options::ExchangeDeclareOptions {
+                                    passive: true,
+                                    ..Default::default()
+                                },
+                                Default::default(),
+                            )
+                            .await?;
+                        let trip = trip.elapsed();
+                        let _ = channel.close(200, "ping".into()).await;
+                        Ok::<_, lapin::Error>(trip)
                     };
                     let result =
                         match tokio::time::timeout(self.settings.connect_timeout, round_trip).await
                         {
-                            Ok(Ok(())) => Ok((opened, trip.elapsed())),
+                            Ok(Ok(trip)) => Ok((opened, trip)),
                             Ok(Err(e)) => Err(ConnectError::Failed {
                                 causes: vec![format!("{}: {e}", node.addr)],
                             }),

@@ -84,6 +84,8 @@ pub struct PublishOptions {
     /// Overrides the publisher's routing key.
     pub routing_key: Option<String>,
     pub headers: Option<FieldTable>,
+    /// The message id; by default a unique one (`<process prefix>-<counter>`), so that a
+    /// message sent again after a broken connection is recognisable by a consumer's inbox.
     pub message_id: Option<String>,
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
@@ -285,6 +287,21 @@ impl Publisher {
     }
 }
 
+/// A message id unique to this process and message: a random process prefix and a counter.
+fn next_message_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PREFIX: OnceLock<String> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        format!("{:016x}", hasher.finish())
+    });
+    format!("{prefix}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
 impl Core {
     fn broker_error(&self, e: &lapin::Error) -> PublishError {
         let resource = Resource::Exchange(self.exchange.name.clone());
@@ -428,9 +445,10 @@ impl Core {
         if let Some(headers) = options.headers {
             properties = properties.with_headers(headers);
         }
-        if let Some(id) = options.message_id {
-            properties = properties.with_message_id(ShortString::from(id));
-        }
+        // Every message has an id: a resend after a broken connection carries the same one, so
+        // a consumer's inbox recognises the duplicate.
+        let id = options.message_id.unwrap_or_else(next_message_id);
+        properties = properties.with_message_id(ShortString::from(id));
         if let Some(id) = options.correlation_id {
             properties = properties.with_correlation_id(ShortString::from(id));
         }

@@ -44,6 +44,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("no service to start: {0}")]
     NothingToStart(String),
+    #[error("{0}")]
+    UnknownHandler(String),
     #[error("service `{service}` could not be built: {cause}")]
     Build { service: String, cause: String },
     #[error(transparent)]
@@ -79,7 +81,10 @@ impl StartError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            StartError::Config(_) | StartError::NothingToStart(_) | StartError::Conflict(_)
+            StartError::Config(_)
+                | StartError::NothingToStart(_)
+                | StartError::Conflict(_)
+                | StartError::UnknownHandler(_)
         )
     }
 }
@@ -264,13 +269,13 @@ impl Runtime {
                 .flat_map(|plan| plan.consumers.iter())
                 .map(|(_, c)| format!("{}.{}", c.service, c.handler))
                 .collect();
-            return Err(StartError::NothingToStart(format!(
+            return Err(StartError::UnknownHandler(format!(
                 "no #[consume] handler `{target}` (there are: {})",
                 known.join(", ")
             )));
         };
         let Some(dead) = &consumer.dead_letter_queue else {
-            return Err(StartError::NothingToStart(format!(
+            return Err(StartError::UnknownHandler(format!(
                 "handler `{target}` has no farine dead-letter queue (dead_letter_queue = none)"
             )));
         };
@@ -742,8 +747,9 @@ fn plan_service(
     })
 }
 
-/// The connection settings of a service's section: `connect_timeout`, `heartbeat`,
-/// `amqp_node_selector`, `reconnect_delay`, `reconnect_delay_max`, `amqp_tls_ca_file`.
+/// The connection settings of a service's section: `connect_timeout`, `amqp_heartbeat`,
+/// `amqp_node_selector`, `amqp_reconnect_delay`, `amqp_reconnect_delay_max`,
+/// `amqp_tls_ca_file`.
 pub(crate) fn connector_settings(section: &Section) -> Result<ConnectorSettings, ConfigError> {
     let defaults = ConnectorSettings::default();
     let selector = match section.get_str("amqp_node_selector")? {
@@ -764,10 +770,11 @@ pub(crate) fn connector_settings(section: &Section) -> Result<ConnectorSettings,
     };
     Ok(ConnectorSettings {
         connect_timeout: section.get_or("connect_timeout", defaults.connect_timeout)?,
-        heartbeat: section.get_or("heartbeat", defaults.heartbeat)?,
+        heartbeat: section.get_or("amqp_heartbeat", defaults.heartbeat)?,
         selector,
-        reconnect_delay: section.get_or("reconnect_delay", defaults.reconnect_delay)?,
-        reconnect_delay_max: section.get_or("reconnect_delay_max", defaults.reconnect_delay_max)?,
+        reconnect_delay: section.get_or("amqp_reconnect_delay", defaults.reconnect_delay)?,
+        reconnect_delay_max: section
+            .get_or("amqp_reconnect_delay_max", defaults.reconnect_delay_max)?,
         tls_ca,
     })
 }

@@ -17,6 +17,9 @@ struct State {
     generation: AtomicU64,
     cut: Notify,
     accepted: AtomicU64,
+    /// Connections being passed on now.
+    open: AtomicU64,
+    closed: Notify,
 }
 
 /// A running proxy; it stops when dropped.
@@ -38,13 +41,17 @@ impl Proxy {
             generation: AtomicU64::new(0),
             cut: Notify::new(),
             accepted: AtomicU64::new(0),
+            open: AtomicU64::new(0),
+            closed: Notify::new(),
         });
         let accept_state = state.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let state = accept_state.clone();
                 state.accepted.fetch_add(1, Ordering::SeqCst);
+                state.open.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
+                    let _open = Open(state.clone());
                     let Ok(server) = TcpStream::connect(state.target).await else {
                         return;
                     };
@@ -93,6 +100,35 @@ impl Proxy {
     pub fn resume(&self) {
         self.state.stalled.store(false, Ordering::SeqCst);
         self.state.resumed.notify_waiters();
+    }
+}
+
+/// Counts a connection as open until it is dropped.
+struct Open(Arc<State>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+        self.0.closed.notify_waiters();
+    }
+}
+
+impl Proxy {
+    /// Stops for good: no new connection is accepted (the port refuses), and every open one
+    /// is closed before this returns.
+    pub async fn stop(self) {
+        self.task.abort();
+        let state = self.state.clone();
+        loop {
+            let closed = state.closed.notified();
+            if state.open.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            // Cut again each round: a connection accepted just before the listener stopped
+            // may have started after the first cut.
+            self.cut();
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(100), closed).await;
+        }
     }
 }
 
