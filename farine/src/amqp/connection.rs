@@ -158,6 +158,8 @@ pub struct Connector {
     state: tokio::sync::Mutex<State>,
     /// `host:port` of the node connected last (or being tried), for errors.
     broker: Mutex<String>,
+    /// The connection opened last, readable without waiting for a reconnection under way.
+    last: Mutex<Option<Arc<Connection>>>,
     closed: CancellationToken,
 }
 
@@ -213,6 +215,7 @@ impl Connector {
                 next: 0,
             }),
             broker: Mutex::new(broker),
+            last: Mutex::new(None),
             closed: CancellationToken::new(),
         }
     }
@@ -234,15 +237,9 @@ impl Connector {
 
     /// True while a connection is open.
     pub fn is_connected(&self) -> bool {
-        self.state
-            .try_lock()
-            .map(|state| {
-                state
-                    .current
-                    .as_ref()
-                    .is_some_and(|c| c.status().connected())
-            })
-            // Someone holds the lock: a connection is being opened.
+        self.last
+            .lock()
+            .map(|last| last.as_ref().is_some_and(|c| c.status().connected()))
             .unwrap_or(false)
     }
 
@@ -331,6 +328,9 @@ impl Connector {
                     }
                     watch(&conn, node.addr.clone());
                     state.current = Some(conn.clone());
+                    if let Ok(mut last) = self.last.lock() {
+                        *last = Some(conn.clone());
+                    }
                     state.next = index;
                     return Ok(conn);
                 }
@@ -393,6 +393,9 @@ impl Connector {
     pub async fn close(&self) {
         self.closed.cancel();
         let conn = self.state.lock().await.current.take();
+        if let Ok(mut last) = self.last.lock() {
+            *last = None;
+        }
         if let Some(conn) = conn
             && conn.status().connected()
         {
