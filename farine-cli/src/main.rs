@@ -142,7 +142,8 @@ fn check_config_file(flag: Option<&Path>) -> u8 {
     if ok { EXIT_OK } else { EXIT_FAILURE }
 }
 
-/// Reads the workspace with `cargo metadata` and keeps the packages that depend on farine.
+/// Reads the workspace with `cargo metadata` and keeps the packages that depend on farine and
+/// have a binary, except those whose manifest says `[package.metadata.farine] module = false`.
 fn modules(manifest: Option<&Path>) -> Result<BTreeMap<String, Module>, Failure> {
     let mut command = Command::new(cargo());
     command.args(["metadata", "--format-version", "1", "--no-deps"]);
@@ -167,7 +168,9 @@ fn modules(manifest: Option<&Path>) -> Result<BTreeMap<String, Module>, Failure>
             .as_array()
             .into_iter()
             .flatten()
-            .any(|dep| dep["name"] == "farine" && dep["kind"].is_null());
+            .any(|dep| dep["name"] == "farine" && dep["kind"].is_null())
+            // A package of tools over farine (this launcher, the benchmarks) opts out.
+            && package["metadata"]["farine"]["module"] != Value::Bool(false);
         let binary = package["targets"]
             .as_array()
             .into_iter()

@@ -224,6 +224,11 @@ fn an_unknown_module_is_a_usage_error_that_lists_the_available_ones() {
         stderr.contains("unknown module `nosuchmodule`") && stderr.contains("pubsub"),
         "{stderr}"
     );
+    // Packages of tools over farine opt out of being modules.
+    assert!(
+        !stderr.contains("farine-cli") && !stderr.contains("farine-bench"),
+        "{stderr}"
+    );
 }
 
 #[test]

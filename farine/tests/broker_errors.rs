@@ -483,3 +483,51 @@ async fn a_message_over_max_message_bytes_is_refused_before_the_broker_sees_it()
     assert_eq!(received.len(), 1);
     assert_eq!(received[0].json(), json!({"small": true}));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_login_is_not_retried_and_a_closed_connector_fails_a_publish_at_once() {
+    let connector = Connector::new(
+        "amqp://guest:not-the-password@127.0.0.1:5672",
+        "farine login test",
+        BOUND,
+    );
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let error = connector
+        .connection_until(Some(deadline))
+        .await
+        .expect_err("wrong password");
+    assert!(
+        matches!(error, ConnectError::LoginRefused { .. }),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "not retried until the deadline"
+    );
+
+    let broker = Broker::connect().await;
+    let name = unique("closed-x");
+    broker.forget_exchange_on_drop(&name);
+    let connector = Arc::new(Connector::new(amqp_uri(), "farine closed test", BOUND));
+    let publisher = Publisher::new(
+        connector.clone(),
+        exchange(&name),
+        "rk",
+        PublisherSettings {
+            timeout: Duration::from_secs(5),
+            ..Default::default()
+        },
+    );
+    publisher
+        .publish(&json!(1))
+        .await
+        .expect("before the close");
+    connector.close().await;
+    let started = Instant::now();
+    let error = publisher.publish(&json!(2)).await.expect_err("closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "no waiting for a reconnection that cannot come: {error}"
+    );
+}

@@ -307,3 +307,55 @@ async fn replaying_an_unknown_handler_is_a_config_error_listing_the_handlers() {
     assert!(error.is_config(), "{error}");
     assert!(error.to_string().contains("replay_probe.flaky"), "{error}");
 }
+
+// ---------------------------------------------------------------------------------------------
+
+static QUORUM_CALLS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+#[derive(Default)]
+struct QuorumProbe;
+
+#[farine::service(name = "quorum_probe")]
+impl QuorumProbe {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn work(&self, _body: Value, message: &Message) -> Result<(), String> {
+        QUORUM_CALLS.lock().unwrap().push(message.attempt());
+        Err("always".into())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_quorum_queues_and_at_least_once_dead_lettering_retries_and_dead_letters_work_alike() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("quorum-x"), unique("quorum-q"));
+    broker.forget_exchange_on_drop(&exchange);
+    broker.forget_queue_on_drop(&queue);
+    let config = config(
+        "quorum_probe",
+        &[
+            ("work.exchange", &exchange),
+            ("work.queue", &queue),
+            ("retry_delay", "50ms"),
+            ("max_attempts", "3"),
+            ("queue_arguments", "x-queue-type = quorum"),
+            (
+                "retry_queue_arguments",
+                "x-queue-type = quorum, x-dead-letter-strategy = at-least-once, x-overflow = reject-publish",
+            ),
+            ("dead_letter_queue_arguments", "x-queue-type = quorum"),
+        ],
+    );
+    let running = Runtime::new(config)
+        .services(["quorum_probe"])
+        .start()
+        .await
+        .expect("starts with quorum queues");
+    broker.publish_json(&exchange, "rk", &json!({"n": 1})).await;
+    let dead = broker
+        .wait_for_messages(&format!("{queue}.dead"), 1, BOUND)
+        .await;
+    running.stop().await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(*QUORUM_CALLS.lock().unwrap(), vec![1, 2, 3]);
+    assert_eq!(header_number(&dead[0], ATTEMPT_HEADER), 3);
+}

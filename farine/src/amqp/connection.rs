@@ -125,20 +125,30 @@ struct Node {
     addr: String,
 }
 
-/// Splits `amqp_uri` into its nodes: URIs separated by commas or whitespace.
+/// Splits `amqp_uri` into its nodes: URIs separated by commas or whitespace. A comma that is
+/// not followed by `amqp://` or `amqps://` belongs to the URI (a password may hold one).
 pub fn parse_nodes(text: &str) -> Result<Vec<AMQPUri>, String> {
-    let nodes: Vec<&str> = text
-        .split(|c: char| c == ',' || c.is_whitespace())
-        .filter(|part| !part.is_empty())
-        .collect();
+    let mut nodes: Vec<String> = Vec::new();
+    for piece in text.split(',').flat_map(str::split_whitespace) {
+        let starts_node = piece.starts_with("amqp://") || piece.starts_with("amqps://");
+        match nodes.last_mut() {
+            Some(last) if !starts_node => {
+                last.push(',');
+                last.push_str(piece);
+            }
+            _ => nodes.push(piece.to_string()),
+        }
+    }
     if nodes.is_empty() {
         return Err("no AMQP URI given".to_string());
     }
     nodes
-        .into_iter()
-        .map(|node| {
+        .iter()
+        .enumerate()
+        .map(|(index, node)| {
+            // Named by position: the text may hold a password.
             AMQPUri::from_str(node)
-                .map_err(|e| format!("`{}` is not an AMQP URI: {e}", redact_uri(node)))
+                .map_err(|e| format!("node {} is not an AMQP URI: {e}", index + 1))
         })
         .collect()
 }
@@ -235,6 +245,12 @@ impl Connector {
         self.settings.connect_timeout
     }
 
+    /// False once the connector is closed or when its URI cannot be used: waiting for a
+    /// reconnection is then pointless.
+    pub fn can_reconnect(&self) -> bool {
+        !self.closed.is_cancelled() && self.nodes.is_ok()
+    }
+
     /// True while a connection is open.
     pub fn is_connected(&self) -> bool {
         self.last
@@ -272,16 +288,23 @@ impl Connector {
         loop {
             let error = match self.open(&mut state).await {
                 Ok(conn) => return Ok(conn),
-                Err(ConnectError::Closed) => return Err(ConnectError::Closed),
+                // Retrying cannot help these: wrong credentials, a bad URI, a closed connector.
+                Err(
+                    e @ (ConnectError::Closed
+                    | ConnectError::BadUri(_)
+                    | ConnectError::LoginRefused { .. }),
+                ) => return Err(e),
                 Err(e) => e,
             };
             let wake = tokio::time::Instant::now() + delay;
             if let Some(deadline) = deadline
                 && wake >= deadline
             {
-                // No round fits before the deadline: wait it out rather than dial in a loop.
+                // No round fits before the deadline: pause (without holding the connector,
+                // so that others may dial meanwhile) rather than dial in a loop.
+                drop(state);
                 tokio::select! {
-                    _ = tokio::time::sleep_until(deadline) => {}
+                    _ = tokio::time::sleep_until(wake.min(deadline)) => {}
                     _ = self.closed.cancelled() => {}
                 }
                 return Err(error);
@@ -528,10 +551,18 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_node_is_an_error_without_its_password() {
-        let err = parse_nodes("amqp://u:secret@a:5672,http://u:secret@b").unwrap_err();
-        assert!(!err.contains("secret") && err.contains("b"), "{err}");
+    fn a_bad_node_is_named_by_its_position_never_by_its_text() {
+        let err = parse_nodes("amqp://u:secret@a:5672, amqp://u:secret@b:port").unwrap_err();
+        assert!(!err.contains("secret") && err.contains("node 2"), "{err}");
         assert!(parse_nodes(" , ").is_err());
+    }
+
+    #[test]
+    fn a_comma_inside_a_password_does_not_split_the_node() {
+        let nodes = parse_nodes("amqp://u:p,ss@a:5672,amqp://v:w@b:5672").unwrap();
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes[0].authority.userinfo.password, "p,ss");
+        assert_eq!(nodes[1].authority.host, "b");
     }
 
     #[test]

@@ -36,7 +36,7 @@ use super::connection::{ConnectError, Connector};
 use super::error::{BrokerError, Resource};
 use super::message::{DecodeError, Message};
 use super::publisher::{PublishError, Publisher, PublisherSettings};
-use super::topology::{ExchangeSettings, QueueSettings};
+use super::topology::{ExchangeSettings, QueueSettings, parse_arguments};
 use crate::config::{ConfigError, Section};
 use crate::registry::ConsumeSpec;
 use crate::runtime::context::{self, Shared};
@@ -85,7 +85,8 @@ pub(crate) struct ConsumerPlan {
     pub prefetch: u16,
     pub retry_delay: Duration,
     pub max_attempts: u32,
-    /// Where failed messages wait `retry_delay` (`<queue>.retry`, config `retry_queue`).
+    /// Where failed messages wait `retry_delay` (`<queue>.retry`, config `retry_queue`, with
+    /// `retry_queue_arguments` beside the dead-lettering back to `<queue>`).
     pub retry_queue: QueueSettings,
     /// Where messages go after their last attempt or when they do not decode (`<queue>.dead`,
     /// config `dead_letter_queue`); `None` (`dead_letter_queue = none`): rejected without
@@ -116,19 +117,24 @@ impl ConsumerPlan {
         let scoped = section.handler(handler);
         let queue =
             QueueSettings::from_config(&scoped, spec.queue, format!("{service}.{handler}"))?;
+        let mut retry_args = parse_arguments(&scoped, "retry_queue_arguments")?;
+        for (name, value) in retry_arguments(&queue.name).inner() {
+            retry_args.insert(name.clone(), value.clone());
+        }
         let retry_queue = QueueSettings::companion(
             scoped
                 .get_own_str("retry_queue")?
                 .unwrap_or_else(|| format!("{}.retry", queue.name)),
             queue.durable,
-            retry_arguments(&queue.name),
+            retry_args,
         );
+        let dead_args = parse_arguments(&scoped, "dead_letter_queue_arguments")?;
         let dead_letter_queue = match scoped.get_own_str("dead_letter_queue")? {
             Some(name) if name.trim().eq_ignore_ascii_case("none") => None,
             Some(name) => Some(name),
             None => Some(format!("{}.dead", queue.name)),
         }
-        .map(|name| QueueSettings::companion(name, queue.durable, FieldTable::default()));
+        .map(|name| QueueSettings::companion(name, queue.durable, dead_args));
         Ok(Self {
             service,
             handler,
@@ -201,14 +207,12 @@ impl ConsumeError {
     /// True when the task stopped because the connection went away, not through a fault of
     /// its own: the supervisor does not count it against the restart limit.
     pub(crate) fn connection_lost(&self) -> bool {
-        match self {
-            ConsumeError::ConnectionLost(_) | ConsumeError::Connect(_) => true,
-            ConsumeError::Broker(error) => error.is_connection(),
-            _ => false,
-        }
+        matches!(self, ConsumeError::ConnectionLost(_))
     }
 
-    /// This error, or `ConnectionLost` when the connection `conn` is no longer open.
+    /// This error, or `ConnectionLost` when the connection `conn` is no longer open: only the
+    /// connection's state says so, not the error's kind (a channel error on a live connection
+    /// is the task's own failure).
     pub(crate) fn on(self, conn: &lapin::Connection) -> Self {
         if conn.status().connected() || self.connection_lost() {
             self
@@ -277,6 +281,7 @@ pub(crate) async fn run(
             declare_exchange: false,
             mandatory: true,
             max_message_bytes: usize::MAX,
+            resend: true,
         },
     );
     let mut in_flight = JoinSet::new();

@@ -118,9 +118,23 @@ impl BrokerError {
     /// `broker` (`host:port`).
     pub(crate) fn from_lapin(error: &lapin::Error, resource: Resource, broker: &str) -> Self {
         let lapin::ErrorKind::ProtocolError(amqp) = error.kind() else {
-            return BrokerError::ConnectionBroken {
-                broker: broker.to_string(),
-                cause: crate::config::redact::redact_uri(&error.to_string()),
+            let cause = crate::config::redact::redact_uri(&error.to_string());
+            return match error.kind() {
+                // The socket, the heartbeats, or a channel closed under the request.
+                lapin::ErrorKind::IOError(_)
+                | lapin::ErrorKind::MissingHeartbeatError
+                | lapin::ErrorKind::InvalidConnectionState(_)
+                | lapin::ErrorKind::InvalidChannelState(..)
+                | lapin::ErrorKind::RuntimeShutdownError(_) => BrokerError::ConnectionBroken {
+                    broker: broker.to_string(),
+                    cause,
+                },
+                // The client's own limits and faults: retrying would not help.
+                _ => BrokerError::Other {
+                    resource,
+                    code: 0,
+                    text: cause,
+                },
             };
         };
         let text = amqp.get_message().to_string();
@@ -139,7 +153,12 @@ impl BrokerError {
             405 => BrokerError::ResourceLocked { resource, text },
             406 => BrokerError::PreconditionFailed { resource, text },
             // Connection-level codes (320 CONNECTION_FORCED, 501 FRAME_ERROR, ...): the
-            // connection is gone.
+            // connection is gone. (503, 530, 540 answer the request itself.)
+            503 | 530 | 540 => BrokerError::Other {
+                resource,
+                code,
+                text,
+            },
             _ if error.is_amqp_hard_error() => BrokerError::ConnectionBroken {
                 broker: broker.to_string(),
                 cause: format!("{code} {text}"),

@@ -115,6 +115,9 @@ pub struct PublisherSettings {
     pub mandatory: bool,
     /// The largest body accepted (config `max_message_bytes`).
     pub max_message_bytes: usize,
+    /// Send a message again when the connection broke before its confirm. An RPC client does
+    /// not: its request names a reply queue that died with the connection.
+    pub resend: bool,
 }
 
 /// The default `max_message_bytes`: 16 MiB, well under RabbitMQ's own limit (128 MiB).
@@ -128,6 +131,7 @@ impl Default for PublisherSettings {
             declare_exchange: true,
             mandatory: false,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            resend: true,
         }
     }
 }
@@ -391,7 +395,9 @@ impl Core {
                     .await
                 {
                     Err(PublishError::Broker(BrokerError::ConnectionBroken { broker, cause }))
-                        if tokio::time::Instant::now() < deadline =>
+                        if self.settings.resend
+                            && self.connector.can_reconnect()
+                            && tokio::time::Instant::now() < deadline =>
                     {
                         tracing::debug!(%broker, %cause, exchange = %self.exchange.name, "publish interrupted by a broken connection; sending again after the reconnection");
                         // Let the connection be seen as broken before asking for a new one.

@@ -214,6 +214,8 @@ impl Client {
                 declare_exchange: false,
                 mandatory: true,
                 max_message_bytes: crate::amqp::publisher::DEFAULT_MAX_MESSAGE_BYTES,
+                // A request sent again after a reconnection would name the dead reply queue.
+                resend: false,
             },
         );
         Self {
@@ -431,7 +433,7 @@ impl Inner {
             method: method.to_string(),
             cause,
         })?;
-        let (reply_to, generation) = self
+        let (reply_to, generation, alive) = self
             .reply_queue(Some(deadline))
             .await
             .map_err(|cause| self.connection_error(method, cause))?;
@@ -439,6 +441,11 @@ impl Inner {
             && let Some(pending) = table.get_mut(id)
         {
             pending.queue = Some(generation);
+        }
+        // The queue may have died between handing out its name and the tagging: then its
+        // clean-up missed this call.
+        if !alive.load(Ordering::Acquire) {
+            return Err(self.reply_queue_lost(method));
         }
         let options = PublishOptions {
             routing_key: Some(wire::routing_key(&self.service, method)),
@@ -487,7 +494,11 @@ impl Inner {
             let _ = channel.close(200, "probe done".into()).await;
             declared.ok().map(|queue| queue.consumer_count())
         };
-        let bound = self.connector.connect_timeout().min(Duration::from_secs(2));
+        // The probe adds at most this to a call that timed out.
+        let bound = self
+            .connector
+            .connect_timeout()
+            .min(Duration::from_millis(250));
         match tokio::time::timeout(bound, probe).await {
             Ok(Some(0)) => RpcError::Broker {
                 service: self.service.clone(),
@@ -506,12 +517,12 @@ impl Inner {
     async fn reply_queue(
         self: &Arc<Self>,
         deadline: Option<tokio::time::Instant>,
-    ) -> Result<(String, u64), String> {
+    ) -> Result<(String, u64, Arc<AtomicBool>), String> {
         let mut slot = self.replies.lock().await;
         if let Some(queue) = slot.as_ref()
             && queue.alive.load(Ordering::Acquire)
         {
-            return Ok((queue.name.clone(), queue.generation));
+            return Ok((queue.name.clone(), queue.generation, queue.alive.clone()));
         }
         let generation = slot.as_ref().map_or(0, |queue| queue.generation + 1);
         let conn = self
@@ -555,12 +566,12 @@ impl Inner {
         if let Some(old) = slot.replace(ReplyQueue {
             name: name.clone(),
             generation,
-            alive,
+            alive: alive.clone(),
             task,
         }) {
             old.task.abort();
         }
-        Ok((name, generation))
+        Ok((name, generation, alive))
     }
 
     fn decode<T: DeserializeOwned>(&self, method: &str, value: Value) -> Result<T, RpcError> {

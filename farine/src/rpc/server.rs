@@ -421,6 +421,7 @@ pub(crate) async fn run(
             declare_exchange: false,
             mandatory: false,
             max_message_bytes: plan.max_message_bytes,
+            resend: true,
         },
     );
     let channel_error = |e: lapin::Error, queue: &str| {

@@ -57,7 +57,9 @@ pub(crate) async fn serve(listener: TcpListener, health: Arc<Health>, shutdown: 
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
+                    // Out of file descriptors, say: do not spin on it.
                     tracing::debug!(error = %e, "health endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },

@@ -502,11 +502,12 @@ impl Runtime {
                 stop_bound = stop_bound.max(execute_plan.drain_timeout + Duration::from_secs(1));
                 let execute_plan = Arc::new(execute_plan);
                 let (service, handler) = (execute_plan.service, execute_plan.handler);
-                let (shared, token) = (shared.clone(), token.clone());
+                let (connector, shared, token) = (connector.clone(), shared.clone(), token.clone());
                 spawn(
                     service,
                     handler,
                     Box::new(move |ready| {
+                        let connector = connector.clone();
                         let run = execute::run(
                             execute_plan.clone(),
                             call.clone(),
@@ -514,7 +515,12 @@ impl Runtime {
                             token.clone(),
                             ready,
                         );
-                        Box::pin(async move { run.await.map_err(|e| TaskError::new(e, false)) })
+                        // A run that failed while the broker was away (a publish that timed out)
+                        // is the outage's doing, not the handler's.
+                        Box::pin(async move {
+                            run.await
+                                .map_err(|e| TaskError::new(e, !connector.is_connected()))
+                        })
                     }),
                 );
             }
@@ -538,11 +544,12 @@ impl Runtime {
                 let position = Position::new(checkpoint);
                 let sse_plan = Arc::new(sse_plan);
                 let (service, handler) = (sse_plan.service, sse_plan.handler);
-                let (shared, token) = (shared.clone(), token.clone());
+                let (connector, shared, token) = (connector.clone(), shared.clone(), token.clone());
                 spawn(
                     service,
                     handler,
                     Box::new(move |ready| {
+                        let connector = connector.clone();
                         let run = sse::run(
                             sse_plan.clone(),
                             call.clone(),
@@ -551,7 +558,12 @@ impl Runtime {
                             token.clone(),
                             ready,
                         );
-                        Box::pin(async move { run.await.map_err(|e| TaskError::new(e, false)) })
+                        // A run that failed while the broker was away (a publish that timed out)
+                        // is the outage's doing, not the handler's.
+                        Box::pin(async move {
+                            run.await
+                                .map_err(|e| TaskError::new(e, !connector.is_connected()))
+                        })
                     }),
                 );
             }
@@ -659,6 +671,7 @@ fn plan_service(
                 declare_exchange: true,
                 mandatory: scoped.get_or("mandatory", false)?,
                 max_message_bytes: scoped.get_or("max_message_bytes", max_message_bytes)?,
+                resend: true,
             };
             publishers.push((name, exchange, routing_key, settings));
         }
@@ -797,7 +810,13 @@ type TaskFactory =
 /// A consuming task's failure, marked as a lost connection when it was one (or when the
 /// connection is gone now): those do not count against the restart limit.
 fn consume_failure(error: consumer::ConsumeError, connector: &Connector) -> TaskError {
-    let lost = error.connection_lost() || !connector.is_connected();
+    let lost = match &error {
+        // Refused credentials are no outage: they count, so the service fails in the end.
+        consumer::ConsumeError::Connect(
+            ConnectError::LoginRefused { .. } | ConnectError::BadUri(_),
+        ) => false,
+        other => other.connection_lost() || !connector.is_connected(),
+    };
     TaskError::new(error, lost)
 }
 

@@ -1,0 +1,120 @@
+//! The roles the benchmark runs in a process of their own, so that their memory and start-up
+//! are theirs alone: `farine-bench child <role> ...`. Each prints `result key=value ...` lines.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use farine::Runtime;
+use farine::config::Config;
+
+use crate::services::{CONSUME_TARGET, CONSUMED_ALL};
+
+fn config(text: String) -> Config {
+    Config::from_ini(&text, "bench.ini").expect("the bench config parses")
+}
+
+pub fn run(args: &[String], main_started: Instant) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
+    match arg(0).as_str() {
+        "w1-farine" => runtime.block_on(w1_farine(&arg(1), &arg(2), &arg(3), &arg(4), &arg(5))),
+        "w1-raw" => runtime.block_on(async {
+            let n: usize = arg(3).parse().expect("a count");
+            let elapsed =
+                crate::raw::drain(&arg(1), &arg(2), n, arg(4).parse().expect("prefetch")).await;
+            println!("result elapsed_us={}", elapsed.as_micros());
+        }),
+        "idle" => runtime.block_on(idle(&arg(1), &arg(2))),
+        "startup" => startup(runtime, &arg(1), main_started),
+        other => panic!("unknown child role `{other}`"),
+    }
+}
+
+async fn w1_farine(uri: &str, exchange: &str, queue: &str, n: &str, prefetch: &str) {
+    let n: usize = n.parse().expect("a count");
+    CONSUME_TARGET.store(n, Ordering::Relaxed);
+    let config = config(format!(
+        "[bench_consumer]\namqp_uri = {uri}\nexchange_type = topic\nprefetch_count = {prefetch}\non_order.exchange = {exchange}\non_order.queue = {queue}\n"
+    ));
+    let started = Instant::now();
+    let running = Runtime::new(config)
+        .services(["bench_consumer"])
+        .start()
+        .await
+        .expect("the consumer starts");
+    CONSUMED_ALL.notified().await;
+    let elapsed = started.elapsed();
+    running.stop().await;
+    println!("result elapsed_us={}", elapsed.as_micros());
+}
+
+async fn idle(uri: &str, sse_url: &str) {
+    let config = config(format!(
+        "[bench_idle]\namqp_uri = {uri}\nendpoint = {sse_url}\n\n[bench_echo]\namqp_uri = {uri}\n"
+    ));
+    let running = Runtime::new(config)
+        .services(["bench_idle"])
+        .start()
+        .await
+        .expect("the idle service starts");
+    println!("result ready=1");
+    let _ = running.run_until_signal().await;
+}
+
+/// Start-up of a service with five handlers: the time from `main` to every handler consuming,
+/// and from the broker connection being open to every handler consuming.
+fn startup(runtime: tokio::runtime::Runtime, uri: &str, main_started: Instant) {
+    use tracing_subscriber::layer::SubscriberExt;
+    let connected = Arc::new(Mutex::new(None));
+    let subscriber = tracing_subscriber::registry().with(ConnectedAt(connected.clone()));
+    let _ = tracing::subscriber::set_global_default(subscriber);
+    let config = config(format!("[bench_startup]\namqp_uri = {uri}\n"));
+    runtime.block_on(async {
+        let running = Runtime::new(config)
+            .services(["bench_startup"])
+            .start()
+            .await
+            .expect("starts");
+        let consuming = Instant::now();
+        let connected = connected.lock().unwrap().unwrap_or(main_started);
+        println!(
+            "result total_us={} after_connect_us={}",
+            (consuming - main_started).as_micros(),
+            (consuming - connected).as_micros()
+        );
+        tokio::time::timeout(Duration::from_secs(10), running.stop())
+            .await
+            .expect("stops");
+    });
+}
+
+/// Records when farine logs that the connection is open.
+struct ConnectedAt(Arc<Mutex<Option<Instant>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ConnectedAt {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        if message.0 == "connected to AMQP broker"
+            && let Ok(mut slot) = self.0.lock()
+        {
+            slot.get_or_insert_with(Instant::now);
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! The raw lapin baseline: what a careful user writes by hand for each workload, with no
+//! framework: one connection, a channel per role, per-message acks, replies without confirms.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+pub async fn connect(uri: &str) -> Connection {
+    Connection::connect(uri, ConnectionProperties::default())
+        .await
+        .expect("the broker is reachable")
+}
+
+/// W1: drains `n` messages from `queue` with `basic.qos(prefetch)`, decoding each from JSON and
+/// acking it. Returns the time from connecting to the last ack.
+pub async fn drain(uri: &str, queue: &str, n: usize, prefetch: u16) -> Duration {
+    let started = Instant::now();
+    let conn = connect(uri).await;
+    let channel = conn.create_channel().await.expect("a channel");
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut seen = 0;
+    while seen < n {
+        let delivery = consumer
+            .next()
+            .await
+            .expect("deliveries")
+            .expect("a delivery");
+        let order: Value = serde_json::from_slice(&delivery.data).expect("JSON");
+        assert!(!order.is_null());
+        delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("ack");
+        seen += 1;
+    }
+    let elapsed = started.elapsed();
+    let _ = channel.close(200, "done".into()).await;
+    let _ = conn.close(200, "done".into()).await;
+    elapsed
+}
+
+/// W2, W3: an echo RPC server in the same wire format as farine's, one reply per call, on its
+/// own connection. Runs until the connection closes.
+pub struct EchoServer {
+    pub queue: String,
+    conn: Connection,
+}
+
+impl EchoServer {
+    pub async fn start(uri: &str, prefetch: u16) -> Self {
+        let conn = connect(uri).await;
+        let channel = conn.create_channel().await.expect("a channel");
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let declared = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("request queue");
+        let queue = declared.name().to_string();
+        let mut requests = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = requests.next().await {
+                let request: Value = match serde_json::from_slice(&delivery.data) {
+                    Ok(request) => request,
+                    Err(_) => Value::Null,
+                };
+                let value = request["args"][0].clone();
+                let body =
+                    serde_json::to_vec(&json!({ "body": value, "__end__": false })).expect("JSON");
+                if let (Some(reply_to), Some(id)) = (
+                    delivery.properties.reply_to().clone(),
+                    delivery.properties.correlation_id().clone(),
+                ) {
+                    let _ = channel
+                        .basic_publish(
+                            "".into(),
+                            reply_to.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &body,
+                            BasicProperties::default().with_correlation_id(id),
+                        )
+                        .await;
+                }
+                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            }
+        });
+        Self { queue, conn }
+    }
+
+    pub async fn stop(self) {
+        let _ = self.conn.close(200, "done".into()).await;
+    }
+}
+
+type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
+
+/// A hand-written RPC client: one reply queue, a table of calls in flight, requests published
+/// without confirms.
+#[derive(Clone)]
+pub struct EchoClient {
+    channel: Channel,
+    reply_to: ShortString,
+    queue: String,
+    waiting: Waiting,
+    next: Arc<AtomicU64>,
+}
+
+impl EchoClient {
+    pub async fn connect(uri: &str, queue: &str) -> (Self, Connection) {
+        let conn = connect(uri).await;
+        let channel = conn.create_channel().await.expect("a channel");
+        let replies = conn.create_channel().await.expect("a channel");
+        let declared = replies
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("reply queue");
+        let mut consumer = replies
+            .basic_consume(
+                declared.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let waiting: Waiting = Arc::default();
+        let table = waiting.clone();
+        tokio::spawn(async move {
+            let _replies = replies;
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let Some(id) = delivery.properties.correlation_id().as_ref() else {
+                    continue;
+                };
+                let sender = table.lock().unwrap().remove(id.as_str());
+                if let Some(sender) = sender {
+                    let _ = sender.send(delivery.data);
+                }
+            }
+        });
+        let client = Self {
+            channel,
+            reply_to: declared.name().clone(),
+            queue: queue.to_string(),
+            waiting,
+            next: Arc::default(),
+        };
+        (client, conn)
+    }
+
+    pub async fn echo(&self, value: &Value) -> Value {
+        let id = self.next.fetch_add(1, Ordering::Relaxed).to_string();
+        let (sender, receiver) = oneshot::channel();
+        self.waiting.lock().unwrap().insert(id.clone(), sender);
+        let body = serde_json::to_vec(&json!({ "args": [value], "kwargs": {} })).expect("JSON");
+        self.channel
+            .basic_publish(
+                "".into(),
+                self.queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default()
+                    .with_correlation_id(id.into())
+                    .with_reply_to(self.reply_to.clone())
+                    .with_delivery_mode(1),
+            )
+            .await
+            .expect("request published");
+        let reply = tokio::time::timeout(Duration::from_secs(30), receiver)
+            .await
+            .expect("a reply within 30 s")
+            .expect("the reply queue lives");
+        let reply: Value = serde_json::from_slice(&reply).expect("JSON reply");
+        reply["body"].clone()
+    }
+}
+
+/// W4: a channel in confirm mode publishing persistent JSON to `exchange`.
+pub async fn confirm_channel(conn: &Connection) -> Channel {
+    let channel = conn.create_channel().await.expect("a channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    channel
+}
+
+pub async fn publish_confirmed(channel: &Channel, exchange: &str, value: &Value) {
+    let body = serde_json::to_vec(value).expect("JSON");
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            "w4".into(),
+            BasicPublishOptions::default(),
+            &body,
+            BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .expect("published")
+        .await
+        .expect("confirmed");
+    assert!(confirm.is_ack(), "the broker acked");
+}
