@@ -26,7 +26,11 @@ pub fn run(args: &[String], main_started: Instant) {
             let n: usize = arg(3).parse().expect("a count");
             let elapsed =
                 crate::raw::drain(&arg(1), &arg(2), n, arg(4).parse().expect("prefetch")).await;
-            println!("result elapsed_us={}", elapsed.as_micros());
+            println!(
+                "result elapsed_us={} peak_rss_kib={}",
+                elapsed.as_micros(),
+                peak_rss_kib()
+            );
         }),
         "idle" => runtime.block_on(idle(&arg(1), &arg(2))),
         "startup" => startup(runtime, &arg(1), main_started),
@@ -49,7 +53,21 @@ async fn w1_farine(uri: &str, exchange: &str, queue: &str, n: &str, prefetch: &s
     CONSUMED_ALL.notified().await;
     let elapsed = started.elapsed();
     running.stop().await;
-    println!("result elapsed_us={}", elapsed.as_micros());
+    println!(
+        "result elapsed_us={} peak_rss_kib={}",
+        elapsed.as_micros(),
+        peak_rss_kib()
+    );
+}
+
+/// This process's peak resident set (`VmHWM`), in KiB.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 async fn idle(uri: &str, sse_url: &str) {

@@ -8,7 +8,7 @@ mod child;
 mod raw;
 mod services;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -154,6 +154,15 @@ fn broker_cpu_seconds() -> Option<f64> {
     total
 }
 
+/// CPU seconds this process used so far (user and system).
+fn own_cpu_seconds() -> f64 {
+    // SAFETY: zeroed rusage is a valid out-parameter.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
 /// Runs `work`, returning its result, the wall time and the broker's CPU over it (cores).
 async fn measured<T>(work: impl std::future::Future<Output = T>) -> (T, Duration, f64) {
     let cpu = broker_cpu_seconds();
@@ -282,29 +291,22 @@ async fn prefill(conn: &Connection, exchange: &str, n: usize) {
     let _ = channel.close(200, "done".into()).await;
 }
 
-/// Runs a child role; returns its `result` fields and its peak RSS (KiB).
-#[allow(clippy::zombie_processes)] // reaped by wait4, which also gives the peak RSS
-fn run_child(args: &[&str]) -> (Vec<(String, String)>, u64) {
+/// Runs a child role; returns its `result` fields.
+fn run_child(args: &[&str]) -> Vec<(String, String)> {
     let exe = std::env::current_exe().expect("this binary");
-    let mut child = Command::new(exe)
+    let output = Command::new(exe)
         .arg("child")
         .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the child starts");
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .expect("the child's output");
-    let (status, rss) = wait_with_rusage(child.id() as i32);
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("the child runs");
+    let out = String::from_utf8_lossy(&output.stdout);
     assert!(
-        status == 0,
-        "child {args:?} failed with status {status}: {out}"
+        output.status.success(),
+        "child {args:?} failed ({}): {out}",
+        output.status
     );
-    (parse_result(&out), rss)
+    parse_result(&out)
 }
 
 fn parse_result(out: &str) -> Vec<(String, String)> {
@@ -322,16 +324,6 @@ fn field(fields: &[(String, String)], name: &str) -> f64 {
         .find(|(k, _)| k == name)
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or_else(|| panic!("the child reported no {name}: {fields:?}"))
-}
-
-/// Waits for `pid`; its exit status and peak RSS in KiB.
-fn wait_with_rusage(pid: i32) -> (i32, u64) {
-    let mut status = 0;
-    // SAFETY: zeroed rusage is a valid out-parameter; `pid` is our child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(waited, pid, "wait4");
-    (libc::WEXITSTATUS(status), usage.ru_maxrss as u64)
 }
 
 // --- W1: consume-drain --------------------------------------------------------------------------
@@ -370,7 +362,7 @@ async fn w1(options: &Options, admin: &Connection) -> Row {
             } else {
                 vec![role, &options.uri, &queue, &n_text, "100"]
             };
-            let ((fields, rss), _, cpu) = measured(async {
+            let (fields, _, cpu) = measured(async {
                 let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
                 tokio::task::spawn_blocking(move || {
                     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -381,6 +373,7 @@ async fn w1(options: &Options, admin: &Connection) -> Row {
             })
             .await;
             let elapsed = field(&fields, "elapsed_us") / 1e6;
+            let rss = field(&fields, "peak_rss_kib") as u64;
             assert_eq!(
                 ready_count(admin, &queue).await,
                 0,
@@ -421,6 +414,78 @@ fn push(row: &mut Row, side: &str, sample: Sample) {
 
 // --- W2, W3: RPC ---------------------------------------------------------------------------------
 
+/// What one side did over the blocks of one run.
+#[derive(Default)]
+struct Tally {
+    wall: Duration,
+    broker_cpu_seconds: f64,
+    /// CPU time of this process (client and server sides of the workload).
+    own_cpu_seconds: f64,
+    latencies_us: Vec<f64>,
+}
+
+impl Tally {
+    fn broker_cores(&self) -> f64 {
+        self.broker_cpu_seconds / self.wall.as_secs_f64()
+    }
+
+    /// This process's CPU per operation, in µs.
+    fn cpu_us_per_op(&self, operations: usize) -> f64 {
+        self.own_cpu_seconds * 1e6 / operations as f64
+    }
+
+    fn rate(&self, operations: usize) -> f64 {
+        operations as f64 / self.wall.as_secs_f64()
+    }
+
+    fn percentile(&mut self, q: f64) -> f64 {
+        self.latencies_us.sort_by(f64::total_cmp);
+        let index =
+            ((self.latencies_us.len() as f64 * q) as usize).min(self.latencies_us.len() - 1);
+        self.latencies_us[index]
+    }
+}
+
+/// One run of a workload of `total` operations, in blocks of `block` that alternate between
+/// the sides (A B B A ...), so that both meet the same broker, disk and neighbours; `work(side,
+/// count)` does `count` operations on a side (0: farine, 1: raw) and returns their latencies,
+/// if it measures them.
+async fn interleaved<F, Fut>(total: usize, block: usize, mut work: F) -> [Tally; 2]
+where
+    F: FnMut(usize, usize) -> Fut,
+    Fut: std::future::Future<Output = Vec<f64>>,
+{
+    let mut tallies = [Tally::default(), Tally::default()];
+    let blocks = total.div_ceil(block);
+    for index in 0..blocks {
+        let count = block.min(total - index * block);
+        let order = if index % 2 == 0 { [0, 1] } else { [1, 0] };
+        // FARINE_BENCH_SIDE=farine|raw runs one side only (for profiling).
+        let only = std::env::var("FARINE_BENCH_SIDE").ok();
+        for side in order {
+            if only.as_deref().is_some_and(|only| only != SIDES[side]) {
+                continue;
+            }
+            let cpu = own_cpu_seconds();
+            let (latencies, wall, cores) = measured(work(side, count)).await;
+            let tally = &mut tallies[side];
+            tally.own_cpu_seconds += own_cpu_seconds() - cpu;
+            tally.wall += wall;
+            tally.broker_cpu_seconds += cores * wall.as_secs_f64();
+            tally.latencies_us.extend(latencies);
+        }
+    }
+    tallies
+}
+
+fn sample(value: f64, tally: &Tally) -> Sample {
+    Sample {
+        value,
+        broker_cpu: tally.broker_cores(),
+        peak_rss_kib: None,
+    }
+}
+
 async fn rpc(options: &Options) -> Vec<Row> {
     let config = Config::from_ini(
         &format!(
@@ -441,6 +506,29 @@ async fn rpc(options: &Options) -> Vec<Row> {
     let raw_server = raw::EchoServer::start(&options.uri, 64).await;
     let (raw_client, raw_conn) = raw::EchoClient::connect(&options.uri, &raw_server.queue).await;
     let payload = json!({"text": "hello", "n": 1});
+    {
+        let f = client.call::<Value>("echo", (&payload,));
+        eprintln!("SIZE call future: {}", std::mem::size_of_val(&f));
+        drop(f);
+        let f = raw_client.echo(&payload);
+        eprintln!("SIZE raw call future: {}", std::mem::size_of_val(&f));
+        drop(f);
+        let ch = raw_conn.create_channel().await.unwrap();
+        let body = vec![1u8];
+        let f = ch.basic_publish(
+            "".into(),
+            "x".into(),
+            Default::default(),
+            &body,
+            Default::default(),
+        );
+        eprintln!("SIZE basic_publish future: {}", std::mem::size_of_val(&f));
+        drop(f);
+        let p = services::BenchPublisher;
+        let f = p.send(&payload);
+        eprintln!("SIZE publish future: {}", std::mem::size_of_val(&f));
+        drop(f);
+    }
     // Warm both paths up (channels, reply queues).
     for _ in 0..200 {
         client
@@ -449,109 +537,100 @@ async fn rpc(options: &Options) -> Vec<Row> {
             .expect("echo");
         raw_client.echo(&payload).await;
     }
+    let call = {
+        let (client, raw_client, payload) = (client.clone(), raw_client.clone(), payload.clone());
+        move |side: usize| {
+            let (client, raw_client, payload) =
+                (client.clone(), raw_client.clone(), payload.clone());
+            async move {
+                if side == 0 {
+                    client
+                        .call::<Value>("echo", (&payload,))
+                        .await
+                        .expect("echo");
+                } else {
+                    raw_client.echo(&payload).await;
+                }
+            }
+        }
+    };
 
     let sequential = options.count(5_000);
-    let concurrent = options.count(50_000);
-    let mut p50 = Row {
-        name: format!("W2 RPC latency, {sequential} sequential calls: p50"),
-        unit: "µs",
-        lower_is_better: true,
+    let concurrent = options.count(50_000) / 64 * 64;
+    let row = |name: String, unit, lower_is_better| Row {
+        name,
+        unit,
+        lower_is_better,
         ..Default::default()
     };
-    let mut p99 = Row {
-        name: "W2 RPC latency: p99".into(),
-        unit: "µs",
-        lower_is_better: true,
-        ..Default::default()
-    };
-    let mut rate = Row {
-        name: "W2 RPC sequential".into(),
-        unit: "calls/s",
-        ..Default::default()
-    };
-    let mut w3 = Row {
-        name: format!("W3 RPC throughput, {concurrent} calls, 64 in flight"),
-        unit: "calls/s",
-        ..Default::default()
-    };
+    let mut p50 = row(
+        format!("W2 RPC latency, {sequential} sequential calls: p50"),
+        "µs",
+        true,
+    );
+    let mut p99 = row("W2 RPC latency: p99".into(), "µs", true);
+    let mut rate = row("W2 RPC sequential".into(), "calls/s", false);
+    let mut w3 = row(
+        format!("W3 RPC throughput, {concurrent} calls, 64 in flight"),
+        "calls/s",
+        false,
+    );
     for run in 0..options.runs {
-        for side in sides(run) {
-            if options.wants("W2") {
-                let (mut latencies, wall, cpu) = measured(async {
-                    let mut latencies = Vec::with_capacity(sequential);
-                    for _ in 0..sequential {
+        if options.wants("W2") {
+            let tallies = interleaved(sequential, 250, |side, count| {
+                let call = call.clone();
+                async move {
+                    let mut latencies = Vec::with_capacity(count);
+                    for _ in 0..count {
                         let started = Instant::now();
-                        if side == "farine" {
-                            client
-                                .call::<Value>("echo", (&payload,))
-                                .await
-                                .expect("echo");
-                        } else {
-                            raw_client.echo(&payload).await;
-                        }
+                        call(side).await;
                         latencies.push(started.elapsed().as_secs_f64() * 1e6);
                     }
                     latencies
-                })
-                .await;
-                latencies.sort_by(f64::total_cmp);
-                let at = |q: f64| {
-                    latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)]
-                };
-                let sample = |value| Sample {
-                    value,
-                    broker_cpu: cpu,
-                    peak_rss_kib: None,
-                };
+                }
+            })
+            .await;
+            for (side, mut tally) in tallies.into_iter().enumerate() {
+                let name = SIDES[side];
+                let (median, tail) = (tally.percentile(0.5), tally.percentile(0.99));
                 eprintln!(
-                    "  W2 run {run} {side}: p50 {:.0} µs, p99 {:.0} µs, {:.0} calls/s",
-                    at(0.5),
-                    at(0.99),
-                    sequential as f64 / wall.as_secs_f64()
+                    "  W2 run {run} {name}: p50 {median:.0} µs, p99 {tail:.0} µs, {:.0} calls/s, {:.1} µs CPU per call in this process",
+                    tally.rate(sequential),
+                    tally.cpu_us_per_op(sequential)
                 );
-                push(&mut p50, side, sample(at(0.5)));
-                push(&mut p99, side, sample(at(0.99)));
-                push(
-                    &mut rate,
-                    side,
-                    sample(sequential as f64 / wall.as_secs_f64()),
-                );
+                push(&mut p50, name, sample(median, &tally));
+                push(&mut p99, name, sample(tail, &tally));
+                push(&mut rate, name, sample(tally.rate(sequential), &tally));
             }
-            if options.wants("W3") {
-                let ((), wall, cpu) = measured(async {
-                    let per_worker = concurrent / 64;
+        }
+        if options.wants("W3") {
+            let tallies = interleaved(concurrent, 64 * 160, |side, count| {
+                let call = call.clone();
+                async move {
                     let workers = (0..64).map(|_| {
-                        let (client, raw_client, payload) =
-                            (client.clone(), raw_client.clone(), payload.clone());
+                        let call = call.clone();
                         tokio::spawn(async move {
-                            for _ in 0..per_worker {
-                                if side == "farine" {
-                                    client
-                                        .call::<Value>("echo", (&payload,))
-                                        .await
-                                        .expect("echo");
-                                } else {
-                                    raw_client.echo(&payload).await;
-                                }
+                            for _ in 0..count / 64 {
+                                call(side).await;
                             }
                         })
                     });
                     for worker in futures_util::future::join_all(workers).await {
                         worker.expect("a worker");
                     }
-                })
-                .await;
-                let calls = (concurrent / 64) * 64;
-                let sample = Sample {
-                    value: calls as f64 / wall.as_secs_f64(),
-                    broker_cpu: cpu,
-                    peak_rss_kib: None,
-                };
+                    Vec::new()
+                }
+            })
+            .await;
+            for (side, tally) in tallies.iter().enumerate() {
                 eprintln!(
-                    "  W3 run {run} {side}: {:.0} calls/s, broker {:.2} cores",
-                    sample.value, cpu
+                    "  W3 run {run} {}: {:.0} calls/s, broker {:.2} cores, {:.1} µs CPU per call in this process",
+                    SIDES[side],
+                    tally.rate(concurrent),
+                    tally.broker_cores(),
+                    tally.cpu_us_per_op(concurrent)
                 );
-                push(&mut w3, side, sample);
+                push(&mut w3, SIDES[side], sample(tally.rate(concurrent), tally));
             }
         }
     }
@@ -563,6 +642,8 @@ async fn rpc(options: &Options) -> Vec<Row> {
         .filter(|row| !row.farine.is_empty())
         .collect()
 }
+
+const SIDES: [&str; 2] = ["farine", "raw"];
 
 // --- W4: publish ---------------------------------------------------------------------------------
 
@@ -592,66 +673,52 @@ async fn w4(options: &Options, admin: &Connection) -> Vec<Row> {
         unit: "msg/s",
         ..Default::default()
     };
-    let purge = || async {
-        let channel = admin.create_channel().await.expect("a channel");
-        let _ = channel
-            .queue_purge(W4_QUEUE.into(), QueuePurgeOptions::default())
-            .await;
-        let _ = channel.close(200, "done".into()).await;
-    };
     let publisher = Arc::new(services::BenchPublisher);
+    let publish = |side: usize, id: usize| {
+        let (publisher, raw_channel) = (publisher.clone(), raw_channel.clone());
+        async move {
+            if side == 0 {
+                publisher.send(&order(id)).await.expect("published");
+            } else {
+                raw::publish_confirmed(&raw_channel, W4_EXCHANGE, &order(id)).await;
+            }
+        }
+    };
     for run in 0..options.runs {
-        for side in sides(run) {
-            purge().await;
-            let ((), wall, cpu) = measured(async {
-                for id in 0..n {
-                    if side == "farine" {
-                        publisher.send(&order(id)).await.expect("published");
-                    } else {
-                        raw::publish_confirmed(&raw_channel, W4_EXCHANGE, &order(id)).await;
-                    }
-                }
-            })
-            .await;
-            let sample = Sample {
-                value: n as f64 / wall.as_secs_f64(),
-                broker_cpu: cpu,
-                peak_rss_kib: None,
-            };
+        let tallies = interleaved(n, 2_000, |side, count| async move {
+            for id in 0..count {
+                publish(side, id).await;
+            }
+            purge(admin).await;
+            Vec::new()
+        })
+        .await;
+        for (side, tally) in tallies.iter().enumerate() {
             eprintln!(
-                "  W4 run {run} {side} (each): {:.0} msg/s, broker {:.2} cores",
-                sample.value, cpu
+                "  W4 run {run} {} (each): {:.0} msg/s, broker {:.2} cores",
+                SIDES[side],
+                tally.rate(n),
+                tally.broker_cores()
             );
-            push(&mut one, side, sample);
-
-            purge().await;
-            let ((), wall, cpu) = measured(async {
-                let sends = futures_util::stream::iter(0..n).map(|id| {
-                    let (publisher, raw_channel) = (publisher.clone(), raw_channel.clone());
-                    async move {
-                        if side == "farine" {
-                            publisher.send(&order(id)).await.expect("published");
-                        } else {
-                            raw::publish_confirmed(&raw_channel, W4_EXCHANGE, &order(id)).await;
-                        }
-                    }
-                });
-                sends.buffer_unordered(window).for_each(|_| async {}).await;
-            })
-            .await;
-            let sample = Sample {
-                value: n as f64 / wall.as_secs_f64(),
-                broker_cpu: cpu,
-                peak_rss_kib: None,
-            };
+            push(&mut one, SIDES[side], sample(tally.rate(n), tally));
+        }
+        let tallies = interleaved(n, 20_000, |side, count| async move {
+            let sends = futures_util::stream::iter(0..count).map(|id| publish(side, id));
+            sends.buffer_unordered(window).for_each(|()| async {}).await;
+            purge(admin).await;
+            Vec::new()
+        })
+        .await;
+        for (side, tally) in tallies.iter().enumerate() {
             eprintln!(
-                "  W4 run {run} {side} (in flight): {:.0} msg/s, broker {:.2} cores",
-                sample.value, cpu
+                "  W4 run {run} {} (in flight): {:.0} msg/s, broker {:.2} cores",
+                SIDES[side],
+                tally.rate(n),
+                tally.broker_cores()
             );
-            push(&mut many, side, sample);
+            push(&mut many, SIDES[side], sample(tally.rate(n), tally));
         }
     }
-    purge().await;
     running.stop().await;
     let _ = raw_conn.close(200, "done".into()).await;
     let channel = admin.create_channel().await.expect("a channel");
@@ -659,6 +726,15 @@ async fn w4(options: &Options, admin: &Connection) -> Vec<Row> {
         .queue_delete(W4_QUEUE.into(), QueueDeleteOptions::default())
         .await;
     vec![one, many]
+}
+
+/// Empties the W4 queue (inside a block's time: both sides pay it alike).
+async fn purge(admin: &Connection) {
+    let channel = admin.create_channel().await.expect("a channel");
+    let _ = channel
+        .queue_purge(W4_QUEUE.into(), QueuePurgeOptions::default())
+        .await;
+    let _ = channel.close(200, "done".into()).await;
 }
 
 // --- memory and start-up --------------------------------------------------------------------------
@@ -703,7 +779,7 @@ fn startup(options: &Options) {
     let mut totals = Vec::new();
     let mut after = Vec::new();
     for _ in 0..options.runs.max(3) {
-        let (fields, _) = run_child(&["startup", &options.uri]);
+        let fields = run_child(&["startup", &options.uri]);
         totals.push(field(&fields, "total_us") / 1000.0);
         after.push(field(&fields, "after_connect_us") / 1000.0);
     }

@@ -23,7 +23,8 @@ pub async fn connect(uri: &str) -> Connection {
 }
 
 /// W1: drains `n` messages from `queue` with `basic.qos(prefetch)`, decoding each from JSON and
-/// acking it. Returns the time from connecting to the last ack.
+/// acking it; the acks are in flight together (up to the prefetch), not awaited one by one.
+/// Returns the time from connecting to the last ack.
 pub async fn drain(uri: &str, queue: &str, n: usize, prefetch: u16) -> Duration {
     let started = Instant::now();
     let conn = connect(uri).await;
@@ -41,21 +42,25 @@ pub async fn drain(uri: &str, queue: &str, n: usize, prefetch: u16) -> Duration 
         )
         .await
         .expect("consume");
-    let mut seen = 0;
-    while seen < n {
-        let delivery = consumer
-            .next()
-            .await
-            .expect("deliveries")
-            .expect("a delivery");
-        let order: Value = serde_json::from_slice(&delivery.data).expect("JSON");
-        assert!(!order.is_null());
-        delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .expect("ack");
-        seen += 1;
+    let mut acks = futures_util::stream::FuturesUnordered::new();
+    let (mut seen, mut acked) = (0, 0);
+    while acked < n {
+        tokio::select! {
+            Some(()) = acks.next(), if !acks.is_empty() => acked += 1,
+            delivery = consumer.next(), if seen < n => {
+                let delivery = delivery.expect("deliveries").expect("a delivery");
+                let order: Value = serde_json::from_slice(&delivery.data).expect("JSON");
+                assert!(!order.is_null());
+                seen += 1;
+                acks.push(async move {
+                    delivery
+                        .acker
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .expect("ack");
+                });
+            }
+        }
     }
     let elapsed = started.elapsed();
     let _ = channel.close(200, "done".into()).await;
@@ -64,7 +69,8 @@ pub async fn drain(uri: &str, queue: &str, n: usize, prefetch: u16) -> Duration 
 }
 
 /// W2, W3: an echo RPC server in the same wire format as farine's, one reply per call, on its
-/// own connection. Runs until the connection closes.
+/// own connection; up to `prefetch` calls are answered concurrently. Runs until the
+/// connection closes.
 pub struct EchoServer {
     pub queue: String,
     conn: Connection,
@@ -101,29 +107,15 @@ impl EchoServer {
             .await
             .expect("consume");
         tokio::spawn(async move {
-            while let Some(Ok(delivery)) = requests.next().await {
-                let request: Value = match serde_json::from_slice(&delivery.data) {
-                    Ok(request) => request,
-                    Err(_) => Value::Null,
-                };
-                let value = request["args"][0].clone();
-                let body =
-                    serde_json::to_vec(&json!({ "body": value, "__end__": false })).expect("JSON");
-                if let (Some(reply_to), Some(id)) = (
-                    delivery.properties.reply_to().clone(),
-                    delivery.properties.correlation_id().clone(),
-                ) {
-                    let _ = channel
-                        .basic_publish(
-                            "".into(),
-                            reply_to.as_str().into(),
-                            BasicPublishOptions::default(),
-                            &body,
-                            BasicProperties::default().with_correlation_id(id),
-                        )
-                        .await;
+            let mut answering = futures_util::stream::FuturesUnordered::new();
+            loop {
+                tokio::select! {
+                    Some(()) = answering.next(), if !answering.is_empty() => {}
+                    next = requests.next() => {
+                        let Some(Ok(delivery)) = next else { break };
+                        answering.push(answer(channel.clone(), delivery));
+                    }
                 }
-                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
             }
         });
         Self { queue, conn }
@@ -132,6 +124,28 @@ impl EchoServer {
     pub async fn stop(self) {
         let _ = self.conn.close(200, "done".into()).await;
     }
+}
+
+/// Answers one echo request, then acks it.
+async fn answer(channel: Channel, delivery: lapin::message::Delivery) {
+    let request: Value = serde_json::from_slice(&delivery.data).unwrap_or(Value::Null);
+    let body = serde_json::to_vec(&json!({ "body": &request["args"][0], "__end__": false }))
+        .expect("JSON");
+    if let (Some(reply_to), Some(id)) = (
+        delivery.properties.reply_to().clone(),
+        delivery.properties.correlation_id().clone(),
+    ) {
+        let _ = channel
+            .basic_publish(
+                "".into(),
+                reply_to.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_correlation_id(id),
+            )
+            .await;
+    }
+    let _ = delivery.acker.ack(BasicAckOptions::default()).await;
 }
 
 type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;

@@ -528,6 +528,37 @@ async fn a_hand_written_client_following_the_protocol_doc_gets_the_same_answers(
     let (_, reply) = next().await;
     assert_eq!(reply["error"]["kind"], "bad_arguments");
     assert_eq!(reply["error"]["param"], "b");
+
+    // A caller that reads one result says so (`x-farine-reply: single`): no end marker follows.
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-farine-reply".into(),
+        lapin::types::AMQPValue::LongString("single".into()),
+    );
+    channel
+        .basic_publish(
+            "rpc_calc_by_hand".into(),
+            "rpc_calc_by_hand__add".into(),
+            BasicPublishOptions::default(),
+            br#"{"args": [2, 3], "kwargs": {}}"#,
+            BasicProperties::default()
+                .with_reply_to(reply_queue.clone())
+                .with_correlation_id(ShortString::from("e"))
+                .with_headers(headers),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        next().await,
+        ("e".into(), json!({"body": 5, "__end__": false}))
+    );
+    call("add", json!({"args": [3, 4]}), "f").await;
+    assert_eq!(
+        next().await,
+        ("f".into(), json!({"body": 7, "__end__": false})),
+        "the next reply is the next call's, not an end marker for `e`"
+    );
+    assert_eq!(next().await, ("f".into(), json!({"__end__": true})));
     connection.close(200, "done".into()).await.unwrap();
     running.stop().await;
 }

@@ -281,22 +281,27 @@ pub(crate) async fn run(
             declare_exchange: false,
             mandatory: true,
             max_message_bytes: usize::MAX,
-            resend: true,
+            ..PublisherSettings::default()
         },
     );
-    let mut in_flight = JoinSet::new();
+    let companions = Arc::new(Companions {
+        retry: retry.clone(),
+        channel: channel.clone(),
+        broker: broker.clone(),
+    });
+    let mut in_flight = InFlight::Tasks(JoinSet::new());
     let stopped = loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ok(()),
-            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+            Some(_) = in_flight.next(), if !in_flight.is_empty() => {}
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     let message = Message::new(delivery);
                     let handled = call(message.clone());
-                    let companions = Companions { retry: retry.clone(), channel: channel.clone(), broker: broker.clone() };
-                    let task = handle(plan.clone(), message, handled, companions, shutdown.clone());
-                    in_flight.spawn(context::scope(shared.clone(), task));
+                    // Boxed at once: the call's future is large, and is moved on from here.
+                    let task = Box::pin(handle(plan.clone(), message, handled, companions.clone(), shutdown.clone()));
+                    in_flight.push(context::scope(shared.clone(), task));
                 }
                 Some(Err(e)) => break Err(ConsumeError::Broker(BrokerError::from_lapin(&e, Resource::Queue(plan.queue.name.clone()), &broker)).on(&conn)),
                 None => break Err(ConsumeError::Ended.on(&conn)),
@@ -316,6 +321,64 @@ pub(crate) async fn run(
     stopped
 }
 
+/// The handler calls a consuming task has under way.
+///
+/// A consumer spawns each call as a task of its own (`Tasks`): calls run in parallel on every
+/// worker thread, which a consumer's work (decoding, database writes) can use. An RPC server
+/// polls its calls within its own task (`Local`): a call's reply then goes out without the
+/// cross-thread wake-up a spawned task costs, which is most of an RPC's latency on a loaded
+/// machine (`BENCHMARKS.md`); calls still run concurrently, and a method that computes for long
+/// belongs in `spawn_blocking`.
+pub(crate) enum InFlight {
+    Tasks(JoinSet<()>),
+    Local(futures_util::stream::FuturesUnordered<BoxFuture<'static, ()>>),
+}
+
+impl InFlight {
+    pub fn push(&mut self, call: impl std::future::Future<Output = ()> + Send + 'static) {
+        match self {
+            InFlight::Tasks(tasks) => {
+                tasks.spawn(call);
+            }
+            InFlight::Local(calls) => {
+                // A panic that escaped the call's own guard must not end the server's loop.
+                let guarded =
+                    futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(call));
+                calls.push(Box::pin(async move {
+                    let _ = guarded.await;
+                }));
+            }
+        }
+    }
+
+    /// The next call to finish (`None` when there is none).
+    pub async fn next(&mut self) -> Option<()> {
+        match self {
+            InFlight::Tasks(tasks) => tasks.join_next().await.map(|_| ()),
+            InFlight::Local(calls) => calls.next().await,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            InFlight::Tasks(tasks) => tasks.len(),
+            InFlight::Local(calls) => calls.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stops every call still under way.
+    async fn stop(&mut self) {
+        match self {
+            InFlight::Tasks(tasks) => tasks.shutdown().await,
+            InFlight::Local(calls) => calls.clear(),
+        }
+    }
+}
+
 /// How a consuming task (a consumer, an RPC server) stops: shared by both.
 pub(crate) struct WindDown<'a> {
     pub service: &'static str,
@@ -333,7 +396,7 @@ impl WindDown<'_> {
     pub async fn run(
         self,
         tag: Option<lapin::types::ShortString>,
-        in_flight: &mut JoinSet<()>,
+        in_flight: &mut InFlight,
         publisher: &Publisher,
     ) {
         let (service, handler) = (self.service, self.handler);
@@ -345,7 +408,7 @@ impl WindDown<'_> {
                 tracing::debug!(service, handler, error = %e, "cancelling the consumer");
             }
             let drained = tokio::time::timeout(self.drain_timeout, async {
-                while in_flight.join_next().await.is_some() {}
+                while in_flight.next().await.is_some() {}
             })
             .await;
             if drained.is_err() {
@@ -359,7 +422,7 @@ impl WindDown<'_> {
             }
         }
         // Handlers still running now cannot settle on a broken channel: their messages come back.
-        in_flight.shutdown().await;
+        in_flight.stop().await;
         publisher.close_within(self.op_timeout).await;
         if self.channel.status().connected() {
             let close = self.channel.close(200, "farine handler stopped".into());
@@ -432,7 +495,7 @@ async fn handle(
     plan: Arc<ConsumerPlan>,
     message: Message,
     handled: BoxFuture<'static, Outcome>,
-    companions: Companions,
+    companions: Arc<Companions>,
     shutdown: CancellationToken,
 ) {
     let id = inbox_id(&plan, &message);
@@ -541,7 +604,8 @@ async fn settle(
     };
     let result = match (&target, &plan.dead_letter_queue) {
         (Target::Dead(_), None) => message.reject(false).await,
-        _ => match forward(plan, message, &error, &target, companions).await {
+        // Boxed: a cold path whose publish future would make every call's future larger.
+        _ => match Box::pin(forward(plan, message, &error, &target, companions)).await {
             Ok(()) => message.ack().await,
             Err(e) => {
                 // Nothing is lost: the message goes back to its queue, after a pause so that a

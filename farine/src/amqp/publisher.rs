@@ -118,6 +118,11 @@ pub struct PublisherSettings {
     /// Send a message again when the connection broke before its confirm. An RPC client does
     /// not: its request names a reply queue that died with the connection.
     pub resend: bool,
+    /// Put the channel in confirm mode and wait for each confirm. An RPC server's replies go
+    /// without: the request's ack follows the reply on the same connection.
+    pub confirm: bool,
+    /// Give each message a unique `message_id` unless it has one.
+    pub message_ids: bool,
 }
 
 /// The default `max_message_bytes`: 16 MiB, well under RabbitMQ's own limit (128 MiB).
@@ -132,6 +137,8 @@ impl Default for PublisherSettings {
             mandatory: false,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             resend: true,
+            confirm: true,
+            message_ids: true,
         }
     }
 }
@@ -246,6 +253,44 @@ impl Publisher {
         self.core()?.publish(payload, options).await
     }
 
+    /// Publishes without waiting for the confirm: the returned [`Unconfirmed`] waits for it,
+    /// so that a caller can wait for something else at the same time (an RPC client, for its
+    /// reply). Never sent again after a reconnection.
+    pub(crate) async fn publish_unconfirmed(
+        &self,
+        payload: &[u8],
+        options: PublishOptions,
+    ) -> Result<Unconfirmed, PublishError> {
+        let core = self.core()?;
+        let routing_key = options
+            .routing_key
+            .clone()
+            .unwrap_or_else(|| core.routing_key.clone());
+        let mandatory = options.mandatory.unwrap_or(core.settings.mandatory);
+        if payload.len() > core.settings.max_message_bytes {
+            return Err(PublishError::TooLarge {
+                exchange: core.exchange.name.clone(),
+                size: payload.len(),
+                limit: core.settings.max_message_bytes,
+            });
+        }
+        let properties = core.properties(options);
+        let deadline = tokio::time::Instant::now() + core.settings.timeout;
+        let confirm = core
+            .bounded(
+                deadline,
+                &routing_key,
+                core.start(payload, &routing_key, mandatory, properties, deadline),
+            )
+            .await?;
+        Ok(Unconfirmed {
+            core: core.clone(),
+            confirm,
+            routing_key,
+            deadline,
+        })
+    }
+
     /// Opens the channel and declares the exchange now rather than at the first publish;
     /// bounded by the publish timeout.
     pub async fn prepare(&self) -> Result<(), PublishError> {
@@ -306,6 +351,28 @@ fn next_message_id() -> String {
     format!("{prefix}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// A message handed to the broker whose confirm is still to come.
+pub(crate) struct Unconfirmed {
+    core: Arc<Core>,
+    confirm: lapin::PublisherConfirm,
+    routing_key: String,
+    deadline: tokio::time::Instant,
+}
+
+impl Unconfirmed {
+    /// Waits for the confirm, within the publish timeout.
+    pub async fn confirmed(self) -> Result<(), PublishError> {
+        let Self {
+            core,
+            confirm,
+            routing_key,
+            deadline,
+        } = self;
+        core.bounded(deadline, &routing_key, core.finish(confirm, &routing_key))
+            .await
+    }
+}
+
 impl Core {
     fn broker_error(&self, e: &lapin::Error) -> PublishError {
         let resource = Resource::Exchange(self.exchange.name.clone());
@@ -322,6 +389,15 @@ impl Core {
         if let Some(channel) = self.live_channel() {
             return Ok(channel);
         }
+        // Boxed: reopening holds a connection's whole opening in its state, which would
+        // otherwise make every publish's future kilobytes large (and moved on each call).
+        Box::pin(self.reopen_channel(deadline)).await
+    }
+
+    async fn reopen_channel(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Channel, PublishError> {
         let _single_flight = self.reopen.lock().await;
         if let Some(channel) = self.live_channel() {
             return Ok(channel);
@@ -331,10 +407,12 @@ impl Core {
             .create_channel()
             .await
             .map_err(|e| self.broker_error(&e))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| self.broker_error(&e))?;
+        if self.settings.confirm {
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|e| self.broker_error(&e))?;
+        }
         if self.settings.declare_exchange {
             self.exchange
                 .declare(&channel, &self.connector.broker())
@@ -452,9 +530,15 @@ impl Core {
             properties = properties.with_headers(headers);
         }
         // Every message has an id: a resend after a broken connection carries the same one, so
-        // a consumer's inbox recognises the duplicate.
-        let id = options.message_id.unwrap_or_else(next_message_id);
-        properties = properties.with_message_id(ShortString::from(id));
+        // a consumer's inbox recognises the duplicate. (RPC traffic is matched by correlation
+        // id instead and goes without.)
+        match options.message_id {
+            Some(id) => properties = properties.with_message_id(ShortString::from(id)),
+            None if self.settings.message_ids => {
+                properties = properties.with_message_id(ShortString::from(next_message_id()))
+            }
+            None => {}
+        }
         if let Some(id) = options.correlation_id {
             properties = properties.with_correlation_id(ShortString::from(id));
         }
@@ -478,8 +562,23 @@ impl Core {
         properties: BasicProperties,
         deadline: tokio::time::Instant,
     ) -> Result<(), PublishError> {
+        let confirm = self
+            .start(payload, routing_key, mandatory, properties, deadline)
+            .await?;
+        self.finish(confirm, routing_key).await
+    }
+
+    /// Hands the message to the channel; the confirm is still to come.
+    async fn start(
+        &self,
+        payload: &[u8],
+        routing_key: &str,
+        mandatory: bool,
+        properties: BasicProperties,
+        deadline: tokio::time::Instant,
+    ) -> Result<lapin::PublisherConfirm, PublishError> {
         let channel = self.channel(deadline).await?;
-        let confirm = channel
+        channel
             .basic_publish(
                 self.exchange.name.as_str().into(),
                 routing_key.into(),
@@ -491,7 +590,15 @@ impl Core {
                 properties,
             )
             .await
-            .map_err(|e| self.broker_error(&e))?;
+            .map_err(|e| self.broker_error(&e))
+    }
+
+    /// Waits for the broker's confirm of a message [`Core::start`] sent.
+    async fn finish(
+        &self,
+        confirm: lapin::PublisherConfirm,
+        routing_key: &str,
+    ) -> Result<(), PublishError> {
         match confirm.await.map_err(|e| self.broker_error(&e))? {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(returned)) => {

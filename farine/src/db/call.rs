@@ -158,14 +158,22 @@ where
     F: Future<Output = Outcome>,
 {
     let call = AssertUnwindSafe(call).catch_unwind();
-    let caught = |result: Result<Outcome, Box<dyn std::any::Any + Send>>| {
-        result.unwrap_or_else(|panic| {
-            Outcome::Failed(format!("panicked: {}", panic_message(&*panic)))
-        })
-    };
-    let Some(plan) = plan else {
-        return Called::Ran(caught(call.await));
-    };
+    match plan {
+        None => Called::Ran(caught(call.await)),
+        // Boxed: sqlx's futures are large, and a call without a database should not carry
+        // their space in its own (every call's future is moved into its task).
+        Some(plan) => Box::pin(with_db(plan, message_id, call)).await,
+    }
+}
+
+fn caught(result: Result<Outcome, Box<dyn std::any::Any + Send>>) -> Outcome {
+    result.unwrap_or_else(|panic| Outcome::Failed(format!("panicked: {}", panic_message(&*panic))))
+}
+
+async fn with_db<F>(plan: &CallDb, message_id: Option<&str>, call: F) -> Called
+where
+    F: Future<Output = Result<Outcome, Box<dyn std::any::Any + Send>>>,
+{
     if !plan.transaction {
         let db = Db::new(plan.pool.clone(), State::Idle);
         let outcome = caught(CALL.scope(db.clone(), call).await);

@@ -25,7 +25,9 @@ use super::RpcError;
 use super::wire::{self, ErrorBody, ErrorKind, Reply, Request};
 use crate::amqp::connection::Connector;
 use crate::amqp::error::{BrokerError, Resource};
-use crate::amqp::publisher::{PublishError, PublishOptions, Publisher, PublisherSettings};
+use crate::amqp::publisher::{
+    PublishError, PublishOptions, Publisher, PublisherSettings, Unconfirmed,
+};
 use crate::amqp::topology::{ExchangeSettings, private_queue};
 
 /// The default bound on a call, as in the seed (config key `rpc_timeout`).
@@ -160,15 +162,24 @@ struct Inner {
     requests: Publisher,
     calls: Calls,
     replies: tokio::sync::Mutex<Option<ReplyQueue>>,
+    /// The live reply queue, read by every call without waiting for `replies`.
+    current: std::sync::RwLock<Option<CurrentQueue>>,
     next_id: AtomicU64,
     prefix: String,
 }
 
-struct ReplyQueue {
+/// The reply queue calls name: its name, generation, and whether it still lives.
+#[derive(Clone)]
+struct CurrentQueue {
     name: String,
-    /// Counts the reply queues of this client: which one a request named.
     generation: u64,
     alive: Arc<AtomicBool>,
+}
+
+/// The consumer of a reply queue (its name and state are in [`CurrentQueue`]).
+struct ReplyQueue {
+    /// Counts the reply queues of this client: which one a request named.
+    generation: u64,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -216,6 +227,8 @@ impl Client {
                 max_message_bytes: crate::amqp::publisher::DEFAULT_MAX_MESSAGE_BYTES,
                 // A request sent again after a reconnection would name the dead reply queue.
                 resend: false,
+                confirm: true,
+                message_ids: false,
             },
         );
         Self {
@@ -227,6 +240,7 @@ impl Client {
                 requests,
                 calls: Arc::new(Mutex::new(HashMap::new())),
                 replies: tokio::sync::Mutex::new(None),
+                current: std::sync::RwLock::new(None),
                 next_id: AtomicU64::new(0),
                 prefix: call_prefix(),
             })),
@@ -297,22 +311,44 @@ impl Client {
         let inner = self.live(method)?;
         let timeout = options.timeout.or(self.timeout).unwrap_or(inner.timeout);
         let deadline = tokio::time::Instant::now() + timeout;
-        let (sender, receiver) = oneshot::channel();
-        let id = inner.next_call_id();
-        let _entry = Entry::insert(&inner.calls, &id, Reader::Unary(sender));
-        let sent = inner.send(method, &id, args.into(), timeout, deadline);
-        match tokio::time::timeout_at(deadline, sent).await {
+        let body = inner.body(method, args.into())?;
+        let (sender, mut receiver) = oneshot::channel();
+        let (_entry, id, reply_to) = inner
+            .enter(method, Reader::Unary(sender), deadline, timeout)
+            .await?;
+        let sent = inner.publish_request(method, &id, &body, reply_to, timeout, true);
+        let unconfirmed = match tokio::time::timeout_at(deadline, sent).await {
             Ok(result) => result?,
             Err(_) => return Err(inner.timed_out(method, timeout)),
-        }
-        let reply = match tokio::time::timeout_at(deadline, receiver).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(_)) => return Err(inner.reply_queue_lost(method)),
-            Err(_) => return Err(inner.not_answered(method, timeout).await),
+        };
+        // The reply usually comes after the confirm, but need not wait for it: a call
+        // nobody serves is known from the confirm (a returned message), a served one from its
+        // reply, whichever comes first.
+        let confirmed = unconfirmed.confirmed();
+        let expired = tokio::time::sleep_until(deadline);
+        tokio::pin!(confirmed, expired);
+        let mut confirm_seen = false;
+        let reply = loop {
+            tokio::select! {
+                biased;
+                reply = &mut receiver => match reply {
+                    Ok(reply) => break reply,
+                    Err(_) => return Err(inner.reply_queue_lost(method)),
+                },
+                result = &mut confirmed, if !confirm_seen => {
+                    confirm_seen = true;
+                    if let Err(e) = result {
+                        return Err(inner.request_error(method, e));
+                    }
+                }
+                () = &mut expired => {
+                    return Err(Box::pin(inner.not_answered(method, timeout)).await);
+                }
+            }
         };
         match reply {
-            Reply::Item(value) => inner.decode(method, value),
-            Reply::End => inner.decode(method, Value::Null),
+            Reply::Item(value) => inner.decode(method, value.get()),
+            Reply::End => inner.decode(method, "null"),
             Reply::Error { message, detail } => Err(inner.remote(method, message, detail)),
         }
     }
@@ -337,11 +373,20 @@ impl Client {
     ) -> Result<RpcStream<T>, RpcError> {
         let inner = self.live(method)?.clone();
         let timeout = options.timeout.or(self.timeout).unwrap_or(inner.timeout);
-        let (sender, receiver) = mpsc::unbounded_channel();
-        let id = inner.next_call_id();
-        let entry = Entry::insert(&inner.calls, &id, Reader::Stream(sender));
         let deadline = tokio::time::Instant::now() + timeout;
-        let sent = inner.send(method, &id, args.into(), timeout, deadline);
+        let body = inner.body(method, args.into())?;
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let (entry, id, reply_to) = inner
+            .enter(method, Reader::Stream(sender), deadline, timeout)
+            .await?;
+        let sent = async {
+            inner
+                .publish_request(method, &id, &body, reply_to, timeout, false)
+                .await?
+                .confirmed()
+                .await
+                .map_err(|e| inner.request_error(method, e))
+        };
         match tokio::time::timeout_at(deadline, sent).await {
             Ok(result) => result?,
             Err(_) => return Err(inner.timed_out(method, timeout)),
@@ -386,15 +431,9 @@ struct Entry {
 }
 
 impl Entry {
-    fn insert(calls: &Calls, id: &str, reader: Reader) -> Self {
+    fn insert(calls: &Calls, id: &str, pending: Pending) -> Self {
         if let Ok(mut table) = calls.lock() {
-            table.insert(
-                id.to_string(),
-                Pending {
-                    reader,
-                    queue: None,
-                },
-            );
+            table.insert(id.to_string(), pending);
         }
         Self {
             calls: calls.clone(),
@@ -420,62 +459,96 @@ impl Inner {
         )
     }
 
-    async fn send(
-        self: &Arc<Self>,
-        method: &str,
-        id: &str,
-        args: Args,
-        timeout: Duration,
-        deadline: tokio::time::Instant,
-    ) -> Result<(), RpcError> {
-        let body = args.into_body().map_err(|cause| RpcError::Encode {
+    fn body(&self, method: &str, args: Args) -> Result<Vec<u8>, RpcError> {
+        args.into_body().map_err(|cause| RpcError::Encode {
             service: self.service.clone(),
             method: method.to_string(),
             cause,
-        })?;
-        let (reply_to, generation, alive) = self
-            .reply_queue(Some(deadline))
-            .await
-            .map_err(|cause| self.connection_error(method, cause))?;
-        if let Ok(mut table) = self.calls.lock()
-            && let Some(pending) = table.get_mut(id)
+        })
+    }
+
+    /// Enters a call in the table, tagged with the reply queue its request will name; returns
+    /// the entry, the call's id and the queue's name.
+    async fn enter(
+        self: &Arc<Self>,
+        method: &str,
+        reader: Reader,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<(Entry, String, String), RpcError> {
+        let queue = match tokio::time::timeout_at(deadline, self.reply_queue(Some(deadline))).await
         {
-            pending.queue = Some(generation);
-        }
-        // The queue may have died between handing out its name and the tagging: then its
+            Ok(queue) => queue.map_err(|cause| self.connection_error(method, cause))?,
+            Err(_) => return Err(self.timed_out(method, timeout)),
+        };
+        let id = self.next_call_id();
+        let pending = Pending {
+            reader,
+            queue: Some(queue.generation),
+        };
+        let entry = Entry::insert(&self.calls, &id, pending);
+        // The queue may have died between handing out its name and the insertion: then its
         // clean-up missed this call.
-        if !alive.load(Ordering::Acquire) {
+        if !queue.alive.load(Ordering::Acquire) {
             return Err(self.reply_queue_lost(method));
         }
+        Ok((entry, id, queue.name))
+    }
+
+    /// Publishes the request of call `id`; the confirm is still to come. `single`: the caller
+    /// reads one result, the server need not send the end marker.
+    async fn publish_request(
+        &self,
+        method: &str,
+        id: &str,
+        body: &[u8],
+        reply_to: String,
+        timeout: Duration,
+        single: bool,
+    ) -> Result<Unconfirmed, RpcError> {
+        let headers = single.then(|| {
+            let mut headers = lapin::types::FieldTable::default();
+            headers.insert(
+                wire::REPLY_HEADER.into(),
+                lapin::types::AMQPValue::LongString("single".into()),
+            );
+            headers
+        });
         let options = PublishOptions {
             routing_key: Some(wire::routing_key(&self.service, method)),
             correlation_id: Some(id.to_string()),
             reply_to: Some(reply_to),
+            headers,
             // A request nobody took within the call's timeout is dropped by the broker.
             expiration: Some(timeout),
             persistent: Some(false),
             ..Default::default()
         };
         self.requests
-            .publish_bytes(&body, options)
+            .publish_unconfirmed(body, options)
             .await
-            .map_err(|e| match e {
-                PublishError::Broker(BrokerError::NoRoute { .. }) => RpcError::NoSuchMethod {
-                    service: self.service.clone(),
-                    method: method.to_string(),
-                },
-                PublishError::Broker(BrokerError::NotFound { .. }) => RpcError::NoSuchService {
-                    service: self.service.clone(),
-                    method: method.to_string(),
-                },
-                PublishError::Timeout { after, .. } => self.timed_out(method, after),
-                PublishError::TooLarge { .. } => RpcError::Encode {
-                    service: self.service.clone(),
-                    method: method.to_string(),
-                    cause: e.to_string(),
-                },
-                other => self.connection_error(method, other.to_string()),
-            })
+            .map_err(|e| self.request_error(method, e))
+    }
+
+    /// The call's error for a request the broker refused.
+    fn request_error(&self, method: &str, error: PublishError) -> RpcError {
+        match error {
+            PublishError::Broker(BrokerError::NoRoute { .. }) => RpcError::NoSuchMethod {
+                service: self.service.clone(),
+                method: method.to_string(),
+            },
+            PublishError::Broker(BrokerError::NotFound { .. }) => RpcError::NoSuchService {
+                service: self.service.clone(),
+                method: method.to_string(),
+            },
+            PublishError::Timeout { after, .. } => self.timed_out(method, after),
+            PublishError::TooLarge { .. } => RpcError::Encode {
+                service: self.service.clone(),
+                method: method.to_string(),
+                cause: error.to_string(),
+            },
+            other => self.connection_error(method, other.to_string()),
+        }
     }
 
     /// The error of a call that got no reply in time: `NoConsumers` when the service's queue
@@ -517,12 +590,21 @@ impl Inner {
     async fn reply_queue(
         self: &Arc<Self>,
         deadline: Option<tokio::time::Instant>,
-    ) -> Result<(String, u64, Arc<AtomicBool>), String> {
+    ) -> Result<CurrentQueue, String> {
+        if let Some(current) = self.live_queue() {
+            return Ok(current);
+        }
+        // Boxed for the same reason as a publisher's reopening: a cold path with a large state.
+        Box::pin(self.new_reply_queue(deadline)).await
+    }
+
+    async fn new_reply_queue(
+        self: &Arc<Self>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<CurrentQueue, String> {
         let mut slot = self.replies.lock().await;
-        if let Some(queue) = slot.as_ref()
-            && queue.alive.load(Ordering::Acquire)
-        {
-            return Ok((queue.name.clone(), queue.generation, queue.alive.clone()));
+        if let Some(current) = self.live_queue() {
+            return Ok(current);
         }
         let generation = slot.as_ref().map_or(0, |queue| queue.generation + 1);
         let conn = self
@@ -563,19 +645,31 @@ impl Inner {
                 table.retain(|_, pending| pending.queue.is_none_or(|g| g > generation));
             }
         });
-        if let Some(old) = slot.replace(ReplyQueue {
-            name: name.clone(),
-            generation,
-            alive: alive.clone(),
-            task,
-        }) {
+        if let Some(old) = slot.replace(ReplyQueue { generation, task }) {
             old.task.abort();
         }
-        Ok((name, generation, alive))
+        let current = CurrentQueue {
+            name,
+            generation,
+            alive,
+        };
+        if let Ok(mut slot) = self.current.write() {
+            *slot = Some(current.clone());
+        }
+        Ok(current)
     }
 
-    fn decode<T: DeserializeOwned>(&self, method: &str, value: Value) -> Result<T, RpcError> {
-        serde_json::from_value(value).map_err(|e| RpcError::Decode {
+    fn live_queue(&self) -> Option<CurrentQueue> {
+        let current = self.current.read().ok()?;
+        current
+            .as_ref()
+            .filter(|queue| queue.alive.load(Ordering::Acquire))
+            .cloned()
+    }
+
+    /// Decodes a result from its JSON text.
+    fn decode<T: DeserializeOwned>(&self, method: &str, json: &str) -> Result<T, RpcError> {
+        serde_json::from_str(json).map_err(|e| RpcError::Decode {
             service: self.service.clone(),
             method: method.to_string(),
             cause: e.to_string(),
@@ -694,7 +788,7 @@ impl<T: DeserializeOwned> Stream for RpcStream<T> {
             Poll::Ready(Some(Reply::Item(value))) => {
                 let deadline = tokio::time::Instant::now() + self.timeout;
                 self.idle.as_mut().reset(deadline);
-                Poll::Ready(Some(self.inner.decode(&self.method, value)))
+                Poll::Ready(Some(self.inner.decode(&self.method, value.get())))
             }
             Poll::Ready(Some(Reply::End)) => {
                 self.finish();

@@ -20,13 +20,14 @@ use lapin::options::QueueBindOptions;
 use lapin::types::FieldTable;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
-use tokio::task::JoinSet;
+use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
-use super::wire::{self, ErrorBody, ErrorKind, Reply, Request};
+use super::wire::{self, ErrorBody, ErrorKind, RawRequest, Reply};
 use crate::amqp::connection::Connector;
-use crate::amqp::consumer::{ConsumeError, WindDown, basic_consume, connection_for, open_channel};
+use crate::amqp::consumer::{
+    ConsumeError, InFlight, WindDown, basic_consume, connection_for, open_channel,
+};
 use crate::amqp::error::{BrokerError, Resource};
 use crate::amqp::message::Message;
 use crate::amqp::publisher::{PublishError, PublishOptions, Publisher, PublisherSettings};
@@ -43,7 +44,7 @@ pub(crate) type BoundRpc = Arc<dyn Fn(RpcCall) -> BoxFuture<'static, ()> + Send 
 /// One call being served: its arguments, and where its replies go.
 pub struct RpcCall {
     state: Arc<CallState>,
-    request: Request,
+    request: RawRequest,
 }
 
 struct CallState {
@@ -51,9 +52,22 @@ struct CallState {
     method: &'static str,
     reply_to: Option<String>,
     correlation_id: Option<String>,
-    replies: Publisher,
+    replies: Replies,
+    /// The caller reads one result and asks for no end marker (`x-farine-reply: single`).
+    single: bool,
+    /// Set once the method streams: all its replies then go through the confirming channel,
+    /// in order.
+    streaming: AtomicBool,
     cancelled: CancellationToken,
     finished: AtomicBool,
+}
+
+/// Where replies are published: `plain` (no confirms: a result, its end marker, an error) and
+/// `confirmed` (a stream's items, `mandatory`, and everything after them on the same channel).
+#[derive(Clone)]
+pub(crate) struct Replies {
+    plain: Publisher,
+    confirmed: Publisher,
 }
 
 impl CallState {
@@ -80,7 +94,12 @@ impl CallState {
             mandatory: Some(mandatory),
             ..Default::default()
         };
-        self.replies.publish_bytes(body, options).await
+        let publisher = if self.streaming.load(Ordering::Acquire) {
+            &self.replies.confirmed
+        } else {
+            &self.replies.plain
+        };
+        publisher.publish_bytes(body, options).await
     }
 
     /// After a reply was refused for its size: tells the caller with an error reply instead.
@@ -108,12 +127,12 @@ impl CallState {
         self.finish(&Reply::error_body(&error)).await;
     }
 
-    /// Sends a result and the end marker.
-    async fn respond(&self, value: Value) {
+    /// Sends a result and (unless the caller reads one reply only) the end marker.
+    async fn respond(&self, body: Vec<u8>) {
         self.finished.store(true, Ordering::Release);
-        let sent = match self.send(&Reply::item_body(&value), false).await {
-            Ok(()) => self.send(&Reply::end_body(), false).await,
-            Err(e) => Err(e),
+        let sent = match self.send(&body, false).await {
+            Ok(()) if !self.single => self.send(&Reply::end_body(), false).await,
+            other => other,
         };
         match sent {
             Ok(()) => {}
@@ -125,8 +144,8 @@ impl CallState {
     }
 
     /// Sends one stream item; `false` when the stream must stop (caller gone or cancelled).
-    async fn item(&self, value: Value) -> bool {
-        match self.send(&Reply::item_body(&value), true).await {
+    async fn item(&self, body: Vec<u8>) -> bool {
+        match self.send(&body, true).await {
             Ok(()) => !self.cancelled.is_cancelled(),
             Err(PublishError::Broker(crate::amqp::error::BrokerError::NoRoute { .. })) => {
                 tracing::info!(
@@ -150,7 +169,7 @@ impl CallState {
 
 /// The arguments of a call, matched to the method's parameters.
 pub struct Arguments {
-    slots: Vec<Option<Value>>,
+    slots: Vec<Option<Box<RawValue>>>,
     names: &'static [&'static str],
     state: Arc<CallState>,
 }
@@ -161,7 +180,7 @@ impl Arguments {
     pub fn take<T: DeserializeOwned>(&mut self, index: usize) -> Result<T, ErrorBody> {
         let name = self.names.get(index).copied().unwrap_or("?");
         match self.slots.get_mut(index).and_then(Option::take) {
-            Some(value) => serde_json::from_value(value).map_err(|e| {
+            Some(value) => serde_json::from_str(value.get()).map_err(|e| {
                 self.state.error(
                     ErrorKind::BadArguments,
                     format!(
@@ -171,7 +190,7 @@ impl Arguments {
                     Some(name.to_string()),
                 )
             }),
-            None => serde_json::from_value(Value::Null).map_err(|_| {
+            None => serde_json::from_str("null").map_err(|_| {
                 self.state.error(
                     ErrorKind::BadArguments,
                     format!("missing argument `{name}`"),
@@ -199,7 +218,7 @@ impl RpcCall {
                 None,
             ));
         }
-        let mut slots: Vec<Option<Value>> = args.into_iter().map(Some).collect();
+        let mut slots: Vec<Option<Box<RawValue>>> = args.into_iter().map(Some).collect();
         slots.resize(names.len(), None);
         for (name, value) in std::mem::take(&mut self.request.kwargs) {
             if name.starts_with("__") && name.ends_with("__") {
@@ -235,8 +254,8 @@ impl RpcCall {
 
     /// Replies with a method's plain return value.
     pub async fn reply_value<T: Serialize>(self, value: T) {
-        match serde_json::to_value(value) {
-            Ok(value) => self.state.respond(value).await,
+        match Reply::item_bytes(&value) {
+            Ok(body) => self.state.respond(body).await,
             Err(e) => self.encode_failed(e).await,
         }
     }
@@ -272,6 +291,7 @@ impl RpcCall {
         E: Display,
     {
         let state = self.state;
+        state.streaming.store(true, Ordering::Release);
         let mut stream = std::pin::pin!(stream);
         loop {
             let next = tokio::select! {
@@ -288,8 +308,8 @@ impl RpcCall {
                     return;
                 }
                 Some(Ok(item)) => {
-                    let value = match serde_json::to_value(item) {
-                        Ok(value) => value,
+                    let body = match Reply::item_bytes(&item) {
+                        Ok(body) => body,
                         Err(e) => {
                             let error = state.error(
                                 ErrorKind::Remote,
@@ -300,7 +320,7 @@ impl RpcCall {
                             return;
                         }
                     };
-                    if !state.item(value).await {
+                    if !state.item(body).await {
                         state.finished.store(true, Ordering::Release);
                         return;
                     }
@@ -411,19 +431,27 @@ pub(crate) async fn run(
     );
     ready.signal(Ok(()));
 
-    let replies = Publisher::new(
-        connector.clone(),
-        ExchangeSettings::default_exchange(),
-        String::new(),
-        PublisherSettings {
-            persistent: false,
-            timeout: plan.op_timeout,
-            declare_exchange: false,
-            mandatory: false,
-            max_message_bytes: plan.max_message_bytes,
-            resend: true,
-        },
-    );
+    let publisher = |confirm: bool| {
+        Publisher::new(
+            connector.clone(),
+            ExchangeSettings::default_exchange(),
+            String::new(),
+            PublisherSettings {
+                persistent: false,
+                timeout: plan.op_timeout,
+                declare_exchange: false,
+                mandatory: false,
+                max_message_bytes: plan.max_message_bytes,
+                resend: true,
+                confirm,
+                message_ids: false,
+            },
+        )
+    };
+    let replies = Replies {
+        plain: publisher(false),
+        confirmed: publisher(true),
+    };
     let channel_error = |e: lapin::Error, queue: &str| {
         ConsumeError::Broker(BrokerError::from_lapin(
             &e,
@@ -433,12 +461,12 @@ pub(crate) async fn run(
         .on(&conn)
     };
     let streams: Arc<Mutex<HashMap<String, CancellationToken>>> = Arc::default();
-    let mut in_flight = JoinSet::new();
+    let mut in_flight = InFlight::Local(Default::default());
     let stopped = loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ok(()),
-            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+            Some(_) = in_flight.next(), if !in_flight.is_empty() => {}
             cancel = control.next() => match cancel {
                 Some(Ok(delivery)) => {
                     if let Some(id) = delivery.properties.correlation_id().as_ref()
@@ -453,15 +481,16 @@ pub(crate) async fn run(
             },
             next = requests.next() => match next {
                 Some(Ok(delivery)) => {
-                    let task = serve(
+                    // Boxed at once: the call's future is large, and is moved on from here.
+                    let task = Box::pin(serve(
                         plan.service,
                         plan.db.clone(),
                         Message::new(delivery),
                         methods.clone(),
                         replies.clone(),
                         streams.clone(),
-                    );
-                    in_flight.spawn(context::scope(shared.clone(), task));
+                    ));
+                    in_flight.push(context::scope(shared.clone(), task));
                 }
                 Some(Err(e)) => break Err(channel_error(e, &plan.queue.name)),
                 None => break Err(ConsumeError::Ended.on(&conn)),
@@ -476,8 +505,13 @@ pub(crate) async fn run(
         drain_timeout: plan.drain_timeout,
         op_timeout: plan.op_timeout,
     }
-    .run(stopped.is_ok().then_some(tag), &mut in_flight, &replies)
+    .run(
+        stopped.is_ok().then_some(tag),
+        &mut in_flight,
+        &replies.plain,
+    )
     .await;
+    replies.confirmed.close_within(plan.op_timeout).await;
     stopped
 }
 
@@ -528,7 +562,7 @@ async fn serve(
     db: Option<Arc<crate::db::call::CallDb>>,
     message: Message,
     methods: Arc<HashMap<String, (&'static str, BoundRpc)>>,
-    replies: Publisher,
+    replies: Replies,
     streams: Arc<Mutex<HashMap<String, CancellationToken>>>,
 ) {
     let found = methods.get(message.routing_key());
@@ -538,6 +572,11 @@ async fn serve(
         reply_to: message.reply_to().map(str::to_string),
         correlation_id: message.correlation_id().map(str::to_string),
         replies,
+        single: matches!(
+            message.header(wire::REPLY_HEADER),
+            Some(lapin::types::AMQPValue::LongString(text)) if text.as_bytes() == b"single"
+        ),
+        streaming: AtomicBool::new(false),
         cancelled: CancellationToken::new(),
         finished: AtomicBool::new(false),
     });
@@ -547,7 +586,9 @@ async fn serve(
         }
     });
 
-    match (found, serde_json::from_slice::<Request>(message.body())) {
+    // The error replies below are boxed: they are rare, and their publish future would make
+    // every call's future larger.
+    match (found, serde_json::from_slice::<RawRequest>(message.body())) {
         (None, _) => {
             let error = state.error(
                 ErrorKind::UnknownMethod,
@@ -557,7 +598,7 @@ async fn serve(
                 ),
                 None,
             );
-            state.fail(error).await;
+            Box::pin(state.fail(error)).await;
         }
         (Some(_), Err(e)) => {
             let error = state.error(
@@ -565,7 +606,7 @@ async fn serve(
                 format!("the request is not {{\"args\": [...], \"kwargs\": {{...}}}}: {e}"),
                 None,
             );
-            state.fail(error).await;
+            Box::pin(state.fail(error)).await;
         }
         (Some((_, call)), Ok(request)) => {
             let handled = call(RpcCall {
@@ -583,7 +624,7 @@ async fn serve(
             {
                 tracing::error!(service, method = state.method, error = %text, "RPC method panicked");
                 if !state.finished.load(Ordering::Acquire) {
-                    state.fail(state.error(ErrorKind::Panic, text, None)).await;
+                    Box::pin(state.fail(state.error(ErrorKind::Panic, text, None))).await;
                 }
             }
         }

@@ -2,7 +2,13 @@
 //! specification. This module only builds and reads the JSON bodies.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+
+/// A request header a farine client sets to `single` when it reads one result only: a farine
+/// server then sends no end marker after it (baguette-messaging peers neither send nor need
+/// the header).
+pub const REPLY_HEADER: &str = "x-farine-reply";
 
 /// The routing key of a call of `method` on `service`: `<service>__<method>`.
 pub fn routing_key(service: &str, method: &str) -> String {
@@ -51,11 +57,22 @@ pub struct ErrorBody {
     pub param: Option<String>,
 }
 
+/// A request body as a server reads it: each argument kept as its JSON text, decoded straight
+/// into the parameter's type (no intermediate `Value` tree).
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawRequest {
+    #[serde(default)]
+    pub args: Vec<Box<RawValue>>,
+    #[serde(default)]
+    pub kwargs: std::collections::BTreeMap<String, Box<RawValue>>,
+}
+
 /// One reply message, as read by a client.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Reply {
-    /// `{"body": <value>, "__end__": false}`: a result, or one item of a stream.
-    Item(Value),
+    /// `{"body": <value>, "__end__": false}`: a result, or one item of a stream, as its JSON
+    /// text (decoded into the caller's type once, with `serde_json::from_str`).
+    Item(Box<RawValue>),
     /// `{"__end__": true}`: the call is over.
     End,
     /// `{"__except__": "<message>", "error": {...}}`: the call failed; nothing follows.
@@ -65,35 +82,91 @@ pub enum Reply {
     },
 }
 
+impl PartialEq for Reply {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Reply::Item(a), Reply::Item(b)) => a.get() == b.get(),
+            (Reply::End, Reply::End) => true,
+            (
+                Reply::Error { message, detail },
+                Reply::Error {
+                    message: m,
+                    detail: d,
+                },
+            ) => message == m && detail == d,
+            _ => false,
+        }
+    }
+}
+
+/// A field whose presence matters even when it is `null` (`"body": null` is a result).
+#[derive(Debug, Default)]
+enum Field {
+    #[default]
+    Absent,
+    Present(Box<RawValue>),
+}
+
+impl<'de> Deserialize<'de> for Field {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Box::<RawValue>::deserialize(deserializer).map(Field::Present)
+    }
+}
+
+/// The fields of any reply shape.
+#[derive(Deserialize)]
+struct WireReply {
+    #[serde(default)]
+    body: Field,
+    #[serde(default, rename = "__end__")]
+    end: Option<bool>,
+    #[serde(default, rename = "__except__")]
+    except: Option<Value>,
+    #[serde(default)]
+    error: Option<Box<RawValue>>,
+}
+
 impl Reply {
     /// Reads a reply body; `None` when it is none of the three shapes.
     pub fn parse(body: &[u8]) -> Option<Reply> {
-        let Value::Object(mut object) = serde_json::from_slice(body).ok()? else {
+        // Only an object is a reply (serde would also read a struct from an array).
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return None;
-        };
-        if let Some(except) = object.remove("__except__")
+        }
+        let reply: WireReply = serde_json::from_slice(body).ok()?;
+        if let Some(except) = reply.except
             && !except.is_null()
         {
             let message = match except {
                 Value::String(text) => text,
                 other => other.to_string(),
             };
-            let detail = object
-                .remove("error")
-                .and_then(|e| serde_json::from_value(e).ok());
+            let detail = reply.error.and_then(|e| serde_json::from_str(e.get()).ok());
             return Some(Reply::Error { message, detail });
         }
-        match object.remove("body") {
-            Some(body) => Some(Reply::Item(body)),
-            None if object.get("__end__") == Some(&Value::Bool(true)) => Some(Reply::End),
-            None => None,
+        match reply.body {
+            Field::Present(body) => Some(Reply::Item(body)),
+            Field::Absent if reply.end == Some(true) => Some(Reply::End),
+            Field::Absent => None,
         }
     }
 
     /// The JSON body of an item reply.
     pub fn item_body(value: &Value) -> Vec<u8> {
-        serde_json::to_vec(&serde_json::json!({ "body": value, "__end__": false }))
-            .unwrap_or_default()
+        Self::item_bytes(value).unwrap_or_default()
+    }
+
+    /// The JSON body of one result or stream item, serialised straight from `value`.
+    pub fn item_bytes<T: serde::Serialize + ?Sized>(value: &T) -> serde_json::Result<Vec<u8>> {
+        #[derive(serde::Serialize)]
+        struct Item<'a, T: ?Sized> {
+            body: &'a T,
+            __end__: bool,
+        }
+        serde_json::to_vec(&Item {
+            body: value,
+            __end__: false,
+        })
     }
 
     /// The JSON body of the end marker.
@@ -113,11 +186,15 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn raw(value: Value) -> Box<RawValue> {
+        RawValue::from_string(value.to_string()).unwrap()
+    }
+
     #[test]
     fn the_three_reply_shapes_are_read() {
         assert_eq!(
-            Reply::parse(br#"{"body": 3, "__end__": false}"#),
-            Some(Reply::Item(json!(3)))
+            Reply::parse(br#"{"body":3, "__end__": false}"#),
+            Some(Reply::Item(raw(json!(3))))
         );
         assert_eq!(Reply::parse(br#"{"__end__": true}"#), Some(Reply::End));
         assert_eq!(
@@ -133,8 +210,8 @@ mod tests {
     #[test]
     fn a_null_body_is_an_item_and_a_null_except_is_not_an_error() {
         assert_eq!(
-            Reply::parse(br#"{"body": null, "__end__": false, "__except__": null}"#),
-            Some(Reply::Item(Value::Null))
+            Reply::parse(br#"{"body":null, "__end__": false, "__except__": null}"#),
+            Some(Reply::Item(raw(Value::Null)))
         );
     }
 

@@ -671,7 +671,7 @@ fn plan_service(
                 declare_exchange: true,
                 mandatory: scoped.get_or("mandatory", false)?,
                 max_message_bytes: scoped.get_or("max_message_bytes", max_message_bytes)?,
-                resend: true,
+                ..PublisherSettings::default()
             };
             publishers.push((name, exchange, routing_key, settings));
         }
