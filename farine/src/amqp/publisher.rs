@@ -255,7 +255,8 @@ impl Publisher {
 
     /// Publishes without waiting for the confirm: the returned [`Unconfirmed`] waits for it,
     /// so that a caller can wait for something else at the same time (an RPC client, for its
-    /// reply). Never sent again after a reconnection.
+    /// reply). Never sent again after a reconnection. Neither step is bounded here: the caller
+    /// bounds both with its own deadline (one timer per call, not three).
     pub(crate) async fn publish_unconfirmed(
         &self,
         payload: &[u8],
@@ -277,17 +278,12 @@ impl Publisher {
         let properties = core.properties(options);
         let deadline = tokio::time::Instant::now() + core.settings.timeout;
         let confirm = core
-            .bounded(
-                deadline,
-                &routing_key,
-                core.start(payload, &routing_key, mandatory, properties, deadline),
-            )
+            .start(payload, &routing_key, mandatory, properties, deadline)
             .await?;
         Ok(Unconfirmed {
             core: core.clone(),
             confirm,
             routing_key,
-            deadline,
         })
     }
 
@@ -356,20 +352,17 @@ pub(crate) struct Unconfirmed {
     core: Arc<Core>,
     confirm: lapin::PublisherConfirm,
     routing_key: String,
-    deadline: tokio::time::Instant,
 }
 
 impl Unconfirmed {
-    /// Waits for the confirm, within the publish timeout.
+    /// Waits for the confirm (the caller bounds the wait).
     pub async fn confirmed(self) -> Result<(), PublishError> {
         let Self {
             core,
             confirm,
             routing_key,
-            deadline,
         } = self;
-        core.bounded(deadline, &routing_key, core.finish(confirm, &routing_key))
-            .await
+        core.finish(confirm, &routing_key).await
     }
 }
 
@@ -431,7 +424,11 @@ impl Core {
             .cloned()
     }
 
-    async fn publish(&self, payload: &[u8], options: PublishOptions) -> Result<(), PublishError> {
+    async fn publish(
+        &self,
+        payload: &[u8],
+        mut options: PublishOptions,
+    ) -> Result<(), PublishError> {
         if payload.len() > self.settings.max_message_bytes {
             return Err(PublishError::TooLarge {
                 exchange: self.exchange.name.clone(),
@@ -441,7 +438,7 @@ impl Core {
         }
         let routing_key = options
             .routing_key
-            .clone()
+            .take()
             .unwrap_or_else(|| self.routing_key.clone());
         let mandatory = options.mandatory.unwrap_or(self.settings.mandatory);
         let properties = self.properties(options);
@@ -460,6 +457,11 @@ impl Core {
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
         let deadline = tokio::time::Instant::now() + self.settings.timeout;
+        if !self.settings.resend {
+            // One attempt: no copy of the properties kept for a second one.
+            let once = self.send(payload, routing_key, mandatory, properties, deadline);
+            return self.bounded(deadline, routing_key, once).await;
+        }
         let attempts = async {
             loop {
                 match self

@@ -8,6 +8,7 @@
 //! timing out. A reply that arrives after its call gave up finds no entry and is dropped.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -137,7 +138,29 @@ struct Pending {
     queue: Option<u64>,
 }
 
-type Calls = Arc<Mutex<HashMap<String, Pending>>>;
+/// The calls in flight, by the counter part of their correlation id (`<prefix>-<n>`).
+type Calls = Arc<Mutex<HashMap<u64, Pending, BuildHasherDefault<CounterHasher>>>>;
+
+/// Hashes the call counters: sequential numbers, spread by a multiplication (no SipHash for a
+/// key nobody outside chooses).
+#[derive(Default)]
+struct CounterHasher(u64);
+
+impl std::hash::Hasher for CounterHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
 
 /// Calls the RPC methods of one service. Cheap to clone; clones share the reply queue.
 #[derive(Clone)]
@@ -238,7 +261,7 @@ impl Client {
                 connector,
                 timeout,
                 requests,
-                calls: Arc::new(Mutex::new(HashMap::new())),
+                calls: Arc::new(Mutex::new(HashMap::default())),
                 replies: tokio::sync::Mutex::new(None),
                 current: std::sync::RwLock::new(None),
                 next_id: AtomicU64::new(0),
@@ -346,6 +369,11 @@ impl Client {
                 }
             }
         };
+        if !confirm_seen {
+            // lapin keeps a confirm dropped before it resolved until the channel closes: see
+            // this one through (it is due by now: the reply came after the broker routed it).
+            let _ = tokio::time::timeout_at(deadline, &mut confirmed).await;
+        }
         match reply {
             Reply::Item(value) => inner.decode(method, value.get()),
             Reply::End => inner.decode(method, "null"),
@@ -427,17 +455,17 @@ impl Client {
 /// A call's entry in the table, removed when the call ends however it ends.
 struct Entry {
     calls: Calls,
-    id: String,
+    key: u64,
 }
 
 impl Entry {
-    fn insert(calls: &Calls, id: &str, pending: Pending) -> Self {
+    fn insert(calls: &Calls, key: u64, pending: Pending) -> Self {
         if let Ok(mut table) = calls.lock() {
-            table.insert(id.to_string(), pending);
+            table.insert(key, pending);
         }
         Self {
             calls: calls.clone(),
-            id: id.to_string(),
+            key,
         }
     }
 }
@@ -445,18 +473,21 @@ impl Entry {
 impl Drop for Entry {
     fn drop(&mut self) {
         if let Ok(mut table) = self.calls.lock() {
-            table.remove(&self.id);
+            table.remove(&self.key);
         }
     }
 }
 
+/// The counter of a correlation id this client made (`<prefix>-<n>`).
+fn call_key(prefix: &str, id: &str) -> Option<u64> {
+    id.strip_prefix(prefix)?.strip_prefix('-')?.parse().ok()
+}
+
 impl Inner {
-    fn next_call_id(&self) -> String {
-        format!(
-            "{}-{}",
-            self.prefix,
-            self.next_id.fetch_add(1, Ordering::Relaxed)
-        )
+    /// A new call's key and correlation id.
+    fn next_call_id(&self) -> (u64, String) {
+        let key = self.next_id.fetch_add(1, Ordering::Relaxed);
+        (key, format!("{}-{key}", self.prefix))
     }
 
     fn body(&self, method: &str, args: Args) -> Result<Vec<u8>, RpcError> {
@@ -481,12 +512,12 @@ impl Inner {
             Ok(queue) => queue.map_err(|cause| self.connection_error(method, cause))?,
             Err(_) => return Err(self.timed_out(method, timeout)),
         };
-        let id = self.next_call_id();
+        let (key, id) = self.next_call_id();
         let pending = Pending {
             reader,
             queue: Some(queue.generation),
         };
-        let entry = Entry::insert(&self.calls, &id, pending);
+        let entry = Entry::insert(&self.calls, key, pending);
         // The queue may have died between handing out its name and the insertion: then its
         // clean-up missed this call.
         if !queue.alive.load(Ordering::Acquire) {
@@ -618,13 +649,14 @@ impl Inner {
         let alive = Arc::new(AtomicBool::new(true));
         let calls = self.calls.clone();
         let service = self.service.clone();
+        let prefix = self.prefix.clone();
         let task_alive = alive.clone();
         let owner = Arc::downgrade(self);
         let task = tokio::spawn(async move {
             let _channel = channel;
             let mut cancelled = std::collections::HashSet::new();
             while let Some(Ok(delivery)) = consumer.next().await {
-                let Some(orphan) = dispatch(&calls, &service, &delivery) else {
+                let Some(orphan) = dispatch(&calls, &service, &prefix, &delivery) else {
                     continue;
                 };
                 // Items keep coming for a call nobody reads: stop that stream (once per id).
@@ -727,20 +759,28 @@ impl Inner {
 /// Hands one reply to the call waiting for it; a reply nobody waits for is dropped. Returns the
 /// id of an *item* nobody waits for: a stream whose reader is gone (dropped before the server
 /// took the request, or read as a single result), which the caller then cancels.
-fn dispatch(calls: &Calls, service: &str, delivery: &lapin::message::Delivery) -> Option<String> {
-    let id = delivery.properties.correlation_id().as_ref()?;
+fn dispatch(
+    calls: &Calls,
+    service: &str,
+    prefix: &str,
+    delivery: &lapin::message::Delivery,
+) -> Option<String> {
+    let id = delivery.properties.correlation_id().as_ref()?.as_str();
+    let Some(key) = call_key(prefix, id) else {
+        tracing::warn!(service, correlation_id = %id, "ignored a reply to a call this client did not make");
+        return None;
+    };
     let Some(reply) = Reply::parse(&delivery.data) else {
         tracing::warn!(service, correlation_id = %id, "ignored a reply that is not an RPC reply");
         return None;
     };
     let mut table = calls.lock().ok()?;
-    let id = id.as_str();
-    match table.get(id).map(|pending| &pending.reader) {
+    match table.get(&key).map(|pending| &pending.reader) {
         Some(Reader::Unary(_)) => {
             if let Some(Pending {
                 reader: Reader::Unary(sender),
                 ..
-            }) = table.remove(id)
+            }) = table.remove(&key)
             {
                 let _ = sender.send(reply);
             }
@@ -749,7 +789,7 @@ fn dispatch(calls: &Calls, service: &str, delivery: &lapin::message::Delivery) -
             let last = !matches!(reply, Reply::Item(_));
             let _ = sender.send(reply);
             if last {
-                table.remove(id);
+                table.remove(&key);
             }
         }
         None => return matches!(reply, Reply::Item(_)).then(|| id.to_string()),

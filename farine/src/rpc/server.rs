@@ -41,6 +41,16 @@ pub type RpcFn<S> = fn(Arc<S>, RpcCall) -> BoxFuture<'static, ()>;
 
 pub(crate) type BoundRpc = Arc<dyn Fn(RpcCall) -> BoxFuture<'static, ()> + Send + Sync>;
 
+/// One method as the server dispatches to it.
+pub(crate) struct Method {
+    /// `<service>__<method>`.
+    pub routing_key: String,
+    pub name: &'static str,
+    pub call: BoundRpc,
+    /// It returns a stream: its calls can be cancelled, so they are registered.
+    pub streams: bool,
+}
+
 /// One call being served: its arguments, and where its replies go.
 pub struct RpcCall {
     state: Arc<CallState>,
@@ -406,7 +416,7 @@ impl RpcServerPlan {
 pub(crate) async fn run(
     plan: Arc<RpcServerPlan>,
     connector: Arc<Connector>,
-    methods: Arc<HashMap<String, (&'static str, BoundRpc)>>,
+    methods: Arc<Vec<Method>>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     ready: Ready,
@@ -442,7 +452,8 @@ pub(crate) async fn run(
                 declare_exchange: false,
                 mandatory: false,
                 max_message_bytes: plan.max_message_bytes,
-                resend: true,
+                // A request whose connection broke is redelivered, and answered again then.
+                resend: false,
                 confirm,
                 message_ids: false,
             },
@@ -561,14 +572,17 @@ async fn serve(
     service: &'static str,
     db: Option<Arc<crate::db::call::CallDb>>,
     message: Message,
-    methods: Arc<HashMap<String, (&'static str, BoundRpc)>>,
+    methods: Arc<Vec<Method>>,
     replies: Replies,
     streams: Arc<Mutex<HashMap<String, CancellationToken>>>,
 ) {
-    let found = methods.get(message.routing_key());
+    // A service has a few methods: a scan beats hashing the routing key.
+    let found = methods
+        .iter()
+        .find(|method| method.routing_key == message.routing_key());
     let state = Arc::new(CallState {
         service,
-        method: found.map_or("?", |(name, _)| name),
+        method: found.map_or("?", |method| method.name),
         reply_to: message.reply_to().map(str::to_string),
         correlation_id: message.correlation_id().map(str::to_string),
         replies,
@@ -580,11 +594,16 @@ async fn serve(
         cancelled: CancellationToken::new(),
         finished: AtomicBool::new(false),
     });
-    let registered = state.correlation_id.clone().inspect(|id| {
-        if let Ok(mut streams) = streams.lock() {
-            streams.insert(id.clone(), state.cancelled.clone());
-        }
-    });
+    // Only a stream can be cancelled: other calls need no entry.
+    let registered = state
+        .correlation_id
+        .clone()
+        .filter(|_| found.is_some_and(|method| method.streams))
+        .inspect(|id| {
+            if let Ok(mut streams) = streams.lock() {
+                streams.insert(id.clone(), state.cancelled.clone());
+            }
+        });
 
     // The error replies below are boxed: they are rare, and their publish future would make
     // every call's future larger.
@@ -608,8 +627,8 @@ async fn serve(
             );
             Box::pin(state.fail(error)).await;
         }
-        (Some((_, call)), Ok(request)) => {
-            let handled = call(RpcCall {
+        (Some(method), Ok(request)) => {
+            let handled = (method.call)(RpcCall {
                 state: state.clone(),
                 request,
             });

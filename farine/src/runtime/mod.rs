@@ -444,10 +444,16 @@ impl Runtime {
             let token = shutdown.clone();
             if let Some((rpc_plan, methods)) = plan.rpc {
                 let service = rpc_plan.service;
-                let methods: std::collections::HashMap<_, _> = methods
+                let handlers = plan.entry.handlers();
+                let methods: Vec<rpc_server::Method> = methods
                     .into_iter()
-                    .map(|(name, call)| {
-                        (crate::rpc::wire::routing_key(service, name), (name, call))
+                    .map(|(name, call)| rpc_server::Method {
+                        routing_key: crate::rpc::wire::routing_key(service, name),
+                        name,
+                        call,
+                        streams: handlers.iter().any(|info| {
+                            matches!(info, HandlerInfo::Rpc { name: n, spec } if *n == name && spec.stream)
+                        }),
                     })
                     .collect();
                 stop_bound = stop_bound.max(rpc_plan.drain_timeout + rpc_plan.op_timeout * 3);
