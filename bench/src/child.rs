@@ -27,9 +27,10 @@ pub fn run(args: &[String], main_started: Instant) {
             let elapsed =
                 crate::raw::drain(&arg(1), &arg(2), n, arg(4).parse().expect("prefetch")).await;
             println!(
-                "result elapsed_us={} peak_rss_kib={}",
+                "result elapsed_us={} peak_rss_kib={} cpu_us={}",
                 elapsed.as_micros(),
-                peak_rss_kib()
+                peak_rss_kib(),
+                cpu_us()
             );
         }),
         "idle" => runtime.block_on(idle(&arg(1), &arg(2))),
@@ -54,13 +55,23 @@ async fn w1_farine(uri: &str, exchange: &str, queue: &str, n: &str, prefetch: &s
     let elapsed = started.elapsed();
     running.stop().await;
     println!(
-        "result elapsed_us={} peak_rss_kib={}",
+        "result elapsed_us={} peak_rss_kib={} cpu_us={}",
         elapsed.as_micros(),
-        peak_rss_kib()
+        peak_rss_kib(),
+        cpu_us()
     );
 }
 
 /// This process's peak resident set (`VmHWM`), in KiB.
+/// CPU this process used so far (user and system), in µs.
+fn cpu_us() -> u64 {
+    // SAFETY: zeroed rusage is a valid out-parameter.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    micros(usage.ru_utime) + micros(usage.ru_stime)
+}
+
 fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()

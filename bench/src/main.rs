@@ -92,6 +92,8 @@ struct Sample {
     broker_cpu: f64,
     /// Peak RSS of the process measured, in KiB (W1 only).
     peak_rss_kib: Option<u64>,
+    /// CPU of the measured process (client and server sides) per operation, in µs.
+    cpu_us_per_op: f64,
 }
 
 #[derive(Default)]
@@ -130,7 +132,39 @@ async fn orchestrate(options: Options) {
     if options.wants("START") {
         startup(&options);
     }
+    clean_up(&admin).await;
     let _ = admin.close(200, "done".into()).await;
+}
+
+/// Deletes what the benchmark's services declared on the broker.
+async fn clean_up(admin: &Connection) {
+    let queues = [
+        "bench_echo",
+        "bench_idle",
+        "bench_idle.on_message",
+        "bench_startup",
+        "bench_startup.first",
+        "bench_startup.second",
+        "bench_startup.third",
+    ];
+    for queue in queues {
+        delete_queues(admin, queue).await;
+    }
+    let channel = admin.create_channel().await.expect("a channel");
+    for exchange in [
+        W1_EXCHANGE,
+        W4_EXCHANGE,
+        "farine-bench.idle",
+        "farine-bench.startup",
+        "bench_echo",
+        "bench_idle",
+        "bench_startup",
+    ] {
+        let _ = channel
+            .exchange_delete(exchange.into(), Default::default())
+            .await;
+    }
+    let _ = channel.close(200, "done".into()).await;
 }
 
 // --- measurement helpers ----------------------------------------------------------------------
@@ -161,6 +195,27 @@ fn own_cpu_seconds() -> f64 {
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// Context switches of this process's threads so far (from /proc, all threads).
+fn own_switches() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter_map(|line| {
+                    line.strip_prefix("voluntary_ctxt_switches:")
+                        .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                })
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
 
 /// Runs `work`, returning its result, the wall time and the broker's CPU over it (cores).
@@ -384,6 +439,7 @@ async fn w1(options: &Options, admin: &Connection) -> Row {
                 value: n as f64 / elapsed,
                 broker_cpu: cpu,
                 peak_rss_kib: Some(rss),
+                cpu_us_per_op: field(&fields, "cpu_us") / n as f64,
             };
             eprintln!(
                 "  W1 run {run} {side}: {:.0} msg/s, peak RSS {} KiB, broker {:.2} cores",
@@ -421,6 +477,8 @@ struct Tally {
     broker_cpu_seconds: f64,
     /// CPU time of this process (client and server sides of the workload).
     own_cpu_seconds: f64,
+    /// Context switches of this process's threads.
+    switches: u64,
     latencies_us: Vec<f64>,
 }
 
@@ -466,10 +524,11 @@ where
             if only.as_deref().is_some_and(|only| only != SIDES[side]) {
                 continue;
             }
-            let cpu = own_cpu_seconds();
+            let (cpu, switches) = (own_cpu_seconds(), own_switches());
             let (latencies, wall, cores) = measured(work(side, count)).await;
             let tally = &mut tallies[side];
             tally.own_cpu_seconds += own_cpu_seconds() - cpu;
+            tally.switches += own_switches() - switches;
             tally.wall += wall;
             tally.broker_cpu_seconds += cores * wall.as_secs_f64();
             tally.latencies_us.extend(latencies);
@@ -478,11 +537,12 @@ where
     tallies
 }
 
-fn sample(value: f64, tally: &Tally) -> Sample {
+fn sample(value: f64, tally: &Tally, operations: usize) -> Sample {
     Sample {
         value,
         broker_cpu: tally.broker_cores(),
         peak_rss_kib: None,
+        cpu_us_per_op: tally.cpu_us_per_op(operations),
     }
 }
 
@@ -506,29 +566,6 @@ async fn rpc(options: &Options) -> Vec<Row> {
     let raw_server = raw::EchoServer::start(&options.uri, 64).await;
     let (raw_client, raw_conn) = raw::EchoClient::connect(&options.uri, &raw_server.queue).await;
     let payload = json!({"text": "hello", "n": 1});
-    {
-        let f = client.call::<Value>("echo", (&payload,));
-        eprintln!("SIZE call future: {}", std::mem::size_of_val(&f));
-        drop(f);
-        let f = raw_client.echo(&payload);
-        eprintln!("SIZE raw call future: {}", std::mem::size_of_val(&f));
-        drop(f);
-        let ch = raw_conn.create_channel().await.unwrap();
-        let body = vec![1u8];
-        let f = ch.basic_publish(
-            "".into(),
-            "x".into(),
-            Default::default(),
-            &body,
-            Default::default(),
-        );
-        eprintln!("SIZE basic_publish future: {}", std::mem::size_of_val(&f));
-        drop(f);
-        let p = services::BenchPublisher;
-        let f = p.send(&payload);
-        eprintln!("SIZE publish future: {}", std::mem::size_of_val(&f));
-        drop(f);
-    }
     // Warm both paths up (channels, reply queues).
     for _ in 0..200 {
         client
@@ -598,9 +635,13 @@ async fn rpc(options: &Options) -> Vec<Row> {
                     tally.rate(sequential),
                     tally.cpu_us_per_op(sequential)
                 );
-                push(&mut p50, name, sample(median, &tally));
-                push(&mut p99, name, sample(tail, &tally));
-                push(&mut rate, name, sample(tally.rate(sequential), &tally));
+                push(&mut p50, name, sample(median, &tally, sequential));
+                push(&mut p99, name, sample(tail, &tally, sequential));
+                push(
+                    &mut rate,
+                    name,
+                    sample(tally.rate(sequential), &tally, sequential),
+                );
             }
         }
         if options.wants("W3") {
@@ -624,13 +665,18 @@ async fn rpc(options: &Options) -> Vec<Row> {
             .await;
             for (side, tally) in tallies.iter().enumerate() {
                 eprintln!(
-                    "  W3 run {run} {}: {:.0} calls/s, broker {:.2} cores, {:.1} µs CPU per call in this process",
+                    "  W3 run {run} {}: {:.0} calls/s, broker {:.2} cores, {:.1} µs CPU per call in this process, {:.1} context switches per call",
                     SIDES[side],
                     tally.rate(concurrent),
                     tally.broker_cores(),
-                    tally.cpu_us_per_op(concurrent)
+                    tally.cpu_us_per_op(concurrent),
+                    tally.switches as f64 / concurrent as f64
                 );
-                push(&mut w3, SIDES[side], sample(tally.rate(concurrent), tally));
+                push(
+                    &mut w3,
+                    SIDES[side],
+                    sample(tally.rate(concurrent), tally, concurrent),
+                );
             }
         }
     }
@@ -700,7 +746,7 @@ async fn w4(options: &Options, admin: &Connection) -> Vec<Row> {
                 tally.rate(n),
                 tally.broker_cores()
             );
-            push(&mut one, SIDES[side], sample(tally.rate(n), tally));
+            push(&mut one, SIDES[side], sample(tally.rate(n), tally, n));
         }
         let tallies = interleaved(n, 20_000, |side, count| async move {
             let sends = futures_util::stream::iter(0..count).map(|id| publish(side, id));
@@ -716,7 +762,7 @@ async fn w4(options: &Options, admin: &Connection) -> Vec<Row> {
                 tally.rate(n),
                 tally.broker_cores()
             );
-            push(&mut many, SIDES[side], sample(tally.rate(n), tally));
+            push(&mut many, SIDES[side], sample(tally.rate(n), tally, n));
         }
     }
     running.stop().await;
@@ -812,14 +858,21 @@ fn stats(values: &[f64]) -> (f64, f64, f64) {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "\n| workload | unit | farine median (min-max) | raw lapin median (min-max) | farine/raw | broker CPU, cores (farine / raw) |"
+        "\n| workload | unit | farine median (min-max) | raw lapin median (min-max) | farine/raw | broker CPU, cores (farine / raw) | client+server CPU per op, µs (farine / raw) |"
     );
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     for row in rows {
         let f = stats(&row.farine.iter().map(|s| s.value).collect::<Vec<_>>());
         let r = stats(&row.raw.iter().map(|s| s.value).collect::<Vec<_>>());
         let fc = stats(&row.farine.iter().map(|s| s.broker_cpu).collect::<Vec<_>>());
         let rc = stats(&row.raw.iter().map(|s| s.broker_cpu).collect::<Vec<_>>());
+        let fo = stats(
+            &row.farine
+                .iter()
+                .map(|s| s.cpu_us_per_op)
+                .collect::<Vec<_>>(),
+        );
+        let ro = stats(&row.raw.iter().map(|s| s.cpu_us_per_op).collect::<Vec<_>>());
         let ratio = f.0 / r.0;
         let ratio = if row.lower_is_better {
             format!("{ratio:.2}x the latency")
@@ -827,8 +880,8 @@ fn print_table(rows: &[Row]) {
             format!("{ratio:.2}")
         };
         println!(
-            "| {} | {} | {:.0} ({:.0}-{:.0}) | {:.0} ({:.0}-{:.0}) | {ratio} | {:.2} / {:.2} |",
-            row.name, row.unit, f.0, f.1, f.2, r.0, r.1, r.2, fc.0, rc.0
+            "| {} | {} | {:.0} ({:.0}-{:.0}) | {:.0} ({:.0}-{:.0}) | {ratio} | {:.2} / {:.2} | {:.1} / {:.1} |",
+            row.name, row.unit, f.0, f.1, f.2, r.0, r.1, r.2, fc.0, rc.0, fo.0, ro.0
         );
     }
     for row in rows {

@@ -688,3 +688,84 @@ async fn an_injected_client_outside_a_running_service_says_so() {
     assert!(matches!(error, RpcError::NotRunning { .. }), "{error}");
     assert!(error.to_string().contains("add_with"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_that_goes_away_after_it_was_checked_is_still_reported_as_no_such_method() {
+    let broker = Broker::connect().await;
+    let service = unique("rpc-route");
+    broker.forget_exchange_on_drop(&service);
+    broker
+        .declare_exchange(&service, lapin::ExchangeKind::Direct)
+        .await;
+    let routing_key = format!("{service}__echo");
+    let queue = broker.bind_queue(&service, &routing_key).await;
+    let channel = broker.connection().create_channel().await.unwrap();
+    let replies = channel.clone();
+    let mut requests = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Some(Ok(request)) = requests.next().await {
+            let body: Value = serde_json::from_slice(&request.data).unwrap();
+            let reply = json!({"body": body["args"][0], "__end__": false});
+            let _ = replies
+                .basic_publish(
+                    "".into(),
+                    request
+                        .properties
+                        .reply_to()
+                        .clone()
+                        .unwrap()
+                        .as_str()
+                        .into(),
+                    BasicPublishOptions::default(),
+                    &serde_json::to_vec(&reply).unwrap(),
+                    BasicProperties::default()
+                        .with_correlation_id(request.properties.correlation_id().clone().unwrap()),
+                )
+                .await;
+        }
+    });
+    let client = Client::connect(&amqp_uri(), &service, Duration::from_millis(700))
+        .await
+        .unwrap();
+    // The first call checks the route (with a confirm); the next ones trust it for a second.
+    assert_eq!(client.call::<u32>("echo", (1,)).await.unwrap(), 1);
+    assert_eq!(client.call::<u32>("echo", (2,)).await.unwrap(), 2);
+
+    broker
+        .channel()
+        .queue_unbind(
+            queue.as_str().into(),
+            service.as_str().into(),
+            routing_key.as_str().into(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let error = client.call::<u32>("echo", (3,)).await.unwrap_err();
+    assert!(
+        matches!(error, RpcError::NoSuchMethod { .. }),
+        "within the trusted second: known at the timeout ({error})"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // Once the second is over, the route is checked again: known at once.
+    tokio::time::sleep(farine::rpc::client::ROUTE_CHECK_INTERVAL).await;
+    let started = Instant::now();
+    let error = client.call::<u32>("echo", (4,)).await.unwrap_err();
+    assert!(matches!(error, RpcError::NoSuchMethod { .. }), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "from the confirm, not the timeout"
+    );
+}

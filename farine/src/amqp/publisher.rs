@@ -309,6 +309,32 @@ impl Publisher {
             .await
     }
 
+    /// The correlation ids of messages the broker returned on a channel without confirms
+    /// (lapin keeps them until asked): an RPC client reads them when a call times out.
+    pub(crate) async fn take_returned(&self) -> Vec<String> {
+        let Ok(core) = self.core() else {
+            return Vec::new();
+        };
+        let Some(channel) = core.live_channel() else {
+            return Vec::new();
+        };
+        let wait = channel.wait_for_confirms();
+        match tokio::time::timeout(Duration::from_millis(250), wait).await {
+            Ok(Ok(returned)) => returned
+                .into_iter()
+                .filter_map(|message| {
+                    message
+                        .delivery
+                        .properties
+                        .correlation_id()
+                        .as_ref()
+                        .map(|id| id.to_string())
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Closes the publisher's channel, waiting at most `timeout` for the broker.
     pub(crate) async fn close_within(&self, timeout: Duration) {
         if let Target::Live(core) = &self.target {
@@ -355,14 +381,16 @@ pub(crate) struct Unconfirmed {
 }
 
 impl Unconfirmed {
-    /// Waits for the confirm (the caller bounds the wait).
-    pub async fn confirmed(self) -> Result<(), PublishError> {
+    /// Waits for the confirm (the caller bounds the wait): `true` when the broker confirmed
+    /// the message, `false` when the channel is not in confirm mode.
+    pub async fn confirmed(self) -> Result<bool, PublishError> {
         let Self {
             core,
             confirm,
             routing_key,
         } = self;
-        core.finish(confirm, &routing_key).await
+        let requested = core.settings.confirm;
+        core.finish(confirm, &routing_key).await.map(|()| requested)
     }
 }
 

@@ -31,6 +31,9 @@ use crate::amqp::publisher::{
 };
 use crate::amqp::topology::{ExchangeSettings, private_queue};
 
+/// How long a method's confirmed route is trusted before a call checks it again.
+pub const ROUTE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The default bound on a call, as in the seed (config key `rpc_timeout`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -182,7 +185,15 @@ struct Inner {
     service: String,
     connector: Arc<Connector>,
     timeout: Duration,
+    /// Requests with a confirm: the first call of a method, and one a second after that, learn
+    /// at once whether anything serves it (`NoSuchService`, `NoSuchMethod`).
+    checked_requests: Publisher,
+    /// Requests without a confirm, for a method whose route was confirmed within
+    /// [`ROUTE_CHECK_INTERVAL`]: a confirm per call costs the broker and the client a frame and
+    /// a wake-up each (`BENCHMARKS.md`).
     requests: Publisher,
+    /// When each method's route was last confirmed.
+    routes: Mutex<HashMap<String, std::time::Instant>>,
     calls: Calls,
     replies: tokio::sync::Mutex<Option<ReplyQueue>>,
     /// The live reply queue, read by every call without waiting for `replies`.
@@ -235,32 +246,38 @@ impl Client {
     /// A client of `service` on `connector`'s connection; `timeout` bounds each call.
     pub fn new(connector: Arc<Connector>, service: impl Into<String>, timeout: Duration) -> Self {
         let service = service.into();
-        let requests = Publisher::new(
-            connector.clone(),
-            ExchangeSettings {
-                name: service.clone(),
-                ..ExchangeSettings::default_exchange()
-            },
-            String::new(),
-            PublisherSettings {
-                persistent: false,
-                timeout,
-                declare_exchange: false,
-                mandatory: true,
-                max_message_bytes: crate::amqp::publisher::DEFAULT_MAX_MESSAGE_BYTES,
-                // A request sent again after a reconnection would name the dead reply queue.
-                resend: false,
-                confirm: true,
-                message_ids: false,
-            },
-        );
+        let requests = |confirm: bool| {
+            Publisher::new(
+                connector.clone(),
+                ExchangeSettings {
+                    name: service.clone(),
+                    ..ExchangeSettings::default_exchange()
+                },
+                String::new(),
+                PublisherSettings {
+                    persistent: false,
+                    timeout,
+                    declare_exchange: false,
+                    mandatory: true,
+                    max_message_bytes: crate::amqp::publisher::DEFAULT_MAX_MESSAGE_BYTES,
+                    // A request sent again after a reconnection would name the dead reply
+                    // queue.
+                    resend: false,
+                    confirm,
+                    message_ids: false,
+                },
+            )
+        };
+        let (checked_requests, requests) = (requests(true), requests(false));
         Self {
             timeout: None,
             target: Target::Live(Arc::new(Inner {
                 service,
                 connector,
                 timeout,
+                checked_requests,
                 requests,
+                routes: Mutex::new(HashMap::new()),
                 calls: Arc::new(Mutex::new(HashMap::default())),
                 replies: tokio::sync::Mutex::new(None),
                 current: std::sync::RwLock::new(None),
@@ -360,12 +377,14 @@ impl Client {
                 },
                 result = &mut confirmed, if !confirm_seen => {
                     confirm_seen = true;
-                    if let Err(e) = result {
-                        return Err(inner.request_error(method, e));
+                    match result {
+                        Ok(true) => inner.route_confirmed(method),
+                        Ok(false) => {}
+                        Err(e) => return Err(inner.request_error(method, e)),
                     }
                 }
                 () = &mut expired => {
-                    return Err(Box::pin(inner.not_answered(method, timeout)).await);
+                    return Err(Box::pin(inner.not_answered(method, &id, timeout)).await);
                 }
             }
         };
@@ -408,12 +427,16 @@ impl Client {
             .enter(method, Reader::Stream(sender), deadline, timeout)
             .await?;
         let sent = async {
-            inner
+            let confirmed = inner
                 .publish_request(method, &id, &body, reply_to, timeout, false)
                 .await?
                 .confirmed()
                 .await
-                .map_err(|e| inner.request_error(method, e))
+                .map_err(|e| inner.request_error(method, e))?;
+            if confirmed {
+                inner.route_confirmed(method);
+            }
+            Ok::<(), RpcError>(())
         };
         match tokio::time::timeout_at(deadline, sent).await {
             Ok(result) => result?,
@@ -555,10 +578,33 @@ impl Inner {
             persistent: Some(false),
             ..Default::default()
         };
-        self.requests
+        let checked = self
+            .routes
+            .lock()
+            .ok()
+            .and_then(|routes| routes.get(method).copied())
+            .is_some_and(|at| at.elapsed() < ROUTE_CHECK_INTERVAL);
+        let publisher = if checked {
+            &self.requests
+        } else {
+            &self.checked_requests
+        };
+        publisher
             .publish_unconfirmed(body, options)
             .await
             .map_err(|e| self.request_error(method, e))
+    }
+
+    /// Notes that the broker routed a request of `method` to a queue.
+    fn route_confirmed(&self, method: &str) {
+        if let Ok(mut routes) = self.routes.lock() {
+            match routes.get_mut(method) {
+                Some(at) => *at = std::time::Instant::now(),
+                None => {
+                    routes.insert(method.to_string(), std::time::Instant::now());
+                }
+            }
+        }
     }
 
     /// The call's error for a request the broker refused.
@@ -584,7 +630,16 @@ impl Inner {
 
     /// The error of a call that got no reply in time: `NoConsumers` when the service's queue
     /// (`<service>`, the default `rpc_queue`) has no consumer, else `Timeout`.
-    async fn not_answered(&self, method: &str, timeout: Duration) -> RpcError {
+    async fn not_answered(&self, method: &str, id: &str, timeout: Duration) -> RpcError {
+        // A request sent without a confirm that the broker returned: its route went away
+        // since it was last checked.
+        let returned = self.requests.take_returned().await;
+        if returned.iter().any(|correlation| correlation == id) {
+            return RpcError::NoSuchMethod {
+                service: self.service.clone(),
+                method: method.to_string(),
+            };
+        }
         let probe = async {
             let conn = self.connector.connection().await.ok()?;
             let channel = conn.create_channel().await.ok()?;
@@ -747,6 +802,8 @@ impl Inner {
                 routing_key: Some(wire::cancel_routing_key(&inner.service)),
                 correlation_id: Some(id),
                 persistent: Some(false),
+                // Nobody to tell when no instance listens: no return to collect.
+                mandatory: Some(false),
                 ..Default::default()
             };
             if let Err(e) = inner.requests.publish_bytes(b"{}", options).await {
