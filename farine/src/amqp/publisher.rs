@@ -6,7 +6,7 @@
 //! share the channel and are in flight together, so `join_all` over many `publish` calls pipelines
 //! them.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -163,7 +163,9 @@ pub(crate) struct Core {
     exchange: ExchangeSettings,
     routing_key: String,
     settings: PublisherSettings,
-    channel: Mutex<Option<Channel>>,
+    /// Read by every publish, written when the channel is reopened: a read lock does not make
+    /// concurrent publishers wait for each other.
+    channel: RwLock<Option<Channel>>,
     reopen: tokio::sync::Mutex<()>,
 }
 
@@ -197,7 +199,7 @@ impl Publisher {
                 exchange,
                 routing_key: routing_key.into(),
                 settings,
-                channel: Mutex::new(None),
+                channel: RwLock::new(None),
                 reopen: tokio::sync::Mutex::new(()),
             })),
         }
@@ -338,7 +340,7 @@ impl Publisher {
     /// Closes the publisher's channel, waiting at most `timeout` for the broker.
     pub(crate) async fn close_within(&self, timeout: Duration) {
         if let Target::Live(core) = &self.target {
-            let channel = core.channel.lock().ok().and_then(|mut c| c.take());
+            let channel = core.channel.write().ok().and_then(|mut c| c.take());
             if let Some(channel) = channel
                 && channel.status().connected()
             {
@@ -439,14 +441,14 @@ impl Core {
                 .declare(&channel, &self.connector.broker())
                 .await?;
         }
-        if let Ok(mut slot) = self.channel.lock() {
+        if let Ok(mut slot) = self.channel.write() {
             *slot = Some(channel.clone());
         }
         Ok(channel)
     }
 
     fn live_channel(&self) -> Option<Channel> {
-        let slot = self.channel.lock().ok()?;
+        let slot = self.channel.read().ok()?;
         slot.as_ref()
             .filter(|channel| channel.status().connected())
             .cloned()

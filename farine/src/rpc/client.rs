@@ -193,7 +193,7 @@ struct Inner {
     /// a wake-up each (`BENCHMARKS.md`).
     requests: Publisher,
     /// When each method's route was last confirmed.
-    routes: Mutex<HashMap<String, std::time::Instant>>,
+    routes: std::sync::RwLock<HashMap<String, std::time::Instant>>,
     calls: Calls,
     replies: tokio::sync::Mutex<Option<ReplyQueue>>,
     /// The live reply queue, read by every call without waiting for `replies`.
@@ -277,7 +277,7 @@ impl Client {
                 timeout,
                 checked_requests,
                 requests,
-                routes: Mutex::new(HashMap::new()),
+                routes: std::sync::RwLock::new(HashMap::new()),
                 calls: Arc::new(Mutex::new(HashMap::default())),
                 replies: tokio::sync::Mutex::new(None),
                 current: std::sync::RwLock::new(None),
@@ -353,7 +353,7 @@ impl Client {
         let deadline = tokio::time::Instant::now() + timeout;
         let body = inner.body(method, args.into())?;
         let (sender, mut receiver) = oneshot::channel();
-        let (_entry, id, reply_to) = inner
+        let (mut entry, id, reply_to) = inner
             .enter(method, Reader::Unary(sender), deadline, timeout)
             .await?;
         let sent = inner.publish_request(method, &id, &body, reply_to, timeout, true);
@@ -372,7 +372,11 @@ impl Client {
             tokio::select! {
                 biased;
                 reply = &mut receiver => match reply {
-                    Ok(reply) => break reply,
+                    Ok(reply) => {
+                        // A unary entry leaves the table with its reply.
+                        entry.removed();
+                        break reply;
+                    }
                     Err(_) => return Err(inner.reply_queue_lost(method)),
                 },
                 result = &mut confirmed, if !confirm_seen => {
@@ -479,6 +483,8 @@ impl Client {
 struct Entry {
     calls: Calls,
     key: u64,
+    /// False once the reply's dispatch removed the entry itself.
+    armed: bool,
 }
 
 impl Entry {
@@ -489,13 +495,21 @@ impl Entry {
         Self {
             calls: calls.clone(),
             key,
+            armed: true,
         }
+    }
+
+    /// The dispatch of the call's one reply removed the entry: nothing to do when it drops.
+    fn removed(&mut self) {
+        self.armed = false;
     }
 }
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        if let Ok(mut table) = self.calls.lock() {
+        if self.armed
+            && let Ok(mut table) = self.calls.lock()
+        {
             table.remove(&self.key);
         }
     }
@@ -580,7 +594,7 @@ impl Inner {
         };
         let checked = self
             .routes
-            .lock()
+            .read()
             .ok()
             .and_then(|routes| routes.get(method).copied())
             .is_some_and(|at| at.elapsed() < ROUTE_CHECK_INTERVAL);
@@ -597,7 +611,7 @@ impl Inner {
 
     /// Notes that the broker routed a request of `method` to a queue.
     fn route_confirmed(&self, method: &str) {
-        if let Ok(mut routes) = self.routes.lock() {
+        if let Ok(mut routes) = self.routes.write() {
             match routes.get_mut(method) {
                 Some(at) => *at = std::time::Instant::now(),
                 None => {

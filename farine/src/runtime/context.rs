@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, RwLock, Weak};
 
 use crate::amqp::publisher::Publisher;
 use crate::rpc::Client;
@@ -24,7 +24,8 @@ tokio::task_local! {
     static CURRENT: Arc<Shared>;
 }
 
-static PROCESS: Mutex<Option<Weak<Shared>>> = Mutex::new(None);
+/// Read on every publish outside a handler: a read lock, so publishers do not queue on it.
+static PROCESS: RwLock<Option<Weak<Shared>>> = RwLock::new(None);
 
 /// Runs `future` with `shared` as its runtime.
 pub(crate) fn scope<F: Future>(shared: Arc<Shared>, future: F) -> impl Future<Output = F::Output> {
@@ -33,14 +34,14 @@ pub(crate) fn scope<F: Future>(shared: Arc<Shared>, future: F) -> impl Future<Ou
 
 /// Makes `shared` the process's runtime, for code that runs outside any handler.
 pub(crate) fn install(shared: &Arc<Shared>) {
-    if let Ok(mut slot) = PROCESS.lock() {
+    if let Ok(mut slot) = PROCESS.write() {
         *slot = Some(Arc::downgrade(shared));
     }
 }
 
 /// Forgets `shared` as the process's runtime, if it still is.
 pub(crate) fn uninstall(shared: &Arc<Shared>) {
-    if let Ok(mut slot) = PROCESS.lock()
+    if let Ok(mut slot) = PROCESS.write()
         && slot
             .as_ref()
             .is_some_and(|current| std::ptr::eq(current.as_ptr(), Arc::as_ptr(shared)))
@@ -56,7 +57,7 @@ fn lookup<T>(find: impl Fn(&Shared) -> Option<T>) -> Option<T> {
         .ok()
         .flatten()
         .or_else(|| {
-            let process = PROCESS.lock().ok()?.as_ref()?.upgrade()?;
+            let process = PROCESS.read().ok()?.as_ref()?.upgrade()?;
             find(&process)
         })
 }
