@@ -70,7 +70,7 @@ fn main() {
             "--only" => options.only = Some(value().split(',').map(str::to_string).collect()),
             other => {
                 eprintln!(
-                    "usage: farine-bench [--runs N] [--scale F] [--only W1,W2,W3,W4,MEM,START] (unknown: {other})"
+                    "usage: farine-bench [--runs N] [--scale F] [--only W1,W2,W3,W3W,W4,MEM,START] (unknown: {other})"
                 );
                 std::process::exit(2);
             }
@@ -119,7 +119,7 @@ async fn orchestrate(options: Options) {
     if options.wants("W1") {
         rows.push(w1(&options, &admin).await);
     }
-    if options.wants("W2") || options.wants("W3") {
+    if options.wants("W2") || options.wants("W3") || options.wants("W3W") {
         rows.extend(rpc(&options).await);
     }
     if options.wants("W4") {
@@ -563,8 +563,11 @@ async fn rpc(options: &Options) -> Vec<Row> {
     let client = Client::connect(&options.uri, "bench_echo", Duration::from_secs(30))
         .await
         .expect("the client connects");
-    let raw_server = raw::EchoServer::start(&options.uri, 64).await;
-    let (raw_client, raw_conn) = raw::EchoClient::connect(&options.uri, &raw_server.queue).await;
+    let raw_server = raw::EchoServer::start(&options.uri, 64, raw::Wire::Minimal).await;
+    let (raw_client, raw_conn) = raw::EchoClient::connect(&options.uri, &raw_server).await;
+    // W3W: the same hand-written RPC sending farine's messages (properties, routing).
+    let wire_server = raw::EchoServer::start(&options.uri, 64, raw::Wire::Farine).await;
+    let (wire_client, wire_conn) = raw::EchoClient::connect(&options.uri, &wire_server).await;
     let payload = json!({"text": "hello", "n": 1});
     // Warm both paths up (channels, reply queues).
     for _ in 0..200 {
@@ -573,12 +576,15 @@ async fn rpc(options: &Options) -> Vec<Row> {
             .await
             .expect("echo");
         raw_client.echo(&payload).await;
+        wire_client.echo(&payload).await;
     }
+    // Side 0: farine; 1: raw lapin; 2: raw lapin sending farine's messages.
     let call = {
-        let (client, raw_client, payload) = (client.clone(), raw_client.clone(), payload.clone());
+        let (client, payload) = (client.clone(), payload.clone());
+        let raw_clients = [raw_client.clone(), wire_client.clone()];
         move |side: usize| {
-            let (client, raw_client, payload) =
-                (client.clone(), raw_client.clone(), payload.clone());
+            let (client, payload) = (client.clone(), payload.clone());
+            let raw_client = raw_clients[side.saturating_sub(1).min(1)].clone();
             async move {
                 if side == 0 {
                     client
@@ -589,6 +595,24 @@ async fn rpc(options: &Options) -> Vec<Row> {
                     raw_client.echo(&payload).await;
                 }
             }
+        }
+    };
+    // 64 tasks making `count` calls between them on `side`.
+    let concurrently = |side: usize, count: usize| {
+        let call = call.clone();
+        async move {
+            let workers = (0..64).map(|_| {
+                let call = call.clone();
+                tokio::spawn(async move {
+                    for _ in 0..count / 64 {
+                        call(side).await;
+                    }
+                })
+            });
+            for worker in futures_util::future::join_all(workers).await {
+                worker.expect("a worker");
+            }
+            Vec::new()
         }
     };
 
@@ -609,6 +633,11 @@ async fn rpc(options: &Options) -> Vec<Row> {
     let mut rate = row("W2 RPC sequential".into(), "calls/s", false);
     let mut w3 = row(
         format!("W3 RPC throughput, {concurrent} calls, 64 in flight"),
+        "calls/s",
+        false,
+    );
+    let mut w3w = row(
+        "W3W as W3, raw lapin sending farine's messages".into(),
         "calls/s",
         false,
     );
@@ -644,28 +673,17 @@ async fn rpc(options: &Options) -> Vec<Row> {
                 );
             }
         }
-        if options.wants("W3") {
+        for (name, raw_side, row) in [("W3", 1, &mut w3), ("W3W", 2, &mut w3w)] {
+            if !options.wants(name) {
+                continue;
+            }
             let tallies = interleaved(concurrent, 64 * 160, |side, count| {
-                let call = call.clone();
-                async move {
-                    let workers = (0..64).map(|_| {
-                        let call = call.clone();
-                        tokio::spawn(async move {
-                            for _ in 0..count / 64 {
-                                call(side).await;
-                            }
-                        })
-                    });
-                    for worker in futures_util::future::join_all(workers).await {
-                        worker.expect("a worker");
-                    }
-                    Vec::new()
-                }
+                concurrently(if side == 0 { 0 } else { raw_side }, count)
             })
             .await;
             for (side, tally) in tallies.iter().enumerate() {
                 eprintln!(
-                    "  W3 run {run} {}: {:.0} calls/s, broker {:.2} cores, {:.1} µs CPU per call in this process, {:.1} context switches per call",
+                    "  {name} run {run} {}: {:.0} calls/s, broker {:.2} cores, {:.1} µs CPU per call in this process, {:.1} context switches per call",
                     SIDES[side],
                     tally.rate(concurrent),
                     tally.broker_cores(),
@@ -673,7 +691,7 @@ async fn rpc(options: &Options) -> Vec<Row> {
                     tally.switches as f64 / concurrent as f64
                 );
                 push(
-                    &mut w3,
+                    row,
                     SIDES[side],
                     sample(tally.rate(concurrent), tally, concurrent),
                 );
@@ -682,8 +700,10 @@ async fn rpc(options: &Options) -> Vec<Row> {
     }
     server.stop().await;
     raw_server.stop().await;
+    wire_server.stop().await;
     let _ = raw_conn.close(200, "done".into()).await;
-    [p50, p99, rate, w3]
+    let _ = wire_conn.close(200, "done".into()).await;
+    [p50, p99, rate, w3, w3w]
         .into_iter()
         .filter(|row| !row.farine.is_empty())
         .collect()

@@ -68,16 +68,32 @@ pub async fn drain(uri: &str, queue: &str, n: usize, prefetch: u16) -> Duration 
     elapsed
 }
 
-/// W2, W3: an echo RPC server in the same wire format as farine's, one reply per call, on its
-/// own connection; up to `prefetch` calls are answered concurrently. Runs until the
-/// connection closes.
+/// What the hand-written RPC puts on the wire.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// What a hand-written RPC sends: requests to the server's queue through the default
+    /// exchange, with a correlation id and a reply queue only; bare replies.
+    Minimal,
+    /// farine's messages, by hand: requests to a direct exchange with routing key
+    /// `<exchange>__echo`, `mandatory`, `content_type`, `expiration`, `type = farine.single`
+    /// and a correlation id of farine's shape; replies with `content_type` and a delivery mode.
+    /// What farine costs beyond what it puts on the wire.
+    Farine,
+}
+
+/// The exchange of the [`Wire::Farine`] server (auto-deleted with its binding).
+const FARINE_WIRE_EXCHANGE: &str = "farine-bench.raw-rpc";
+
+/// W2, W3: an echo RPC server with farine's bodies, one reply per call, on its own connection;
+/// up to `prefetch` calls are answered concurrently. Runs until the connection closes.
 pub struct EchoServer {
     pub queue: String,
+    wire: Wire,
     conn: Connection,
 }
 
 impl EchoServer {
-    pub async fn start(uri: &str, prefetch: u16) -> Self {
+    pub async fn start(uri: &str, prefetch: u16, wire: Wire) -> Self {
         let conn = connect(uri).await;
         let channel = conn.create_channel().await.expect("a channel");
         channel
@@ -96,6 +112,30 @@ impl EchoServer {
             )
             .await
             .expect("request queue");
+        if wire == Wire::Farine {
+            channel
+                .exchange_declare(
+                    FARINE_WIRE_EXCHANGE.into(),
+                    lapin::ExchangeKind::Direct,
+                    lapin::options::ExchangeDeclareOptions {
+                        auto_delete: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .expect("exchange");
+            channel
+                .queue_bind(
+                    declared.name().clone(),
+                    FARINE_WIRE_EXCHANGE.into(),
+                    format!("{FARINE_WIRE_EXCHANGE}__echo").into(),
+                    lapin::options::QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .expect("binding");
+        }
         let queue = declared.name().to_string();
         let mut requests = channel
             .basic_consume(
@@ -113,12 +153,12 @@ impl EchoServer {
                     Some(()) = answering.next(), if !answering.is_empty() => {}
                     next = requests.next() => {
                         let Some(Ok(delivery)) = next else { break };
-                        answering.push(answer(channel.clone(), delivery));
+                        answering.push(answer(channel.clone(), delivery, wire));
                     }
                 }
             }
         });
-        Self { queue, conn }
+        Self { queue, wire, conn }
     }
 
     pub async fn stop(self) {
@@ -127,7 +167,7 @@ impl EchoServer {
 }
 
 /// Answers one echo request, then acks it.
-async fn answer(channel: Channel, delivery: lapin::message::Delivery) {
+async fn answer(channel: Channel, delivery: lapin::message::Delivery, wire: Wire) {
     let request: Value = serde_json::from_slice(&delivery.data).unwrap_or(Value::Null);
     let body = serde_json::to_vec(&json!({ "body": &request["args"][0], "__end__": false }))
         .expect("JSON");
@@ -141,7 +181,13 @@ async fn answer(channel: Channel, delivery: lapin::message::Delivery) {
                 reply_to.as_str().into(),
                 BasicPublishOptions::default(),
                 &body,
-                BasicProperties::default().with_correlation_id(id),
+                match wire {
+                    Wire::Minimal => BasicProperties::default().with_correlation_id(id),
+                    Wire::Farine => BasicProperties::default()
+                        .with_correlation_id(id)
+                        .with_content_type("application/json".into())
+                        .with_delivery_mode(1),
+                },
             )
             .await;
     }
@@ -157,12 +203,14 @@ pub struct EchoClient {
     channel: Channel,
     reply_to: ShortString,
     queue: String,
+    wire: Wire,
     waiting: Waiting,
     next: Arc<AtomicU64>,
 }
 
 impl EchoClient {
-    pub async fn connect(uri: &str, queue: &str) -> (Self, Connection) {
+    pub async fn connect(uri: &str, server: &EchoServer) -> (Self, Connection) {
+        let queue = server.queue.as_str();
         let conn = connect(uri).await;
         let channel = conn.create_channel().await.expect("a channel");
         let replies = conn.create_channel().await.expect("a channel");
@@ -208,6 +256,7 @@ impl EchoClient {
             channel,
             reply_to: declared.name().clone(),
             queue: queue.to_string(),
+            wire: server.wire,
             waiting,
             next: Arc::default(),
         };
@@ -215,23 +264,50 @@ impl EchoClient {
     }
 
     pub async fn echo(&self, value: &Value) -> Value {
-        let id = self.next.fetch_add(1, Ordering::Relaxed).to_string();
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let id = match self.wire {
+            Wire::Minimal => n.to_string(),
+            // farine's shape: a per-process prefix, then the counter.
+            Wire::Farine => format!("5f3a9c2e7b1d4e60-{n}"),
+        };
         let (sender, receiver) = oneshot::channel();
         self.waiting.lock().unwrap().insert(id.clone(), sender);
         let body = serde_json::to_vec(&json!({ "args": [value], "kwargs": {} })).expect("JSON");
-        self.channel
-            .basic_publish(
-                "".into(),
-                self.queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default()
-                    .with_correlation_id(id.into())
-                    .with_reply_to(self.reply_to.clone())
-                    .with_delivery_mode(1),
-            )
-            .await
-            .expect("request published");
+        let properties = BasicProperties::default()
+            .with_correlation_id(id.into())
+            .with_reply_to(self.reply_to.clone())
+            .with_delivery_mode(1);
+        let published = match self.wire {
+            Wire::Minimal => {
+                self.channel
+                    .basic_publish(
+                        "".into(),
+                        self.queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        properties,
+                    )
+                    .await
+            }
+            Wire::Farine => {
+                self.channel
+                    .basic_publish(
+                        FARINE_WIRE_EXCHANGE.into(),
+                        format!("{FARINE_WIRE_EXCHANGE}__echo").into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            immediate: false,
+                        },
+                        &body,
+                        properties
+                            .with_content_type("application/json".into())
+                            .with_expiration("30000".into())
+                            .with_type("farine.single".into()),
+                    )
+                    .await
+            }
+        };
+        published.expect("request published");
         let reply = tokio::time::timeout(Duration::from_secs(30), receiver)
             .await
             .expect("a reply within 30 s")

@@ -262,3 +262,38 @@ async fn every_message_gets_a_unique_message_id_unless_it_brings_its_own() {
     assert!(!ids[0].is_empty() && ids[0] != ids[1], "{ids:?}");
     assert_eq!(ids[2], "mine");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_message_properties_reach_the_consumer() {
+    let broker = Broker::connect().await;
+    let exchange = unique("props-x");
+    broker.forget_exchange_on_drop(&exchange);
+    let publisher = standalone(amqp_uri(), &exchange, BOUND);
+    publisher.prepare().await.expect("declares the exchange");
+    let observer = broker.bind_queue(&exchange, "rk").await;
+    let options = PublishOptions {
+        message_type: Some("order.created".into()),
+        correlation_id: Some("c-1".into()),
+        reply_to: Some("replies".into()),
+        expiration: Some(Duration::from_secs(60)),
+        priority: Some(3),
+        ..Default::default()
+    };
+    publisher.publish_with(&json!(1), options).await.unwrap();
+    publisher.publish(&json!(2)).await.unwrap();
+    let received = broker.wait_for_messages(&observer, 2, BOUND).await;
+    let text = |value: &Option<lapin::types::ShortString>| value.as_ref().map(|s| s.to_string());
+    let first = &received[0].properties;
+    assert_eq!(text(first.kind()).as_deref(), Some("order.created"));
+    assert_eq!(text(first.correlation_id()).as_deref(), Some("c-1"));
+    assert_eq!(text(first.reply_to()).as_deref(), Some("replies"));
+    assert_eq!(text(first.expiration()).as_deref(), Some("60000"));
+    assert_eq!(*first.priority(), Some(3));
+    assert_eq!(
+        text(first.content_type()).as_deref(),
+        Some("application/json")
+    );
+    let second = &received[1].properties;
+    assert_eq!(*second.kind(), None, "no type unless one is given");
+    assert_eq!(*second.correlation_id(), None);
+}

@@ -529,12 +529,7 @@ async fn a_hand_written_client_following_the_protocol_doc_gets_the_same_answers(
     assert_eq!(reply["error"]["kind"], "bad_arguments");
     assert_eq!(reply["error"]["param"], "b");
 
-    // A caller that reads one result says so (`x-farine-reply: single`): no end marker follows.
-    let mut headers = FieldTable::default();
-    headers.insert(
-        "x-farine-reply".into(),
-        lapin::types::AMQPValue::LongString("single".into()),
-    );
+    // A caller that reads one result says so (`type = farine.single`): no end marker follows.
     channel
         .basic_publish(
             "rpc_calc_by_hand".into(),
@@ -544,7 +539,7 @@ async fn a_hand_written_client_following_the_protocol_doc_gets_the_same_answers(
             BasicProperties::default()
                 .with_reply_to(reply_queue.clone())
                 .with_correlation_id(ShortString::from("e"))
-                .with_headers(headers),
+                .with_type(ShortString::from("farine.single")),
         )
         .await
         .unwrap();
@@ -589,10 +584,16 @@ async fn the_farine_client_understands_a_hand_written_responder() {
         .await
         .unwrap();
     // A responder in the style of baguette-messaging: items, then the end marker; or a bare
-    // `__except__` traceback without farine's `error` object.
+    // `__except__` traceback without farine's `error` object. It reports each request's
+    // argument and `type` property.
+    let (seen, mut types) = tokio::sync::mpsc::unbounded_channel();
     let responder = tokio::spawn(async move {
         while let Some(Ok(request)) = requests.next().await {
             let body: Value = serde_json::from_slice(&request.data).unwrap();
+            let _ = seen.send((
+                body["args"][0].clone(),
+                request.properties.kind().as_ref().map(|t| t.to_string()),
+            ));
             let reply_to = request.properties.reply_to().clone().unwrap();
             let correlation = request.properties.correlation_id().clone().unwrap();
             let replies: Vec<Value> = match body["args"][0].as_str() {
@@ -639,6 +640,19 @@ async fn the_farine_client_understands_a_hand_written_responder() {
         }
         other => panic!("expected a remote error, got {other:?}"),
     }
+    // A call for one result says so in its `type`; a stream's request does not.
+    let mut seen = Vec::new();
+    while let Ok(request) = types.try_recv() {
+        seen.push(request);
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (json!("hi"), Some("farine.single".to_string())),
+            (json!("many"), None),
+            (json!("raise"), Some("farine.single".to_string())),
+        ]
+    );
     responder.abort();
 }
 

@@ -290,10 +290,13 @@ pub(crate) async fn run(
         broker: broker.clone(),
     });
     let mut in_flight = InFlight::Tasks(JoinSet::new());
+    // One future for the whole loop, not one per message.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     let stopped = loop {
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break Ok(()),
+            () = &mut cancelled => break Ok(()),
             Some(_) = in_flight.next(), if !in_flight.is_empty() => {}
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {

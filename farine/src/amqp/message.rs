@@ -228,6 +228,16 @@ impl Message {
             .map(|s| s.as_str())
     }
 
+    /// The `type` property (the message's type name), when set.
+    pub fn message_type(&self) -> Option<&str> {
+        self.inner
+            .delivery
+            .properties
+            .kind()
+            .as_ref()
+            .map(|s| s.as_str())
+    }
+
     /// The `content_type` property, when set.
     pub fn content_type(&self) -> Option<&str> {
         self.inner

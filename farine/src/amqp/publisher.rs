@@ -99,6 +99,8 @@ pub struct PublishOptions {
     pub mandatory: Option<bool>,
     /// Overrides `application/json` (for [`Publisher::publish_bytes`]).
     pub content_type: Option<String>,
+    /// The `type` property (the message's type name).
+    pub message_type: Option<String>,
 }
 
 /// How a publisher publishes.
@@ -262,12 +264,12 @@ impl Publisher {
     pub(crate) async fn publish_unconfirmed(
         &self,
         payload: &[u8],
-        options: PublishOptions,
+        mut options: PublishOptions,
     ) -> Result<Unconfirmed, PublishError> {
         let core = self.core()?;
         let routing_key = options
             .routing_key
-            .clone()
+            .take()
             .unwrap_or_else(|| core.routing_key.clone());
         let mandatory = options.mandatory.unwrap_or(core.settings.mandatory);
         if payload.len() > core.settings.max_message_bytes {
@@ -279,13 +281,21 @@ impl Publisher {
         }
         let properties = core.properties(options);
         let deadline = tokio::time::Instant::now() + core.settings.timeout;
+        // A copy of the routing key only for a confirm's error: without confirms there is none.
+        let kept = core.settings.confirm.then(|| routing_key.clone());
         let confirm = core
-            .start(payload, &routing_key, mandatory, properties, deadline)
+            .start(
+                payload,
+                ShortString::from(routing_key),
+                mandatory,
+                properties,
+                deadline,
+            )
             .await?;
         Ok(Unconfirmed {
             core: core.clone(),
             confirm,
-            routing_key,
+            routing_key: kept.unwrap_or_default(),
         })
     }
 
@@ -583,6 +593,9 @@ impl Core {
         if let Some(priority) = options.priority {
             properties = properties.with_priority(priority);
         }
+        if let Some(kind) = options.message_type {
+            properties = properties.with_type(ShortString::from(kind));
+        }
         properties
     }
 
@@ -595,7 +608,13 @@ impl Core {
         deadline: tokio::time::Instant,
     ) -> Result<(), PublishError> {
         let confirm = self
-            .start(payload, routing_key, mandatory, properties, deadline)
+            .start(
+                payload,
+                ShortString::from(routing_key),
+                mandatory,
+                properties,
+                deadline,
+            )
             .await?;
         self.finish(confirm, routing_key).await
     }
@@ -604,7 +623,7 @@ impl Core {
     async fn start(
         &self,
         payload: &[u8],
-        routing_key: &str,
+        routing_key: ShortString,
         mandatory: bool,
         properties: BasicProperties,
         deadline: tokio::time::Instant,
@@ -613,7 +632,7 @@ impl Core {
         channel
             .basic_publish(
                 self.exchange.name.as_str().into(),
-                routing_key.into(),
+                routing_key,
                 BasicPublishOptions {
                     mandatory,
                     immediate: false,

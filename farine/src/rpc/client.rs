@@ -356,17 +356,20 @@ impl Client {
         let (mut entry, id, reply_to) = inner
             .enter(method, Reader::Unary(sender), deadline, timeout)
             .await?;
-        let sent = inner.publish_request(method, &id, &body, reply_to, timeout, true);
-        let unconfirmed = match tokio::time::timeout_at(deadline, sent).await {
-            Ok(result) => result?,
-            Err(_) => return Err(inner.timed_out(method, timeout)),
+        // One timer bounds the whole call: the publish, then the reply.
+        let expired = tokio::time::sleep_until(deadline);
+        tokio::pin!(expired);
+        let sent = inner.publish_request(method, id, &body, reply_to, timeout, true);
+        let unconfirmed = tokio::select! {
+            biased;
+            result = sent => result?,
+            () = &mut expired => return Err(inner.timed_out(method, timeout)),
         };
         // The reply usually comes after the confirm, but need not wait for it: a call
         // nobody serves is known from the confirm (a returned message), a served one from its
         // reply, whichever comes first.
         let confirmed = unconfirmed.confirmed();
-        let expired = tokio::time::sleep_until(deadline);
-        tokio::pin!(confirmed, expired);
+        tokio::pin!(confirmed);
         let mut confirm_seen = false;
         let reply = loop {
             tokio::select! {
@@ -388,6 +391,7 @@ impl Client {
                     }
                 }
                 () = &mut expired => {
+                    let id = inner.call_id(entry.key);
                     return Err(Box::pin(inner.not_answered(method, &id, timeout)).await);
                 }
             }
@@ -432,7 +436,7 @@ impl Client {
             .await?;
         let sent = async {
             let confirmed = inner
-                .publish_request(method, &id, &body, reply_to, timeout, false)
+                .publish_request(method, id.clone(), &body, reply_to, timeout, false)
                 .await?
                 .confirmed()
                 .await
@@ -524,7 +528,12 @@ impl Inner {
     /// A new call's key and correlation id.
     fn next_call_id(&self) -> (u64, String) {
         let key = self.next_id.fetch_add(1, Ordering::Relaxed);
-        (key, format!("{}-{key}", self.prefix))
+        (key, self.call_id(key))
+    }
+
+    /// The correlation id of the call keyed `key`.
+    fn call_id(&self, key: u64) -> String {
+        format!("{}-{key}", self.prefix)
     }
 
     fn body(&self, method: &str, args: Args) -> Result<Vec<u8>, RpcError> {
@@ -568,25 +577,17 @@ impl Inner {
     async fn publish_request(
         &self,
         method: &str,
-        id: &str,
+        id: String,
         body: &[u8],
         reply_to: String,
         timeout: Duration,
         single: bool,
     ) -> Result<Unconfirmed, RpcError> {
-        let headers = single.then(|| {
-            let mut headers = lapin::types::FieldTable::default();
-            headers.insert(
-                wire::REPLY_HEADER.into(),
-                lapin::types::AMQPValue::LongString("single".into()),
-            );
-            headers
-        });
         let options = PublishOptions {
             routing_key: Some(wire::routing_key(&self.service, method)),
-            correlation_id: Some(id.to_string()),
+            correlation_id: Some(id),
             reply_to: Some(reply_to),
-            headers,
+            message_type: single.then(|| wire::SINGLE_REPLY_TYPE.to_string()),
             // A request nobody took within the call's timeout is dropped by the broker.
             expiration: Some(timeout),
             persistent: Some(false),

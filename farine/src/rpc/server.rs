@@ -63,12 +63,13 @@ struct CallState {
     reply_to: Option<String>,
     correlation_id: Option<String>,
     replies: Replies,
-    /// The caller reads one result and asks for no end marker (`x-farine-reply: single`).
+    /// The caller reads one result and asks for no end marker (`type = farine.single`).
     single: bool,
     /// Set once the method streams: all its replies then go through the confirming channel,
     /// in order.
     streaming: AtomicBool,
-    cancelled: CancellationToken,
+    /// Only a streaming method's call can be cancelled by its caller: other calls go without.
+    cancelled: Option<CancellationToken>,
     finished: AtomicBool,
 }
 
@@ -81,6 +82,14 @@ pub(crate) struct Replies {
 }
 
 impl CallState {
+    /// Resolves when the caller cancelled the call (never for a call that cannot be).
+    async fn cancellation(&self) {
+        match &self.cancelled {
+            Some(token) => token.cancelled().await,
+            None => std::future::pending().await,
+        }
+    }
+
     fn error(&self, kind: ErrorKind, message: String, param: Option<String>) -> ErrorBody {
         ErrorBody {
             kind,
@@ -156,7 +165,10 @@ impl CallState {
     /// Sends one stream item; `false` when the stream must stop (caller gone or cancelled).
     async fn item(&self, body: Vec<u8>) -> bool {
         match self.send(&body, true).await {
-            Ok(()) => !self.cancelled.is_cancelled(),
+            Ok(()) => !self
+                .cancelled
+                .as_ref()
+                .is_some_and(CancellationToken::is_cancelled),
             Err(PublishError::Broker(crate::amqp::error::BrokerError::NoRoute { .. })) => {
                 tracing::info!(
                     service = self.service,
@@ -306,7 +318,7 @@ impl RpcCall {
         loop {
             let next = tokio::select! {
                 next = stream.next() => next,
-                _ = state.cancelled.cancelled() => {
+                () = state.cancellation() => {
                     tracing::info!(service = state.service, method = state.method, "the caller cancelled the stream");
                     state.finished.store(true, Ordering::Release);
                     return;
@@ -473,10 +485,13 @@ pub(crate) async fn run(
     };
     let streams: Arc<Mutex<HashMap<String, CancellationToken>>> = Arc::default();
     let mut in_flight = InFlight::Local(Default::default());
+    // One future for the whole loop, not one per message.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     let stopped = loop {
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break Ok(()),
+            () = &mut cancelled => break Ok(()),
             Some(_) = in_flight.next(), if !in_flight.is_empty() => {}
             cancel = control.next() => match cancel {
                 Some(Ok(delivery)) => {
@@ -580,30 +595,28 @@ async fn serve(
     let found = methods
         .iter()
         .find(|method| method.routing_key == message.routing_key());
+    let streams_items = found.is_some_and(|method| method.streams);
     let state = Arc::new(CallState {
         service,
         method: found.map_or("?", |method| method.name),
         reply_to: message.reply_to().map(str::to_string),
         correlation_id: message.correlation_id().map(str::to_string),
         replies,
-        single: matches!(
-            message.header(wire::REPLY_HEADER),
-            Some(lapin::types::AMQPValue::LongString(text)) if text.as_bytes() == b"single"
-        ),
+        single: message.message_type() == Some(wire::SINGLE_REPLY_TYPE),
         streaming: AtomicBool::new(false),
-        cancelled: CancellationToken::new(),
+        cancelled: streams_items.then(CancellationToken::new),
         finished: AtomicBool::new(false),
     });
     // Only a stream can be cancelled: other calls need no entry.
-    let registered = state
-        .correlation_id
-        .clone()
-        .filter(|_| found.is_some_and(|method| method.streams))
-        .inspect(|id| {
+    let registered = match (&state.correlation_id, &state.cancelled) {
+        (Some(id), Some(token)) => {
             if let Ok(mut streams) = streams.lock() {
-                streams.insert(id.clone(), state.cancelled.clone());
+                streams.insert(id.clone(), token.clone());
             }
-        });
+            Some(id.clone())
+        }
+        _ => None,
+    };
 
     // The error replies below are boxed: they are rare, and their publish future would make
     // every call's future larger.

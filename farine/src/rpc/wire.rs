@@ -5,14 +5,20 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-/// A request header a farine client sets to `single` when it reads one result only: a farine
-/// server then sends no end marker after it (baguette-messaging peers neither send nor need
-/// the header).
-pub const REPLY_HEADER: &str = "x-farine-reply";
+/// The `type` property of a request whose caller reads one result only: a farine server then
+/// sends no end marker after it (baguette-messaging peers neither send nor need it). A property
+/// rather than a header: a header table costs the broker and both peers a table to encode and
+/// decode on every call.
+pub const SINGLE_REPLY_TYPE: &str = "farine.single";
 
 /// The routing key of a call of `method` on `service`: `<service>__<method>`.
 pub fn routing_key(service: &str, method: &str) -> String {
-    format!("{service}__{method}")
+    // Built by hand: this runs on every call, and formatting machinery costs more.
+    let mut key = String::with_capacity(service.len() + 2 + method.len());
+    key.push_str(service);
+    key.push_str("__");
+    key.push_str(method);
+    key
 }
 
 /// The routing key that cancels a streaming call on every instance of `service`.
