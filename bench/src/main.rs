@@ -140,6 +140,7 @@ async fn orchestrate(options: Options) {
 async fn clean_up(admin: &Connection) {
     let queues = [
         "bench_echo",
+        raw::FARINE_WIRE_EXCHANGE,
         "bench_idle",
         "bench_idle.on_message",
         "bench_startup",
@@ -157,6 +158,7 @@ async fn clean_up(admin: &Connection) {
         "farine-bench.idle",
         "farine-bench.startup",
         "bench_echo",
+        raw::FARINE_WIRE_EXCHANGE,
         "bench_idle",
         "bench_startup",
     ] {

@@ -72,7 +72,8 @@ pub async fn drain(uri: &str, queue: &str, n: usize, prefetch: u16) -> Duration 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Wire {
     /// What a hand-written RPC sends: requests to the server's queue through the default
-    /// exchange, with a correlation id and a reply queue only; bare replies.
+    /// exchange, with a correlation id, a reply queue and delivery mode 1; replies with the
+    /// correlation id only.
     Minimal,
     /// farine's messages, by hand: requests to a direct exchange with routing key
     /// `<exchange>__echo`, `mandatory`, `content_type`, `expiration`, `type = farine.single`
@@ -81,8 +82,9 @@ pub enum Wire {
     Farine,
 }
 
-/// The exchange of the [`Wire::Farine`] server (auto-deleted with its binding).
-const FARINE_WIRE_EXCHANGE: &str = "farine-bench.raw-rpc";
+/// The exchange (and queue) of the [`Wire::Farine`] server: as long as the farine side's
+/// `bench_echo`, so that both put the same bytes on the wire.
+pub const FARINE_WIRE_EXCHANGE: &str = "bench_wire";
 
 /// W2, W3: an echo RPC server with farine's bodies, one reply per call, on its own connection;
 /// up to `prefetch` calls are answered concurrently. Runs until the connection closes.
@@ -100,16 +102,28 @@ impl EchoServer {
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .expect("qos");
-        let declared = channel
-            .queue_declare(
-                "".into(),
+        // The farine wire's server declares what a farine RPC server declares: a durable
+        // direct exchange and a durable queue, both named after the service (deleted by the
+        // harness's clean-up).
+        let (name, options) = match wire {
+            Wire::Minimal => (
+                "",
                 QueueDeclareOptions {
                     exclusive: true,
                     auto_delete: true,
                     ..Default::default()
                 },
-                FieldTable::default(),
-            )
+            ),
+            Wire::Farine => (
+                FARINE_WIRE_EXCHANGE,
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+            ),
+        };
+        let declared = channel
+            .queue_declare(name.into(), options, FieldTable::default())
             .await
             .expect("request queue");
         if wire == Wire::Farine {
@@ -118,7 +132,7 @@ impl EchoServer {
                     FARINE_WIRE_EXCHANGE.into(),
                     lapin::ExchangeKind::Direct,
                     lapin::options::ExchangeDeclareOptions {
-                        auto_delete: true,
+                        durable: true,
                         ..Default::default()
                     },
                     FieldTable::default(),
