@@ -359,10 +359,12 @@ impl Client {
         // One timer bounds the whole call: the publish, then the reply.
         let expired = tokio::time::sleep_until(deadline);
         tokio::pin!(expired);
+        // Pinned where it is: `select!` would otherwise move this large future into its own.
         let sent = inner.publish_request(method, id, &body, reply_to, timeout, true);
+        tokio::pin!(sent);
         let unconfirmed = tokio::select! {
             biased;
-            result = sent => result?,
+            result = &mut sent => result?,
             () = &mut expired => return Err(inner.timed_out(method, timeout)),
         };
         // The reply usually comes after the confirm, but need not wait for it: a call
