@@ -880,9 +880,9 @@ fn stats(values: &[f64]) -> (f64, f64, f64) {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "\n| workload | unit | farine median (min-max) | raw lapin median (min-max) | farine/raw | broker CPU, cores (farine / raw) | client+server CPU per op, µs (farine / raw) |"
+        "\n| workload | unit | farine median (min-max) | raw lapin median (min-max) | farine/raw | farine/raw per run: median (min-max) | broker CPU, cores (farine / raw) | client+server CPU per op, µs (farine / raw) |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     for row in rows {
         let f = stats(&row.farine.iter().map(|s| s.value).collect::<Vec<_>>());
         let r = stats(&row.raw.iter().map(|s| s.value).collect::<Vec<_>>());
@@ -901,9 +901,32 @@ fn print_table(rows: &[Row]) {
         } else {
             format!("{ratio:.2}")
         };
+        // The sides of a run met the same machine (they alternate within it), so the ratio of
+        // each run is the steadier figure when the machine's speed drifts between runs.
+        let per_run = stats(
+            &row.farine
+                .iter()
+                .zip(&row.raw)
+                .map(|(f, r)| f.value / r.value)
+                .collect::<Vec<_>>(),
+        );
         println!(
-            "| {} | {} | {:.0} ({:.0}-{:.0}) | {:.0} ({:.0}-{:.0}) | {ratio} | {:.2} / {:.2} | {:.1} / {:.1} |",
-            row.name, row.unit, f.0, f.1, f.2, r.0, r.1, r.2, fc.0, rc.0, fo.0, ro.0
+            "| {} | {} | {:.0} ({:.0}-{:.0}) | {:.0} ({:.0}-{:.0}) | {ratio} | {:.2} ({:.2}-{:.2}) | {:.2} / {:.2} | {:.1} / {:.1} |",
+            row.name,
+            row.unit,
+            f.0,
+            f.1,
+            f.2,
+            r.0,
+            r.1,
+            r.2,
+            per_run.0,
+            per_run.1,
+            per_run.2,
+            fc.0,
+            rc.0,
+            fo.0,
+            ro.0
         );
     }
     for row in rows {
