@@ -105,52 +105,20 @@ impl EchoServer {
         // The farine wire's server declares what a farine RPC server declares: a durable
         // direct exchange and a durable queue, both named after the service (deleted by the
         // harness's clean-up).
-        let (name, options) = match wire {
-            Wire::Minimal => (
-                "",
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-            ),
-            Wire::Farine => (
-                FARINE_WIRE_EXCHANGE,
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-            ),
-        };
-        let declared = channel
-            .queue_declare(name.into(), options, FieldTable::default())
-            .await
-            .expect("request queue");
-        if wire == Wire::Farine {
-            channel
-                .exchange_declare(
-                    FARINE_WIRE_EXCHANGE.into(),
+        let queue = match wire {
+            Wire::Minimal => private_queue(&channel).await.to_string(),
+            Wire::Farine => {
+                crate::declare_queue(
+                    &conn,
+                    FARINE_WIRE_EXCHANGE,
+                    FARINE_WIRE_EXCHANGE,
+                    &format!("{FARINE_WIRE_EXCHANGE}__echo"),
                     lapin::ExchangeKind::Direct,
-                    lapin::options::ExchangeDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
                 )
-                .await
-                .expect("exchange");
-            channel
-                .queue_bind(
-                    declared.name().clone(),
-                    FARINE_WIRE_EXCHANGE.into(),
-                    format!("{FARINE_WIRE_EXCHANGE}__echo").into(),
-                    lapin::options::QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .expect("binding");
-        }
-        let queue = declared.name().to_string();
+                .await;
+                FARINE_WIRE_EXCHANGE.to_string()
+            }
+        };
         let mut requests = channel
             .basic_consume(
                 queue.as_str().into(),
@@ -178,6 +146,24 @@ impl EchoServer {
     pub async fn stop(self) {
         let _ = self.conn.close(200, "done".into()).await;
     }
+}
+
+/// A server-named, exclusive, auto-deleted queue.
+async fn private_queue(channel: &Channel) -> ShortString {
+    channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("a private queue")
+        .name()
+        .clone()
 }
 
 /// Answers one echo request, then acks it.
@@ -228,21 +214,10 @@ impl EchoClient {
         let conn = connect(uri).await;
         let channel = conn.create_channel().await.expect("a channel");
         let replies = conn.create_channel().await.expect("a channel");
-        let declared = replies
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("reply queue");
+        let reply_to = private_queue(&replies).await;
         let mut consumer = replies
             .basic_consume(
-                declared.name().clone(),
+                reply_to.clone(),
                 "".into(),
                 BasicConsumeOptions {
                     no_ack: true,
@@ -268,7 +243,7 @@ impl EchoClient {
         });
         let client = Self {
             channel,
-            reply_to: declared.name().clone(),
+            reply_to,
             queue: queue.to_string(),
             wire: server.wire,
             waiting,
