@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 pub struct Process {
     child: Child,
     output: Arc<Mutex<Vec<String>>>,
+    /// The threads reading stderr and stdout: done once the process closed them.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Process {
@@ -18,6 +20,7 @@ impl Process {
         command.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = command.spawn().expect("the process starts");
         let output = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
         for stream in [
             child
                 .stderr
@@ -32,13 +35,17 @@ impl Process {
         .flatten()
         {
             let output = output.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     output.lock().unwrap().push(line);
                 }
-            });
+            }));
         }
-        Self { child, output }
+        Self {
+            child,
+            output,
+            readers,
+        }
     }
 
     /// Everything the process printed so far.
@@ -79,11 +86,21 @@ impl Process {
         }
     }
 
-    /// Waits for the process to exit, for at most `bound`; `None` when it did not.
+    /// Waits for the process to exit, for at most `bound`; `None` when it did not. Once it
+    /// exited, also waits (within the same bound) until what it printed has been read, so that
+    /// [`Process::output`] is complete.
     pub fn wait_exit(&mut self, bound: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + bound;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
+                while !self
+                    .readers
+                    .iter()
+                    .all(std::thread::JoinHandle::is_finished)
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return Some(status);
             }
             if Instant::now() >= deadline {
