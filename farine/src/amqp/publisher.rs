@@ -257,31 +257,6 @@ impl Publisher {
         self.core()?.publish(payload, options).await
     }
 
-    /// An RPC reply: to `reply_to` on the default exchange, JSON, with the call's correlation
-    /// id, bounded by the publish timeout. The hot path of an RPC server, so built straight
-    /// into the message's properties rather than through [`PublishOptions`].
-    pub(crate) async fn publish_reply(
-        &self,
-        payload: &[u8],
-        reply_to: &str,
-        correlation_id: Option<&str>,
-        mandatory: bool,
-    ) -> Result<(), PublishError> {
-        let core = self.core()?;
-        core.check_size(payload)?;
-        let mut properties = BasicProperties::default()
-            .with_content_type(ShortString::from("application/json"))
-            .with_delivery_mode(if core.settings.persistent { 2 } else { 1 });
-        if let Some(id) = correlation_id {
-            properties = properties.with_correlation_id(ShortString::from(id));
-        }
-        if core.settings.message_ids {
-            properties = properties.with_message_id(ShortString::from(next_message_id()));
-        }
-        core.send_bounded(payload, reply_to, mandatory, properties)
-            .await
-    }
-
     /// Publishes without waiting for the confirm: the returned [`Unconfirmed`] waits for it,
     /// so that a caller can wait for something else at the same time (an RPC client, for its
     /// reply). Never sent again after a reconnection. Neither step is bounded here: the caller

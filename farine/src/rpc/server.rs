@@ -30,7 +30,7 @@ use crate::amqp::consumer::{
 };
 use crate::amqp::error::{BrokerError, Resource};
 use crate::amqp::message::Message;
-use crate::amqp::publisher::{PublishError, Publisher, PublisherSettings};
+use crate::amqp::publisher::{PublishError, PublishOptions, Publisher, PublisherSettings};
 use crate::amqp::topology::{ExchangeSettings, QueueSettings, private_queue};
 use crate::config::{ConfigError, Section};
 use crate::runtime::context::{self, Shared};
@@ -106,14 +106,19 @@ impl CallState {
         let Some(reply_to) = &self.reply_to else {
             return Ok(());
         };
+        let options = PublishOptions {
+            routing_key: Some(reply_to.clone()),
+            correlation_id: self.correlation_id.clone(),
+            persistent: Some(false),
+            mandatory: Some(mandatory),
+            ..Default::default()
+        };
         let publisher = if self.streaming.load(Ordering::Acquire) {
             &self.replies.confirmed
         } else {
             &self.replies.plain
         };
-        publisher
-            .publish_reply(body, reply_to, self.correlation_id.as_deref(), mandatory)
-            .await
+        publisher.publish_bytes(body, options).await
     }
 
     /// After a reply was refused for its size: tells the caller with an error reply instead.
