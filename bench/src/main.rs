@@ -583,10 +583,14 @@ async fn rpc(options: &Options) -> Vec<Row> {
     // Side 0: farine; 1: raw lapin; 2: raw lapin sending farine's messages.
     let call = {
         let (client, payload) = (client.clone(), payload.clone());
-        let raw_clients = [raw_client.clone(), wire_client.clone()];
+        let (raw_client, wire_client) = (raw_client.clone(), wire_client.clone());
         move |side: usize| {
             let (client, payload) = (client.clone(), payload.clone());
-            let raw_client = raw_clients[side.saturating_sub(1).min(1)].clone();
+            let raw_client = if side == 2 {
+                wire_client.clone()
+            } else {
+                raw_client.clone()
+            };
             async move {
                 if side == 0 {
                     client

@@ -86,6 +86,9 @@ pub enum Wire {
 /// `bench_echo`, so that both put the same bytes on the wire.
 pub const FARINE_WIRE_EXCHANGE: &str = "bench_wire";
 
+/// The routing key of its `echo` method, as farine names a method's binding.
+const FARINE_WIRE_ROUTING_KEY: &str = "bench_wire__echo";
+
 /// W2, W3: an echo RPC server with farine's bodies, one reply per call, on its own connection;
 /// up to `prefetch` calls are answered concurrently. Runs until the connection closes.
 pub struct EchoServer {
@@ -106,13 +109,26 @@ impl EchoServer {
         // direct exchange and a durable queue, both named after the service (deleted by the
         // harness's clean-up).
         let queue = match wire {
-            Wire::Minimal => private_queue(&channel).await.to_string(),
+            Wire::Minimal => channel
+                .queue_declare(
+                    "".into(),
+                    QueueDeclareOptions {
+                        exclusive: true,
+                        auto_delete: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .expect("request queue")
+                .name()
+                .to_string(),
             Wire::Farine => {
                 crate::declare_queue(
                     &conn,
                     FARINE_WIRE_EXCHANGE,
                     FARINE_WIRE_EXCHANGE,
-                    &format!("{FARINE_WIRE_EXCHANGE}__echo"),
+                    FARINE_WIRE_ROUTING_KEY,
                     lapin::ExchangeKind::Direct,
                 )
                 .await;
@@ -146,24 +162,6 @@ impl EchoServer {
     pub async fn stop(self) {
         let _ = self.conn.close(200, "done".into()).await;
     }
-}
-
-/// A server-named, exclusive, auto-deleted queue.
-async fn private_queue(channel: &Channel) -> ShortString {
-    channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("a private queue")
-        .name()
-        .clone()
 }
 
 /// Answers one echo request, then acks it.
@@ -214,19 +212,7 @@ impl EchoClient {
         let conn = connect(uri).await;
         let channel = conn.create_channel().await.expect("a channel");
         let replies = conn.create_channel().await.expect("a channel");
-        let reply_to = private_queue(&replies).await;
-        let mut consumer = replies
-            .basic_consume(
-                reply_to.clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume");
+        let (reply_to, mut consumer) = farine_test_support::reply_queue(&replies).await;
         let waiting: Waiting = Arc::default();
         let table = waiting.clone();
         tokio::spawn(async move {
@@ -282,7 +268,7 @@ impl EchoClient {
                 self.channel
                     .basic_publish(
                         FARINE_WIRE_EXCHANGE.into(),
-                        format!("{FARINE_WIRE_EXCHANGE}__echo").into(),
+                        FARINE_WIRE_ROUTING_KEY.into(),
                         BasicPublishOptions {
                             mandatory: true,
                             immediate: false,
