@@ -5,7 +5,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::{BOUND, config};
 use farine::{Message, Runtime, SettleError, StartError, consume};
@@ -67,7 +67,9 @@ async fn consumed_message_is_decoded_and_acked_after_handler_returns_ok() {
 
 // ---------------------------------------------------------------------------------------------
 
-static FAILED_CALLS: Mutex<Vec<(Instant, u32)>> = Mutex::new(Vec::new());
+/// Wall-clock times: the broker times the retry queue's expiration by the wall clock, which an
+/// `Instant` can disagree with by a step of the system clock.
+static FAILED_CALLS: Mutex<Vec<(SystemTime, u32)>> = Mutex::new(Vec::new());
 
 #[derive(Default)]
 struct FailProbe;
@@ -79,7 +81,7 @@ impl FailProbe {
         FAILED_CALLS
             .lock()
             .unwrap()
-            .push((Instant::now(), message.attempt()));
+            .push((SystemTime::now(), message.attempt()));
         Err("this handler always fails".into())
     }
 }
@@ -124,8 +126,8 @@ async fn a_failing_message_is_retried_after_a_delay_up_to_max_attempts_then_dead
     assert_eq!(attempts, vec![1, 2, 3], "no hot redelivery loop");
     for pair in calls.windows(2) {
         assert!(
-            pair[1].0 - pair[0].0 >= Duration::from_millis(300),
-            "each retry waited for retry_delay"
+            pair[1].0.duration_since(pair[0].0).unwrap_or_default() >= Duration::from_millis(300),
+            "each retry waited for retry_delay: {calls:?}"
         );
     }
 }
