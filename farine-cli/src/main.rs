@@ -334,8 +334,15 @@ fn run_all(args: &Args, binaries: &[(String, PathBuf)]) -> Result<u8, Failure> {
         let mut stopping = false;
         loop {
             tokio::select! {
-                _ = term.recv() => signal_all(&pids, libc::SIGTERM),
-                _ = int.recv() => signal_all(&pids, libc::SIGINT),
+                // Asked to stop: the modules ending now is no news.
+                _ = term.recv() => {
+                    stopping = true;
+                    signal_all(&pids, libc::SIGTERM);
+                }
+                _ = int.recv() => {
+                    stopping = true;
+                    signal_all(&pids, libc::SIGINT);
+                }
                 done = running.join_next() => {
                     let Some(done) = done else { break };
                     let (name, code) = done.unwrap_or_else(|_| (String::from("?"), EXIT_FAILURE));

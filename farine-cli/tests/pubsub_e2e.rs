@@ -303,4 +303,10 @@ async fn several_modules_run_side_by_side_and_sigterm_stops_them_all() {
         broker.wait_for_consumers(&queue, 0, BOUND).await,
         "both stopped"
     );
+    // Both were asked to stop: neither ending is reported as a module ending on its own.
+    assert!(
+        !process.output().contains("stopping the others"),
+        "{}",
+        process.output()
+    );
 }

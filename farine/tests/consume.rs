@@ -804,14 +804,25 @@ async fn two_handlers_configured_onto_one_queue_are_refused_at_start() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_prefetch_count_of_zero_is_a_config_error() {
-    let config = config("ack_probe", &[("prefetch_count", "0")]);
-    let error = Runtime::new(config)
-        .services(["ack_probe"])
-        .start()
-        .await
-        .err()
-        .expect("refused");
-    assert!(error.is_config(), "{error}");
-    assert!(error.to_string().contains("prefetch_count"), "{error}");
+async fn a_prefetch_count_or_max_attempts_out_of_range_is_a_config_error_giving_the_range() {
+    for (key, value, range) in [
+        ("prefetch_count", "0", "from 1 to 65535"),
+        ("prefetch_count", "lots", "from 1 to 65535"),
+        ("prefetch_count", "65536", "from 1 to 65535"),
+        ("max_attempts", "0", "from 1 to 4294967295"),
+    ] {
+        let config = config("ack_probe", &[(key, value)]);
+        let error = Runtime::new(config)
+            .services(["ack_probe"])
+            .start()
+            .await
+            .err()
+            .expect("refused");
+        let text = error.to_string();
+        assert!(error.is_config(), "{text}");
+        assert!(
+            text.contains(&format!("`{key}` is \"{value}\"")) && text.contains(range),
+            "{key} = {value}: {text}"
+        );
+    }
 }

@@ -22,6 +22,7 @@
 //! start-up or shutdown.
 
 use std::fmt::Display;
+use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -145,23 +146,13 @@ impl ConsumerPlan {
             routing_key: scoped
                 .get_str("routing_key")?
                 .unwrap_or_else(|| spec.routing_key.to_string()),
-            prefetch: match scoped.get_or("prefetch_count", 10u16)? {
-                0 => {
-                    return Err(section.invalid(
-                        "prefetch_count",
-                        "0",
-                        "a whole number from 1 to 65535 (0 would mean no limit)",
-                    ));
-                }
-                n => n,
-            },
+            prefetch: scoped
+                .get_or("prefetch_count", NonZeroU16::new(10).unwrap())?
+                .get(),
             retry_delay: scoped.get_or("retry_delay", Duration::from_secs(1))?,
-            max_attempts: match scoped.get_or("max_attempts", 3u32)? {
-                0 => {
-                    return Err(section.invalid("max_attempts", "0", "a whole number, 1 or more"));
-                }
-                n => n,
-            },
+            max_attempts: scoped
+                .get_or("max_attempts", NonZeroU32::new(3).unwrap())?
+                .get(),
             drain_timeout: scoped.get_or("drain_timeout", Duration::from_secs(30))?,
             op_timeout: scoped.get_or("connect_timeout", Duration::from_secs(10))?,
             transaction: scoped.get_or("transaction", false)? || scoped.get_or("inbox", false)?,

@@ -53,6 +53,25 @@ unsigned! {
     i64 => "a whole number",
 }
 
+macro_rules! nonzero {
+    ($($ty:ty => $expected:literal),* $(,)?) => {$(
+        impl FromValue for $ty {
+            fn from_value(text: &str) -> Option<Self> {
+                text.parse().ok()
+            }
+            fn expected() -> &'static str {
+                $expected
+            }
+        }
+    )*};
+}
+
+// For counts where 0 has no meaning (a prefetch of 0 would be no limit at all, 0 attempts none).
+nonzero! {
+    std::num::NonZeroU16 => "a whole number from 1 to 65535",
+    std::num::NonZeroU32 => "a whole number from 1 to 4294967295",
+}
+
 impl FromValue for f64 {
     fn from_value(text: &str) -> Option<Self> {
         text.parse().ok().filter(|v: &f64| v.is_finite())

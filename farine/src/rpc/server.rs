@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Display;
+use std::num::NonZeroU16;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -389,16 +390,9 @@ impl RpcServerPlan {
         section: &Section,
     ) -> Result<Self, ConfigError> {
         let scoped = section.handler("rpc");
-        let prefetch = match scoped.get_or("prefetch_count", 10u16)? {
-            0 => {
-                return Err(section.invalid(
-                    "prefetch_count",
-                    "0",
-                    "a whole number from 1 to 65535",
-                ));
-            }
-            n => n,
-        };
+        let prefetch = scoped
+            .get_or("prefetch_count", NonZeroU16::new(10).unwrap())?
+            .get();
         Ok(Self {
             service,
             exchange: ExchangeSettings {

@@ -183,7 +183,9 @@ impl SsePlan {
             start_from,
             reconnect_delay: scoped.get_or("reconnect_delay", Duration::from_millis(100))?,
             reconnect_delay_max: scoped.get_or("reconnect_delay_max", Duration::from_secs(30))?,
-            max_attempts: scoped.get_or("max_attempts", 3u32)?.max(1),
+            max_attempts: scoped
+                .get_or("max_attempts", std::num::NonZeroU32::new(3).unwrap())?
+                .get(),
             retry_delay: scoped.get_or("retry_delay", Duration::from_secs(1))?,
             on_error,
             use_checkpoint: scoped.get_or("checkpoint", true)?,
