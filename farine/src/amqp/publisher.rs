@@ -6,8 +6,12 @@
 //! share the channel and are in flight together, so `join_all` over many `publish` calls pipelines
 //! them.
 
+use std::borrow::Cow;
+use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+
+use futures_util::future::Either;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{FieldTable, ShortString};
@@ -230,67 +234,69 @@ impl Publisher {
     }
 
     /// Sends `value` as JSON (`application/json`, persistent) and waits for the broker's confirm.
-    pub async fn publish<T: Serialize + ?Sized>(&self, value: &T) -> Result<(), PublishError> {
-        self.publish_with(value, PublishOptions::default()).await
+    ///
+    /// The value is encoded when this is called; the returned future sends it.
+    pub fn publish<'a, T: Serialize + ?Sized>(
+        &'a self,
+        value: &T,
+    ) -> impl Future<Output = Result<(), PublishError>> + Send + use<'a, T> {
+        self.publish_with(value, PublishOptions::default())
     }
 
     /// As [`Publisher::publish`], with per-message options.
-    pub async fn publish_with<T: Serialize + ?Sized>(
-        &self,
+    pub fn publish_with<'a, T: Serialize + ?Sized>(
+        &'a self,
         value: &T,
         options: PublishOptions,
-    ) -> Result<(), PublishError> {
-        let core = self.core()?;
-        let payload = serde_json::to_vec(value).map_err(|e| PublishError::Encode {
-            exchange: core.exchange.name.clone(),
-            cause: e.to_string(),
-        })?;
-        core.publish(&payload, options).await
+    ) -> impl Future<Output = Result<(), PublishError>> + Send + use<'a, T> {
+        // The message is made ready here, outside the future: a future holds what it captured
+        // for its whole life, so each async layer taking the options or the properties by
+        // value would carry its own copy (they are a few hundred bytes each, and a publish's
+        // future is moved when awaited).
+        let ready = self.core().and_then(|core| {
+            let payload = serde_json::to_vec(value).map_err(|e| PublishError::Encode {
+                exchange: core.exchange.name.clone(),
+                cause: e.to_string(),
+            })?;
+            Ok((core, core.outgoing(Cow::Owned(payload), options)?))
+        });
+        match ready {
+            Ok((core, message)) => Either::Left(core.send_bounded(message)),
+            Err(e) => Either::Right(std::future::ready(Err(e))),
+        }
     }
 
     /// Sends raw bytes (content type from the options, else `application/json`).
-    pub async fn publish_bytes(
-        &self,
-        payload: &[u8],
+    pub fn publish_bytes<'a>(
+        &'a self,
+        payload: &'a [u8],
         options: PublishOptions,
-    ) -> Result<(), PublishError> {
-        self.core()?.publish(payload, options).await
+    ) -> impl Future<Output = Result<(), PublishError>> + Send + use<'a> {
+        let ready = self
+            .core()
+            .and_then(|core| Ok((core, core.outgoing(Cow::Borrowed(payload), options)?)));
+        match ready {
+            Ok((core, message)) => Either::Left(core.send_bounded(message)),
+            Err(e) => Either::Right(std::future::ready(Err(e))),
+        }
     }
 
     /// Publishes without waiting for the confirm: the returned [`Unconfirmed`] waits for it,
     /// so that a caller can wait for something else at the same time (an RPC client, for its
     /// reply). Never sent again after a reconnection. Neither step is bounded here: the caller
     /// bounds both with its own deadline (one timer per call, not three).
-    pub(crate) async fn publish_unconfirmed(
-        &self,
-        payload: &[u8],
-        mut options: PublishOptions,
-    ) -> Result<Unconfirmed, PublishError> {
-        let core = self.core()?;
-        let routing_key = options
-            .routing_key
-            .take()
-            .unwrap_or_else(|| core.routing_key.clone());
-        let mandatory = options.mandatory.unwrap_or(core.settings.mandatory);
-        core.check_size(payload)?;
-        let properties = core.properties(options);
-        let deadline = tokio::time::Instant::now() + core.settings.timeout;
-        // A copy of the routing key only for a confirm's error: without confirms there is none.
-        let kept = core.settings.confirm.then(|| routing_key.clone());
-        let confirm = core
-            .start(
-                payload,
-                ShortString::from(routing_key),
-                mandatory,
-                properties,
-                deadline,
-            )
-            .await?;
-        Ok(Unconfirmed {
-            core: core.clone(),
-            confirm,
-            routing_key: kept.unwrap_or_default(),
-        })
+    pub(crate) fn publish_unconfirmed<'a>(
+        &'a self,
+        payload: &'a [u8],
+        options: PublishOptions,
+    ) -> impl Future<Output = Result<Unconfirmed, PublishError>> + Send + use<'a> {
+        let ready = self
+            .core()
+            .and_then(|core| Ok((core, core.outgoing(Cow::Borrowed(payload), options)?)));
+        match ready {
+            Ok((core, message)) => Either::Left(core.start(message)),
+            Err(e) => Either::Right(std::future::ready(Err(e))),
+        }
     }
 
     /// Opens the channel and declares the exchange now rather than at the first publish;
@@ -310,9 +316,13 @@ impl Publisher {
         copy: &super::message::Copy,
     ) -> Result<(), PublishError> {
         let core = self.core()?;
-        let mandatory = core.settings.mandatory;
-        core.send_bounded(&copy.body, queue, mandatory, copy.properties.clone())
-            .await
+        core.send_bounded(Outgoing {
+            payload: Cow::Borrowed(&copy.body),
+            routing_key: Some(Cow::Borrowed(queue)),
+            mandatory: core.settings.mandatory,
+            properties: copy.properties.clone(),
+        })
+        .await
     }
 
     /// The correlation ids of messages the broker returned on a channel without confirms
@@ -376,7 +386,32 @@ fn next_message_id() -> String {
         hasher.write_u32(std::process::id());
         format!("{:016x}", hasher.finish())
     });
-    format!("{prefix}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+    // Written by hand: `format!` costs a few hundred instructions more, on every message.
+    let mut n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let mut id = String::with_capacity(prefix.len() + 1 + digits.len() - start);
+    id.push_str(prefix);
+    id.push('-');
+    id.extend(digits[start..].iter().map(|&d| char::from(d)));
+    id
+}
+
+/// A message ready to send: its options resolved into the routing key and properties.
+struct Outgoing<'a> {
+    payload: Cow<'a, [u8]>,
+    /// `None`: the publisher's own.
+    routing_key: Option<Cow<'a, str>>,
+    mandatory: bool,
+    properties: BasicProperties,
 }
 
 /// A message handed to the broker whose confirm is still to come.
@@ -470,52 +505,65 @@ impl Core {
             .cloned()
     }
 
-    async fn publish(
+    /// Checks the size and resolves the options into the message to send.
+    fn outgoing<'a>(
         &self,
-        payload: &[u8],
+        payload: Cow<'a, [u8]>,
         mut options: PublishOptions,
-    ) -> Result<(), PublishError> {
-        self.check_size(payload)?;
-        let routing_key = options
-            .routing_key
-            .take()
-            .unwrap_or_else(|| self.routing_key.clone());
-        let mandatory = options.mandatory.unwrap_or(self.settings.mandatory);
-        let properties = self.properties(options);
-        self.send_bounded(payload, &routing_key, mandatory, properties)
-            .await
+    ) -> Result<Outgoing<'a>, PublishError> {
+        self.check_size(&payload)?;
+        let routing_key = options.routing_key.take().map(Cow::Owned);
+        Ok(Outgoing {
+            payload,
+            routing_key,
+            mandatory: options.mandatory.unwrap_or(self.settings.mandatory),
+            properties: self.properties(options),
+        })
     }
 
     /// Sends within the publish timeout. When the connection breaks before the confirm, the
     /// message is sent again once farine reconnected, while time is left: the broker may then
     /// hold it twice (at-least-once, `docs/delivery.md`), but it is never silently lost.
-    async fn send_bounded(
-        &self,
-        payload: &[u8],
-        routing_key: &str,
-        mandatory: bool,
-        properties: BasicProperties,
-    ) -> Result<(), PublishError> {
+    ///
+    /// One flat future, no layers each holding the message: the properties live here and in
+    /// lapin's publish, nowhere else.
+    async fn send_bounded(&self, mut message: Outgoing<'_>) -> Result<(), PublishError> {
         let deadline = tokio::time::Instant::now() + self.settings.timeout;
-        if !self.settings.resend {
-            // One attempt: no copy of the properties kept for a second one.
-            let once = self.send(payload, routing_key, mandatory, properties, deadline);
-            return self.bounded(deadline, routing_key, once).await;
-        }
+        let resend = self.settings.resend;
+        let routing_key = message.routing_key.as_deref().unwrap_or(&self.routing_key);
+        let properties = &mut message.properties;
         let attempts = async {
             loop {
-                match self
-                    .send(
-                        payload,
-                        routing_key,
-                        mandatory,
-                        properties.clone(),
-                        deadline,
-                    )
-                    .await
-                {
+                let result = match self.channel(deadline).await {
+                    Ok(channel) => {
+                        // Without resends the one attempt takes the properties: no copy kept.
+                        let properties = if resend {
+                            properties.clone()
+                        } else {
+                            std::mem::take(properties)
+                        };
+                        let sent = channel
+                            .basic_publish(
+                                self.exchange.name.as_str().into(),
+                                ShortString::from(routing_key),
+                                BasicPublishOptions {
+                                    mandatory: message.mandatory,
+                                    immediate: false,
+                                },
+                                &message.payload,
+                                properties,
+                            )
+                            .await;
+                        match sent {
+                            Ok(confirm) => self.finish(confirm, routing_key).await,
+                            Err(e) => Err(self.broker_error(&e)),
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
+                match result {
                     Err(PublishError::Broker(BrokerError::ConnectionBroken { broker, cause }))
-                        if self.settings.resend
+                        if resend
                             && self.connector.can_reconnect()
                             && tokio::time::Instant::now() < deadline =>
                     {
@@ -527,7 +575,8 @@ impl Core {
                 }
             }
         };
-        self.bounded(deadline, routing_key, attempts).await
+        let outcome = tokio::time::timeout_at(deadline, attempts).await;
+        outcome.unwrap_or_else(|_| Err(self.out_of_time(routing_key)))
     }
 
     /// Runs `publish` until `deadline`. A publish that ran out of time while the broker was
@@ -540,20 +589,25 @@ impl Core {
     ) -> Result<T, PublishError> {
         match tokio::time::timeout_at(deadline, publish).await {
             Ok(result) => result,
-            Err(_) if !self.connector.is_connected() => {
-                Err(PublishError::Broker(BrokerError::ConnectionBroken {
-                    broker: self.connector.broker(),
-                    cause: format!(
-                        "not reconnected within publish_timeout ({:?})",
-                        self.settings.timeout
-                    ),
-                }))
-            }
-            Err(_) => Err(PublishError::Timeout {
-                exchange: self.exchange.name.clone(),
-                routing_key: routing_key.to_string(),
-                after: self.settings.timeout,
-            }),
+            Err(_) => Err(self.out_of_time(routing_key)),
+        }
+    }
+
+    /// The error of a publish that ran out of `publish_timeout`.
+    fn out_of_time(&self, routing_key: &str) -> PublishError {
+        if !self.connector.is_connected() {
+            return PublishError::Broker(BrokerError::ConnectionBroken {
+                broker: self.connector.broker(),
+                cause: format!(
+                    "not reconnected within publish_timeout ({:?})",
+                    self.settings.timeout
+                ),
+            });
+        }
+        PublishError::Timeout {
+            exchange: self.exchange.name.clone(),
+            routing_key: routing_key.to_string(),
+            after: self.settings.timeout,
         }
     }
 
@@ -599,49 +653,39 @@ impl Core {
         properties
     }
 
-    async fn send(
-        &self,
-        payload: &[u8],
-        routing_key: &str,
-        mandatory: bool,
-        properties: BasicProperties,
-        deadline: tokio::time::Instant,
-    ) -> Result<(), PublishError> {
-        let confirm = self
-            .start(
-                payload,
-                ShortString::from(routing_key),
-                mandatory,
-                properties,
-                deadline,
-            )
-            .await?;
-        self.finish(confirm, routing_key).await
-    }
-
-    /// Hands the message to the channel; the confirm is still to come.
-    async fn start(
-        &self,
-        payload: &[u8],
-        routing_key: ShortString,
-        mandatory: bool,
-        properties: BasicProperties,
-        deadline: tokio::time::Instant,
-    ) -> Result<lapin::PublisherConfirm, PublishError> {
+    /// Hands the message to the channel; the confirm is still to come. Not bounded here: the
+    /// caller bounds it and the confirm with its own deadline.
+    async fn start(self: &Arc<Self>, message: Outgoing<'_>) -> Result<Unconfirmed, PublishError> {
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
+        let routing_key = match message.routing_key {
+            Some(key) => ShortString::from(key.into_owned()),
+            None => ShortString::from(self.routing_key.as_str()),
+        };
+        // A copy of the routing key only for a confirm's error: without confirms there is none.
+        let kept = if self.settings.confirm {
+            routing_key.as_str().to_string()
+        } else {
+            String::new()
+        };
         let channel = self.channel(deadline).await?;
-        channel
+        let confirm = channel
             .basic_publish(
                 self.exchange.name.as_str().into(),
                 routing_key,
                 BasicPublishOptions {
-                    mandatory,
+                    mandatory: message.mandatory,
                     immediate: false,
                 },
-                payload,
-                properties,
+                &message.payload,
+                message.properties,
             )
             .await
-            .map_err(|e| self.broker_error(&e))
+            .map_err(|e| self.broker_error(&e))?;
+        Ok(Unconfirmed {
+            core: self.clone(),
+            confirm,
+            routing_key: kept,
+        })
     }
 
     /// Waits for the broker's confirm of a message [`Core::start`] sent.

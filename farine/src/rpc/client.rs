@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::{Stream, StreamExt};
+use futures_util::{Stream, StreamExt, TryFutureExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -576,15 +576,18 @@ impl Inner {
 
     /// Publishes the request of call `id`; the confirm is still to come. `single`: the caller
     /// reads one result, the server need not send the end marker.
-    async fn publish_request(
-        &self,
-        method: &str,
+    ///
+    /// A plain function returning the publish's future, not an `async fn`: that would hold the
+    /// options in its own state beside the publish's.
+    fn publish_request<'a>(
+        &'a self,
+        method: &'a str,
         id: String,
-        body: &[u8],
+        body: &'a [u8],
         reply_to: String,
         timeout: Duration,
         single: bool,
-    ) -> Result<Unconfirmed, RpcError> {
+    ) -> impl Future<Output = Result<Unconfirmed, RpcError>> + Send + use<'a> {
         let options = PublishOptions {
             routing_key: Some(wire::routing_key(&self.service, method)),
             correlation_id: Some(id),
@@ -608,8 +611,7 @@ impl Inner {
         };
         publisher
             .publish_unconfirmed(body, options)
-            .await
-            .map_err(|e| self.request_error(method, e))
+            .map_err(move |e| self.request_error(method, e))
     }
 
     /// Notes that the broker routed a request of `method` to a queue.
