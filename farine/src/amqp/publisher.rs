@@ -243,7 +243,8 @@ impl Publisher {
         self.publish_with(value, PublishOptions::default())
     }
 
-    /// As [`Publisher::publish`], with per-message options.
+    /// As [`Publisher::publish`], with per-message options. The value is encoded when this is
+    /// called.
     pub fn publish_with<'a, T: Serialize + ?Sized>(
         &'a self,
         value: &T,
@@ -266,7 +267,8 @@ impl Publisher {
         }
     }
 
-    /// Sends raw bytes (content type from the options, else `application/json`).
+    /// Sends raw bytes (content type from the options, else `application/json`). As with
+    /// [`Publisher::publish`], the message (its properties, its id) is made when this is called.
     pub fn publish_bytes<'a>(
         &'a self,
         payload: &'a [u8],
@@ -304,9 +306,10 @@ impl Publisher {
     pub async fn prepare(&self) -> Result<(), PublishError> {
         let core = self.core()?;
         let deadline = tokio::time::Instant::now() + core.settings.timeout;
-        core.bounded(deadline, &core.routing_key, core.channel(deadline))
-            .await
-            .map(|_| ())
+        match tokio::time::timeout_at(deadline, core.channel(deadline)).await {
+            Ok(channel) => channel.map(|_| ()),
+            Err(_) => Err(core.out_of_time(&core.routing_key)),
+        }
     }
 
     /// Publishes a failed message's copy to `queue` through the default exchange.
@@ -579,21 +582,8 @@ impl Core {
         outcome.unwrap_or_else(|_| Err(self.out_of_time(routing_key)))
     }
 
-    /// Runs `publish` until `deadline`. A publish that ran out of time while the broker was
-    /// unreachable says so (`ConnectionBroken`, naming the broker), not merely `Timeout`.
-    async fn bounded<T>(
-        &self,
-        deadline: tokio::time::Instant,
-        routing_key: &str,
-        publish: impl std::future::Future<Output = Result<T, PublishError>>,
-    ) -> Result<T, PublishError> {
-        match tokio::time::timeout_at(deadline, publish).await {
-            Ok(result) => result,
-            Err(_) => Err(self.out_of_time(routing_key)),
-        }
-    }
-
-    /// The error of a publish that ran out of `publish_timeout`.
+    /// The error of a publish that ran out of `publish_timeout`: `ConnectionBroken`, naming the
+    /// broker, when farine was not connected to it, else `Timeout`.
     fn out_of_time(&self, routing_key: &str) -> PublishError {
         if !self.connector.is_connected() {
             return PublishError::Broker(BrokerError::ConnectionBroken {
