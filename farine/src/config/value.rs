@@ -32,7 +32,7 @@ impl FromValue for bool {
     }
 }
 
-macro_rules! unsigned {
+macro_rules! integers {
     ($($ty:ty => $expected:literal),* $(,)?) => {$(
         impl FromValue for $ty {
             fn from_value(text: &str) -> Option<Self> {
@@ -45,29 +45,13 @@ macro_rules! unsigned {
     )*};
 }
 
-unsigned! {
+integers! {
     u16 => "a whole number from 0 to 65535",
     u32 => "a whole number from 0 to 4294967295",
     u64 => "a whole number, 0 or more",
     usize => "a whole number, 0 or more",
     i64 => "a whole number",
-}
-
-macro_rules! nonzero {
-    ($($ty:ty => $expected:literal),* $(,)?) => {$(
-        impl FromValue for $ty {
-            fn from_value(text: &str) -> Option<Self> {
-                text.parse().ok()
-            }
-            fn expected() -> &'static str {
-                $expected
-            }
-        }
-    )*};
-}
-
-// For counts where 0 has no meaning (a prefetch of 0 would be no limit at all, 0 attempts none).
-nonzero! {
+    // For counts where 0 has no meaning (a prefetch of 0 would be no limit, 0 attempts none).
     std::num::NonZeroU16 => "a whole number from 1 to 65535",
     std::num::NonZeroU32 => "a whole number from 1 to 4294967295",
 }
