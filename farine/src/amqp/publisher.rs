@@ -254,15 +254,14 @@ impl Publisher {
         // for its whole life, so each async layer taking the options or the properties by
         // value would carry its own copy (they are a few hundred bytes each, and a publish's
         // future is moved when awaited).
-        let ready = self.core().and_then(|core| {
-            let payload = serde_json::to_vec(value).map_err(|e| PublishError::Encode {
+        let payload = self.core().and_then(|core| {
+            serde_json::to_vec(value).map_err(|e| PublishError::Encode {
                 exchange: core.exchange.name.clone(),
                 cause: e.to_string(),
-            })?;
-            Ok((core, core.outgoing(Cow::Owned(payload), options)?))
+            })
         });
-        match ready {
-            Ok((core, message)) => Either::Left(core.send_bounded(message)),
+        match payload {
+            Ok(payload) => Either::Left(self.send(Cow::Owned(payload), options)),
             Err(e) => Either::Right(std::future::ready(Err(e))),
         }
     }
@@ -274,13 +273,31 @@ impl Publisher {
         payload: &'a [u8],
         options: PublishOptions,
     ) -> impl Future<Output = Result<(), PublishError>> + Send + use<'a> {
-        let ready = self
-            .core()
-            .and_then(|core| Ok((core, core.outgoing(Cow::Borrowed(payload), options)?)));
-        match ready {
+        self.send(Cow::Borrowed(payload), options)
+    }
+
+    /// Sends `payload` with `options`, waiting for the confirm: what `publish_with` and
+    /// `publish_bytes` share.
+    fn send<'a>(
+        &'a self,
+        payload: Cow<'a, [u8]>,
+        options: PublishOptions,
+    ) -> impl Future<Output = Result<(), PublishError>> + Send + use<'a> {
+        match self.outgoing(payload, options) {
             Ok((core, message)) => Either::Left(core.send_bounded(message)),
             Err(e) => Either::Right(std::future::ready(Err(e))),
         }
+    }
+
+    /// The live publisher and the message `payload` and `options` make (size checked, options
+    /// resolved into properties), or why there is none.
+    fn outgoing<'a>(
+        &'a self,
+        payload: Cow<'a, [u8]>,
+        options: PublishOptions,
+    ) -> Result<(&'a Arc<Core>, Outgoing<'a>), PublishError> {
+        let core = self.core()?;
+        Ok((core, core.outgoing(payload, options)?))
     }
 
     /// Publishes without waiting for the confirm: the returned [`Unconfirmed`] waits for it,
@@ -292,10 +309,7 @@ impl Publisher {
         payload: &'a [u8],
         options: PublishOptions,
     ) -> impl Future<Output = Result<Unconfirmed, PublishError>> + Send + use<'a> {
-        let ready = self
-            .core()
-            .and_then(|core| Ok((core, core.outgoing(Cow::Borrowed(payload), options)?)));
-        match ready {
+        match self.outgoing(Cow::Borrowed(payload), options) {
             Ok((core, message)) => Either::Left(core.start(message)),
             Err(e) => Either::Right(std::future::ready(Err(e))),
         }
