@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    ConfirmSelectOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -109,19 +109,8 @@ impl EchoServer {
         // direct exchange and a durable queue, both named after the service (deleted by the
         // harness's clean-up).
         let queue = match wire {
-            Wire::Minimal => channel
-                .queue_declare(
-                    "".into(),
-                    QueueDeclareOptions {
-                        exclusive: true,
-                        auto_delete: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
+            Wire::Minimal => farine_test_support::private_queue(&channel)
                 .await
-                .expect("request queue")
-                .name()
                 .to_string(),
             Wire::Farine => {
                 crate::declare_queue(

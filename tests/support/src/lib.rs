@@ -412,7 +412,26 @@ impl Drop for Database {
 /// and its consumer.
 pub async fn reply_queue(channel: &Channel) -> (lapin::types::ShortString, lapin::Consumer) {
     use lapin::options::BasicConsumeOptions;
-    let queue = channel
+    let queue = private_queue(channel).await;
+    let consumer = channel
+        .basic_consume(
+            queue.clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("reply queue consumed");
+    (queue, consumer)
+}
+
+/// Declares a server-named, exclusive queue on `channel` (gone with the connection); returns
+/// its name.
+pub async fn private_queue(channel: &Channel) -> lapin::types::ShortString {
+    channel
         .queue_declare(
             "".into(),
             QueueDeclareOptions {
@@ -423,20 +442,9 @@ pub async fn reply_queue(channel: &Channel) -> (lapin::types::ShortString, lapin
             FieldTable::default(),
         )
         .await
-        .expect("reply queue declared");
-    let consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("reply queue consumed");
-    (queue.name().clone(), consumer)
+        .expect("private queue declared")
+        .name()
+        .clone()
 }
 
 /// A local port nothing listens on now (bound, then released).
