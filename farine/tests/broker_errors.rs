@@ -6,7 +6,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{BOUND, config};
+use common::{BOUND, config, start_error};
 use farine::amqp::connection::{ConnectError, Connector};
 use farine::amqp::publisher::PublisherSettings;
 use farine::amqp::topology::{ExchangeSettings, QueueSettings};
@@ -67,12 +67,7 @@ async fn declaring_an_existing_exchange_with_another_type_is_precondition_failed
         "type_probe",
         &[("on_message.exchange", &name), ("on_message.queue", &queue)],
     );
-    let error = Runtime::new(config)
-        .services(["type_probe"])
-        .start()
-        .await
-        .err()
-        .expect("start-up fails");
+    let error = start_error(config, "type_probe", "start-up fails").await;
     let text = error.to_string();
     assert!(
         text.contains("on_message") && text.contains(&format!("exchange `{name}`")),

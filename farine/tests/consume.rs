@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{BOUND, config};
+use common::{BOUND, config, start_error};
 use farine::{Message, Runtime, SettleError, StartError, consume};
 use farine_test_support::{Broker, unique, wait_until};
 use lapin::BasicProperties;
@@ -733,12 +733,7 @@ async fn a_disabled_service_is_not_started() {
         "disabled_probe",
         &[("enabled", "false"), ("never.queue", &queue)],
     );
-    let error = Runtime::new(config)
-        .services(["disabled_probe"])
-        .start()
-        .await
-        .err()
-        .expect("nothing to start");
+    let error = start_error(config, "disabled_probe", "nothing to start").await;
     assert!(matches!(error, StartError::NothingToStart(_)), "{error}");
     assert!(error.to_string().contains("disabled"), "{error}");
     assert_eq!(broker.queue_state(&queue).await, None, "no queue declared");
@@ -748,12 +743,7 @@ async fn a_disabled_service_is_not_started() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_without_its_config_section_does_not_start_and_the_error_names_it() {
     let config = farine::config::Config::from_ini("[other]\n", "test.ini").unwrap();
-    let error = Runtime::new(config)
-        .services(["ack_probe"])
-        .start()
-        .await
-        .err()
-        .expect("missing section");
+    let error = start_error(config, "ack_probe", "missing section").await;
     let text = error.to_string();
     assert!(error.is_config(), "{text}");
     assert!(
@@ -767,12 +757,7 @@ async fn an_unreachable_broker_fails_start_naming_host_and_port_but_not_the_pass
     let text = "[ack_probe]\namqp_uri = amqp://guest:s3cret-pw@127.0.0.1:1\nconnect_timeout = 3\n";
     let config = farine::config::Config::from_ini(text, "test.ini").unwrap();
     let started = Instant::now();
-    let error = Runtime::new(config)
-        .services(["ack_probe"])
-        .start()
-        .await
-        .err()
-        .expect("cannot connect");
+    let error = start_error(config, "ack_probe", "cannot connect").await;
     let text = error.to_string();
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(matches!(error, StartError::Connect(_)), "{text}");
@@ -787,12 +772,7 @@ async fn two_handlers_configured_onto_one_queue_are_refused_at_start() {
         "two_handlers",
         &[("first.queue", &queue), ("second.queue", &queue)],
     );
-    let error = Runtime::new(config)
-        .services(["two_handlers"])
-        .start()
-        .await
-        .err()
-        .expect("conflict");
+    let error = start_error(config, "two_handlers", "conflict").await;
     let text = error.to_string();
     assert!(error.is_config(), "{text}");
     assert!(
@@ -812,12 +792,7 @@ async fn a_prefetch_count_or_max_attempts_out_of_range_is_a_config_error_giving_
         ("max_attempts", "0", "from 1 to 4294967295"),
     ] {
         let config = config("ack_probe", &[(key, value)]);
-        let error = Runtime::new(config)
-            .services(["ack_probe"])
-            .start()
-            .await
-            .err()
-            .expect("refused");
+        let error = start_error(config, "ack_probe", "refused").await;
         let text = error.to_string();
         assert!(error.is_config(), "{text}");
         assert!(

@@ -6,7 +6,7 @@ mod common;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::BOUND;
+use common::{BOUND, start_error};
 use farine::config::Config;
 use farine::db::{EmbeddedMigration, sqlx};
 use farine::{Db, DbCallError, Runtime, Shutdown, consume, execute};
@@ -85,12 +85,12 @@ async fn another_db_connector_is_a_config_error_listing_the_supported_ones() {
         "[db_pooled]\namqp_uri = {}\ndb_connector = mysql\n",
         amqp_uri()
     );
-    let error = Runtime::new(Config::from_ini(&text, "test.ini").unwrap())
-        .services(["db_pooled"])
-        .start()
-        .await
-        .err()
-        .expect("refused");
+    let error = start_error(
+        Config::from_ini(&text, "test.ini").unwrap(),
+        "db_pooled",
+        "refused",
+    )
+    .await;
     assert!(error.is_config(), "{error}");
     assert!(
         error.to_string().contains("supported connectors: postgres"),
@@ -323,12 +323,12 @@ async fn a_transaction_without_a_database_is_a_config_error() {
         "[db_notes]\namqp_uri = {}\nnote.transaction = true\n",
         amqp_uri()
     );
-    let error = Runtime::new(Config::from_ini(&text, "test.ini").unwrap())
-        .services(["db_notes"])
-        .start()
-        .await
-        .err()
-        .expect("refused");
+    let error = start_error(
+        Config::from_ini(&text, "test.ini").unwrap(),
+        "db_notes",
+        "refused",
+    )
+    .await;
     assert!(error.is_config(), "{error}");
     assert!(error.to_string().contains("db_connector"), "{error}");
 }
@@ -347,16 +347,12 @@ impl Answering {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_on_an_rpc_method_is_refused_rather_than_ignored() {
     let database = Database::create().await;
-    let error = Runtime::new(config(
+    let error = start_error(
+        config("db_answering", &database, "answer.transaction = true\n"),
         "db_answering",
-        &database,
-        "answer.transaction = true\n",
-    ))
-    .services(["db_answering"])
-    .start()
-    .await
-    .err()
-    .expect("refused");
+        "refused",
+    )
+    .await;
     assert!(error.is_config(), "{error}");
     assert!(
         error.to_string().contains("Db::current().begin()"),

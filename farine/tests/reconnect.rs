@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::BOUND;
+use common::{BOUND, start_error};
 use farine::amqp::connection::{Connector, ConnectorSettings, NodeSelector};
 use farine::config::Config;
 use farine::rpc::{Client, RpcError};
@@ -423,12 +423,12 @@ async fn amqps_works_with_the_configured_ca_and_an_unknown_certificate_is_refuse
     ];
 
     // Without the CA the certificate is not trusted: no connection.
-    let error = Runtime::new(config("tls_probe", &front.amqps_uri(), &options))
-        .services(["tls_probe"])
-        .start()
-        .await
-        .err()
-        .expect("an unknown certificate is refused");
+    let error = start_error(
+        config("tls_probe", &front.amqps_uri(), &options),
+        "tls_probe",
+        "an unknown certificate is refused",
+    )
+    .await;
     assert!(error.to_string().contains("localhost"), "{error}");
 
     let mut with_ca = options.to_vec();

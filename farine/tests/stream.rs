@@ -6,7 +6,7 @@ mod common;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::BOUND;
+use common::{BOUND, start_error};
 use farine::Runtime;
 use farine::config::Config;
 use farine::stream::Event;
@@ -235,12 +235,12 @@ async fn an_unreachable_database_stops_start_up_naming_it_but_never_the_password
         "endpoint = {}\ndb_connector = postgres\ndb_host = 127.0.0.1\ndb_port = 1\ndb_name = test\ndb_user = postgres\ndb_password = hunter2-secret\ndb_timeout = 2\n",
         server.url()
     );
-    let error = Runtime::new(config("sse_checkpointed", &options))
-        .services(["sse_checkpointed"])
-        .start()
-        .await
-        .err()
-        .expect("cannot connect");
+    let error = start_error(
+        config("sse_checkpointed", &options),
+        "sse_checkpointed",
+        "cannot connect",
+    )
+    .await;
     let text = error.to_string();
     assert!(
         text.contains("host 127.0.0.1 port 1 database test user postgres"),
@@ -264,12 +264,12 @@ impl Unconfigured {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_without_endpoint_is_a_config_error_naming_the_key() {
-    let error = Runtime::new(config("sse_unconfigured", ""))
-        .services(["sse_unconfigured"])
-        .start()
-        .await
-        .err()
-        .expect("no endpoint");
+    let error = start_error(
+        config("sse_unconfigured", ""),
+        "sse_unconfigured",
+        "no endpoint",
+    )
+    .await;
     assert!(error.is_config(), "{error}");
     assert!(error.to_string().contains("`endpoint`"), "{error}");
 }

@@ -4,7 +4,7 @@ mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::BOUND;
+use common::{BOUND, start_error};
 use farine::config::Config;
 use farine::{Runtime, consume};
 use farine_test_support::proxy::Proxy;
@@ -147,12 +147,7 @@ async fn a_broker_that_stops_answering_cannot_hang_start_up_or_shutdown() {
     // Start-up against a stalled broker fails within connect_timeout.
     proxy.stall();
     let started = std::time::Instant::now();
-    let error = Runtime::new(config.clone())
-        .services(["stalled"])
-        .start()
-        .await
-        .err()
-        .expect("no answer, no start");
+    let error = start_error(config.clone(), "stalled", "no answer, no start").await;
     assert!(
         started.elapsed() < std::time::Duration::from_secs(5),
         "{error}"

@@ -17,3 +17,14 @@ pub fn config(service: &str, options: &[(&str, &str)]) -> Config {
     }
     Config::from_ini(&text, "test.ini").expect("test config parses")
 }
+
+/// Starts `service` from `config` and returns why start-up failed; panics with `expected` (what
+/// should have refused it) when it started.
+pub async fn start_error(config: Config, service: &str, expected: &str) -> farine::StartError {
+    farine::Runtime::new(config)
+        .services([service])
+        .start()
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("started, but expected {expected}"))
+}
