@@ -95,6 +95,23 @@ async fn a_publish_method_outside_a_running_service_returns_not_running_not_a_ha
     assert!(error.to_string().contains("forward_with"), "{error}");
 }
 
+/// A standalone publisher (see [`standalone`]) on a fresh exchange `<name>-...` (deleted with
+/// `broker`), its exchange declared, and the name of a queue bound to it with `rk` that
+/// observes what it sends.
+async fn observed(
+    broker: &Broker,
+    name: &str,
+    uri: String,
+    timeout: Duration,
+) -> (Publisher, String) {
+    let exchange = unique(name);
+    broker.forget_exchange_on_drop(&exchange);
+    let publisher = standalone(uri, &exchange, timeout);
+    publisher.prepare().await.expect("declares the exchange");
+    let observer = broker.bind_queue(&exchange, "rk").await;
+    (publisher, observer)
+}
+
 fn standalone(uri: String, exchange: &str, timeout: Duration) -> Publisher {
     let connector = Arc::new(Connector::new(uri, "farine publish test", BOUND));
     let exchange = ExchangeSettings {
@@ -118,11 +135,7 @@ fn standalone(uri: String, exchange: &str, timeout: Duration) -> Publisher {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_with_variant_takes_an_explicit_publisher_outside_any_runtime() {
     let broker = Broker::connect().await;
-    let exchange = unique("with-x");
-    broker.forget_exchange_on_drop(&exchange);
-    let publisher = standalone(amqp_uri(), &exchange, BOUND);
-    publisher.prepare().await.expect("declares the exchange");
-    let observer = broker.bind_queue(&exchange, "rk").await;
+    let (publisher, observer) = observed(&broker, "with-x", amqp_uri(), BOUND).await;
     Forwarder
         .forward_with(publisher, &json!({"direct": true}))
         .await
@@ -134,11 +147,7 @@ async fn the_with_variant_takes_an_explicit_publisher_outside_any_runtime() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_publishes_from_one_publisher_are_in_flight_together_and_all_confirmed() {
     let broker = Broker::connect().await;
-    let exchange = unique("many-x");
-    broker.forget_exchange_on_drop(&exchange);
-    let publisher = standalone(amqp_uri(), &exchange, BOUND);
-    publisher.prepare().await.expect("declares the exchange");
-    let observer = broker.bind_queue(&exchange, "rk").await;
+    let (publisher, observer) = observed(&broker, "many-x", amqp_uri(), BOUND).await;
     let sends = (0..500).map(|n| {
         let publisher = publisher.clone();
         async move { publisher.publish(&json!({"n": n})).await }
@@ -203,12 +212,9 @@ async fn a_broker_that_stops_answering_gives_a_timeout_error_within_the_bound() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_during_a_cut_waits_for_the_reconnection_and_goes_through() {
     let broker = Broker::connect().await;
-    let exchange = unique("cut-x");
-    broker.forget_exchange_on_drop(&exchange);
     let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
-    let publisher = standalone(proxy.amqp_uri(), &exchange, Duration::from_secs(5));
-    publisher.prepare().await.expect("declares the exchange");
-    let observer = broker.bind_queue(&exchange, "rk").await;
+    let (publisher, observer) =
+        observed(&broker, "cut-x", proxy.amqp_uri(), Duration::from_secs(5)).await;
     publisher
         .publish(&json!({"n": 1}))
         .await
@@ -239,11 +245,7 @@ async fn a_publish_during_a_cut_waits_for_the_reconnection_and_goes_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_gets_a_unique_message_id_unless_it_brings_its_own() {
     let broker = Broker::connect().await;
-    let exchange = unique("ids-x");
-    broker.forget_exchange_on_drop(&exchange);
-    let publisher = standalone(amqp_uri(), &exchange, BOUND);
-    publisher.prepare().await.expect("declares the exchange");
-    let observer = broker.bind_queue(&exchange, "rk").await;
+    let (publisher, observer) = observed(&broker, "ids-x", amqp_uri(), BOUND).await;
     publisher.publish(&json!(1)).await.unwrap();
     publisher.publish(&json!(2)).await.unwrap();
     let own = PublishOptions {
@@ -269,11 +271,7 @@ async fn every_message_gets_a_unique_message_id_unless_it_brings_its_own() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_message_properties_reach_the_consumer() {
     let broker = Broker::connect().await;
-    let exchange = unique("props-x");
-    broker.forget_exchange_on_drop(&exchange);
-    let publisher = standalone(amqp_uri(), &exchange, BOUND);
-    publisher.prepare().await.expect("declares the exchange");
-    let observer = broker.bind_queue(&exchange, "rk").await;
+    let (publisher, observer) = observed(&broker, "props-x", amqp_uri(), BOUND).await;
     let options = PublishOptions {
         message_type: Some("order.created".into()),
         correlation_id: Some("c-1".into()),
