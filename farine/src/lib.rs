@@ -37,6 +37,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod execute;
+mod ids;
 pub mod registry;
 pub mod rpc;
 pub mod runtime;

@@ -393,33 +393,12 @@ impl Publisher {
 
 /// A message id unique to this process and message: a random process prefix and a counter.
 fn next_message_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
     static PREFIX: OnceLock<String> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let prefix = PREFIX.get_or_init(|| {
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u32(std::process::id());
-        format!("{:016x}", hasher.finish())
-    });
-    // Written by hand: `format!` costs a few hundred instructions more, on every message.
-    let mut n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    let mut id = String::with_capacity(prefix.len() + 1 + digits.len() - start);
-    id.push_str(prefix);
-    id.push('-');
-    id.extend(digits[start..].iter().map(|&d| char::from(d)));
-    id
+    let prefix = PREFIX.get_or_init(crate::ids::random_prefix);
+    crate::ids::numbered(prefix, NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// A message ready to send: its options resolved into the routing key and properties.

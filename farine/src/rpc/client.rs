@@ -235,13 +235,6 @@ impl std::fmt::Debug for Client {
     }
 }
 
-fn call_prefix() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(std::process::id());
-    format!("{:016x}", hasher.finish())
-}
-
 impl Client {
     /// A client of `service` on `connector`'s connection; `timeout` bounds each call.
     pub fn new(connector: Arc<Connector>, service: impl Into<String>, timeout: Duration) -> Self {
@@ -282,7 +275,7 @@ impl Client {
                 replies: tokio::sync::Mutex::new(None),
                 current: std::sync::RwLock::new(None),
                 next_id: AtomicU64::new(0),
-                prefix: call_prefix(),
+                prefix: crate::ids::random_prefix(),
             })),
         }
     }
@@ -535,7 +528,7 @@ impl Inner {
 
     /// The correlation id of the call keyed `key`.
     fn call_id(&self, key: u64) -> String {
-        format!("{}-{key}", self.prefix)
+        crate::ids::numbered(&self.prefix, key)
     }
 
     fn body(&self, method: &str, args: Args) -> Result<Vec<u8>, RpcError> {
