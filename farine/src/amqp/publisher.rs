@@ -538,21 +538,18 @@ impl Core {
                         } else {
                             std::mem::take(properties)
                         };
-                        let sent = channel
-                            .basic_publish(
-                                self.exchange.name.as_str().into(),
-                                ShortString::from(routing_key),
-                                BasicPublishOptions {
-                                    mandatory: message.mandatory,
-                                    immediate: false,
-                                },
+                        let sent = self
+                            .hand_over(
+                                &channel,
+                                routing_key.into(),
+                                message.mandatory,
                                 &message.payload,
                                 properties,
                             )
                             .await;
                         match sent {
                             Ok(confirm) => self.finish(confirm, routing_key).await,
-                            Err(e) => Err(self.broker_error(&e)),
+                            Err(e) => Err(e),
                         }
                     }
                     Err(e) => Err(e),
@@ -651,24 +648,46 @@ impl Core {
             String::new()
         };
         let channel = self.channel(deadline).await?;
-        let confirm = channel
-            .basic_publish(
-                self.exchange.name.as_str().into(),
+        let confirm = self
+            .hand_over(
+                &channel,
                 routing_key,
-                BasicPublishOptions {
-                    mandatory: message.mandatory,
-                    immediate: false,
-                },
+                message.mandatory,
                 &message.payload,
                 message.properties,
             )
-            .await
-            .map_err(|e| self.broker_error(&e))?;
+            .await?;
         Ok(Unconfirmed {
             core: self.clone(),
             confirm,
             routing_key: kept,
         })
+    }
+
+    /// Gives a message for this publisher's exchange to `channel`: lapin's publish future, with
+    /// its error named, and nothing kept beside it (a plain function, not an `async fn` that
+    /// would hold the properties a second time).
+    fn hand_over<'c>(
+        &'c self,
+        channel: &'c Channel,
+        routing_key: ShortString,
+        mandatory: bool,
+        payload: &'c [u8],
+        properties: BasicProperties,
+    ) -> impl Future<Output = Result<lapin::PublisherConfirm, PublishError>> + Send + 'c {
+        use futures_util::TryFutureExt;
+        channel
+            .basic_publish(
+                self.exchange.name.as_str().into(),
+                routing_key,
+                BasicPublishOptions {
+                    mandatory,
+                    immediate: false,
+                },
+                payload,
+                properties,
+            )
+            .map_err(|e| self.broker_error(&e))
     }
 
     /// Waits for the broker's confirm of a message [`Core::start`] sent.
