@@ -59,7 +59,7 @@ fn main() {
         runs: 3,
         scale: 1.0,
         only: None,
-        uri: farine_test_support::amqp_uri(),
+        uri: farine_test_support::default_vhost_uri(),
     };
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {

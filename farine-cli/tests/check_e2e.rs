@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use farine_test_support::process::{Process, SIGTERM};
 use farine_test_support::proxy::Proxy;
-use farine_test_support::{Broker, Database, IniFile, amqp_uri, free_port, unique};
+use farine_test_support::{Broker, Database, IniFile, free_port, unique};
 use serde_json::json;
 
 /// The first start builds the pubsub example with cargo: give it time.
@@ -30,10 +30,11 @@ fn farine(args: &[&str]) -> Command {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn farine_check_connects_to_the_broker_and_the_database_and_prints_round_trips() {
+    let broker = Broker::connect().await;
     let database = Database::create().await;
     let ini = IniFile::new(&format!(
         "[DEFAULT]\namqp_uri = {}\n{}\n[relay]\n",
-        amqp_uri(),
+        broker.uri(),
         database.ini_keys()
     ));
     let path = ini.path.display().to_string();
@@ -80,9 +81,10 @@ async fn farine_check_against_a_stopped_broker_exits_1_within_seconds_naming_hos
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn farine_start_check_validates_the_services_config_before_connecting() {
+    let broker = Broker::connect().await;
     let good = IniFile::new(&format!(
         "[DEFAULT]\namqp_uri = {}\n\n[relay]\n",
-        amqp_uri()
+        broker.uri()
     ));
     let path = good.path.display().to_string();
     let mut process = Process::spawn(farine(&["--start=pubsub", "--check", "--config", &path]));
@@ -94,7 +96,7 @@ async fn farine_start_check_validates_the_services_config_before_connecting() {
 
     let bad = IniFile::new(&format!(
         "[DEFAULT]\namqp_uri = {}\n\n[relay]\nprefetch_count = lots\n",
-        amqp_uri()
+        broker.uri()
     ));
     let path = bad.path.display().to_string();
     let mut process = Process::spawn(farine(&["--start=pubsub", "--check", "--config", &path]));
@@ -109,13 +111,10 @@ async fn farine_start_check_validates_the_services_config_before_connecting() {
 async fn farine_start_pubsub_logs_a_lost_connection_and_its_reconnection_and_relays_again() {
     let broker = Broker::connect().await;
     let (orders, audit, queue) = (unique("orders"), unique("audit"), unique("relay"));
-    broker.forget_exchange_on_drop(&orders);
-    broker.forget_exchange_on_drop(&audit);
-    broker.forget_queue_on_drop(&queue);
-    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let proxy = Proxy::to_broker().await;
     let ini = IniFile::new(&format!(
         "[DEFAULT]\namqp_uri = {}\n\n[relay]\nrelay.exchange = {orders}\nrelay.queue = {queue}\nseen.exchange = {audit}\n",
-        proxy.amqp_uri()
+        broker.uri_via(proxy.addr())
     ));
     let path = ini.path.display().to_string();
     let mut process = Process::spawn(farine(&["--start=pubsub", "--config", &path]));

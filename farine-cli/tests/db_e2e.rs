@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use farine::rpc::Client;
 use farine_test_support::process::{Process, SIGKILL, SIGTERM};
-use farine_test_support::{Broker, Database, IniFile, amqp_uri, unique};
+use farine_test_support::{Broker, Database, IniFile, unique};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, ExchangeKind};
 use serde_json::json;
@@ -70,8 +70,11 @@ fn expected(batch: &str, count: u32) -> BTreeMap<String, i64> {
 }
 
 /// Asks `balance` for every account until the answers match, within the bound.
-async fn wait_for_balances(expected: &BTreeMap<String, i64>) -> BTreeMap<String, i64> {
-    let ledger = Client::connect(&amqp_uri(), "ledger", Duration::from_secs(10))
+async fn wait_for_balances(
+    broker: &Broker,
+    expected: &BTreeMap<String, i64>,
+) -> BTreeMap<String, i64> {
+    let ledger = Client::connect(&broker.uri(), "ledger", Duration::from_secs(10))
         .await
         .unwrap();
     let deadline = tokio::time::Instant::now() + BOUND;
@@ -88,10 +91,10 @@ async fn wait_for_balances(expected: &BTreeMap<String, i64>) -> BTreeMap<String,
     }
 }
 
-fn ini(database: &Database, exchange: &str, queue: &str) -> IniFile {
+fn ini(broker: &Broker, database: &Database, exchange: &str, queue: &str) -> IniFile {
     IniFile::new(&format!(
         "[DEFAULT]\namqp_uri = {}\n[ledger]\n{}entry.inbox = true\nentry.exchange = {exchange}\nentry.queue = {queue}\nprefetch_count = 20\n",
-        amqp_uri(),
+        broker.uri(),
         database.ini_keys()
     ))
 }
@@ -104,13 +107,17 @@ async fn a_thousand_entries_with_duplicates_give_the_right_balances_each_id_appl
     broker
         .declare_exchange(&exchange, ExchangeKind::Direct)
         .await;
-    broker.forget_queue_on_drop(&queue);
-    let ini = ini(&database, &exchange, &queue);
+    let ini = ini(&broker, &database, &exchange, &queue);
     let mut process = start_db(&ini);
 
     publish(&broker, &exchange, "one", 0..1000).await;
     let want = expected("one", 1000);
-    assert_eq!(wait_for_balances(&want).await, want, "{}", process.output());
+    assert_eq!(
+        wait_for_balances(&broker, &want).await,
+        want,
+        "{}",
+        process.output()
+    );
 
     process.signal(SIGTERM);
     assert_eq!(process.wait_exit(BOUND).and_then(|s| s.code()), Some(0));
@@ -124,8 +131,7 @@ async fn a_sigkill_in_the_middle_of_a_batch_then_a_restart_still_gives_the_right
     broker
         .declare_exchange(&exchange, ExchangeKind::Direct)
         .await;
-    broker.forget_queue_on_drop(&queue);
-    let ini = ini(&database, &exchange, &queue);
+    let ini = ini(&broker, &database, &exchange, &queue);
     let mut first = start_db(&ini);
 
     publish(&broker, &exchange, "two", 0..1000).await;
@@ -136,18 +142,24 @@ async fn a_sigkill_in_the_middle_of_a_batch_then_a_restart_still_gives_the_right
 
     let mut second = start_db(&ini);
     let want = expected("two", 1000);
-    assert_eq!(wait_for_balances(&want).await, want, "{}", second.output());
+    assert_eq!(
+        wait_for_balances(&broker, &want).await,
+        want,
+        "{}",
+        second.output()
+    );
     second.signal(SIGTERM);
     assert_eq!(second.wait_exit(BOUND).and_then(|s| s.code()), Some(0));
 }
 
-#[test]
-fn a_database_that_refuses_stops_start_up_naming_it_but_never_its_password() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_refuses_stops_start_up_naming_it_but_never_its_password() {
+    let broker = Broker::connect().await;
     // The local server trusts local connections, so the refusal is staged on a port where no
     // database listens; the password must not appear whatever the cause.
     let ini = IniFile::new(&format!(
         "[DEFAULT]\namqp_uri = {}\n[ledger]\ndb_connector = postgres\ndb_host = 127.0.0.1\ndb_port = 1\ndb_name = test\ndb_user = postgres\ndb_password = p4ss-w0rd-secret\ndb_timeout = 2\n",
-        amqp_uri()
+        broker.uri()
     ));
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_farine"))

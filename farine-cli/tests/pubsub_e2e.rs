@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use farine_test_support::process::{Process, SIGTERM};
-use farine_test_support::{Broker, IniFile, amqp_uri, unique};
+use farine_test_support::{Broker, IniFile, unique};
 use lapin::ExchangeKind;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -33,12 +33,12 @@ fn farine(args: &[&str]) -> Command {
     command
 }
 
-/// A config for `relay` with exchanges and a queue of the test's own.
-fn own_topology(extra: &str) -> (IniFile, String, String, String) {
+/// A config for `relay` in the test's vhost, with exchanges and a queue of the test's own.
+fn own_topology(broker: &Broker, extra: &str) -> (IniFile, String, String, String) {
     let (orders, audit, queue) = (unique("orders"), unique("audit"), unique("relay"));
     let ini = IniFile::new(&format!(
         "[DEFAULT]\namqp_uri = {}\n\n[relay]\nrelay.exchange = {orders}\nrelay.queue = {queue}\nseen.exchange = {audit}\n{extra}",
-        amqp_uri()
+        broker.uri()
     ));
     (ini, orders, audit, queue)
 }
@@ -46,10 +46,13 @@ fn own_topology(extra: &str) -> (IniFile, String, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn farine_start_pubsub_relays_an_order_to_audit_and_exits_0_on_sigterm() {
     let broker = Broker::connect().await;
-    // The example as shipped: etc/farine.ini, exchanges `orders` and `audit`.
+    // The example as shipped: etc/farine.ini, exchanges `orders` and `audit`, in the test's
+    // vhost through the environment override a container would use.
     broker.declare_exchange("audit", ExchangeKind::Direct).await;
     let observer = broker.bind_queue("audit", "order.seen").await;
-    let mut process = Process::spawn(farine(&["--start=pubsub", "--config", "etc/farine.ini"]));
+    let mut command = farine(&["--start=pubsub", "--config", "etc/farine.ini"]);
+    command.env("FARINE__DEFAULT__AMQP_URI", broker.uri());
+    let mut process = Process::spawn(command);
     assert!(
         process.wait_for_output("consuming", START_BOUND),
         "farine started:\n{}",
@@ -77,17 +80,12 @@ async fn farine_start_pubsub_relays_an_order_to_audit_and_exits_0_on_sigterm() {
     process.signal(SIGTERM);
     let status = process.wait_exit(BOUND).expect("exits after SIGTERM");
     assert_eq!(status.code(), Some(0), "{}", process.output());
-    // `audit` is the example's exchange: leave it for the user; `orders` too.
-    broker.forget_queue_on_drop(&observer);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_is_not_json_is_dead_lettered_and_logged_and_the_next_order_is_relayed() {
     let broker = Broker::connect().await;
-    let (ini, orders, audit, queue) = own_topology("");
-    broker.forget_exchange_on_drop(&orders);
-    broker.forget_exchange_on_drop(&audit);
-    broker.forget_queue_on_drop(&queue);
+    let (ini, orders, audit, queue) = own_topology(&broker, "");
     let path = ini.path.display().to_string();
     let mut process = Process::spawn(farine(&["--start=pubsub", "--config", &path]));
     assert!(
@@ -134,10 +132,7 @@ async fn a_body_that_is_not_json_is_dead_lettered_and_logged_and_the_next_order_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_500_orders_are_queued_loses_none_and_acks_none_unhandled() {
     let broker = Broker::connect().await;
-    let (ini, orders, audit, queue) = own_topology("drain_timeout = 5\n");
-    broker.forget_exchange_on_drop(&orders);
-    broker.forget_exchange_on_drop(&audit);
-    broker.forget_queue_on_drop(&queue);
+    let (ini, orders, audit, queue) = own_topology(&broker, "drain_timeout = 5\n");
     // Fill the relay's queue before farine starts, so SIGTERM lands mid-stream.
     broker.declare_exchange(&orders, ExchangeKind::Direct).await;
     broker.declare_exchange(&audit, ExchangeKind::Direct).await;
@@ -278,10 +273,7 @@ fn the_config_path_comes_from_farine_ini_when_no_flag_is_given() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_modules_run_side_by_side_and_sigterm_stops_them_all() {
     let broker = Broker::connect().await;
-    let (ini, orders, audit, queue) = own_topology("");
-    broker.forget_exchange_on_drop(&orders);
-    broker.forget_exchange_on_drop(&audit);
-    broker.forget_queue_on_drop(&queue);
+    let (ini, _, _, queue) = own_topology(&broker, "");
     let path = ini.path.display().to_string();
     // Two processes of one module: competing consumers of the relay queue.
     let mut process = Process::spawn(farine(&[

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use farine::rpc::{Client, RpcError, StreamExt};
-use farine_test_support::amqp_uri;
+use farine_test_support::Broker;
 use farine_test_support::process::{Process, SIGTERM};
 use futures_util::future::join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -18,12 +18,15 @@ use serde_json::{Value, json};
 const START_BOUND: Duration = Duration::from_secs(300);
 const BOUND: Duration = Duration::from_secs(15);
 
-fn start_rpc() -> Process {
+/// `farine --start=rpc` with the shipped etc/farine.ini, in the test's vhost (through the
+/// environment override a container would use).
+fn start_rpc(broker: &Broker) -> Process {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_farine"));
     command
         .args(["--start=rpc", "--config", "etc/farine.ini"])
         .current_dir(workspace)
+        .env("FARINE__DEFAULT__AMQP_URI", broker.uri())
         .env("RUST_LOG", "info");
     let process = Process::spawn(command);
     assert!(
@@ -36,8 +39,9 @@ fn start_rpc() -> Process {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn farine_start_rpc_answers_the_typed_client() {
-    let mut process = start_rpc();
-    let server = ServerApiClient::connect(&amqp_uri(), Duration::from_secs(30))
+    let broker = Broker::connect().await;
+    let mut process = start_rpc(&broker);
+    let server = ServerApiClient::connect(&broker.uri(), Duration::from_secs(30))
         .await
         .unwrap();
 
@@ -84,7 +88,7 @@ async fn farine_start_rpc_answers_the_typed_client() {
     }
 
     // Service `client` calls `server` through its injected, typed client.
-    let via_client = Client::connect(&amqp_uri(), "client", Duration::from_secs(30))
+    let via_client = Client::connect(&broker.uri(), "client", Duration::from_secs(30))
         .await
         .unwrap();
     assert_eq!(
@@ -119,8 +123,8 @@ enum Sent {
 }
 
 impl HandWritten {
-    async fn connect() -> Self {
-        let connection = lapin::Connection::connect(&amqp_uri(), Default::default())
+    async fn connect(broker: &Broker) -> Self {
+        let connection = lapin::Connection::connect(&broker.uri(), Default::default())
             .await
             .unwrap();
         let channel = connection.create_channel().await.unwrap();
@@ -194,8 +198,9 @@ impl HandWritten {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn farine_start_rpc_answers_a_hand_written_client_following_the_doc() {
-    let mut process = start_rpc();
-    let mut hand = HandWritten::connect().await;
+    let broker = Broker::connect().await;
+    let mut process = start_rpc(&broker);
+    let mut hand = HandWritten::connect(&broker).await;
 
     let Sent::Replies(replies) = hand
         .call(

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use farine_test_support::process::{Process, SIGTERM};
 use farine_test_support::sse::SseServer;
-use farine_test_support::{Broker, Database, IniFile, amqp_uri, unique};
+use farine_test_support::{Broker, Database, IniFile, unique};
 use lapin::ExchangeKind;
 use serde_json::json;
 
@@ -33,7 +33,7 @@ async fn start_sse(broker: &Broker, server: &SseServer, extra: &str) -> (Process
     let observer = broker.bind_queue(&exchange, "event").await;
     let ini = IniFile::new(&format!(
         "[DEFAULT]\namqp_uri = {}\n[listener]\nendpoint = {}\nstart_from = beginning\nreconnect_delay = 10ms\nforward.exchange = {exchange}\n{extra}",
-        amqp_uri(),
+        broker.uri(),
         server.url()
     ));
     let path = ini.path.display().to_string();
@@ -104,7 +104,7 @@ async fn farine_start_ticker_ticks_once_a_second_and_stops_within_a_second() {
     let observer = broker.bind_queue(&exchange, "tick").await;
     let ini = IniFile::new(&format!(
         "[DEFAULT]\namqp_uri = {}\n[ticker]\ninterval = 1\nsend.exchange = {exchange}\n",
-        amqp_uri()
+        broker.uri()
     ));
     let path = ini.path.display().to_string();
     let mut process = farine(&["--start=ticker", "--config", &path]);
@@ -134,11 +134,12 @@ async fn farine_start_ticker_ticks_once_a_second_and_stops_within_a_second() {
     );
 }
 
-#[test]
-fn a_module_that_fails_on_every_run_exits_non_zero_naming_service_and_handler() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_that_fails_on_every_run_exits_non_zero_naming_service_and_handler() {
+    let broker = Broker::connect().await;
     let ini = IniFile::new(&format!(
         "[DEFAULT]\namqp_uri = {}\n[crashy]\nrestart_delay = 20ms\nmax_restarts = 3\n",
-        amqp_uri()
+        broker.uri()
     ));
     let path = ini.path.display().to_string();
     let mut process = farine(&["--start=crashy", "--config", &path]);
@@ -167,7 +168,7 @@ async fn farine_start_rpc_and_mixed_an_sse_event_goes_through_rpc() {
     let observer = broker.bind_queue(&exchange, "answer").await;
     let ini = IniFile::new(&format!(
         "[DEFAULT]\namqp_uri = {}\n[server]\n[client]\n[mixed]\nendpoint = {}\nstart_from = beginning\nreport.exchange = {exchange}\nrpc_timeout = 10\n",
-        amqp_uri(),
+        broker.uri(),
         server.url()
     ));
     let path = ini.path.display().to_string();

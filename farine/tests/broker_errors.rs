@@ -13,7 +13,7 @@ use farine::amqp::topology::{ExchangeSettings, QueueSettings};
 use farine::rpc::{Client, RpcError};
 use farine::{BrokerError, PublishError, Publisher, Resource, Runtime, consume, publish};
 use farine_test_support::proxy::Proxy;
-use farine_test_support::{Broker, amqp_uri, unique, wait_until};
+use farine_test_support::{Broker, unique, wait_until};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, ExchangeKind};
@@ -46,7 +46,6 @@ impl TypeProbe {
 async fn declaring_an_existing_exchange_with_another_type_is_precondition_failed_naming_it() {
     let broker = Broker::connect().await;
     let (name, queue) = (unique("typed-x"), unique("typed-q"));
-    broker.forget_queue_on_drop(&queue);
     broker.declare_exchange(&name, ExchangeKind::Topic).await;
 
     let channel = broker.connection().create_channel().await.unwrap();
@@ -64,6 +63,7 @@ async fn declaring_an_existing_exchange_with_another_type_is_precondition_failed
 
     // Through a service, start-up stops with the same error, naming the handler.
     let config = config(
+        &broker,
         "type_probe",
         &[("on_message.exchange", &name), ("on_message.queue", &queue)],
     );
@@ -94,9 +94,10 @@ async fn a_reserved_amq_name_is_access_refused_naming_the_exchange() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_to_an_exchange_that_does_not_exist_is_not_found_naming_it() {
+    let broker = Broker::connect().await;
     let missing = unique("missing-x");
     let publisher = publisher(
-        amqp_uri(),
+        broker.uri(),
         &missing,
         PublisherSettings {
             declare_exchange: false,
@@ -113,7 +114,6 @@ async fn publishing_to_an_exchange_that_does_not_exist_is_not_found_naming_it() 
     );
     // The channel the broker closed is replaced: the publisher keeps working once the
     // exchange exists.
-    let broker = Broker::connect().await;
     broker
         .declare_exchange(&missing, ExchangeKind::Direct)
         .await;
@@ -126,8 +126,7 @@ async fn publishing_to_an_exchange_that_does_not_exist_is_not_found_naming_it() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn declaring_a_queue_another_connection_holds_exclusively_is_resource_locked() {
     let broker = Broker::connect().await;
-    let (name, queue) = (unique("locked-x"), unique("locked-q"));
-    broker.forget_exchange_on_drop(&name);
+    let queue = unique("locked-q");
     broker
         .channel()
         .queue_declare(
@@ -141,7 +140,7 @@ async fn declaring_a_queue_another_connection_holds_exclusively_is_resource_lock
         .await
         .expect("the test holds the queue exclusively");
 
-    let other = lapin::Connection::connect(&amqp_uri(), Default::default())
+    let other = lapin::Connection::connect(&broker.uri(), Default::default())
         .await
         .unwrap();
     let channel = other.create_channel().await.unwrap();
@@ -185,7 +184,6 @@ async fn a_call_to_a_service_whose_queue_nobody_consumes_is_no_consumers_naming_
         )
         .await
         .unwrap();
-    broker.forget_queue_on_drop(&service);
     broker
         .channel()
         .queue_bind(
@@ -198,7 +196,7 @@ async fn a_call_to_a_service_whose_queue_nobody_consumes_is_no_consumers_naming_
         .await
         .unwrap();
 
-    let client = Client::connect(&amqp_uri(), &service, Duration::from_millis(500))
+    let client = Client::connect(&broker.uri(), &service, Duration::from_millis(500))
         .await
         .unwrap();
     let error = client
@@ -221,11 +219,10 @@ async fn a_call_to_a_service_whose_queue_nobody_consumes_is_no_consumers_naming_
 async fn publishing_when_the_broker_is_gone_is_connection_broken_naming_it_within_the_bound() {
     let broker = Broker::connect().await;
     let name = unique("gone-x");
-    broker.forget_exchange_on_drop(&name);
-    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let proxy = Proxy::to_broker().await;
     let addr = proxy.addr();
     let publisher = publisher(
-        proxy.amqp_uri(),
+        broker.uri_via(proxy.addr()),
         &name,
         PublisherSettings {
             timeout: Duration::from_secs(1),
@@ -292,9 +289,8 @@ impl ArgsProbe {
 async fn queue_arguments_from_config_reach_the_broker_and_a_quorum_queue_consumes() {
     let broker = Broker::connect().await;
     let (name, queue) = (unique("args-x"), unique("args-q"));
-    broker.forget_exchange_on_drop(&name);
-    broker.forget_queue_on_drop(&queue);
     let config = config(
+        &broker,
         "args_probe",
         &[
             ("on_message.exchange", &name),
@@ -369,9 +365,8 @@ impl HeadersProbe {
 async fn a_headers_exchange_binding_takes_its_match_arguments_from_config() {
     let broker = Broker::connect().await;
     let (name, queue) = (unique("headers-x"), unique("headers-q"));
-    broker.forget_exchange_on_drop(&name);
-    broker.forget_queue_on_drop(&queue);
     let config = config(
+        &broker,
         "headers_probe",
         &[
             ("on_pdf.exchange", &name),
@@ -423,8 +418,8 @@ impl MandatoryProbe {
 async fn mandatory_from_config_turns_an_unroutable_publish_into_no_route() {
     let broker = Broker::connect().await;
     let name = unique("mandatory-x");
-    broker.forget_exchange_on_drop(&name);
     let config = config(
+        &broker,
         "mandatory_probe",
         &[("announce.exchange", &name), ("announce.mandatory", "true")],
     );
@@ -448,9 +443,8 @@ async fn mandatory_from_config_turns_an_unroutable_publish_into_no_route() {
 async fn a_message_over_max_message_bytes_is_refused_before_the_broker_sees_it() {
     let broker = Broker::connect().await;
     let name = unique("size-x");
-    broker.forget_exchange_on_drop(&name);
     let publisher = publisher(
-        amqp_uri(),
+        broker.uri(),
         &name,
         PublisherSettings {
             max_message_bytes: 1024,
@@ -502,8 +496,7 @@ async fn a_refused_login_is_not_retried_and_a_closed_connector_fails_a_publish_a
 
     let broker = Broker::connect().await;
     let name = unique("closed-x");
-    broker.forget_exchange_on_drop(&name);
-    let connector = Arc::new(Connector::new(amqp_uri(), "farine closed test", BOUND));
+    let connector = Arc::new(Connector::new(broker.uri(), "farine closed test", BOUND));
     let publisher = Publisher::new(
         connector.clone(),
         exchange(&name),

@@ -4,7 +4,7 @@ mod common;
 
 use farine::config::Config;
 use farine::{Runtime, consume};
-use farine_test_support::{Broker, amqp_uri, unique};
+use farine_test_support::{Broker, unique};
 use serde_json::Value;
 
 #[derive(Default)]
@@ -64,12 +64,9 @@ async fn services_on_one_broker_share_one_connection_named_after_them() {
     let broker = Broker::connect().await;
     let exchange = unique("conn-x");
     let (q1, q2) = (unique("conn-q1"), unique("conn-q2"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&q1);
-    broker.forget_queue_on_drop(&q2);
     let text = format!(
         "[DEFAULT]\namqp_uri = {}\nexchange = {exchange}\n[conn_billing]\nbill.queue = {q1}\n[conn_shipping]\nship.queue = {q2}\n",
-        amqp_uri()
+        broker.uri()
     );
     let running = Runtime::new(Config::from_ini(&text, "test.ini").unwrap())
         .module("shop")

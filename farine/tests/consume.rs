@@ -38,9 +38,8 @@ impl AckProbe {
 async fn consumed_message_is_decoded_and_acked_after_handler_returns_ok() {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("ack-x"), unique("ack-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
     let config = config(
+        &broker,
         "ack_probe",
         &[
             ("on_message.exchange", &exchange),
@@ -90,9 +89,8 @@ impl FailProbe {
 async fn a_failing_message_is_retried_after_a_delay_up_to_max_attempts_then_dead_lettered() {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("fail-x"), unique("fail-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
     let config = config(
+        &broker,
         "fail_probe",
         &[
             ("always_fails.exchange", &exchange),
@@ -154,9 +152,8 @@ impl FlakyProbe {
 async fn a_message_redelivered_by_the_broker_still_gets_its_retries() {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("flaky-x"), unique("flaky-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
     let config = config(
+        &broker,
         "flaky_probe",
         &[
             ("fails_once.exchange", &exchange),
@@ -230,9 +227,8 @@ impl PanicProbe {
 async fn a_panicking_handler_is_caught_and_the_consumer_keeps_handling_messages() {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("panic-x"), unique("panic-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
     let config = config(
+        &broker,
         "panic_probe",
         &[
             ("may_panic.exchange", &exchange),
@@ -287,9 +283,8 @@ async fn a_body_that_does_not_decode_is_dead_lettered_without_retries_and_never_
  {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("decode-x"), unique("decode-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
     let config = config(
+        &broker,
         "decode_probe",
         &[("on_order.exchange", &exchange), ("on_order.queue", &queue)],
     );
@@ -371,9 +366,8 @@ impl SettleProbe {
 async fn a_message_the_handler_settled_itself_is_not_settled_again() {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("settle-x"), unique("settle-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
     let config = config(
+        &broker,
         "settle_probe",
         &[
             ("settles_itself.exchange", &exchange),
@@ -435,9 +429,8 @@ impl MetadataProbe {
 async fn the_message_handle_exposes_routing_key_headers_and_properties() {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("meta-x"), unique("meta-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
     let config = config(
+        &broker,
         "metadata_probe",
         &[("inspect.exchange", &exchange), ("inspect.queue", &queue)],
     );
@@ -494,10 +487,8 @@ async fn two_handlers_of_one_service_each_get_every_message_on_their_own_queue()
     let broker = Broker::connect().await;
     let exchange = unique("two-x");
     let (q1, q2) = (unique("two-q1"), unique("two-q2"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&q1);
-    broker.forget_queue_on_drop(&q2);
     let config = config(
+        &broker,
         "two_handlers",
         &[
             ("exchange", &exchange),
@@ -550,19 +541,17 @@ impl Competing {
 async fn two_processes_of_one_service_share_its_queue_as_competing_consumers() {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("compete-x"), unique("compete-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
     let options = [
         ("work.exchange", exchange.as_str()),
         ("work.queue", queue.as_str()),
         ("prefetch_count", "1"),
     ];
-    let a = Runtime::new(config("competing", &options))
+    let a = Runtime::new(config(&broker, "competing", &options))
         .services(["competing"])
         .start()
         .await
         .expect("first starts");
-    let b = Runtime::new(config("competing", &options))
+    let b = Runtime::new(config(&broker, "competing", &options))
         .services(["competing"])
         .start()
         .await
@@ -619,9 +608,8 @@ impl ConcurrencyProbe {
 async fn up_to_prefetch_count_messages_are_handled_at_once_and_no_more() {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("conc-x"), unique("conc-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
     let config = config(
+        &broker,
         "concurrency_probe",
         &[
             ("slow.exchange", &exchange),
@@ -672,9 +660,8 @@ impl DrainProbe {
 async fn shutdown_lets_in_flight_handlers_finish_and_requeues_what_outlives_the_drain_timeout() {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("drain-x"), unique("drain-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
     let config = config(
+        &broker,
         "drain_probe",
         &[
             ("held.exchange", &exchange),
@@ -730,6 +717,7 @@ async fn a_disabled_service_is_not_started() {
     let broker = Broker::connect().await;
     let queue = unique("disabled-q");
     let config = config(
+        &broker,
         "disabled_probe",
         &[("enabled", "false"), ("never.queue", &queue)],
     );
@@ -767,8 +755,10 @@ async fn an_unreachable_broker_fails_start_naming_host_and_port_but_not_the_pass
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_handlers_configured_onto_one_queue_are_refused_at_start() {
+    let broker = Broker::connect().await;
     let queue = unique("shared-q");
     let config = config(
+        &broker,
         "two_handlers",
         &[("first.queue", &queue), ("second.queue", &queue)],
     );
@@ -785,13 +775,14 @@ async fn two_handlers_configured_onto_one_queue_are_refused_at_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefetch_count_or_max_attempts_out_of_range_is_a_config_error_giving_the_range() {
+    let broker = Broker::connect().await;
     for (key, value, range) in [
         ("prefetch_count", "0", "from 1 to 65535"),
         ("prefetch_count", "lots", "from 1 to 65535"),
         ("prefetch_count", "65536", "from 1 to 65535"),
         ("max_attempts", "0", "from 1 to 4294967295"),
     ] {
-        let config = config("ack_probe", &[(key, value)]);
+        let config = config(&broker, "ack_probe", &[(key, value)]);
         let error = start_error(config, "ack_probe", "refused").await;
         let text = error.to_string();
         assert!(error.is_config(), "{text}");

@@ -10,15 +10,15 @@ use common::{BOUND, start_error};
 use farine::config::Config;
 use farine::db::{EmbeddedMigration, sqlx};
 use farine::{Db, DbCallError, Runtime, Shutdown, consume, execute};
-use farine_test_support::{Broker, Database, amqp_uri, unique, wait_until};
+use farine_test_support::{Broker, Database, unique, wait_until};
 use lapin::BasicProperties;
 use lapin::types::ShortString;
 use serde_json::{Value, json};
 
-fn config(service: &str, database: &Database, options: &str) -> Config {
+fn config(broker: &Broker, service: &str, database: &Database, options: &str) -> Config {
     let text = format!(
         "[{service}]\namqp_uri = {}\n{}{options}",
-        amqp_uri(),
+        broker.uri(),
         database.ini_keys()
     );
     Config::from_ini(&text, "test.ini").unwrap()
@@ -68,8 +68,9 @@ impl Pooled {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pool_follows_the_seed_keys_and_a_handler_gets_a_connection() {
+    let broker = Broker::connect().await;
     let database = Database::create().await;
-    let running = Runtime::new(config("db_pooled", &database, "db_max_conn = 3\n"))
+    let running = Runtime::new(config(&broker, "db_pooled", &database, "db_max_conn = 3\n"))
         .services(["db_pooled"])
         .start()
         .await
@@ -81,9 +82,10 @@ async fn the_pool_follows_the_seed_keys_and_a_handler_gets_a_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_db_connector_is_a_config_error_listing_the_supported_ones() {
+    let broker = Broker::connect().await;
     let text = format!(
         "[db_pooled]\namqp_uri = {}\ndb_connector = mysql\n",
-        amqp_uri()
+        broker.uri()
     );
     let error = start_error(
         Config::from_ini(&text, "test.ini").unwrap(),
@@ -132,12 +134,10 @@ async fn start_notes(
     options: &str,
 ) -> (farine::Running, String) {
     let (exchange, queue) = (unique("notes-x"), unique("notes-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
     let options = format!(
         "note.exchange = {exchange}\nnote.queue = {queue}\nretry_delay = 10ms\nmax_attempts = 2\n{options}"
     );
-    let running = Runtime::new(config("db_notes", database, &options))
+    let running = Runtime::new(config(broker, "db_notes", database, &options))
         .services(["db_notes"])
         .migrations(NOTES)
         .start()
@@ -208,12 +208,10 @@ async fn the_inbox_applies_each_message_id_once_under_duplicates_and_retries() {
     let database = Database::create().await;
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("inbox-x"), unique("inbox-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
     let options = format!(
         "apply.exchange = {exchange}\napply.queue = {queue}\napply.inbox = true\nretry_delay = 10ms\n"
     );
-    let running = Runtime::new(config("db_inboxed", &database, &options))
+    let running = Runtime::new(config(&broker, "db_inboxed", &database, &options))
         .services(["db_inboxed"])
         .migrations(NOTES)
         .start()
@@ -295,9 +293,10 @@ impl Migrated {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_are_applied_once_under_two_concurrent_starts() {
+    let broker = Broker::connect().await;
     let database = Database::create().await;
     let start = || {
-        Runtime::new(config("db_migrated", &database, ""))
+        Runtime::new(config(&broker, "db_migrated", &database, ""))
             .services(["db_migrated"])
             .migrations(NOTES)
             .start()
@@ -319,9 +318,10 @@ async fn migrations_are_applied_once_under_two_concurrent_starts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_without_a_database_is_a_config_error() {
+    let broker = Broker::connect().await;
     let text = format!(
         "[db_notes]\namqp_uri = {}\nnote.transaction = true\n",
-        amqp_uri()
+        broker.uri()
     );
     let error = start_error(
         Config::from_ini(&text, "test.ini").unwrap(),
@@ -346,9 +346,15 @@ impl Answering {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_on_an_rpc_method_is_refused_rather_than_ignored() {
+    let broker = Broker::connect().await;
     let database = Database::create().await;
     let error = start_error(
-        config("db_answering", &database, "answer.transaction = true\n"),
+        config(
+            &broker,
+            "db_answering",
+            &database,
+            "answer.transaction = true\n",
+        ),
         "db_answering",
         "refused",
     )

@@ -84,9 +84,8 @@ async fn a_message_that_always_fails_is_dead_lettered_with_its_error_while_the_m
  {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("poison-x"), unique("poison-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
     let config = config(
+        &broker,
         "poison_probe",
         &[
             ("work.exchange", &exchange),
@@ -192,9 +191,8 @@ impl ShapeProbe {
 async fn a_body_that_does_not_decode_goes_straight_to_the_dead_letter_queue_with_the_reason() {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("shape-x"), unique("shape-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
     let config = config(
+        &broker,
         "shape_probe",
         &[
             ("on_order.exchange", &exchange),
@@ -257,15 +255,13 @@ impl ReplayProbe {
 async fn replaying_dead_letters_sends_them_back_to_the_handler_with_a_fresh_attempt_count() {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("replay-x"), unique("replay-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
     let options = [
         ("flaky.exchange", exchange.as_str()),
         ("flaky.queue", queue.as_str()),
         ("retry_delay", "20ms"),
         ("max_attempts", "2"),
     ];
-    let running = Runtime::new(config("replay_probe", &options))
+    let running = Runtime::new(config(&broker, "replay_probe", &options))
         .services(["replay_probe"])
         .start()
         .await
@@ -284,7 +280,7 @@ async fn replaying_dead_letters_sends_them_back_to_the_handler_with_a_fresh_atte
 
     // The cause is fixed; the dead letters go back.
     FIXED.store(true, Ordering::SeqCst);
-    let (moved, from, to) = Runtime::new(config("replay_probe", &options))
+    let (moved, from, to) = Runtime::new(config(&broker, "replay_probe", &options))
         .services(["replay_probe"])
         .replay_dead_letters("replay_probe.flaky")
         .await
@@ -307,7 +303,8 @@ async fn replaying_dead_letters_sends_them_back_to_the_handler_with_a_fresh_atte
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaying_an_unknown_handler_is_a_config_error_listing_the_handlers() {
-    let error = Runtime::new(config("replay_probe", &[]))
+    let broker = Broker::connect().await;
+    let error = Runtime::new(config(&broker, "replay_probe", &[]))
         .services(["replay_probe"])
         .replay_dead_letters("replay_probe.nope")
         .await
@@ -336,9 +333,8 @@ impl QuorumProbe {
 async fn with_quorum_queues_and_at_least_once_dead_lettering_retries_and_dead_letters_work_alike() {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("quorum-x"), unique("quorum-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
     let config = config(
+        &broker,
         "quorum_probe",
         &[
             ("work.exchange", &exchange),

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use common::BOUND;
 use farine::config::Config;
 use farine::{RunError, Runtime, Shutdown, execute};
-use farine_test_support::{amqp_uri, wait_until};
+use farine_test_support::{Broker, wait_until};
 
-fn config(service: &str, options: &str) -> Config {
-    let text = format!("[{service}]\namqp_uri = {}\n{options}", amqp_uri());
+fn config(broker: &Broker, service: &str, options: &str) -> Config {
+    let text = format!("[{service}]\namqp_uri = {}\n{options}", broker.uri());
     Config::from_ini(&text, "test.ini").unwrap()
 }
 
@@ -32,8 +32,9 @@ impl Repeated {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_method_that_returns_is_run_again_after_the_interval() {
+    let broker = Broker::connect().await;
     let started = Instant::now();
-    let running = Runtime::new(config("exec_repeated", "interval = 50ms\n"))
+    let running = Runtime::new(config(&broker, "exec_repeated", "interval = 50ms\n"))
         .services(["exec_repeated"])
         .start()
         .await
@@ -68,7 +69,8 @@ impl Once {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_restart_false_a_method_runs_once() {
-    let running = Runtime::new(config("exec_once", "run.restart = false\n"))
+    let broker = Broker::connect().await;
+    let running = Runtime::new(config(&broker, "exec_once", "run.restart = false\n"))
         .services(["exec_once"])
         .start()
         .await
@@ -94,8 +96,9 @@ impl Failing {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_method_is_restarted_with_growing_backoff() {
+    let broker = Broker::connect().await;
     let options = "restart_delay = 100ms\nrestart_delay_max = 1s\nmax_restarts = 100\n";
-    let running = Runtime::new(config("exec_failing", options))
+    let running = Runtime::new(config(&broker, "exec_failing", options))
         .services(["exec_failing"])
         .start()
         .await
@@ -125,7 +128,8 @@ impl Patient {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_method_observes_shutdown_and_ends_cleanly() {
-    let running = Runtime::new(config("exec_patient", ""))
+    let broker = Broker::connect().await;
+    let running = Runtime::new(config(&broker, "exec_patient", ""))
         .services(["exec_patient"])
         .start()
         .await
@@ -152,8 +156,9 @@ impl Panicky {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_failures_than_max_restarts_in_the_window_fail_the_service() {
+    let broker = Broker::connect().await;
     let options = "restart_delay = 10ms\nmax_restarts = 3\nrestart_window = 30\n";
-    let running = Runtime::new(config("exec_panicky", options))
+    let running = Runtime::new(config(&broker, "exec_panicky", options))
         .services(["exec_panicky"])
         .start()
         .await

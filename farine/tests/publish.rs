@@ -11,7 +11,7 @@ use farine::amqp::topology::ExchangeSettings;
 use farine::amqp::{ExchangeKind, publisher::PublisherSettings};
 use farine::{BrokerError, PublishError, PublishOptions, Publisher, Runtime, consume, publish};
 use farine_test_support::proxy::Proxy;
-use farine_test_support::{Broker, amqp_uri, unique};
+use farine_test_support::{Broker, unique};
 use serde_json::{Value, json};
 
 #[derive(Default)]
@@ -35,10 +35,8 @@ impl Forwarder {
 async fn a_publish_method_called_without_its_publisher_sends_persistent_json() {
     let broker = Broker::connect().await;
     let (input, output, queue) = (unique("fwd-in"), unique("fwd-out"), unique("fwd-q"));
-    broker.forget_exchange_on_drop(&input);
-    broker.forget_exchange_on_drop(&output);
-    broker.forget_queue_on_drop(&queue);
     let config = config(
+        &broker,
         "forwarder",
         &[
             ("on_input.exchange", &input),
@@ -95,8 +93,8 @@ async fn a_publish_method_outside_a_running_service_returns_not_running_not_a_ha
     assert!(error.to_string().contains("forward_with"), "{error}");
 }
 
-/// A standalone publisher (see [`standalone`]) on a fresh exchange `<name>-...` (deleted with
-/// `broker`), its exchange declared, and the name of a queue bound to it with `rk` that
+/// A standalone publisher (see [`standalone`]) on a fresh exchange `<name>-...` in `broker`'s
+/// vhost, its exchange declared, and the name of a queue bound to it with `rk` that
 /// observes what it sends.
 async fn observed(
     broker: &Broker,
@@ -105,7 +103,6 @@ async fn observed(
     timeout: Duration,
 ) -> (Publisher, String) {
     let exchange = unique(name);
-    broker.forget_exchange_on_drop(&exchange);
     let publisher = standalone(uri, &exchange, timeout);
     publisher.prepare().await.expect("declares the exchange");
     let observer = broker.bind_queue(&exchange, "rk").await;
@@ -135,7 +132,7 @@ fn standalone(uri: String, exchange: &str, timeout: Duration) -> Publisher {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_with_variant_takes_an_explicit_publisher_outside_any_runtime() {
     let broker = Broker::connect().await;
-    let (publisher, observer) = observed(&broker, "with-x", amqp_uri(), BOUND).await;
+    let (publisher, observer) = observed(&broker, "with-x", broker.uri(), BOUND).await;
     Forwarder
         .forward_with(publisher, &json!({"direct": true}))
         .await
@@ -147,7 +144,7 @@ async fn the_with_variant_takes_an_explicit_publisher_outside_any_runtime() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_publishes_from_one_publisher_are_in_flight_together_and_all_confirmed() {
     let broker = Broker::connect().await;
-    let (publisher, observer) = observed(&broker, "many-x", amqp_uri(), BOUND).await;
+    let (publisher, observer) = observed(&broker, "many-x", broker.uri(), BOUND).await;
     let sends = (0..500).map(|n| {
         let publisher = publisher.clone();
         async move { publisher.publish(&json!({"n": n})).await }
@@ -162,8 +159,7 @@ async fn many_publishes_from_one_publisher_are_in_flight_together_and_all_confir
 async fn a_mandatory_publish_nobody_receives_is_a_typed_no_route_error_naming_exchange_and_key() {
     let broker = Broker::connect().await;
     let exchange = unique("unroutable-x");
-    broker.forget_exchange_on_drop(&exchange);
-    let publisher = standalone(amqp_uri(), &exchange, BOUND);
+    let publisher = standalone(broker.uri(), &exchange, BOUND);
     let error = publisher
         .publish_with(
             &json!({}),
@@ -187,9 +183,12 @@ async fn a_mandatory_publish_nobody_receives_is_a_typed_no_route_error_naming_ex
 async fn a_broker_that_stops_answering_gives_a_timeout_error_within_the_bound() {
     let broker = Broker::connect().await;
     let exchange = unique("stall-x");
-    broker.forget_exchange_on_drop(&exchange);
-    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
-    let publisher = standalone(proxy.amqp_uri(), &exchange, Duration::from_millis(500));
+    let proxy = Proxy::to_broker().await;
+    let publisher = standalone(
+        broker.uri_via(proxy.addr()),
+        &exchange,
+        Duration::from_millis(500),
+    );
     publisher
         .publish(&json!({"n": 1}))
         .await
@@ -212,9 +211,14 @@ async fn a_broker_that_stops_answering_gives_a_timeout_error_within_the_bound() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_during_a_cut_waits_for_the_reconnection_and_goes_through() {
     let broker = Broker::connect().await;
-    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
-    let (publisher, observer) =
-        observed(&broker, "cut-x", proxy.amqp_uri(), Duration::from_secs(5)).await;
+    let proxy = Proxy::to_broker().await;
+    let (publisher, observer) = observed(
+        &broker,
+        "cut-x",
+        broker.uri_via(proxy.addr()),
+        Duration::from_secs(5),
+    )
+    .await;
     publisher
         .publish(&json!({"n": 1}))
         .await
@@ -245,7 +249,7 @@ async fn a_publish_during_a_cut_waits_for_the_reconnection_and_goes_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_gets_a_unique_message_id_unless_it_brings_its_own() {
     let broker = Broker::connect().await;
-    let (publisher, observer) = observed(&broker, "ids-x", amqp_uri(), BOUND).await;
+    let (publisher, observer) = observed(&broker, "ids-x", broker.uri(), BOUND).await;
     publisher.publish(&json!(1)).await.unwrap();
     publisher.publish(&json!(2)).await.unwrap();
     let own = PublishOptions {
@@ -271,7 +275,7 @@ async fn every_message_gets_a_unique_message_id_unless_it_brings_its_own() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_message_properties_reach_the_consumer() {
     let broker = Broker::connect().await;
-    let (publisher, observer) = observed(&broker, "props-x", amqp_uri(), BOUND).await;
+    let (publisher, observer) = observed(&broker, "props-x", broker.uri(), BOUND).await;
     let options = PublishOptions {
         message_type: Some("order.created".into()),
         correlation_id: Some("c-1".into()),

@@ -19,8 +19,6 @@ use farine_test_support::tls::{TlsProxy, cert_path};
 use farine_test_support::{Broker, free_port, http_get, unique, wait_until};
 use serde_json::{Value, json};
 
-const RABBIT: &str = "127.0.0.1:5672";
-
 /// A config whose `[service]` section has `amqp_uri` and `options`.
 fn config(service: &str, amqp_uri: &str, options: &[(&str, &str)]) -> Config {
     let mut text = format!("[{service}]\namqp_uri = {amqp_uri}\n");
@@ -64,12 +62,10 @@ async fn ten_thousand_messages_consumed_across_two_cuts_are_all_handled_none_los
     const PREFETCH: u64 = 10;
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("load-x"), unique("load-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
-    let proxy = Proxy::start(RABBIT.parse().unwrap()).await;
+    let proxy = Proxy::to_broker().await;
     let config = config(
         "load_probe",
-        &proxy.amqp_uri(),
+        &broker.uri_via(proxy.addr()),
         &[
             ("on_message.exchange", &exchange),
             ("on_message.queue", &queue),
@@ -156,14 +152,12 @@ async fn a_stalled_broker_is_detected_by_heartbeats_readiness_drops_and_farine_r
  {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("stall-x"), unique("stall-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
-    let proxy = Proxy::start(RABBIT.parse().unwrap()).await;
+    let proxy = Proxy::to_broker().await;
     let port = free_port();
     let health = format!("127.0.0.1:{port}");
     let config = config(
         "stall_probe",
-        &proxy.amqp_uri(),
+        &broker.uri_via(proxy.addr()),
         &[
             ("on_message.exchange", &exchange),
             ("on_message.queue", &queue),
@@ -244,17 +238,19 @@ async fn an_rpc_call_in_flight_when_the_connection_drops_fails_at_once_and_the_n
  {
     let broker = Broker::connect().await;
     let service = "reconnect_rpc_probe";
-    let server = Runtime::new(config(service, &farine_test_support::amqp_uri(), &[]))
+    let server = Runtime::new(config(service, &broker.uri(), &[]))
         .services([service])
         .start()
         .await
         .expect("the server starts");
-    broker.forget_queue_on_drop(service);
-    broker.forget_exchange_on_drop(service);
-    let proxy = Proxy::start(RABBIT.parse().unwrap()).await;
-    let client = Client::connect(&proxy.amqp_uri(), service, Duration::from_secs(20))
-        .await
-        .expect("the client connects");
+    let proxy = Proxy::to_broker().await;
+    let client = Client::connect(
+        &broker.uri_via(proxy.addr()),
+        service,
+        Duration::from_secs(20),
+    )
+    .await
+    .expect("the client connects");
     assert_eq!(client.call::<u32>("echo", (7,)).await.unwrap(), 7);
 
     let in_flight = {
@@ -306,14 +302,13 @@ impl NodeProbe {
 async fn with_several_nodes_farine_skips_a_dead_one_and_moves_on_when_its_node_fails() {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("nodes-x"), unique("nodes-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
-    let (first, second) = (
-        Proxy::start(RABBIT.parse().unwrap()).await,
-        Proxy::start(RABBIT.parse().unwrap()).await,
-    );
+    let (first, second) = (Proxy::to_broker().await, Proxy::to_broker().await);
     let dead = format!("amqp://guest:guest@127.0.0.1:{}", free_port());
-    let nodes = format!("{dead}, {}, {}", first.amqp_uri(), second.amqp_uri());
+    let nodes = format!(
+        "{dead}, {}, {}",
+        broker.uri_via(first.addr()),
+        broker.uri_via(second.addr())
+    );
     let config = config(
         "node_probe",
         &nodes,
@@ -345,11 +340,9 @@ async fn with_several_nodes_farine_skips_a_dead_one_and_moves_on_when_its_node_f
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_random_selector_spreads_connections_over_the_nodes() {
-    let (a, b) = (
-        Proxy::start(RABBIT.parse().unwrap()).await,
-        Proxy::start(RABBIT.parse().unwrap()).await,
-    );
-    let nodes = format!("{},{}", a.amqp_uri(), b.amqp_uri());
+    let broker = Broker::connect().await;
+    let (a, b) = (Proxy::to_broker().await, Proxy::to_broker().await);
+    let nodes = format!("{},{}", broker.uri_via(a.addr()), broker.uri_via(b.addr()));
     // Each connector picks independently: 16 picks all landing on one node would be a 1 in
     // 32768 chance.
     for _ in 0..16 {
@@ -412,9 +405,7 @@ impl TlsProbe {
 async fn amqps_works_with_the_configured_ca_and_an_unknown_certificate_is_refused() {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("tls-x"), unique("tls-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
-    let front = TlsProxy::start(RABBIT.parse().unwrap()).await;
+    let front = TlsProxy::to_broker().await;
     let ca = cert_path("ca.pem").display().to_string();
     let options = [
         ("on_message.exchange", exchange.as_str()),
@@ -424,7 +415,7 @@ async fn amqps_works_with_the_configured_ca_and_an_unknown_certificate_is_refuse
 
     // Without the CA the certificate is not trusted: no connection.
     let error = start_error(
-        config("tls_probe", &front.amqps_uri(), &options),
+        config("tls_probe", &broker.amqps_uri_via(front.port()), &options),
         "tls_probe",
         "an unknown certificate is refused",
     )
@@ -433,11 +424,15 @@ async fn amqps_works_with_the_configured_ca_and_an_unknown_certificate_is_refuse
 
     let mut with_ca = options.to_vec();
     with_ca.push(("amqp_tls_ca_file", &ca));
-    let running = Runtime::new(config("tls_probe", &front.amqps_uri(), &with_ca))
-        .services(["tls_probe"])
-        .start()
-        .await
-        .expect("starts over TLS");
+    let running = Runtime::new(config(
+        "tls_probe",
+        &broker.amqps_uri_via(front.port()),
+        &with_ca,
+    ))
+    .services(["tls_probe"])
+    .start()
+    .await
+    .expect("starts over TLS");
     broker
         .publish_json(&exchange, "rk", &json!({"tls": true}))
         .await;

@@ -10,18 +10,16 @@ use common::BOUND;
 use farine::config::Config;
 use farine::rpc::{Args, CallOptions, Client, ErrorKind, RpcError, Stream, StreamExt, stream};
 use farine::{Running, Runtime};
-use farine_test_support::{Broker, amqp_uri, unique, wait_until};
+use farine_test_support::{Broker, unique, wait_until};
 use futures_util::future::join_all;
 use lapin::BasicProperties;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::{FieldTable, ShortString};
 use serde_json::{Value, json};
 
-/// Starts `service` and registers its exchange and queue (both named after it) for cleanup.
+/// Starts `service` in the test's vhost.
 async fn serve(broker: &Broker, service: &str, extra: &str) -> Running {
-    broker.forget_exchange_on_drop(service);
-    broker.forget_queue_on_drop(service);
-    let text = format!("[{service}]\namqp_uri = {}\n{extra}", amqp_uri());
+    let text = format!("[{service}]\namqp_uri = {}\n{extra}", broker.uri());
     Runtime::new(Config::from_ini(&text, "test.ini").unwrap())
         .services([service])
         .start()
@@ -29,16 +27,16 @@ async fn serve(broker: &Broker, service: &str, extra: &str) -> Running {
         .expect("starts")
 }
 
-async fn client(service: &str) -> Client {
-    Client::connect(&amqp_uri(), service, BOUND)
+async fn client(broker: &Broker, service: &str) -> Client {
+    Client::connect(&broker.uri(), service, BOUND)
         .await
         .expect("client connects")
 }
 
 // ---------------------------------------------------------------------------------------------
 
-/// The same calculator under a name of each test's own: tests run at once, and each deletes
-/// its service's exchange and queue when it ends.
+/// The same calculator under a name of each test's own, so that no test's calls can reach
+/// another's server even when they share a process and a vhost (`cargo test` without nextest).
 macro_rules! calc_service {
     ($($ty:ident => $name:literal),* $(,)?) => {$(
 #[derive(Default)]
@@ -110,7 +108,7 @@ calc_service! {
 async fn a_call_maps_positional_and_keyword_arguments_and_returns_the_result() {
     let broker = Broker::connect().await;
     let running = serve(&broker, "rpc_calc_args", "").await;
-    let calc = client("rpc_calc_args").await;
+    let calc = client(&broker, "rpc_calc_args").await;
 
     assert_eq!(calc.call::<i64>("add", (2, 40)).await.unwrap(), 42);
     let by_name = Args::new().kwarg("b", 1).kwarg("a", 2);
@@ -134,7 +132,7 @@ async fn a_call_maps_positional_and_keyword_arguments_and_returns_the_result() {
 async fn a_streaming_call_yields_each_item_in_order_then_ends() {
     let broker = Broker::connect().await;
     let running = serve(&broker, "rpc_calc_stream", "").await;
-    let calc = client("rpc_calc_stream").await;
+    let calc = client(&broker, "rpc_calc_stream").await;
 
     let items: Vec<u32> = calc
         .stream::<u32>("numbers", (5,))
@@ -169,7 +167,7 @@ async fn a_streaming_call_yields_each_item_in_order_then_ends() {
 async fn errors_and_panics_come_back_as_remote_errors_and_the_server_keeps_serving() {
     let broker = Broker::connect().await;
     let running = serve(&broker, "rpc_calc_errors", "").await;
-    let calc = client("rpc_calc_errors").await;
+    let calc = client(&broker, "rpc_calc_errors").await;
 
     match calc.call::<u32>("fail", ("boom",)).await.unwrap_err() {
         RpcError::Remote {
@@ -206,7 +204,7 @@ async fn errors_and_panics_come_back_as_remote_errors_and_the_server_keeps_servi
 async fn bad_arguments_are_an_error_reply_naming_the_parameter() {
     let broker = Broker::connect().await;
     let running = serve(&broker, "rpc_calc_bad_args", "").await;
-    let calc = client("rpc_calc_bad_args").await;
+    let calc = client(&broker, "rpc_calc_bad_args").await;
 
     let param = |error: RpcError| match error {
         RpcError::BadArguments { param, message, .. } => (param, message),
@@ -240,14 +238,14 @@ async fn bad_arguments_are_an_error_reply_naming_the_parameter() {
 async fn a_call_to_a_missing_method_or_service_fails_at_once() {
     let broker = Broker::connect().await;
     let running = serve(&broker, "rpc_calc_missing", "").await;
-    let calc = client("rpc_calc_missing").await;
+    let calc = client(&broker, "rpc_calc_missing").await;
 
     let started = Instant::now();
     let error = calc.call::<Value>("nosuchmethod", ()).await.unwrap_err();
     assert!(matches!(error, RpcError::NoSuchMethod { .. }), "{error}");
     assert!(started.elapsed() < Duration::from_secs(1));
 
-    let nobody = client(&unique("rpc-nobody")).await;
+    let nobody = client(&broker, &unique("rpc-nobody")).await;
     let started = Instant::now();
     let error = nobody.call::<Value>("anything", ()).await.unwrap_err();
     assert!(matches!(error, RpcError::NoSuchService { .. }), "{error}");
@@ -265,7 +263,7 @@ async fn a_call_to_a_missing_method_or_service_fails_at_once() {
 async fn a_call_times_out_at_its_timeout_and_its_late_reply_leaves_nothing_behind() {
     let broker = Broker::connect().await;
     let running = serve(&broker, "rpc_calc_timeout", "").await;
-    let calc = client("rpc_calc_timeout").await;
+    let calc = client(&broker, "rpc_calc_timeout").await;
 
     let started = Instant::now();
     let error = calc
@@ -290,7 +288,7 @@ async fn a_call_times_out_at_its_timeout_and_its_late_reply_leaves_nothing_behin
 async fn sixty_four_concurrent_calls_through_one_client_each_get_their_own_answer() {
     let broker = Broker::connect().await;
     let running = serve(&broker, "rpc_calc_many", "prefetch_count = 64\n").await;
-    let calc = client("rpc_calc_many").await;
+    let calc = client(&broker, "rpc_calc_many").await;
 
     let calls = (0..64i64).map(|n| {
         let calc = calc.clone();
@@ -327,7 +325,7 @@ impl Bounded {
 async fn calls_are_served_concurrently_up_to_prefetch_count() {
     let broker = Broker::connect().await;
     let running = serve(&broker, "rpc_bounded", "prefetch_count = 4\n").await;
-    let bounded = client("rpc_bounded").await;
+    let bounded = client(&broker, "rpc_bounded").await;
     let calls = (0..12).map(|_| {
         let bounded = bounded.clone();
         async move { bounded.call::<usize>("hold", (100,)).await.unwrap() }
@@ -370,7 +368,7 @@ impl Endless {
 async fn dropping_a_stream_stops_the_server_producing_it() {
     let broker = Broker::connect().await;
     let running = serve(&broker, "rpc_endless", "").await;
-    let endless = client("rpc_endless").await;
+    let endless = client(&broker, "rpc_endless").await;
 
     let mut ticks = endless.stream::<usize>("ticks", ()).await.unwrap();
     for _ in 0..3 {
@@ -423,7 +421,7 @@ async fn a_caller_that_dies_mid_stream_stops_the_server_producing_it() {
     let running = serve(&broker, "rpc_orphaned", "").await;
 
     // A hand-written caller on a connection of its own, which then dies without a word.
-    let caller = lapin::Connection::connect(&amqp_uri(), Default::default())
+    let caller = lapin::Connection::connect(&broker.uri(), Default::default())
         .await
         .unwrap();
     let channel = caller.create_channel().await.unwrap();
@@ -463,7 +461,7 @@ async fn a_hand_written_client_following_the_protocol_doc_gets_the_same_answers(
     let broker = Broker::connect().await;
     let running = serve(&broker, "rpc_calc_by_hand", "").await;
 
-    let connection = lapin::Connection::connect(&amqp_uri(), Default::default())
+    let connection = lapin::Connection::connect(&broker.uri(), Default::default())
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
@@ -562,7 +560,6 @@ async fn a_hand_written_client_following_the_protocol_doc_gets_the_same_answers(
 async fn the_farine_client_understands_a_hand_written_responder() {
     let broker = Broker::connect().await;
     let service = unique("rpc-raw");
-    broker.forget_exchange_on_drop(&service);
     broker
         .declare_exchange(&service, lapin::ExchangeKind::Direct)
         .await;
@@ -623,7 +620,7 @@ async fn the_farine_client_understands_a_hand_written_responder() {
         }
     });
 
-    let raw = client(&service).await;
+    let raw = client(&broker, &service).await;
     assert_eq!(raw.call::<String>("echo", ("hi",)).await.unwrap(), "hi");
     let items: Vec<String> = raw
         .stream::<String>("echo", ("many",))
@@ -684,7 +681,7 @@ async fn a_service_calls_another_through_the_client_farine_injects() {
     let broker = Broker::connect().await;
     let calc = serve(&broker, "rpc_calc_front", "").await;
     let front = serve(&broker, "rpc_front", "rpc_timeout = 5\n").await;
-    let caller = client("rpc_front").await;
+    let caller = client(&broker, "rpc_front").await;
     assert_eq!(
         caller
             .call::<i64>("total", (vec![1, 2, 3, 4],))
@@ -707,7 +704,6 @@ async fn an_injected_client_outside_a_running_service_says_so() {
 async fn a_route_that_goes_away_after_it_was_checked_is_still_reported_as_no_such_method() {
     let broker = Broker::connect().await;
     let service = unique("rpc-route");
-    broker.forget_exchange_on_drop(&service);
     broker
         .declare_exchange(&service, lapin::ExchangeKind::Direct)
         .await;
@@ -749,7 +745,7 @@ async fn a_route_that_goes_away_after_it_was_checked_is_still_reported_as_no_suc
                 .await;
         }
     });
-    let client = Client::connect(&amqp_uri(), &service, Duration::from_millis(700))
+    let client = Client::connect(&broker.uri(), &service, Duration::from_millis(700))
         .await
         .unwrap();
     // The first call checks the route (with a confirm); the next ones trust it for a second.

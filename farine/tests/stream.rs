@@ -11,11 +11,11 @@ use farine::Runtime;
 use farine::config::Config;
 use farine::stream::Event;
 use farine_test_support::sse::SseServer;
-use farine_test_support::{Database, amqp_uri, wait_until};
+use farine_test_support::{Broker, Database, wait_until};
 use serde::Deserialize;
 
-fn config(service: &str, options: &str) -> Config {
-    let text = format!("[{service}]\namqp_uri = {}\n{options}", amqp_uri());
+fn config(broker: &Broker, service: &str, options: &str) -> Config {
+    let text = format!("[{service}]\namqp_uri = {}\n{options}", broker.uri());
     Config::from_ini(&text, "test.ini").unwrap()
 }
 
@@ -39,12 +39,13 @@ impl Ordered {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_arrive_in_order_across_two_cuts_with_no_gap_and_no_duplicate() {
+    let broker = Broker::connect().await;
     let server = SseServer::start(100, &[30, 70]).await;
     let options = format!(
         "endpoint = {}\nstart_from = beginning\nreconnect_delay = 10ms\n",
         server.url()
     );
-    let running = Runtime::new(config("sse_ordered", &options))
+    let running = Runtime::new(config(&broker, "sse_ordered", &options))
         .services(["sse_ordered"])
         .start()
         .await
@@ -78,12 +79,13 @@ impl Raw {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_string_handler_gets_the_raw_data_and_the_event_handle_and_headers_are_sent() {
+    let broker = Broker::connect().await;
     let server = SseServer::start(2, &[]).await;
     let options = format!(
         "endpoint = {}\nstart_from = 1\nheaders =\n    Authorization: Bearer s3cret\n    X-Tenant: acme\n",
         server.url()
     );
-    let running = Runtime::new(config("sse_raw", &options))
+    let running = Runtime::new(config(&broker, "sse_raw", &options))
         .services(["sse_raw"])
         .start()
         .await
@@ -129,12 +131,13 @@ impl Flaky {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_event_is_retried_up_to_max_attempts_then_skipped() {
+    let broker = Broker::connect().await;
     let server = SseServer::start(3, &[]).await;
     let options = format!(
         "endpoint = {}\nstart_from = beginning\nretry_delay = 10ms\nmax_attempts = 3\non_error = skip\n",
         server.url()
     );
-    let running = Runtime::new(config("sse_flaky", &options))
+    let running = Runtime::new(config(&broker, "sse_flaky", &options))
         .services(["sse_flaky"])
         .start()
         .await
@@ -165,12 +168,13 @@ impl Stopper {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_on_error_stop_the_task_restarts_from_the_failed_event() {
+    let broker = Broker::connect().await;
     let server = SseServer::start(3, &[]).await;
     let options = format!(
         "endpoint = {}\nstart_from = beginning\nmax_attempts = 1\non_error = stop\nrestart_delay = 10ms\n",
         server.url()
     );
-    let running = Runtime::new(config("sse_stopper", &options))
+    let running = Runtime::new(config(&broker, "sse_stopper", &options))
         .services(["sse_stopper"])
         .start()
         .await
@@ -200,6 +204,7 @@ impl Checkpointed {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_database_a_restarted_service_resumes_after_the_last_event_handled() {
+    let broker = Broker::connect().await;
     let database = Database::create().await;
     let server = SseServer::start(40, &[]).await;
     let options = format!(
@@ -207,7 +212,7 @@ async fn with_a_database_a_restarted_service_resumes_after_the_last_event_handle
         server.url(),
         database.name
     );
-    let first = Runtime::new(config("sse_checkpointed", &options))
+    let first = Runtime::new(config(&broker, "sse_checkpointed", &options))
         .services(["sse_checkpointed"])
         .start()
         .await
@@ -217,7 +222,7 @@ async fn with_a_database_a_restarted_service_resumes_after_the_last_event_handle
 
     // A new runtime has no position in memory: it reads the checkpoint.
     server.publish_up_to(60);
-    let second = Runtime::new(config("sse_checkpointed", &options))
+    let second = Runtime::new(config(&broker, "sse_checkpointed", &options))
         .services(["sse_checkpointed"])
         .start()
         .await
@@ -230,13 +235,14 @@ async fn with_a_database_a_restarted_service_resumes_after_the_last_event_handle
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_database_stops_start_up_naming_it_but_never_the_password() {
+    let broker = Broker::connect().await;
     let server = SseServer::start(1, &[]).await;
     let options = format!(
         "endpoint = {}\ndb_connector = postgres\ndb_host = 127.0.0.1\ndb_port = 1\ndb_name = test\ndb_user = postgres\ndb_password = hunter2-secret\ndb_timeout = 2\n",
         server.url()
     );
     let error = start_error(
-        config("sse_checkpointed", &options),
+        config(&broker, "sse_checkpointed", &options),
         "sse_checkpointed",
         "cannot connect",
     )
@@ -264,8 +270,9 @@ impl Unconfigured {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_without_endpoint_is_a_config_error_naming_the_key() {
+    let broker = Broker::connect().await;
     let error = start_error(
-        config("sse_unconfigured", ""),
+        config(&broker, "sse_unconfigured", ""),
         "sse_unconfigured",
         "no endpoint",
     )

@@ -36,10 +36,8 @@ async fn a_handler_whose_queue_is_deleted_restarts_and_its_neighbour_never_stops
     let broker = Broker::connect().await;
     let exchange = unique("restart-x");
     let (fragile, steady) = (unique("restart-fragile"), unique("restart-steady"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&fragile);
-    broker.forget_queue_on_drop(&steady);
     let config = common::config(
+        &broker,
         "restartable",
         &[
             ("exchange", &exchange),
@@ -88,12 +86,10 @@ impl Reconnecting {
 async fn a_cut_connection_is_reopened_and_the_consumer_resumes() {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("reconnect-x"), unique("reconnect-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
-    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let proxy = Proxy::to_broker().await;
     let text = format!(
         "[reconnecting]\namqp_uri = {}\ncount.exchange = {exchange}\ncount.queue = {queue}\n",
-        proxy.amqp_uri()
+        broker.uri_via(proxy.addr())
     );
     let config = Config::from_ini(&text, "test.ini").unwrap();
     let running = Runtime::new(config)
@@ -135,12 +131,10 @@ impl Stalled {
 async fn a_broker_that_stops_answering_cannot_hang_start_up_or_shutdown() {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("stall-x"), unique("stall-q"));
-    broker.forget_exchange_on_drop(&exchange);
-    broker.forget_queue_on_drop(&queue);
-    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let proxy = Proxy::to_broker().await;
     let text = format!(
         "[stalled]\namqp_uri = {}\ncount.exchange = {exchange}\ncount.queue = {queue}\nconnect_timeout = 1\ndrain_timeout = 1\n",
-        proxy.amqp_uri()
+        broker.uri_via(proxy.addr())
     );
     let config = Config::from_ini(&text, "test.ini").unwrap();
 

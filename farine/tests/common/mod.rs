@@ -4,14 +4,14 @@
 use std::time::Duration;
 
 use farine::config::Config;
-use farine_test_support::amqp_uri;
+use farine_test_support::Broker;
 
 /// A bound for conditions that should hold within moments on a healthy broker.
 pub const BOUND: Duration = Duration::from_secs(10);
 
-/// A config with a `[service]` section holding `amqp_uri` and `options`.
-pub fn config(service: &str, options: &[(&str, &str)]) -> Config {
-    let mut text = format!("[{service}]\namqp_uri = {}\n", amqp_uri());
+/// A config with a `[service]` section holding the test vhost's `amqp_uri` and `options`.
+pub fn config(broker: &Broker, service: &str, options: &[(&str, &str)]) -> Config {
+    let mut text = format!("[{service}]\namqp_uri = {}\n", broker.uri());
     for (key, value) in options {
         text.push_str(&format!("{key} = {value}\n"));
     }

@@ -1,31 +1,54 @@
 //! Helpers for farine's tests, which run against the real RabbitMQ (and PostgreSQL).
 //!
-//! Every test names its exchanges and queues with [`unique`] and registers them with a
-//! [`Broker`], which deletes them when dropped (even when the test panics). Waiting is always on
-//! a condition with a bound ([`Broker::wait_for_messages`], [`wait_until`]), never a bare sleep.
+//! Every test that touches the broker makes a [`Broker`]: a RabbitMQ virtual host of the test's
+//! own ([`vhost`]) and a connection in it. farine is pointed at it with [`Broker::uri`] (or
+//! [`Broker::uri_via`] through a fault proxy), so no two tests and no two runs of the suite can
+//! meet, and dropping the `Broker` deletes the vhost with everything in it (even when the test
+//! panics; a failed deletion fails the test). Names within a test still come from [`unique`].
+//! Waiting is always on a condition with a bound ([`Broker::wait_for_messages`], [`wait_until`]),
+//! never a bare sleep.
 
 pub mod process;
 pub mod proxy;
 pub mod sse;
 pub mod tls;
+pub mod vhost;
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::Value;
 
-/// The broker the tests use: `$FARINE_TEST_AMQP_URI`, else the local RabbitMQ.
-pub fn amqp_uri() -> String {
-    std::env::var("FARINE_TEST_AMQP_URI")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".to_string())
+/// The broker in its default vhost (`$FARINE_TEST_AMQP_URI`, else the local RabbitMQ), for the
+/// benchmark; tests use a [`Broker`]'s vhost instead.
+pub fn default_vhost_uri() -> String {
+    vhost::base_uri()
+}
+
+/// The broker's `host:port`, for a proxy in front of it.
+pub fn broker_addr() -> std::net::SocketAddr {
+    use std::net::ToSocketAddrs;
+    let (_, _, host) = vhost::broker_parts();
+    host.to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .unwrap_or_else(|| panic!("the broker address `{host}` resolves"))
+}
+
+/// Panics with `message` unless the thread is already panicking (then prints it): a cleanup
+/// that failed fails the test, without turning a test failure into an abort.
+fn cleanup_failed(message: String) {
+    if std::thread::panicking() {
+        eprintln!("test support: {message}");
+    } else {
+        panic!("test support: {message}");
+    }
 }
 
 /// A name no other test (or test run) uses: `prefix-<pid>-<time>-<counter>`.
@@ -72,17 +95,26 @@ impl Received {
     }
 }
 
-/// A raw lapin connection for setting up and observing a test, with cleanup on drop.
+/// A vhost of the test's own on the real broker, and a raw lapin connection in it for setting up
+/// and observing the test. Dropping it deletes the vhost and everything in it.
 pub struct Broker {
+    vhost: String,
     connection: Connection,
     channel: Channel,
-    queues: Mutex<Vec<String>>,
-    exchanges: Mutex<Vec<String>>,
 }
 
 impl Broker {
+    /// Makes a vhost for the test and connects to it.
     pub async fn connect() -> Self {
-        let connection = Connection::connect(&amqp_uri(), ConnectionProperties::default())
+        let vhost = vhost::new_name();
+        let made = vhost.clone();
+        tokio::task::spawn_blocking(move || vhost::create(&made))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        // From here on the vhost is deleted however the rest goes.
+        let mut guard = VhostGuard(Some(vhost.clone()));
+        let uri = with_vhost(&vhost::base_uri(), &vhost);
+        let connection = Connection::connect(&uri, ConnectionProperties::default())
             .await
             .expect("the test broker is reachable (is RabbitMQ running?)");
         let channel = connection.create_channel().await.expect("a channel");
@@ -90,12 +122,35 @@ impl Broker {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .expect("confirm mode");
+        guard.0 = None; // the Broker deletes it now
         Self {
+            vhost,
             connection,
             channel,
-            queues: Mutex::new(Vec::new()),
-            exchanges: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The test's vhost.
+    pub fn vhost(&self) -> &str {
+        &self.vhost
+    }
+
+    /// The AMQP URI of the test's vhost, to give farine.
+    pub fn uri(&self) -> String {
+        with_vhost(&vhost::base_uri(), &self.vhost)
+    }
+
+    /// The AMQP URI of the test's vhost through a proxy listening on `addr`.
+    pub fn uri_via(&self, addr: std::net::SocketAddr) -> String {
+        let (user, password, _) = vhost::broker_parts();
+        format!("amqp://{user}:{password}@{addr}/{}", self.vhost)
+    }
+
+    /// The `amqps://` URI of the test's vhost through a TLS front on local port `port`, by host
+    /// name (the test certificate's).
+    pub fn amqps_uri_via(&self, port: u16) -> String {
+        let (user, password, _) = vhost::broker_parts();
+        format!("amqps://{user}:{password}@localhost:{port}/{}", self.vhost)
     }
 
     /// The test's connection, for channels of its own.
@@ -108,18 +163,7 @@ impl Broker {
         &self.channel
     }
 
-    /// Deletes `queue` when the broker is dropped, with `<queue>.retry` and `<queue>.dead`
-    /// (a farine consumer's retry and dead-letter queues) when they exist.
-    pub fn forget_queue_on_drop(&self, queue: &str) {
-        self.queues.lock().unwrap().push(queue.to_string());
-    }
-
-    /// Deletes `exchange` when the broker is dropped.
-    pub fn forget_exchange_on_drop(&self, exchange: &str) {
-        self.exchanges.lock().unwrap().push(exchange.to_string());
-    }
-
-    /// Declares a durable exchange (deleted on drop).
+    /// Declares a durable exchange.
     pub async fn declare_exchange(&self, name: &str, kind: ExchangeKind) {
         self.channel
             .exchange_declare(
@@ -133,10 +177,9 @@ impl Broker {
             )
             .await
             .expect("exchange declared");
-        self.forget_exchange_on_drop(name);
     }
 
-    /// Declares a queue of the test's own bound to `exchange` (deleted on drop).
+    /// Declares a queue of the test's own bound to `exchange`.
     pub async fn bind_queue(&self, exchange: &str, routing_key: &str) -> String {
         let queue = unique("observer");
         self.channel
@@ -150,7 +193,6 @@ impl Broker {
             )
             .await
             .expect("queue declared");
-        self.forget_queue_on_drop(&queue);
         self.channel
             .queue_bind(
                 queue.as_str().into(),
@@ -285,52 +327,31 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let queues = std::mem::take(&mut *self.queues.lock().unwrap());
-        let exchanges = std::mem::take(&mut *self.exchanges.lock().unwrap());
-        if queues.is_empty() && exchanges.is_empty() {
-            return;
+        // Deleting the vhost closes every connection still open in it, this one included.
+        if let Err(e) = vhost::delete(&self.vhost) {
+            cleanup_failed(e);
         }
-        // Drop cannot await: clean up on a thread with a runtime of its own.
-        let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async move {
-                let Ok(connection) =
-                    Connection::connect(&amqp_uri(), ConnectionProperties::default()).await
-                else {
-                    return;
-                };
-                // A farine consumer's queue comes with its retry and dead-letter queues.
-                let companions = queues
-                    .iter()
-                    .flat_map(|q| [format!("{q}.retry"), format!("{q}.dead")])
-                    .collect::<Vec<_>>();
-                for queue in queues.into_iter().chain(companions) {
-                    if let Ok(channel) = connection.create_channel().await {
-                        let _ = channel
-                            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                }
-                for exchange in exchanges {
-                    if let Ok(channel) = connection.create_channel().await {
-                        let _ = channel
-                            .exchange_delete(
-                                exchange.as_str().into(),
-                                ExchangeDeleteOptions::default(),
-                            )
-                            .await;
-                    }
-                }
-                let _ = connection.close(200, "cleanup done".into()).await;
-            });
-        });
-        let _ = cleanup.join();
     }
+}
+
+/// Deletes a vhost on drop: for the moments a [`Broker`] is not made yet.
+struct VhostGuard(Option<String>);
+
+impl Drop for VhostGuard {
+    fn drop(&mut self) {
+        if let Some(vhost) = self.0.take()
+            && let Err(e) = vhost::delete(&vhost)
+        {
+            cleanup_failed(e);
+        }
+    }
+}
+
+/// `uri` with its path replaced by `vhost`.
+fn with_vhost(uri: &str, vhost: &str) -> String {
+    let (scheme, rest) = uri.split_once("://").unwrap_or(("amqp", uri));
+    let authority = rest.split('/').next().unwrap_or(rest);
+    format!("{scheme}://{authority}/{vhost}")
 }
 
 /// A config file of the test's own, removed on drop.
@@ -348,7 +369,11 @@ impl IniFile {
 
 impl Drop for IniFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if let Err(e) = std::fs::remove_file(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            cleanup_failed(format!("removing {}: {e}", self.path.display()));
+        }
     }
 }
 
@@ -386,24 +411,29 @@ impl Database {
 impl Drop for Database {
     fn drop(&mut self) {
         let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        let dropped = std::thread::spawn(move || -> Result<(), String> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-            else {
-                return;
-            };
+                .map_err(|e| e.to_string())?;
             runtime.block_on(async move {
                 use sqlx::Connection;
-                if let Ok(mut admin) = sqlx::PgConnection::connect(POSTGRES_ADMIN).await {
-                    let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(drop))
-                        .execute(&mut admin)
-                        .await;
-                }
-            });
+                let mut admin = sqlx::PgConnection::connect(POSTGRES_ADMIN)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                sqlx::query(sqlx::AssertSqlSafe(drop))
+                    .execute(&mut admin)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
         })
-        .join();
+        .join()
+        .unwrap_or_else(|_| Err("the cleanup thread panicked".into()));
+        if let Err(e) = dropped {
+            cleanup_failed(format!("dropping database {}: {e}", self.name));
+        }
     }
 }
 

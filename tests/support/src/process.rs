@@ -1,5 +1,8 @@
 //! Running a farine process in a test: its stderr is collected so the test can wait for a log
 //! line, and it can be sent a signal.
+//!
+//! The process leads a process group of its own, and dropping the [`Process`] kills the whole
+//! group: a test that fails half-way leaves no launcher, cargo or service process behind.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -15,9 +18,13 @@ pub struct Process {
 }
 
 impl Process {
-    /// Spawns `command` with stdout and stderr captured.
+    /// Spawns `command` with stdout and stderr captured, in a new process group.
     pub fn spawn(mut command: Command) -> Self {
-        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        use std::os::unix::process::CommandExt;
+        command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
         let mut child = command.spawn().expect("the process starts");
         let output = Arc::new(Mutex::new(Vec::new()));
         let mut readers = Vec::new();
@@ -77,9 +84,14 @@ impl Process {
         false
     }
 
-    /// Sends `signal` (e.g. `libc::SIGTERM`) to the process.
+    /// The process's id (also its process group's).
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid fits")
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the process alone, not to its group.
     pub fn signal(&self, signal: i32) {
-        let pid = i32::try_from(self.child.id()).expect("pid fits");
+        let pid = self.pid();
         // SAFETY: kill(2) on our own child with a valid signal number.
         unsafe {
             libc::kill(pid, signal);
@@ -113,11 +125,19 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        // The whole group, whether the leader still runs or not: what it started may.
+        // SAFETY: kill(2) on the process group this test made, with a valid signal number.
+        unsafe {
+            libc::kill(-self.pid(), libc::SIGKILL);
         }
+        let _ = self.child.wait();
     }
+}
+
+/// Whether a process with id `pid` exists (a zombie counts until it is reaped).
+pub fn alive(pid: i32) -> bool {
+    // SAFETY: kill(2) with signal 0 only asks whether the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
 }
 
 pub use libc::{SIGINT, SIGKILL, SIGTERM};

@@ -75,9 +75,10 @@ impl Proxy {
         self.addr
     }
 
-    /// An AMQP URI through the proxy.
-    pub fn amqp_uri(&self) -> String {
-        format!("amqp://guest:guest@{}", self.addr)
+    /// Starts a proxy in front of the test broker: give farine
+    /// [`Broker::uri_via`](crate::Broker::uri_via)`(proxy.addr())`.
+    pub async fn to_broker() -> Self {
+        Self::start(crate::broker_addr()).await
     }
 
     /// How many connections the proxy accepted so far.

@@ -63,9 +63,15 @@ impl TlsProxy {
         Self { addr, task }
     }
 
-    /// An `amqps://` URI through the front, by host name (the certificate's).
-    pub fn amqps_uri(&self) -> String {
-        format!("amqps://guest:guest@localhost:{}", self.addr.port())
+    /// Starts a TLS front for the test broker: give farine
+    /// [`Broker::amqps_uri_via`](crate::Broker::amqps_uri_via)`(front.port())`.
+    pub async fn to_broker() -> Self {
+        Self::start(crate::broker_addr()).await
+    }
+
+    /// The local port the front listens on.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
     }
 }
 
