@@ -90,20 +90,37 @@ pub(crate) fn delete(vhost: &str) -> Result<(), String> {
     }
 }
 
+/// `GET path` on the management API, as JSON.
+pub fn get(path: &str) -> Result<serde_json::Value, String> {
+    let (status, body) = request("GET", path)?;
+    if status != 200 {
+        return Err(format!("GET {path}: HTTP {status} {body}"));
+    }
+    serde_json::from_str(&body).map_err(|e| format!("GET {path}: {e}: {body}"))
+}
+
 /// The names of the vhosts on the broker.
 pub fn list() -> Result<Vec<String>, String> {
-    let (status, body) = request("GET", "/api/vhosts?columns=name")?;
-    if status != 200 {
-        return Err(format!("listing vhosts: HTTP {status} {body}"));
-    }
-    let names: serde_json::Value =
-        serde_json::from_str(&body).map_err(|e| format!("listing vhosts: {e}: {body}"))?;
+    let names = get("/api/vhosts?columns=name")?;
     Ok(names
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|v| v["name"].as_str().map(str::to_string))
         .collect())
+}
+
+/// Whether `vhost` is the vhost of a test process that still runs.
+pub fn of_a_running_test(vhost: &str) -> bool {
+    vhost
+        .strip_prefix(PREFIX)
+        .and_then(|rest| rest.split('-').next())
+        .and_then(|pid| pid.parse::<i32>().ok())
+        .is_some_and(|pid| {
+            // SAFETY: kill(2) with signal 0 only asks whether the process exists.
+            let exists = unsafe { libc::kill(pid, 0) } == 0;
+            exists || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+        })
 }
 
 /// Deletes (once per test process) the test vhosts whose process is gone.
@@ -114,17 +131,10 @@ fn reap_dead_processes_vhosts() {
     }
     let Ok(names) = list() else { return };
     for name in names {
-        let Some(pid) = name
-            .strip_prefix(PREFIX)
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        // SAFETY: kill(2) with signal 0 only asks whether the process exists.
-        let alive = unsafe { libc::kill(pid, 0) } == 0
-            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-        if !alive && let Err(e) = delete(&name) {
+        if name.starts_with(PREFIX)
+            && !of_a_running_test(&name)
+            && let Err(e) = delete(&name)
+        {
             eprintln!("test support: stale {e}");
         }
     }
