@@ -5,7 +5,8 @@
 //! by `--manifest-path`), builds it with cargo, and runs the package's binary with the same
 //! arguments. The binary's `main` is `farine::main!()`, which gives it the same command line.
 //! With one module the launcher replaces itself with the binary (signals reach it directly);
-//! with several it runs them side by side and forwards SIGINT/SIGTERM to each.
+//! with several it runs them side by side, forwards SIGINT/SIGTERM to each, and they receive
+//! SIGTERM if the launcher dies (even by SIGKILL).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -284,6 +285,28 @@ fn signal_all(pids: &[i32], signal: i32) {
     }
 }
 
+/// Makes the process `command` starts receive SIGTERM when the launcher dies, however it dies
+/// (SIGKILL included): a module never outlives the launcher that an orchestrator supervises, and
+/// SIGTERM lets it drain its in-flight handlers as on a normal stop.
+fn die_with_this_process(command: &mut tokio::process::Command) {
+    // SAFETY: getpid(2) is always safe to call.
+    let launcher = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the child between fork and exec and calls only prctl(2),
+    // getppid(2) and raise(3), which are async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The launcher died before the line above took effect: the signal will not come.
+            if libc::getppid() != launcher {
+                libc::raise(libc::SIGTERM);
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Runs several modules side by side and forwards SIGINT/SIGTERM to them. When one module
 /// exits, the others are sent SIGTERM, so an orchestrator sees the process end instead of a
 /// half-running set. The exit status is the first non-zero status of a module, else 0.
@@ -304,9 +327,10 @@ fn run_all(args: &Args, binaries: &[(String, PathBuf)]) -> Result<u8, Failure> {
         let mut running = tokio::task::JoinSet::new();
         let mut pids = Vec::new();
         for (name, binary) in binaries {
-            let spawned = tokio::process::Command::new(binary)
-                .args(forwarded(args, name))
-                .spawn();
+            let mut command = tokio::process::Command::new(binary);
+            command.args(forwarded(args, name));
+            die_with_this_process(&mut command);
+            let spawned = command.spawn();
             let mut child = match spawned {
                 Ok(child) => child,
                 Err(e) => {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use farine_test_support::process::{Process, SIGTERM};
+use farine_test_support::process::{self, Process, SIGKILL, SIGTERM};
 use farine_test_support::{Broker, IniFile, unique};
 use lapin::ExchangeKind;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
@@ -301,4 +301,31 @@ async fn several_modules_run_side_by_side_and_sigterm_stops_them_all() {
         "{}",
         process.output()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_to_a_multi_module_launcher_stops_every_module_it_started() {
+    let broker = Broker::connect().await;
+    let (ini, _, _, queue) = own_topology(&broker, "");
+    let path = ini.path.display().to_string();
+    let mut launcher = Process::spawn(farine(&["--start=pubsub,pubsub", "--config", &path]));
+    assert!(
+        launcher.wait_for_lines("consuming", 2, START_BOUND),
+        "{}",
+        launcher.output()
+    );
+    assert!(broker.wait_for_consumers(&queue, 2, BOUND).await);
+    let modules = process::children(launcher.pid());
+    assert_eq!(modules.len(), 2, "two module processes: {modules:?}");
+
+    // SIGKILL cannot be caught: the launcher forwards nothing, the kernel tells the modules.
+    launcher.signal(SIGKILL);
+    launcher.wait_exit(BOUND).expect("killed");
+    assert!(
+        farine_test_support::wait_until(BOUND, || !modules.iter().any(|&m| process::running(m)))
+            .await,
+        "the modules {modules:?} still run after the launcher was killed"
+    );
+    // They stopped as on SIGTERM: their consumers are gone from the queue.
+    assert!(broker.wait_for_consumers(&queue, 0, BOUND).await);
 }

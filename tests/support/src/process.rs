@@ -134,10 +134,31 @@ impl Drop for Process {
     }
 }
 
-/// Whether a process with id `pid` exists (a zombie counts until it is reaped).
-pub fn alive(pid: i32) -> bool {
-    // SAFETY: kill(2) with signal 0 only asks whether the process exists.
-    unsafe { libc::kill(pid, 0) == 0 }
+/// Whether process `pid` runs: it exists and is not a zombie (an orphan's zombie lingers until
+/// whoever adopted it reaps it).
+pub fn running(pid: i32) -> bool {
+    stat(pid).is_some_and(|(state, _)| state != 'Z')
+}
+
+/// The processes whose parent is `pid`, from /proc.
+pub fn children(pid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&child| stat(child).is_some_and(|(_, parent)| parent == pid))
+        .collect()
+}
+
+/// `(state, parent pid)` of process `pid`, from /proc/<pid>/stat.
+fn stat(pid: i32) -> Option<(char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: the fields follow the last `)`.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let parent = fields.next()?.parse().ok()?;
+    Some((state, parent))
 }
 
 pub use libc::{SIGINT, SIGKILL, SIGTERM};
