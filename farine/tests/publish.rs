@@ -93,6 +93,59 @@ async fn a_publish_method_outside_a_running_service_returns_not_running_not_a_ha
     assert!(error.to_string().contains("forward_with"), "{error}");
 }
 
+#[derive(Default)]
+struct Announcer;
+
+#[farine::service(name = "announcer")]
+impl Announcer {
+    #[publish(exchange = "x", routing_key = "announced")]
+    async fn announce(&self, publisher: Publisher, event: &Value) -> Result<(), PublishError> {
+        publisher.publish(event).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outside_a_handler_each_publish_method_finds_the_runtime_that_runs_its_service() {
+    let broker = Broker::connect().await;
+    let (forwarded, announced) = (unique("two-fwd"), unique("two-ann"));
+    // Two runtimes in one process, each running one service; the second started last.
+    let first = Runtime::new(config(&broker, "forwarder", &[("exchange", &forwarded)]))
+        .services(["forwarder"])
+        .start()
+        .await
+        .expect("first starts");
+    let second = Runtime::new(config(&broker, "announcer", &[("exchange", &announced)]))
+        .services(["announcer"])
+        .start()
+        .await
+        .expect("second starts");
+    let forwarded_to = broker.bind_queue(&forwarded, "forwarded").await;
+    let announced_to = broker.bind_queue(&announced, "announced").await;
+
+    Forwarder
+        .forward(&json!({"from": "first"}))
+        .await
+        .expect("the first runtime publishes for forwarder");
+    Announcer
+        .announce(&json!({"from": "second"}))
+        .await
+        .expect("the second runtime publishes for announcer");
+    let one = broker.wait_for_messages(&forwarded_to, 1, BOUND).await;
+    let two = broker.wait_for_messages(&announced_to, 1, BOUND).await;
+    assert_eq!(one[0].json(), json!({"from": "first"}));
+    assert_eq!(two[0].json(), json!({"from": "second"}));
+
+    // Once a runtime stops, its service's methods are not running any more.
+    second.stop().await;
+    let error = Announcer.announce(&json!({})).await.expect_err("stopped");
+    assert!(matches!(error, PublishError::NotRunning { .. }), "{error}");
+    Forwarder
+        .forward(&json!({"still": true}))
+        .await
+        .expect("the first runtime still runs");
+    first.stop().await;
+}
+
 /// A standalone publisher (see [`standalone`]) on a fresh exchange `<name>-...` in `broker`'s
 /// vhost, its exchange declared, and the name of a queue bound to it with `rk` that
 /// observes what it sends.
@@ -144,13 +197,37 @@ async fn the_with_variant_takes_an_explicit_publisher_outside_any_runtime() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_publishes_from_one_publisher_are_in_flight_together_and_all_confirmed() {
     let broker = Broker::connect().await;
-    let (publisher, observer) = observed(&broker, "many-x", broker.uri(), BOUND).await;
-    let sends = (0..500).map(|n| {
-        let publisher = publisher.clone();
-        async move { publisher.publish(&json!({"n": n})).await }
-    });
-    let results = futures_util::future::join_all(sends).await;
-    assert!(results.iter().all(Result::is_ok), "every publish confirmed");
+    let proxy = Proxy::to_broker().await;
+    let (publisher, observer) =
+        observed(&broker, "many-x", broker.uri_via(proxy.addr()), BOUND).await;
+    // No confirm can come back: the proxy passes what farine sends, nothing the broker says.
+    proxy.stall_replies();
+    let sends: Vec<_> = (0..500)
+        .map(|n| {
+            let publisher = publisher.clone();
+            tokio::spawn(async move { publisher.publish(&json!({"n": n})).await })
+        })
+        .collect();
+    // All 500 reach the broker while none has its confirm: they are in flight together, not
+    // one after the other's confirm.
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while broker.queue_state(&observer).await.map(|s| s.0) != Some(500) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the publishes did not all reach the broker before their confirms"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        sends.iter().all(|send| !send.is_finished()),
+        "no publish completes before its confirm"
+    );
+    proxy.resume();
+    for send in sends {
+        send.await
+            .expect("the publish task")
+            .expect("every publish confirmed");
+    }
     let received = broker.wait_for_messages(&observer, 500, BOUND).await;
     assert_eq!(received.len(), 500);
 }

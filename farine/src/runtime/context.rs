@@ -3,8 +3,9 @@
 //! Callers call a `#[publish]` method without its publisher, as in the seed; the generated code
 //! asks [`publisher`] for it. Every handler runs inside the task-local scope of its runtime, so
 //! the lookup is exact even with several runtimes in one process (tests). Outside a handler (a
-//! task the user spawned), the process's runtime is used; with no runtime at all the publisher
-//! is detached and every publish returns [`crate::PublishError::NotRunning`].
+//! task the user spawned), the running runtime that runs the method's service is used (the
+//! newest, if several run it); with none the publisher is detached and every publish returns
+//! [`crate::PublishError::NotRunning`].
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -51,41 +52,45 @@ tokio::task_local! {
     static CURRENT: Arc<Shared>;
 }
 
-/// Read on every publish outside a handler: a read lock, so publishers do not queue on it.
-static PROCESS: RwLock<Option<Weak<Shared>>> = RwLock::new(None);
+/// The runtimes running in the process, oldest first. Read on every publish outside a handler:
+/// a read lock, so publishers do not queue on it.
+static PROCESS: RwLock<Vec<Weak<Shared>>> = RwLock::new(Vec::new());
 
 /// Runs `future` with `shared` as its runtime.
 pub(crate) fn scope<F: Future>(shared: Arc<Shared>, future: F) -> impl Future<Output = F::Output> {
     CURRENT.scope(shared, future)
 }
 
-/// Makes `shared` the process's runtime, for code that runs outside any handler.
+/// Adds `shared` to the process's running runtimes, for code that runs outside any handler.
 pub(crate) fn install(shared: &Arc<Shared>) {
-    if let Ok(mut slot) = PROCESS.write() {
-        *slot = Some(Arc::downgrade(shared));
+    if let Ok(mut running) = PROCESS.write() {
+        running.retain(|runtime| runtime.strong_count() > 0);
+        running.push(Arc::downgrade(shared));
     }
 }
 
-/// Forgets `shared` as the process's runtime, if it still is.
+/// Removes `shared` from the process's running runtimes.
 pub(crate) fn uninstall(shared: &Arc<Shared>) {
-    if let Ok(mut slot) = PROCESS.write()
-        && slot
-            .as_ref()
-            .is_some_and(|current| std::ptr::eq(current.as_ptr(), Arc::as_ptr(shared)))
-    {
-        *slot = None;
+    if let Ok(mut running) = PROCESS.write() {
+        running.retain(|runtime| {
+            runtime.strong_count() > 0 && !std::ptr::eq(runtime.as_ptr(), Arc::as_ptr(shared))
+        });
     }
 }
 
-/// Looks `find` up in the handler's runtime, else in the process's.
+/// Looks `find` up in the handler's runtime, else in the process's running runtimes, newest
+/// first: each has its own services, so a lookup by service finds the one that runs it.
 fn lookup<T>(find: impl Fn(&Shared) -> Option<T>) -> Option<T> {
     CURRENT
         .try_with(|shared| find(shared))
         .ok()
         .flatten()
         .or_else(|| {
-            let process = PROCESS.read().ok()?.as_ref()?.upgrade()?;
-            find(&process)
+            let running = PROCESS.read().ok()?;
+            running
+                .iter()
+                .rev()
+                .find_map(|runtime| runtime.upgrade().and_then(|shared| find(&shared)))
         })
 }
 

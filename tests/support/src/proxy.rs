@@ -1,6 +1,7 @@
 //! A TCP proxy of the test's own between farine and the broker, to inject faults without
 //! touching the shared broker: [`Proxy::cut`] drops every open connection, [`Proxy::stall`]
-//! stops passing bytes (a broker that hangs), [`Proxy::resume`] passes them again.
+//! stops passing bytes (a broker that hangs), [`Proxy::stall_replies`] stops only what the
+//! broker sends (it takes everything and answers nothing), [`Proxy::resume`] passes them again.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +14,8 @@ use tokio::sync::Notify;
 struct State {
     target: SocketAddr,
     stalled: AtomicBool,
+    /// Only the broker's side (broker to client) is stalled.
+    replies_stalled: AtomicBool,
     resumed: Notify,
     generation: AtomicU64,
     cut: Notify,
@@ -37,6 +40,7 @@ impl Proxy {
         let state = Arc::new(State {
             target,
             stalled: AtomicBool::new(false),
+            replies_stalled: AtomicBool::new(false),
             resumed: Notify::new(),
             generation: AtomicU64::new(0),
             cut: Notify::new(),
@@ -58,8 +62,8 @@ impl Proxy {
                     let generation = state.generation.load(Ordering::SeqCst);
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
-                    let up = pipe(state.clone(), client_read, server_write);
-                    let down = pipe(state.clone(), server_read, client_write);
+                    let up = pipe(state.clone(), client_read, server_write, false);
+                    let down = pipe(state.clone(), server_read, client_write, true);
                     tokio::select! {
                         _ = async { tokio::join!(up, down) } => {}
                         _ = wait_cut(&state, generation) => {}
@@ -97,9 +101,15 @@ impl Proxy {
         self.state.stalled.store(true, Ordering::SeqCst);
     }
 
-    /// Passes bytes again after [`Proxy::stall`].
+    /// Stops passing what the broker sends; what the client sends still reaches the broker.
+    pub fn stall_replies(&self) {
+        self.state.replies_stalled.store(true, Ordering::SeqCst);
+    }
+
+    /// Passes bytes again after [`Proxy::stall`] or [`Proxy::stall_replies`].
     pub fn resume(&self) {
         self.state.stalled.store(false, Ordering::SeqCst);
+        self.state.replies_stalled.store(false, Ordering::SeqCst);
         self.state.resumed.notify_waiters();
     }
 }
@@ -154,12 +164,17 @@ async fn pipe(
     state: Arc<State>,
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
+    replies: bool,
 ) {
+    let stalled = |state: &State| {
+        state.stalled.load(Ordering::SeqCst)
+            || (replies && state.replies_stalled.load(Ordering::SeqCst))
+    };
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
-        while state.stalled.load(Ordering::SeqCst) {
+        while stalled(&state) {
             let resumed = state.resumed.notified();
-            if !state.stalled.load(Ordering::SeqCst) {
+            if !stalled(&state) {
                 break;
             }
             resumed.await;
@@ -168,9 +183,9 @@ async fn pipe(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        while state.stalled.load(Ordering::SeqCst) {
+        while stalled(&state) {
             let resumed = state.resumed.notified();
-            if !state.stalled.load(Ordering::SeqCst) {
+            if !stalled(&state) {
                 break;
             }
             resumed.await;
