@@ -9,7 +9,8 @@ use std::time::Duration;
 use farine::rpc::Client;
 use farine_test_support::process::{Process, SIGKILL, SIGTERM};
 use farine_test_support::{Broker, Database, IniFile, unique};
-use lapin::types::ShortString;
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, ExchangeKind};
 use serde_json::json;
 
@@ -58,6 +59,11 @@ async fn publish(broker: &Broker, exchange: &str, batch: &str, range: std::ops::
                 .await;
         }
     }
+}
+
+/// The messages ready in `queue` (not delivered to a consumer).
+async fn ready(broker: &Broker, queue: &str) -> u32 {
+    broker.queue_state(queue).await.expect("the queue exists").0
 }
 
 fn expected(batch: &str, count: u32) -> BTreeMap<String, i64> {
@@ -131,14 +137,53 @@ async fn a_sigkill_in_the_middle_of_a_batch_then_a_restart_still_gives_the_right
     broker
         .declare_exchange(&exchange, ExchangeKind::Direct)
         .await;
+    // The whole batch waits in the ledger's queue before farine starts: 1000 entries, 200 of
+    // them twice.
+    broker
+        .channel()
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue declared");
+    broker
+        .channel()
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "entry".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue bound");
+    publish(&broker, &exchange, "two", 0..1000).await;
+    let total = 1200;
+    assert_eq!(ready(&broker, &queue).await, total);
+
     let ini = ini(&broker, &database, &exchange, &queue);
     let mut first = start_db(&ini);
-
-    publish(&broker, &exchange, "two", 0..1000).await;
-    // Kill it while it works through the batch: some entries committed, some in flight.
-    assert!(first.wait_for_output("consuming", BOUND));
+    // Kill it once it has settled a hundred entries, while it works through the rest.
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while ready(&broker, &queue).await > total - 100 {
+        assert!(tokio::time::Instant::now() < deadline, "{}", first.output());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     first.signal(SIGKILL);
     first.wait_exit(BOUND).expect("killed");
+    // The kill landed mid-batch: once the broker took back what was in flight (at most the
+    // prefetch of 20), part of the batch is done and part still queued.
+    assert!(broker.wait_for_consumers(&queue, 0, BOUND).await);
+    let left = ready(&broker, &queue).await;
+    assert!(
+        left > 0 && left <= total - 100 + 20,
+        "{left} of {total} entries left after the kill"
+    );
 
     let mut second = start_db(&ini);
     let want = expected("two", 1000);

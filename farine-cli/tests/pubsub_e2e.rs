@@ -130,10 +130,10 @@ async fn a_body_that_is_not_json_is_dead_lettered_and_logged_and_the_next_order_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_while_500_orders_are_queued_loses_none_and_acks_none_unhandled() {
+async fn sigterm_in_the_middle_of_a_stream_of_orders_loses_none_and_acks_none_unhandled() {
     let broker = Broker::connect().await;
     let (ini, orders, audit, queue) = own_topology(&broker, "drain_timeout = 5\n");
-    // Fill the relay's queue before farine starts, so SIGTERM lands mid-stream.
+    // Fill the relay's queue before farine starts.
     broker.declare_exchange(&orders, ExchangeKind::Direct).await;
     broker.declare_exchange(&audit, ExchangeKind::Direct).await;
     let observer = broker.bind_queue(&audit, "order.seen").await;
@@ -159,19 +159,24 @@ async fn sigterm_while_500_orders_are_queued_loses_none_and_acks_none_unhandled(
         )
         .await
         .expect("relay queue bound");
-    for id in 0..500 {
-        broker
-            .publish_json(&orders, "order.created", &json!({"id": id}))
-            .await;
-    }
+    const ORDERS: u64 = 2000;
+    let bodies: Vec<_> = (0..ORDERS).map(|id| json!({ "id": id })).collect();
+    broker
+        .publish_json_batch(&orders, "order.created", &bodies)
+        .await;
 
     let path = ini.path.display().to_string();
     let mut process = Process::spawn(farine(&["--start=pubsub", "--config", &path]));
-    assert!(
-        process.wait_for_output("consuming", START_BOUND),
-        "{}",
-        process.output()
-    );
+    // SIGTERM once a hundred orders are taken, while most still wait.
+    let deadline = tokio::time::Instant::now() + START_BOUND;
+    while broker.queue_state(&queue).await.expect("queue").0 > ORDERS as u32 - 100 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            process.output()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     process.signal(SIGTERM);
     let status = process
         .wait_exit(Duration::from_secs(5) + BOUND)
@@ -190,24 +195,23 @@ async fn sigterm_while_500_orders_are_queued_loses_none_and_acks_none_unhandled(
         .iter()
         .map(|m| m.json()["id"].as_u64().expect("an id"))
         .collect();
-    eprintln!(
+    // SIGTERM landed mid-stream: some orders relayed, the others still queued.
+    assert!(
+        !audited.is_empty() && !remaining.is_empty(),
         "relayed before exit: {}, still queued: {}",
         audited.len(),
         remaining.len()
     );
     let audited_set: BTreeSet<u64> = audited.iter().copied().collect();
     assert_eq!(audited_set.len(), audited.len(), "nothing relayed twice");
-    let all: BTreeSet<u64> = audited_set
-        .union(&remaining.iter().copied().collect())
-        .copied()
-        .collect();
-    assert_eq!(all, (0..500).collect::<BTreeSet<u64>>(), "none lost");
-    for id in 0..500u64 {
-        assert!(
-            audited_set.contains(&id) || remaining.contains(&id),
-            "order {id} was acked without being relayed"
-        );
-    }
+    let remaining: BTreeSet<u64> = remaining.into_iter().collect();
+    assert!(
+        audited_set.is_disjoint(&remaining),
+        "an order both relayed and left queued: it was handled and not acked"
+    );
+    // Every order is in one of the two: none was acked without being relayed.
+    let all: BTreeSet<u64> = audited_set.union(&remaining).copied().collect();
+    assert_eq!(all, (0..ORDERS).collect::<BTreeSet<u64>>(), "none lost");
 }
 
 #[test]
@@ -268,6 +272,19 @@ fn the_config_path_comes_from_farine_ini_when_no_flag_is_given() {
         .expect("runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("prefetch 3"), "{stdout}");
+}
+
+#[test]
+fn the_config_flag_wins_over_farine_ini() {
+    let from_env = IniFile::new("[relay]\nprefetch_count = 3\n");
+    let from_flag = IniFile::new("[relay]\nprefetch_count = 4\n");
+    let output = farine(&["--start=pubsub", "--list", "--config"])
+        .arg(&from_flag.path)
+        .env("FARINE_INI", &from_env.path)
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("prefetch 4"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

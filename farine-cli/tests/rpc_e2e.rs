@@ -57,6 +57,7 @@ async fn farine_start_rpc_answers_the_typed_client() {
     let error = server.fail("boom".into()).await.unwrap_err();
     assert!(error.to_string().contains("boom"), "{error}");
 
+    // Known from the broker's answer, well before the client's 30-second timeout.
     let started = Instant::now();
     let error = server
         .client()
@@ -64,8 +65,9 @@ async fn farine_start_rpc_answers_the_typed_client() {
         .await
         .unwrap_err();
     assert!(matches!(error, RpcError::NoSuchMethod { .. }), "{error}");
-    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(started.elapsed() < Duration::from_secs(15));
 
+    // A call gives up at its own timeout, long before the reply would come.
     let started = Instant::now();
     let error = server
         .with_timeout(Duration::from_secs(1))
@@ -75,7 +77,7 @@ async fn farine_start_rpc_answers_the_typed_client() {
     let elapsed = started.elapsed();
     assert!(matches!(error, RpcError::Timeout { .. }), "{error}");
     assert!(
-        elapsed >= Duration::from_secs(1) && elapsed < Duration::from_millis(1500),
+        elapsed >= Duration::from_secs(1) && elapsed < Duration::from_secs(5),
         "{elapsed:?}"
     );
 
@@ -237,12 +239,11 @@ async fn farine_start_rpc_answers_a_hand_written_client_following_the_doc() {
     };
     assert!(replies[0]["__except__"].as_str().unwrap().contains("boom"));
 
-    let started = Instant::now();
+    // The broker returns a request no queue is bound for: known from the return, no timeout.
     assert!(matches!(
         hand.call("server", "nosuchmethod", json!({})).await,
         Sent::Returned
     ));
-    assert!(started.elapsed() < Duration::from_secs(1));
 
     let Sent::Replies(replies) = hand.call("server", "sleep", json!({"args": [10]})).await else {
         panic!("sleep is served")

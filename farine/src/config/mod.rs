@@ -49,10 +49,15 @@ pub struct Config {
 
 /// The config path chosen by the rules above: `flag`, else `$FARINE_INI`, else `/etc/farine.ini`.
 pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
+    choose_path(flag, std::env::var_os(PATH_ENV))
+}
+
+/// The flag, else the environment variable's value when set and not empty, else the default.
+fn choose_path(flag: Option<&Path>, env: Option<std::ffi::OsString>) -> PathBuf {
     if let Some(path) = flag {
         return path.to_path_buf();
     }
-    match std::env::var_os(PATH_ENV) {
+    match env {
         Some(path) if !path.is_empty() => PathBuf::from(path),
         _ => PathBuf::from(DEFAULT_PATH),
     }
@@ -770,8 +775,21 @@ drain_timeout = 2.5
     #[test]
     fn the_flag_wins_over_the_environment_variable_for_the_path() {
         assert_eq!(
-            resolve_path(Some(Path::new("/x.ini"))),
+            choose_path(Some(Path::new("/x.ini")), Some("/env.ini".into())),
             PathBuf::from("/x.ini")
         );
+    }
+
+    #[test]
+    fn without_the_flag_the_environment_variable_gives_the_path_then_the_default() {
+        assert_eq!(
+            choose_path(None, Some("/env.ini".into())),
+            PathBuf::from("/env.ini")
+        );
+        assert_eq!(
+            choose_path(None, Some("".into())),
+            PathBuf::from(DEFAULT_PATH)
+        );
+        assert_eq!(choose_path(None, None), PathBuf::from("/etc/farine.ini"));
     }
 }

@@ -240,6 +240,30 @@ impl Broker {
         self.publish(exchange, routing_key, &body).await;
     }
 
+    /// Publishes each of `values` as JSON, all at once, and waits for every confirm.
+    pub async fn publish_json_batch(&self, exchange: &str, routing_key: &str, values: &[Value]) {
+        let mut confirms = Vec::with_capacity(values.len());
+        for value in values {
+            let body = serde_json::to_vec(value).expect("serialisable");
+            confirms.push(
+                self.channel
+                    .basic_publish(
+                        exchange.into(),
+                        routing_key.into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        BasicProperties::default(),
+                    )
+                    .await
+                    .expect("published"),
+            );
+        }
+        for confirm in confirms {
+            let confirmation = confirm.await.expect("confirmed");
+            assert!(confirmation.is_ack(), "the broker took the message");
+        }
+    }
+
     /// Takes one message from `queue` (acking it), if there is one.
     pub async fn get(&self, queue: &str) -> Option<Received> {
         let message = self
@@ -304,6 +328,37 @@ impl Broker {
             .ok()?;
         let _ = channel.close(200, "done".into()).await;
         Some((declared.message_count(), declared.consumer_count()))
+    }
+
+    /// What the broker's management API knows of `queue` in the test's vhost (its `type`,
+    /// `arguments`, `durable`, ...), as JSON.
+    pub fn queue_info(&self, queue: &str) -> Value {
+        vhost::get(&format!("/api/queues/{}/{queue}", self.vhost)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// What the broker's management API knows of `exchange` in the test's vhost (its `type`,
+    /// `durable`, `arguments`, ...), as JSON.
+    pub fn exchange_info(&self, exchange: &str) -> Value {
+        vhost::get(&format!("/api/exchanges/{}/{exchange}", self.vhost))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The names of the queues in the test's vhost, and of its exchanges (less the broker's
+    /// own: the default exchange and `amq.*`), from the management API.
+    pub fn declared(&self) -> (Vec<String>, Vec<String>) {
+        let names = |kind: &str| -> Vec<String> {
+            let listed = vhost::get(&format!("/api/{kind}/{}?columns=name", self.vhost))
+                .unwrap_or_else(|e| panic!("{e}"));
+            listed
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|item| item["name"].as_str())
+                .filter(|name| !name.is_empty() && !name.starts_with("amq."))
+                .map(str::to_string)
+                .collect()
+        };
+        (names("queues"), names("exchanges"))
     }
 
     /// Waits until `queue` has `consumers` consumers, for at most `bound`.
