@@ -363,3 +363,157 @@ async fn with_quorum_queues_and_at_least_once_dead_lettering_retries_and_dead_le
     assert_eq!(*QUORUM_CALLS.lock().unwrap(), vec![1, 2, 3]);
     assert_eq!(header_number(&dead[0], ATTEMPT_HEADER), 3);
 }
+
+// ---------------------------------------------------------------------------------------------
+
+static REJECTED_CALLS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+#[derive(Default)]
+struct NoDeadLetterQueueProbe;
+
+#[farine::service(name = "no_dlq_probe")]
+impl NoDeadLetterQueueProbe {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn work(&self, _body: Value, message: &Message) -> Result<(), String> {
+        REJECTED_CALLS.lock().unwrap().push(message.attempt());
+        Err("always fails".into())
+    }
+}
+
+/// The first entry of the broker's `x-death` header: `(reason, queue)`.
+fn first_death(message: &Received) -> (String, String) {
+    let Some(AMQPValue::FieldArray(deaths)) = header(message, "x-death") else {
+        panic!("no x-death header: the broker did not dead-letter this message");
+    };
+    let Some(AMQPValue::FieldTable(death)) = deaths.as_slice().first() else {
+        panic!("an empty x-death header");
+    };
+    let text = |name: &str| match death.inner().get(name) {
+        Some(AMQPValue::LongString(text)) => text.to_string(),
+        other => panic!("x-death {name} is not a string: {other:?}"),
+    };
+    (text("reason"), text("queue"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_dead_letter_queue_none_the_last_failure_is_rejected_to_the_queues_own_dead_letter_exchange()
+ {
+    let broker = Broker::connect().await;
+    let (exchange, queue, dlx) = (unique("nodlq-x"), unique("nodlq-q"), unique("nodlq-dlx"));
+    broker
+        .declare_exchange(&dlx, lapin::ExchangeKind::Fanout)
+        .await;
+    let graveyard = broker.bind_queue(&dlx, "").await;
+    let arguments = format!("x-dead-letter-exchange = {dlx}");
+    let config = config(
+        &broker,
+        "no_dlq_probe",
+        &[
+            ("work.exchange", &exchange),
+            ("work.queue", &queue),
+            ("work.dead_letter_queue", "none"),
+            ("work.queue_arguments", &arguments),
+            ("retry_delay", "20ms"),
+            ("max_attempts", "2"),
+        ],
+    );
+    let running = Runtime::new(config)
+        .services(["no_dlq_probe"])
+        .start()
+        .await
+        .expect("starts");
+    broker.publish_json(&exchange, "rk", &json!({"n": 1})).await;
+    let dead = broker.wait_for_messages(&graveyard, 1, BOUND).await;
+    running.stop().await;
+
+    assert_eq!(dead.len(), 1, "the broker dead-lettered the message");
+    assert_eq!(dead[0].json(), json!({"n": 1}));
+    assert_eq!(
+        first_death(&dead[0]),
+        ("rejected".to_string(), queue.clone()),
+        "rejected (without requeue) from the handler's queue"
+    );
+    assert_eq!(header_number(&dead[0], ATTEMPT_HEADER), 2);
+    assert_eq!(
+        *REJECTED_CALLS.lock().unwrap(),
+        vec![1, 2],
+        "retried as usual first"
+    );
+    assert_eq!(
+        broker.queue_state(&format!("{queue}.dead")).await,
+        None,
+        "farine declared no dead-letter queue of its own"
+    );
+    assert_eq!(
+        broker.queue_state(&queue).await,
+        Some((0, 0)),
+        "not requeued"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static RENAMED_CALLS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+#[derive(Default)]
+struct RenamedQueuesProbe;
+
+#[farine::service(name = "renamed_queues_probe")]
+impl RenamedQueuesProbe {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn work(&self, _body: Value, message: &Message) -> Result<(), String> {
+        RENAMED_CALLS.lock().unwrap().push(message.attempt());
+        Err("always fails".into())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_retry_and_dead_letter_queue_names_are_the_queues_retries_wait_in_and_dead_letters_end_in()
+ {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("renamed-x"), unique("renamed-q"));
+    let (later, graveyard) = (unique("renamed-later"), unique("renamed-graveyard"));
+    let config = config(
+        &broker,
+        "renamed_queues_probe",
+        &[
+            ("work.exchange", &exchange),
+            ("work.queue", &queue),
+            ("work.retry_queue", &later),
+            ("work.dead_letter_queue", &graveyard),
+            ("retry_delay", "1s"),
+            ("max_attempts", "2"),
+        ],
+    );
+    let running = Runtime::new(config)
+        .services(["renamed_queues_probe"])
+        .start()
+        .await
+        .expect("starts");
+    broker.publish_json(&exchange, "rk", &json!({"n": 1})).await;
+
+    // The failed first attempt waits its retry_delay in the custom retry queue.
+    let deadline = Instant::now() + BOUND;
+    let mut waited_in_retry_queue = false;
+    while Instant::now() < deadline && !waited_in_retry_queue {
+        waited_in_retry_queue = broker.queue_state(&later).await == Some((1, 0));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dead = broker.wait_for_messages(&graveyard, 1, BOUND).await;
+    running.stop().await;
+
+    assert!(waited_in_retry_queue, "the retry waited in {later}");
+    assert_eq!(dead.len(), 1, "the dead letter is in {graveyard}");
+    assert_eq!(dead[0].json(), json!({"n": 1}));
+    assert_eq!(header_number(&dead[0], ATTEMPT_HEADER), 2);
+    assert_eq!(header_text(&dead[0], QUEUE_HEADER), queue);
+    assert_eq!(*RENAMED_CALLS.lock().unwrap(), vec![1, 2]);
+    for default_name in [format!("{queue}.retry"), format!("{queue}.dead")] {
+        assert_eq!(
+            broker.queue_state(&default_name).await,
+            None,
+            "{default_name} was not declared"
+        );
+    }
+    assert_eq!(broker.queue_state(&later).await, Some((0, 0)));
+}

@@ -77,7 +77,8 @@ pub enum StartError {
 }
 
 impl StartError {
-    /// True for errors in the configuration (the CLI exits with its config error code).
+    /// True for errors in the configuration (the CLI exits with its config error code),
+    /// including any error from a service's `init` function, which builds it from its section.
     pub fn is_config(&self) -> bool {
         matches!(
             self,
@@ -85,6 +86,7 @@ impl StartError {
                 | StartError::NothingToStart(_)
                 | StartError::Conflict(_)
                 | StartError::UnknownHandler(_)
+                | StartError::Build { .. }
         )
     }
 }
