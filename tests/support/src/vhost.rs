@@ -99,6 +99,35 @@ pub fn get(path: &str) -> Result<serde_json::Value, String> {
     serde_json::from_str(&body).map_err(|e| format!("GET {path}: {e}: {body}"))
 }
 
+/// Makes RabbitMQ user `user` with `password` (no tags: it may use AMQP, not the management
+/// API) and gives it every permission on `vhost`; remove it with [`delete_user`]. For tests
+/// that need a password of their own, one no other text of the test contains.
+pub fn create_user(vhost: &str, user: &str, password: &str) -> Result<(), String> {
+    let body = serde_json::json!({ "password": password, "tags": "" }).to_string();
+    match request_with_body("PUT", &format!("/api/users/{user}"), &body)? {
+        (201 | 204, _) => {}
+        (status, body) => return Err(format!("creating user {user}: HTTP {status} {body}")),
+    }
+    match request_with_body(
+        "PUT",
+        &format!("/api/permissions/{vhost}/{user}"),
+        r#"{"configure":".*","write":".*","read":".*"}"#,
+    )? {
+        (201 | 204, _) => Ok(()),
+        (status, body) => Err(format!(
+            "permissions of user {user} on vhost {vhost}: HTTP {status} {body}"
+        )),
+    }
+}
+
+/// Deletes RabbitMQ user `user` (made by [`create_user`]); a user already gone is no error.
+pub fn delete_user(user: &str) -> Result<(), String> {
+    match request("DELETE", &format!("/api/users/{user}"))? {
+        (204 | 404, _) => Ok(()),
+        (status, body) => Err(format!("deleting user {user}: HTTP {status} {body}")),
+    }
+}
+
 /// The names of the vhosts on the broker.
 pub fn list() -> Result<Vec<String>, String> {
     let names = get("/api/vhosts?columns=name")?;

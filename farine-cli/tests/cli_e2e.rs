@@ -1,0 +1,770 @@
+//! End to end through the real `farine` launcher: the promises of the README's "Reference:
+//! command line" (replaying dead letters, exit statuses 3 and 4, `--log-level`, SIGINT,
+//! `--manifest-path`, `--release`) and of "Reference: configuration" (environment overrides,
+//! no password in `--list` or in any log line).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use farine_test_support::process::{self, Process, SIGINT, SIGTERM};
+use farine_test_support::proxy::Proxy;
+use farine_test_support::{Broker, Database, IniFile, Received, free_port, unique, vhost};
+use lapin::options::BasicGetOptions;
+use lapin::types::AMQPValue;
+use serde_json::{Value, json};
+
+/// The first start builds the pubsub example with cargo: give it time.
+const START_BOUND: Duration = Duration::from_secs(300);
+const BOUND: Duration = Duration::from_secs(15);
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace is farine-cli's parent")
+        .to_path_buf()
+}
+
+/// The launcher, run from the workspace, logging at `info` unless a test says otherwise.
+fn farine(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_farine"));
+    command
+        .args(args)
+        .current_dir(workspace())
+        .env_remove("FARINE_INI")
+        .env("RUST_LOG", "info");
+    command
+}
+
+/// A config for `relay` in the test's vhost, with exchanges and a queue of the test's own.
+fn own_topology(broker: &Broker, extra: &str) -> (IniFile, String, String, String) {
+    let (orders, audit, queue) = (unique("orders"), unique("audit"), unique("relay"));
+    let ini = IniFile::new(&format!(
+        "[DEFAULT]\namqp_uri = {}\n\n[relay]\nrelay.exchange = {orders}\nrelay.queue = {queue}\nseen.exchange = {audit}\n{extra}",
+        broker.uri()
+    ));
+    (ini, orders, audit, queue)
+}
+
+/// Waits until `queue` holds `count` ready messages.
+async fn wait_for_ready(broker: &Broker, queue: &str, count: u32) -> bool {
+    let deadline = std::time::Instant::now() + BOUND;
+    loop {
+        if broker
+            .queue_state(queue)
+            .await
+            .is_some_and(|(ready, _)| ready == count)
+        {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The messages now in `queue`, left in it: taken without an ack on a channel of their own,
+/// which closing gives back to the queue.
+async fn peek(broker: &Broker, queue: &str) -> Vec<Received> {
+    let channel = broker
+        .connection()
+        .create_channel()
+        .await
+        .expect("a channel");
+    let mut seen = Vec::new();
+    while let Some(message) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        .await
+        .expect("basic.get")
+    {
+        let delivery = message.delivery;
+        seen.push(Received {
+            body: delivery.data,
+            properties: delivery.properties,
+            routing_key: delivery.routing_key.to_string(),
+            exchange: delivery.exchange.to_string(),
+        });
+    }
+    channel
+        .close(200, "peeked".into())
+        .await
+        .expect("channel closed");
+    seen
+}
+
+/// The `x-farine-attempt` header of a message, when it has one.
+fn attempt(message: &Received) -> Option<i64> {
+    let headers = message.properties.headers().as_ref()?;
+    match headers.inner().get("x-farine-attempt")? {
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        other => panic!("x-farine-attempt is not a number: {other:?}"),
+    }
+}
+
+fn body_text(message: &Received) -> String {
+    String::from_utf8_lossy(&message.body).into_owned()
+}
+
+// --- --replay-dead-letters ---------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_dead_letters_moves_them_back_to_the_queue_with_a_fresh_attempt_count_and_prints_how_many()
+ {
+    let broker = Broker::connect().await;
+    // Nothing is bound to the audit exchange yet and publishes are mandatory: each relay fails
+    // with NoRoute, is retried once, and the order goes to the dead-letter queue.
+    let (ini, orders, audit, queue) = own_topology(
+        &broker,
+        "mandatory = true\nretry_delay = 100ms\nmax_attempts = 2\n",
+    );
+    let path = ini.path.display().to_string();
+    let dead = format!("{queue}.dead");
+    let mut service = Process::spawn(farine(&["--start=pubsub", "--config", &path]));
+    assert!(
+        service.wait_for_output("consuming", START_BOUND),
+        "{}",
+        service.output()
+    );
+    for id in [1, 2] {
+        broker
+            .publish_json(&orders, "order.created", &json!({ "id": id }))
+            .await;
+    }
+    broker.publish(&orders, "order.created", b"{not json").await;
+    assert!(
+        wait_for_ready(&broker, &dead, 3).await,
+        "three dead letters:\n{}",
+        service.output()
+    );
+    service.signal(SIGTERM);
+    let status = service.wait_exit(BOUND).expect("exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", service.output());
+
+    let before = peek(&broker, &dead).await;
+    let orders_attempts: Vec<_> = before
+        .iter()
+        .filter(|m| m.body.starts_with(b"{\"id\""))
+        .map(attempt)
+        .collect();
+    assert_eq!(
+        orders_attempts,
+        vec![Some(2), Some(2)],
+        "each order failed its two attempts"
+    );
+    assert!(wait_for_ready(&broker, &dead, 3).await, "given back");
+
+    let replay = farine(&[
+        "--start=pubsub",
+        "--replay-dead-letters",
+        "relay.relay",
+        "--config",
+        &path,
+    ])
+    .output()
+    .expect("runs");
+    let stdout = String::from_utf8_lossy(&replay.stdout);
+    let stderr = String::from_utf8_lossy(&replay.stderr);
+    assert_eq!(replay.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("replayed 3 dead letter(s) from {dead} to {queue}")),
+        "{stdout}{stderr}"
+    );
+    assert!(
+        wait_for_ready(&broker, &queue, 3).await,
+        "back in the queue"
+    );
+    assert_eq!(broker.queue_state(&dead).await.map(|s| s.0), Some(0));
+    let after = peek(&broker, &queue).await;
+    let mut bodies: Vec<_> = after.iter().map(body_text).collect();
+    bodies.sort();
+    assert_eq!(
+        bodies,
+        vec!["{\"id\":1}", "{\"id\":2}", "{not json"],
+        "the same bodies"
+    );
+    for message in &after {
+        assert!(
+            attempt(message).unwrap_or(1) == 1,
+            "a fresh attempt count, not {:?}, for {}",
+            attempt(message),
+            body_text(message)
+        );
+    }
+
+    // With the cause fixed (a queue bound to audit), the service relays the replayed orders;
+    // the body that never decodes goes back to the dead letters.
+    let observer = broker.bind_queue(&audit, "order.seen").await;
+    let mut service = Process::spawn(farine(&["--start=pubsub", "--config", &path]));
+    let relayed = broker.wait_for_messages(&observer, 2, START_BOUND).await;
+    let mut seen: Vec<Value> = relayed.iter().map(Received::json).collect();
+    seen.sort_by_key(|v| v["seen"]["id"].as_u64());
+    assert_eq!(
+        seen,
+        vec![json!({"seen": {"id": 1}}), json!({"seen": {"id": 2}})],
+        "{}",
+        service.output()
+    );
+    assert!(
+        wait_for_ready(&broker, &dead, 1).await,
+        "{}",
+        service.output()
+    );
+    service.signal(SIGTERM);
+    let status = service.wait_exit(BOUND).expect("exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", service.output());
+}
+
+// --- exit status 3: configuration -------------------------------------------------------------
+
+#[test]
+fn a_configuration_error_exits_3_before_connecting_and_names_what_is_wrong() {
+    // The broker named here does not exist: a status 1 would mean farine tried to connect
+    // before it checked the config.
+    let uri = format!("amqp://guest:guest@127.0.0.1:{}", free_port());
+    let cases: [(&str, &str, &[&str]); 5] = [
+        (
+            "pubsub",
+            "[other]\n",
+            &["has no section [relay] for service `relay`"],
+        ),
+        (
+            "pubsub",
+            "[relay]\nprefetch_count = lots\n",
+            &["section [relay]", "option `prefetch_count` is \"lots\""],
+        ),
+        (
+            "pubsub",
+            "[relay]\nretry_delay = soon\n",
+            &["section [relay]", "option `retry_delay` is \"soon\""],
+        ),
+        (
+            "pubsub",
+            "[relay]\nenabled = false\n",
+            &["every service of module `pubsub` is disabled"],
+        ),
+        (
+            "sse",
+            "[listener]\n",
+            &["section [listener]", "option `endpoint` is missing"],
+        ),
+    ];
+    for (module, body, expected) in cases {
+        let ini = IniFile::new(&format!("[DEFAULT]\namqp_uri = {uri}\n\n{body}"));
+        let path = ini.path.display().to_string();
+        let output = farine(&[&format!("--start={module}"), "--config", &path])
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(3), "{body}: {stderr}");
+        assert!(stderr.contains(&path), "{body}: names the file: {stderr}");
+        for needle in expected {
+            assert!(stderr.contains(needle), "{body}: {needle}: {stderr}");
+        }
+    }
+}
+
+// --- exit status 4, --manifest-path, --release ------------------------------------------------
+
+/// A directory of the test's own under the temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> Self {
+        let path = std::env::temp_dir().join(unique(prefix));
+        std::fs::create_dir_all(&path).expect("temp dir made");
+        Self(path.canonicalize().expect("temp dir path"))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0)
+            && !std::thread::panicking()
+        {
+            panic!("removing {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// A Cargo workspace of the test's own, small enough to build in seconds (in release mode
+/// too): a stand-in library named `farine` (the launcher takes a package depending on
+/// `farine` with a binary for a module), module `hello`, whose binary prints the path it runs
+/// from and its arguments, and module `broken`, which does not compile.
+fn tiny_workspace() -> TempDir {
+    let dir = TempDir::new("tiny-workspace");
+    let files = [
+        (
+            "Cargo.toml",
+            "[workspace]\nmembers = [\"farine\", \"hello\", \"broken\"]\nresolver = \"2\"\n",
+        ),
+        (
+            "farine/Cargo.toml",
+            "[package]\nname = \"farine\"\nversion = \"0.0.0\"\nedition = \"2021\"\n",
+        ),
+        ("farine/src/lib.rs", ""),
+        (
+            "hello/Cargo.toml",
+            "[package]\nname = \"hello\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\n[dependencies]\nfarine = { path = \"../farine\" }\n",
+        ),
+        (
+            "hello/src/main.rs",
+            "fn main() {\n    let exe = std::env::current_exe().expect(\"exe\");\n    println!(\"hello runs {}\", exe.display());\n    let args: Vec<String> = std::env::args().skip(1).collect();\n    println!(\"hello args {}\", args.join(\" \"));\n}\n",
+        ),
+        (
+            "broken/Cargo.toml",
+            "[package]\nname = \"broken\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\n[dependencies]\nfarine = { path = \"../farine\" }\n",
+        ),
+        (
+            "broken/src/main.rs",
+            "fn main() {\n    let this_does_not: u8 = \"compile\";\n}\n",
+        ),
+    ];
+    for (path, text) in files {
+        let path = dir.0.join(path);
+        std::fs::create_dir_all(path.parent().expect("a parent")).expect("dir made");
+        std::fs::write(&path, text).expect("file written");
+    }
+    dir
+}
+
+/// The launcher run from `cwd`, which is in no Cargo workspace, building into the target
+/// directory of the workspace it is given.
+fn farine_from(cwd: &Path, args: &[&str]) -> Command {
+    let mut command = farine(args);
+    command
+        .current_dir(cwd)
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET_DIR");
+    command
+}
+
+#[test]
+fn manifest_path_names_the_workspace_when_farine_runs_outside_it() {
+    let elsewhere = TempDir::new("elsewhere");
+    let output = farine_from(&elsewhere.0, &["--start=pubsub", "--list"])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not inside a Cargo workspace"), "{stderr}");
+
+    let manifest = workspace().join("Cargo.toml");
+    let output = farine_from(
+        &elsewhere.0,
+        &[
+            "--start=pubsub",
+            "--list",
+            "--manifest-path",
+            &manifest.display().to_string(),
+        ],
+    )
+    .output()
+    .expect("runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("service relay (Relay, section [relay]"),
+        "{stdout}{stderr}"
+    );
+}
+
+#[test]
+fn release_builds_the_module_in_release_mode_and_is_not_passed_to_it() {
+    let tiny = tiny_workspace();
+    let elsewhere = TempDir::new("elsewhere");
+    let manifest = tiny.0.join("Cargo.toml").display().to_string();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--start=hello",
+            "--config",
+            "some.ini",
+            "--manifest-path",
+            &manifest,
+        ];
+        args.extend_from_slice(extra);
+        let output = farine_from(&elsewhere.0, &args).output().expect("runs");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(output.status.code(), Some(0), "{stdout}{stderr}");
+        stdout
+    };
+
+    let release = run(&["--release"]);
+    let built = tiny.0.join("target/release/hello").display().to_string();
+    assert!(
+        release.contains(&format!("hello runs {built}\n")),
+        "{release}"
+    );
+    assert!(
+        release.contains("hello args --start=hello --config=some.ini\n"),
+        "the launcher's own flags stay with it: {release}"
+    );
+
+    let debug = run(&[]);
+    let built = tiny.0.join("target/debug/hello").display().to_string();
+    assert!(debug.contains(&format!("hello runs {built}\n")), "{debug}");
+}
+
+#[test]
+fn a_module_cargo_cannot_build_exits_4() {
+    let tiny = tiny_workspace();
+    let manifest = tiny.0.join("Cargo.toml").display().to_string();
+    let output = farine_from(
+        &tiny.0,
+        &["--start=broken", "--manifest-path", &manifest, "--list"],
+    )
+    .output()
+    .expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains("cargo could not build module `broken`"),
+        "{stderr}"
+    );
+    // cargo's own diagnostic reaches the user.
+    assert!(stderr.contains("mismatched types"), "{stderr}");
+}
+
+// --- --log-level --------------------------------------------------------------------------------
+
+/// Starts pubsub with `args` and `RUST_LOG` (unset when `None`), waits until it consumes (by
+/// the broker: its log may not say so), stops it; returns everything it printed.
+async fn run_with_logging(args: &[&str], rust_log: Option<&str>) -> String {
+    let broker = Broker::connect().await;
+    let (ini, _, _, queue) = own_topology(&broker, "");
+    let path = ini.path.display().to_string();
+    let mut all = vec!["--start=pubsub", "--config", &path];
+    all.extend_from_slice(args);
+    let mut command = farine(&all);
+    match rust_log {
+        Some(filter) => command.env("RUST_LOG", filter),
+        None => command.env_remove("RUST_LOG"),
+    };
+    let mut process = Process::spawn(command);
+    assert!(
+        broker.wait_for_consumers(&queue, 1, START_BOUND).await,
+        "{}",
+        process.output()
+    );
+    process.signal(SIGTERM);
+    let status = process.wait_exit(BOUND).expect("exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", process.output());
+    process.output()
+}
+
+/// Lines of farine's log (tracing's format: time, level, target) at `level`.
+fn log_lines<'a>(output: &'a str, level: &str) -> Vec<&'a str> {
+    output
+        .lines()
+        .filter(|line| line.split_whitespace().nth(1) == Some(level))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_level_warn_hides_info_and_debug_lines_and_wins_over_rust_log() {
+    let output = run_with_logging(&["--log-level=warn"], Some("debug")).await;
+    assert!(!output.contains("consuming"), "{output}");
+    assert!(log_lines(&output, "INFO").is_empty(), "{output}");
+    assert!(log_lines(&output, "DEBUG").is_empty(), "{output}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_level_debug_shows_debug_lines_and_wins_over_rust_log() {
+    let output = run_with_logging(&["--log-level=debug"], Some("warn")).await;
+    assert!(output.contains("consuming"), "{output}");
+    assert!(!log_lines(&output, "DEBUG").is_empty(), "{output}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_level_takes_a_tracing_filter() {
+    // lapin's debug lines, and nothing of farine's below warn.
+    let output = run_with_logging(&["--log-level", "warn,lapin=debug"], None).await;
+    let debug = log_lines(&output, "DEBUG");
+    assert!(!debug.is_empty(), "{output}");
+    assert!(debug.iter().all(|l| l.contains(" lapin")), "{output}");
+    assert!(!output.contains("consuming"), "{output}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_log_level_the_level_is_rust_log_else_info() {
+    let output = run_with_logging(&[], Some("warn")).await;
+    assert!(!output.contains("consuming"), "RUST_LOG=warn: {output}");
+
+    let output = run_with_logging(&[], None).await;
+    assert!(output.contains("consuming"), "info: {output}");
+    assert!(log_lines(&output, "DEBUG").is_empty(), "info: {output}");
+}
+
+// --- SIGINT -------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_stops_a_single_module_cleanly_with_exit_status_0() {
+    let broker = Broker::connect().await;
+    let (ini, _, _, queue) = own_topology(&broker, "");
+    let path = ini.path.display().to_string();
+    let mut process = Process::spawn(farine(&["--start=pubsub", "--config", &path]));
+    assert!(
+        process.wait_for_output("consuming", START_BOUND),
+        "{}",
+        process.output()
+    );
+    // The launcher replaced itself with the module: the signal reaches the module directly.
+    let exe = std::fs::read_link(format!("/proc/{}/exe", process.pid())).expect("its exe");
+    assert!(
+        exe.display().to_string().contains("pubsub"),
+        "the process runs {}",
+        exe.display()
+    );
+    assert!(process::children(process.pid()).is_empty());
+
+    process.signal(SIGINT);
+    let status = process.wait_exit(BOUND).expect("exits after SIGINT");
+    let output = process.output();
+    assert_eq!(status.code(), Some(0), "{output}");
+    assert!(output.contains("signal=\"SIGINT\""), "{output}");
+    assert!(output.contains("stopped"), "{output}");
+    assert!(broker.wait_for_consumers(&queue, 0, BOUND).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_to_a_multi_module_launcher_is_forwarded_to_each_module_and_it_exits_0() {
+    let broker = Broker::connect().await;
+    let (ini, _, _, queue) = own_topology(&broker, "");
+    let path = ini.path.display().to_string();
+    let mut launcher = Process::spawn(farine(&["--start=pubsub,pubsub", "--config", &path]));
+    assert!(
+        launcher.wait_for_lines("consuming", 2, START_BOUND),
+        "{}",
+        launcher.output()
+    );
+    assert!(broker.wait_for_consumers(&queue, 2, BOUND).await);
+
+    // To the launcher alone (not its process group): the modules hear of it from the launcher.
+    launcher.signal(SIGINT);
+    let status = launcher.wait_exit(BOUND).expect("exits after SIGINT");
+    let output = launcher.output();
+    assert_eq!(status.code(), Some(0), "{output}");
+    assert_eq!(
+        output.matches("signal=\"SIGINT\"").count(),
+        2,
+        "each module got SIGINT: {output}"
+    );
+    assert!(!output.contains("exited with status"), "{output}");
+    assert!(broker.wait_for_consumers(&queue, 0, BOUND).await);
+}
+
+// --- no password in --list or in any log line ---------------------------------------------------
+
+/// How lapin's trace lines print a byte string: `[112, 119, ...]`.
+fn as_byte_list(text: &str) -> String {
+    text.bytes()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Asserts `output` holds `secret` neither as text nor as a list of bytes.
+fn assert_no_secret(output: &str, secret: &str, what: &str) {
+    if let Some(line) = output.lines().find(|l| l.contains(secret)) {
+        panic!("{what} appears in:\n{line}");
+    }
+    let bytes = as_byte_list(secret);
+    if let Some(line) = output.lines().find(|l| l.contains(&bytes)) {
+        panic!("{what} appears, as bytes, in:\n{line}");
+    }
+}
+
+#[test]
+fn list_shows_passwords_as_stars_where_it_shows_a_value() {
+    let (amqp_password, db_password) = (unique("amqp-pw"), unique("db-pw"));
+    // Two bad values, each shown in place of its handler: one refers to db_password, one
+    // holds a URI with a password.
+    let ini = IniFile::new(&format!(
+        "[DEFAULT]\namqp_uri = amqp://guest:{amqp_password}@127.0.0.1:5672\ndb_password = {db_password}\n\n[relay]\nrelay.prefetch_count = %(db_password)s\nseen.exchange_type = amqp://guest:{amqp_password}@elsewhere:5672\n"
+    ));
+    let path = ini.path.display().to_string();
+    let output = farine(&["--start=pubsub", "--list", "--config", &path])
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let all = format!("{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(output.status.code(), Some(0), "{all}");
+    assert!(
+        stdout.contains("consume relay: ") && stdout.contains("prefetch_count` is \"****\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("publish seen: ")
+            && stdout.contains("\"amqp://guest:****@elsewhere:5672\""),
+        "{stdout}"
+    );
+    assert_no_secret(&all, &amqp_password, "the AMQP password");
+    assert_no_secret(&all, &db_password, "db_password");
+}
+
+/// A RabbitMQ user of the test's own, deleted on drop.
+struct RabbitUser(String);
+
+impl Drop for RabbitUser {
+    fn drop(&mut self) {
+        if let Err(e) = vhost::delete_user(&self.0)
+            && !std::thread::panicking()
+        {
+            panic!("{e}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_logging_at_trace_never_prints_a_password_through_start_reconnection_and_stop() {
+    let broker = Broker::connect().await;
+    let database = Database::create().await;
+    // A user of the test's own, so that its password is text nothing else contains (guest's
+    // is its user name).
+    let user = RabbitUser(unique("cli-user"));
+    let (amqp_password, db_password) = (unique("amqp-pw"), unique("db-pw"));
+    vhost::create_user(broker.vhost(), &user.0, &amqp_password).expect("user made");
+    let proxy = Proxy::to_broker().await;
+    let (orders, audit, queue) = (unique("orders"), unique("audit"), unique("relay"));
+    let ini = IniFile::new(&format!(
+        "[DEFAULT]\namqp_uri = amqp://{}:{amqp_password}@{}/{}\n{}db_password = {db_password}\n\n[relay]\nrelay.exchange = {orders}\nrelay.queue = {queue}\nseen.exchange = {audit}\n",
+        user.0,
+        proxy.addr(),
+        broker.vhost(),
+        database.ini_keys(),
+    ));
+    let path = ini.path.display().to_string();
+    let mut process = Process::spawn(farine(&[
+        "--start=pubsub",
+        "--config",
+        &path,
+        "--log-level=trace",
+    ]));
+    assert!(
+        process.wait_for_output("consuming", START_BOUND),
+        "{}",
+        process.output()
+    );
+    let observer = broker.bind_queue(&audit, "order.seen").await;
+    broker
+        .publish_json(&orders, "order.created", &json!({"id": 1}))
+        .await;
+    assert_eq!(broker.wait_for_messages(&observer, 1, BOUND).await.len(), 1);
+
+    proxy.cut();
+    assert!(
+        process.wait_for_output("reconnected to the AMQP broker", BOUND),
+        "{}",
+        process.output()
+    );
+    assert!(
+        process.wait_for_lines("consuming", 2, BOUND),
+        "{}",
+        process.output()
+    );
+    broker
+        .publish_json(&orders, "order.created", &json!({"id": 2}))
+        .await;
+    assert_eq!(broker.wait_for_messages(&observer, 1, BOUND).await.len(), 1);
+
+    process.signal(SIGTERM);
+    let status = process.wait_exit(BOUND).expect("exits after SIGTERM");
+    let output = process.output();
+    assert_eq!(status.code(), Some(0), "{output}");
+    assert!(
+        !log_lines(&output, "TRACE").is_empty(),
+        "it logged at trace"
+    );
+    assert!(
+        output.contains("connection to the AMQP broker is lost"),
+        "{output}"
+    );
+    assert_no_secret(&output, &amqp_password, "the AMQP password");
+    assert_no_secret(&output, &db_password, "db_password");
+}
+
+// --- FARINE__<SECTION>__<KEY> -------------------------------------------------------------------
+
+#[test]
+fn environment_overrides_set_a_sections_key_a_handlers_key_and_default_keys() {
+    let ini = IniFile::new("[DEFAULT]\nmax_attempts = 2\n\n[relay]\nprefetch_count = 3\n");
+    let path = ini.path.display().to_string();
+    let output = farine(&["--start=pubsub", "--list", "--config", &path])
+        .env("FARINE__RELAY__PREFETCH_COUNT", "7")
+        // Taken literally: in the file, `%4` would be a broken interpolation.
+        .env("FARINE__RELAY__RELAY__QUEUE", "orders%41")
+        .env("FARINE__DEFAULT__MAX_ATTEMPTS", "5")
+        // Names are case-insensitive.
+        .env("Farine__Relay__Seen__Routing_Key", "order.Noticed")
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains(
+            "consume relay: exchange orders (direct), routing key \"order.created\", queue orders%41, prefetch 7, retries orders%41.retry (x5), dead letters orders%41.dead"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("publish seen: exchange audit (direct), routing key \"order.Noticed\""),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_default_override_is_inherited_only_where_the_section_does_not_set_the_key() {
+    let list = |ini: &str| {
+        let ini = IniFile::new(ini);
+        let path = ini.path.display().to_string();
+        let output = farine(&["--start=pubsub", "--list", "--config", &path])
+            .env("FARINE__DEFAULT__PREFETCH_COUNT", "9")
+            .output()
+            .expect("runs");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let inherited = list("[DEFAULT]\nprefetch_count = 2\n\n[relay]\n");
+    assert!(inherited.contains("prefetch 9,"), "{inherited}");
+    let own = list("[relay]\nprefetch_count = 3\n");
+    assert!(own.contains("prefetch 3,"), "{own}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_connects_to_the_amqp_uri_of_the_environment_not_the_files() {
+    let broker = Broker::connect().await;
+    let (orders, audit, queue) = (unique("orders"), unique("audit"), unique("relay"));
+    // Nothing listens where the file points.
+    let ini = IniFile::new(&format!(
+        "[DEFAULT]\namqp_uri = amqp://guest:guest@127.0.0.1:{}/nowhere\n\n[relay]\nrelay.exchange = {orders}\nrelay.queue = {queue}\nseen.exchange = {audit}\n",
+        free_port()
+    ));
+    let path = ini.path.display().to_string();
+    // Percent-encoded, as a URI may be: no `%%` needed in the environment.
+    let uri = broker.uri().replace("farine-test-", "farine%2Dtest-");
+    assert_ne!(uri, broker.uri());
+    let mut command = farine(&["--start=pubsub", "--config", &path]);
+    command.env("FARINE__DEFAULT__AMQP_URI", &uri);
+    let mut process = Process::spawn(command);
+    assert!(
+        process.wait_for_output("consuming", START_BOUND),
+        "{}",
+        process.output()
+    );
+    let observer = broker.bind_queue(&audit, "order.seen").await;
+    broker
+        .publish_json(&orders, "order.created", &json!({"id": 3}))
+        .await;
+    let received = broker.wait_for_messages(&observer, 1, BOUND).await;
+    assert_eq!(received.len(), 1, "{}", process.output());
+    assert_eq!(received[0].json(), json!({"seen": {"id": 3}}));
+
+    process.signal(SIGTERM);
+    let status = process.wait_exit(BOUND).expect("exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", process.output());
+}
