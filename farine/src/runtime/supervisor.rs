@@ -17,7 +17,9 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures_util::FutureExt;
 use tokio::sync::oneshot;
@@ -210,5 +212,91 @@ pub(crate) async fn supervise<F, Fut>(
             _ = shutdown.cancelled() => return,
         }
         delay = (delay * 2).min(policy.delay_max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The start and end of each run of a task that fails on every run, the 7th after
+    /// `STABLE_AFTER` and a second, the 8th ending the supervision with `Ok`.
+    async fn runs_of_a_task_stable_once(policy: Policy) -> Vec<(Instant, Instant)> {
+        let runs = Arc::new(Mutex::new(Vec::new()));
+        let (ready, _started) = Ready::new();
+        let (failed, _failures) = mpsc::unbounded_channel();
+        let recorded = runs.clone();
+        supervise(
+            "svc",
+            "task",
+            policy,
+            CancellationToken::new(),
+            ready,
+            failed,
+            move |ready: Ready| {
+                let runs = recorded.clone();
+                async move {
+                    ready.signal(Ok(()));
+                    let started = Instant::now();
+                    let run = runs.lock().unwrap().len() + 1;
+                    if run == 7 {
+                        tokio::time::sleep(STABLE_AFTER + Duration::from_secs(1)).await;
+                    }
+                    runs.lock().unwrap().push((started, Instant::now()));
+                    if run == 8 {
+                        return Ok(());
+                    }
+                    Err(TaskError::new(format!("run {run} fails"), false))
+                }
+            },
+        )
+        .await;
+        runs.lock().unwrap().clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_restart_delay_doubles_to_its_cap_and_falls_back_after_a_stable_run() {
+        let policy = Policy {
+            delay_min: Duration::from_millis(100),
+            delay_max: Duration::from_secs(30),
+            max_restarts: 100,
+            window: Duration::from_secs(3600),
+        };
+        let runs = runs_of_a_task_stable_once(policy).await;
+        let gaps: Vec<_> = runs.windows(2).map(|w| w[1].0 - w[0].1).collect();
+        let ms = Duration::from_millis;
+        // 0.1, 0.2, ... 3.2 s after the quick failures; after the minute-long run, 0.1 s again
+        // (6.4 s without the fall-back).
+        assert_eq!(
+            gaps,
+            vec![
+                ms(100),
+                ms(200),
+                ms(400),
+                ms(800),
+                ms(1600),
+                ms(3200),
+                ms(100)
+            ]
+        );
+
+        let capped = runs_of_a_task_stable_once(Policy {
+            delay_max: ms(400),
+            ..policy
+        })
+        .await;
+        let gaps: Vec<_> = capped.windows(2).map(|w| w[1].0 - w[0].1).collect();
+        assert_eq!(
+            gaps,
+            vec![
+                ms(100),
+                ms(200),
+                ms(400),
+                ms(400),
+                ms(400),
+                ms(400),
+                ms(100)
+            ]
+        );
     }
 }

@@ -56,7 +56,9 @@ impl Event {
         }
     }
 
-    /// The event's id, when the server sent one.
+    /// The event's id: the last id the server set on this connection (SSE's `lastEventId`, so
+    /// an event sent without an id line carries the id of the one before it), or `None` when
+    /// none was set since the connection opened.
     pub fn id(&self) -> Option<&str> {
         self.inner.id.as_deref()
     }

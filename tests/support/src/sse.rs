@@ -1,21 +1,42 @@
 //! A Server-Sent-Events server of the test's own: events `1..=available` with ids, data
 //! `{"n": id}`; it honours `Last-Event-ID` (sends the events after it), cuts the connection
 //! once after each id listed in `cuts`, and keeps the connection open when it has no more
-//! events, until [`SseServer::publish_up_to`] makes more available.
+//! events, until [`SseServer::publish_up_to`] makes more available. [`SseServer::start_with`]
+//! adds faults and quirks ([`SseOptions`]): connections that go silent, events without an id,
+//! keep-alive comments.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
+/// What an [`SseServer`] does besides serving its events ([`SseServer::start_with`]).
+#[derive(Debug, Clone, Default)]
+pub struct SseOptions {
+    /// Cut the connection once after each of these ids.
+    pub cuts: Vec<u32>,
+    /// Go silent once after each of these ids: the connection stays open, but nothing more is
+    /// sent on it (no event, no comment), until the client closes it.
+    pub stalls: Vec<u32>,
+    /// Events sent without an `id:` line (their data still says which they are).
+    pub without_id: Vec<u32>,
+    /// While there is no event to send, a comment (`: keep-alive`) this often.
+    pub keep_alive: Option<Duration>,
+}
+
 struct State {
     available: AtomicU32,
     more: Notify,
     cuts: Mutex<BTreeSet<u32>>,
+    stalls: Mutex<BTreeSet<u32>>,
+    without_id: BTreeSet<u32>,
+    keep_alive: Option<Duration>,
+    stalls_closed: AtomicUsize,
     requests: Mutex<Vec<(Option<String>, String)>>,
 }
 
@@ -29,12 +50,28 @@ pub struct SseServer {
 impl SseServer {
     /// Serves events `1..=available`, cutting the connection once after each id in `cuts`.
     pub async fn start(available: u32, cuts: &[u32]) -> Self {
+        Self::start_with(
+            available,
+            SseOptions {
+                cuts: cuts.to_vec(),
+                ..SseOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// Serves events `1..=available` as `options` says.
+    pub async fn start_with(available: u32, options: SseOptions) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
         let addr = listener.local_addr().expect("address");
         let state = Arc::new(State {
             available: AtomicU32::new(available),
             more: Notify::new(),
-            cuts: Mutex::new(cuts.iter().copied().collect()),
+            cuts: Mutex::new(options.cuts.into_iter().collect()),
+            stalls: Mutex::new(options.stalls.into_iter().collect()),
+            without_id: options.without_id.into_iter().collect(),
+            keep_alive: options.keep_alive,
+            stalls_closed: AtomicUsize::new(0),
             requests: Mutex::new(Vec::new()),
         });
         let accept_state = state.clone();
@@ -78,6 +115,11 @@ impl SseServer {
             .map(|r| r.1.clone())
             .collect()
     }
+
+    /// How many of the connections that went silent (`stalls`) the client has closed.
+    pub fn stalled_connections_closed(&self) -> usize {
+        self.state.stalls_closed.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for SseServer {
@@ -115,18 +157,48 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) {
     loop {
         let more = state.more.notified();
         while next <= state.available.load(Ordering::SeqCst) {
-            let event = format!("id: {next}\nevent: number\ndata: {{\"n\": {next}}}\n\n");
+            let id = if state.without_id.contains(&next) {
+                String::new()
+            } else {
+                format!("id: {next}\n")
+            };
+            let event = format!("{id}event: number\ndata: {{\"n\": {next}}}\n\n");
             if stream.write_all(event.as_bytes()).await.is_err() {
                 return;
             }
             let cut = state.cuts.lock().unwrap().remove(&next);
+            let stall = state.stalls.lock().unwrap().remove(&next);
             next += 1;
             if cut {
                 let _ = stream.flush().await;
                 return;
             }
+            if stall {
+                let _ = stream.flush().await;
+                // Silent from now on; the connection ends when the client closes it.
+                let mut sink = [0u8; 256];
+                while let Ok(1..) = stream.read(&mut sink).await {}
+                state.stalls_closed.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
         }
         let _ = stream.flush().await;
-        more.await;
+        match state.keep_alive {
+            None => more.await,
+            Some(every) => {
+                tokio::pin!(more);
+                loop {
+                    tokio::select! {
+                        _ = &mut more => break,
+                        _ = tokio::time::sleep(every) => {
+                            if stream.write_all(b": keep-alive\n\n").await.is_err() {
+                                return;
+                            }
+                            let _ = stream.flush().await;
+                        }
+                    }
+                }
+            }
+        }
     }
 }
