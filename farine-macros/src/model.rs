@@ -15,7 +15,7 @@ pub struct ServiceArgs {
     pub implements: Option<Path>,
 }
 
-/// The handler attributes farine knows. The last four are reserved for later issues.
+/// The handler attributes farine knows.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum AttrKind {
     Consume,

@@ -239,8 +239,8 @@ fn describe(
     handler: &HandlerInfo,
     section: Option<&config::Section>,
 ) -> String {
-    use crate::amqp::consumer::ConsumerPlan;
     use crate::amqp::topology::ExchangeSettings;
+    use crate::consume::ConsumerPlan;
     let fallback = Config::from_ini(&format!("[{service}]\n"), "defaults").ok();
     let default_section = fallback.as_ref().and_then(|c| c.section(service).ok());
     let Some(section) = section.or(default_section.as_ref()) else {
@@ -311,7 +311,7 @@ fn describe(
                 .flatten()
                 .map_or_else(
                     || "(no endpoint configured)".to_string(),
-                    |e| crate::stream::display_endpoint(&e),
+                    |e| crate::sse::display_endpoint(&e),
                 );
             format!("stream::http {name}: endpoint {endpoint}")
         }

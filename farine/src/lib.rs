@@ -26,29 +26,41 @@
 //! # fn main() {}
 //! ```
 //!
-//! Where things live: [`config`] (the INI file), [`registry`] (what the macros register),
-//! [`runtime`] (start, supervision, shutdown), [`amqp`] (connection, topology, consumers,
-//! publishers, messages), [`rpc`] (RPC server, client, wire format), [`stream`] (SSE
-//! listeners), [`execute`] (restarted methods), [`db`] (PostgreSQL), [`cli`] (the command line
-//! of a service binary).
+//! Where things live, from the floor up (`docs/architecture.md`, which a test checks): [`config`]
+//! (the INI file), [`amqp`] (the transport: connection, topology, publishers, messages), the
+//! handler core (how a call ends, calls in flight, readiness, [`Shutdown`]), [`db`]
+//! (PostgreSQL), one module per handler kind (`consume`, [`rpc`], [`stream`] for SSE,
+//! [`execute`]), [`registry`] (what the macros register), [`runtime`] (start, supervision,
+//! shutdown) and [`cli`] (the command line of a service binary).
 
 pub mod amqp;
 pub mod cli;
 pub mod config;
+mod consume;
 pub mod db;
+mod decode;
 pub mod execute;
+mod handler;
 mod ids;
 pub mod registry;
 pub mod rpc;
 pub mod runtime;
-pub mod stream;
+mod sse;
+
+/// `#[stream::http]`: a handler for each event of an HTTP Server-Sent-Events stream (the seed's
+/// `stream.http`), and the [`Event`](stream::Event) handle such a handler can ask for.
+pub mod stream {
+    pub use crate::sse::Event;
+    pub use farine_macros::stream_http as http;
+}
 
 pub use amqp::error::{BrokerError, Resource};
-pub use amqp::message::{DecodeError, Message, SettleError};
+pub use amqp::message::{Message, SettleError};
 pub use amqp::publisher::{PublishError, PublishOptions, Publisher};
 pub use db::{Db, DbCallError};
-pub use execute::Shutdown;
+pub use decode::DecodeError;
 pub use farine_macros::{consume, execute, publish, service};
+pub use handler::Shutdown;
 pub use runtime::{RunError, Running, Runtime, StartError};
 
 /// Gives a service package its `main`: `farine::main!();` in `src/main.rs` declares the
@@ -73,15 +85,14 @@ macro_rules! main {
 
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::amqp::consumer::{IntoOutcome, Outcome};
-    pub use crate::execute::Shutdown;
+    pub use crate::consume::ConsumeSpec;
+    pub use crate::handler::{IntoOutcome, Outcome, Shutdown};
     pub use crate::registry::{
-        BoxError, ConsumeSpec, Handler, HandlerKind, PublishSpec, RpcClientSpec, RpcSpec, Service,
-        ServiceEntry,
+        BoxError, Handler, HandlerKind, PublishSpec, RpcClientSpec, RpcSpec, Service, ServiceEntry,
     };
     pub use crate::rpc::server::{Arguments as RpcArguments, RpcCall};
     pub use crate::runtime::context::{publisher, rpc_client};
-    pub use crate::stream::Event as SseEvent;
+    pub use crate::sse::Event as SseEvent;
     pub use farine_macros::embed_migrations;
     pub use futures_util::future::BoxFuture;
     pub use inventory;

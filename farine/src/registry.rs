@@ -8,12 +8,13 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
-use crate::amqp::consumer::Outcome;
 use crate::amqp::message::Message;
 use crate::config::Section;
+use crate::consume::ConsumeSpec;
 use crate::execute::{BoundExecute, ExecuteFn};
+use crate::handler::Outcome;
 use crate::rpc::server::{BoundRpc, RpcFn};
-use crate::stream::{BoundSse, SseFn};
+use crate::sse::{BoundSse, SseFn};
 
 /// An error of any kind, as user code returns it.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -66,14 +67,6 @@ pub struct RpcSpec {
 pub struct RpcClientSpec {
     /// The service called.
     pub service: &'static str,
-}
-
-/// The arguments of `#[consume(...)]`.
-#[derive(Debug, Clone, Copy)]
-pub struct ConsumeSpec {
-    pub exchange: &'static str,
-    pub routing_key: &'static str,
-    pub queue: Option<&'static str>,
 }
 
 /// The arguments of `#[publish(...)]`.

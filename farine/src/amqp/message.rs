@@ -8,6 +8,8 @@ use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde::de::DeserializeOwned;
 
+pub use crate::decode::DecodeError;
+
 /// The header holding a message's attempt number (see [`Message::attempt`]).
 pub const ATTEMPT_HEADER: &str = "x-farine-attempt";
 /// The header holding the error of a message's last failed attempt.
@@ -125,14 +127,6 @@ pub enum SettleError {
     /// The channel the message came on is gone; the broker will redeliver the message.
     #[error("cannot settle message {delivery_tag}: {cause} (the broker will redeliver it)")]
     Channel { delivery_tag: u64, cause: String },
-}
-
-/// Why a body could not be decoded into the handler's type.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("body does not decode as {type_name}: {cause}")]
-pub struct DecodeError {
-    pub type_name: &'static str,
-    pub cause: String,
 }
 
 impl Message {

@@ -1,8 +1,10 @@
-//! AMQP 0-9-1 over lapin: the connection, the topology farine declares, consumers, publishers
-//! and the message handle.
+//! AMQP 0-9-1 over lapin, the floor every other layer stands on: the connection, the topology
+//! farine declares, what a consuming task needs of a channel, publishers and the message
+//! handle. Nothing here knows of handler kinds, the runtime, the database or the registry
+//! (`docs/architecture.md`).
 
 pub mod connection;
-pub mod consumer;
+pub(crate) mod consuming;
 pub mod dead_letter;
 pub mod error;
 pub mod message;

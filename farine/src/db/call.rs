@@ -11,7 +11,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
-use crate::amqp::consumer::{Outcome, panic_message};
+use crate::handler::{Outcome, panic_message};
 
 tokio::task_local! {
     static CALL: Db;

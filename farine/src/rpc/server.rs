@@ -2,7 +2,8 @@
 //!
 //! It declares exchange `<service>` and queue `<service>` (config `rpc_queue`), binds the queue
 //! once per method with `<service>__<method>`, and consumes it with `prefetch_count`: that many
-//! calls run at once, each in a task of its own. A call is acked after its last reply was
+//! calls run at once, polled within the server's own task (no thread hop between a call and its
+//! reply; `handler::InFlight`). A call is acked after its last reply was
 //! published, so a server that dies mid-call leaves it to another instance. Each instance also
 //! has an exclusive control queue bound with `<service>.__cancel__`, on which callers that
 //! stopped reading a stream say so; a stream item the broker returns (its caller's reply queue
@@ -26,16 +27,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, ErrorBody, ErrorKind, RawRequest, Reply};
 use crate::amqp::connection::Connector;
-use crate::amqp::consumer::{
-    ConsumeError, InFlight, WindDown, basic_consume, connection_for, open_channel,
-};
+use crate::amqp::consuming::{ConsumeError, WindDown, basic_consume, connection_for, open_channel};
 use crate::amqp::error::{BrokerError, Resource};
 use crate::amqp::message::Message;
 use crate::amqp::publisher::{PublishError, PublishOptions, Publisher, PublisherSettings};
 use crate::amqp::topology::{ExchangeSettings, QueueSettings, private_queue};
 use crate::config::{ConfigError, Section};
-use crate::runtime::context::{self, Shared};
-use crate::runtime::supervisor::Ready;
+use crate::handler::{CallScope, InFlight, Outcome, Ready};
 
 /// What an `#[rpc::method]` looks like once the macro wrapped it.
 pub type RpcFn<S> = fn(Arc<S>, RpcCall) -> BoxFuture<'static, ()>;
@@ -423,11 +421,11 @@ pub(crate) async fn run(
     plan: Arc<RpcServerPlan>,
     connector: Arc<Connector>,
     methods: Arc<Vec<Method>>,
-    shared: Arc<Shared>,
+    scope: CallScope,
     shutdown: CancellationToken,
     ready: Ready,
 ) -> Result<(), ConsumeError> {
-    let Some(conn) = connection_for(&connector, &ready, &shutdown).await? else {
+    let Some(conn) = connection_for(&connector, ready.pending(), &shutdown).await? else {
         return Ok(());
     };
     let broker = connector.broker();
@@ -510,7 +508,7 @@ pub(crate) async fn run(
                         replies.clone(),
                         streams.clone(),
                     ));
-                    in_flight.push(context::scope(shared.clone(), task));
+                    in_flight.push(scope.enter(task));
                 }
                 Some(Err(e)) => break Err(channel_error(e, &plan.queue.name)),
                 None => break Err(ConsumeError::Ended.on(&conn)),
@@ -518,19 +516,20 @@ pub(crate) async fn run(
         }
     };
 
-    WindDown {
+    let wind_down = WindDown {
         service: plan.service,
         handler: "rpc",
         channel: &channel,
-        drain_timeout: plan.drain_timeout,
         op_timeout: plan.op_timeout,
+    };
+    if stopped.is_ok() {
+        wind_down.cancel(tag).await;
+        in_flight
+            .drain(plan.drain_timeout, plan.service, "rpc")
+            .await;
     }
-    .run(
-        stopped.is_ok().then_some(tag),
-        &mut in_flight,
-        &replies.plain,
-    )
-    .await;
+    in_flight.stop().await;
+    wind_down.close(&replies.plain).await;
     replies.confirmed.close_within(plan.op_timeout).await;
     stopped
 }
@@ -641,13 +640,11 @@ async fn serve(
             });
             let handled = async move {
                 handled.await;
-                crate::amqp::consumer::Outcome::Done
+                Outcome::Done
             };
             // The call's connection (`farine::Db::current()`), given back when it ends.
             let called = crate::db::call::around(db.as_deref(), None, handled).await;
-            if let crate::db::call::Called::Ran(crate::amqp::consumer::Outcome::Failed(text)) =
-                called
-            {
+            if let crate::db::call::Called::Ran(Outcome::Failed(text)) = called {
                 tracing::error!(service, method = state.method, error = %text, "RPC method panicked");
                 if !state.finished.load(Ordering::Acquire) {
                     Box::pin(state.fail(state.error(ErrorKind::Panic, text, None))).await;

@@ -1,18 +1,19 @@
 //! Which running runtime a `#[publish]` method belongs to.
 //!
 //! Callers call a `#[publish]` method without its publisher, as in the seed; the generated code
-//! asks [`publisher`] for it. Every handler runs inside the task-local scope of its runtime, so
-//! the lookup is exact even with several runtimes in one process (tests). Outside a handler (a
+//! asks [`publisher`] for it. Every handler runs inside the scope of its runtime
+//! ([`CallScope`], holding the runtime's [`Shared`]), so the lookup is exact even with several
+//! runtimes in one process (tests). Outside a handler (a
 //! task the user spawned), the running runtime that runs the method's service is used (the
 //! newest, if several run it); with none the publisher is detached and every publish returns
 //! [`crate::PublishError::NotRunning`].
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, RwLock, Weak};
 
 use crate::amqp::publisher::Publisher;
+use crate::handler::CallScope;
 use crate::rpc::Client;
 
 /// Handlers by `(service, method)`, looked up on every publish and injected call.
@@ -48,17 +49,13 @@ pub(crate) struct Shared {
     pub rpc_clients: ByName<Client>,
 }
 
-tokio::task_local! {
-    static CURRENT: Arc<Shared>;
-}
-
 /// The runtimes running in the process, oldest first. Read on every publish outside a handler:
 /// a read lock, so publishers do not queue on it.
 static PROCESS: RwLock<Vec<Weak<Shared>>> = RwLock::new(Vec::new());
 
-/// Runs `future` with `shared` as its runtime.
-pub(crate) fn scope<F: Future>(shared: Arc<Shared>, future: F) -> impl Future<Output = F::Output> {
-    CURRENT.scope(shared, future)
+/// The scope the handlers of the runtime sharing `shared` run in.
+pub(crate) fn scope(shared: &Arc<Shared>) -> CallScope {
+    CallScope::new(shared.clone())
 }
 
 /// Adds `shared` to the process's running runtimes, for code that runs outside any handler.
@@ -81,17 +78,13 @@ pub(crate) fn uninstall(shared: &Arc<Shared>) {
 /// Looks `find` up in the handler's runtime, else in the process's running runtimes, newest
 /// first: each has its own services, so a lookup by service finds the one that runs it.
 fn lookup<T>(find: impl Fn(&Shared) -> Option<T>) -> Option<T> {
-    CURRENT
-        .try_with(|shared| find(shared))
-        .ok()
-        .flatten()
-        .or_else(|| {
-            let running = PROCESS.read().ok()?;
-            running
-                .iter()
-                .rev()
-                .find_map(|runtime| runtime.upgrade().and_then(|shared| find(&shared)))
-        })
+    CallScope::with_current::<Shared, T>(&find).or_else(|| {
+        let running = PROCESS.read().ok()?;
+        running
+            .iter()
+            .rev()
+            .find_map(|runtime| runtime.upgrade().and_then(|shared| find(&shared)))
+    })
 }
 
 /// The publisher of `service`'s `#[publish]` method `method`.

@@ -17,8 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::supervisor::Ready;
 use crate::amqp::connection::Connector;
+use crate::handler::Ready;
 
 /// What readiness is made of.
 pub(crate) struct Health {

@@ -20,19 +20,21 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::connection::{ConnectError, Connector, ConnectorSettings};
-use crate::amqp::consumer::{self, ConsumerPlan};
+use crate::amqp::consuming::ConsumeError;
 use crate::amqp::publisher::{PublishError, Publisher, PublisherSettings};
 use crate::amqp::topology::ExchangeSettings;
 use crate::config::{Config, ConfigError, Section};
+use crate::consume::{self as consumer, ConsumerPlan};
 use crate::db::DbSettings;
 use crate::db::checkpoint::Checkpoint;
 use crate::execute::{self, BoundExecute, ExecutePlan};
+use crate::handler::Ready;
 use crate::registry::{BoundConsumer, HandlerInfo, ServiceEntry};
 use crate::rpc::Client;
 use crate::rpc::server::{self as rpc_server, BoundRpc, RpcServerPlan};
-use crate::stream::{self as sse, BoundSse, Position, SsePlan};
+use crate::sse::{self, BoundSse, Position, SsePlan};
 use context::Shared;
-use supervisor::{Policy, Ready, ServiceFailed, TaskError};
+use supervisor::{Policy, ServiceFailed, TaskError};
 
 /// The broker farine connects to when no `amqp_uri` is configured.
 pub const DEFAULT_AMQP_URI: &str = "amqp://guest:guest@127.0.0.1:5672";
@@ -355,6 +357,7 @@ impl Runtime {
         }
         let shared = Arc::new(shared);
         context::install(&shared);
+        let scope = context::scope(&shared);
 
         // One pool per database; the connection is checked now, so a wrong password stops
         // start-up here with a message naming host, port, database and user.
@@ -460,7 +463,7 @@ impl Runtime {
                     .collect();
                 stop_bound = stop_bound.max(rpc_plan.drain_timeout + rpc_plan.op_timeout * 3);
                 let (methods, rpc_plan) = (Arc::new(methods), Arc::new(rpc_plan));
-                let (connector, shared, token) = (connector.clone(), shared.clone(), token.clone());
+                let (connector, scope, token) = (connector.clone(), scope.clone(), token.clone());
                 spawn(
                     service,
                     "rpc",
@@ -469,7 +472,7 @@ impl Runtime {
                             rpc_plan.clone(),
                             connector.clone(),
                             methods.clone(),
-                            shared.clone(),
+                            scope.clone(),
                             token.clone(),
                             ready,
                         );
@@ -485,7 +488,7 @@ impl Runtime {
                     stop_bound.max(consumer_plan.drain_timeout + consumer_plan.op_timeout * 3);
                 let consumer_plan = Arc::new(consumer_plan);
                 let (service, handler) = (consumer_plan.service, consumer_plan.handler);
-                let (connector, shared, token) = (connector.clone(), shared.clone(), token.clone());
+                let (connector, scope, token) = (connector.clone(), scope.clone(), token.clone());
                 let call = bound.call;
                 spawn(
                     service,
@@ -495,7 +498,7 @@ impl Runtime {
                             consumer_plan.clone(),
                             connector.clone(),
                             call.clone(),
-                            shared.clone(),
+                            scope.clone(),
                             token.clone(),
                             ready,
                         );
@@ -510,7 +513,7 @@ impl Runtime {
                 stop_bound = stop_bound.max(execute_plan.drain_timeout + Duration::from_secs(1));
                 let execute_plan = Arc::new(execute_plan);
                 let (service, handler) = (execute_plan.service, execute_plan.handler);
-                let (connector, shared, token) = (connector.clone(), shared.clone(), token.clone());
+                let (connector, scope, token) = (connector.clone(), scope.clone(), token.clone());
                 spawn(
                     service,
                     handler,
@@ -519,7 +522,7 @@ impl Runtime {
                         let run = execute::run(
                             execute_plan.clone(),
                             call.clone(),
-                            shared.clone(),
+                            scope.clone(),
                             token.clone(),
                             ready,
                         );
@@ -552,7 +555,7 @@ impl Runtime {
                 let position = Position::new(checkpoint);
                 let sse_plan = Arc::new(sse_plan);
                 let (service, handler) = (sse_plan.service, sse_plan.handler);
-                let (connector, shared, token) = (connector.clone(), shared.clone(), token.clone());
+                let (connector, scope, token) = (connector.clone(), scope.clone(), token.clone());
                 spawn(
                     service,
                     handler,
@@ -562,7 +565,7 @@ impl Runtime {
                             sse_plan.clone(),
                             call.clone(),
                             position.clone(),
-                            shared.clone(),
+                            scope.clone(),
                             token.clone(),
                             ready,
                         );
@@ -817,12 +820,10 @@ type TaskFactory =
 
 /// A consuming task's failure, marked as a lost connection when it was one (or when the
 /// connection is gone now): those do not count against the restart limit.
-fn consume_failure(error: consumer::ConsumeError, connector: &Connector) -> TaskError {
+fn consume_failure(error: ConsumeError, connector: &Connector) -> TaskError {
     let lost = match &error {
         // Refused credentials are no outage: they count, so the service fails in the end.
-        consumer::ConsumeError::Connect(
-            ConnectError::LoginRefused { .. } | ConnectError::BadUri(_),
-        ) => false,
+        ConsumeError::Connect(ConnectError::LoginRefused { .. } | ConnectError::BadUri(_)) => false,
         other => other.connection_lost() || !connector.is_connected(),
     };
     TaskError::new(error, lost)

@@ -12,25 +12,19 @@
 //! the reconnection, which has a backoff of its own, so a broker restart or a network cut
 //! never fails a service. `docs/supervision.md` describes the model.
 
+use std::collections::VecDeque;
 use std::fmt::Display;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use futures_util::FutureExt;
-use tokio::sync::oneshot;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use std::collections::VecDeque;
-
-use tokio::sync::mpsc;
-
-use crate::amqp::consumer::panic_message;
 use crate::config::{ConfigError, HandlerSection};
+use crate::handler::{Ready, panic_message};
 
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 
@@ -70,9 +64,6 @@ pub struct ServiceFailed {
     pub cause: String,
 }
 
-/// The first start's result: `Err` carries the cause.
-pub(crate) type Started = Result<(), String>;
-
 /// Why one run of a handler task ended.
 #[derive(Debug)]
 pub(crate) struct TaskError {
@@ -93,50 +84,6 @@ impl TaskError {
 impl Display for TaskError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.cause)
-    }
-}
-
-/// Tells the start-up, once, whether a task's first start succeeded, and the health endpoint,
-/// at any time, whether the task is up (consuming, serving, running).
-#[derive(Clone)]
-pub(crate) struct Ready {
-    slot: Arc<Mutex<Option<oneshot::Sender<Started>>>>,
-    up: Arc<AtomicBool>,
-}
-
-impl Ready {
-    pub fn new() -> (Self, oneshot::Receiver<Started>) {
-        let (tx, rx) = oneshot::channel();
-        (
-            Self {
-                slot: Arc::new(Mutex::new(Some(tx))),
-                up: Arc::new(AtomicBool::new(false)),
-            },
-            rx,
-        )
-    }
-
-    /// Reports a start's result: the first one to the start-up; each one to the health state.
-    pub fn signal(&self, result: Started) {
-        self.up.store(result.is_ok(), Ordering::Release);
-        let sender = self.slot.lock().ok().and_then(|mut slot| slot.take());
-        if let Some(sender) = sender {
-            let _ = sender.send(result);
-        }
-    }
-
-    /// True between a start that succeeded and the end of that run.
-    pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
-    }
-
-    fn down(&self) {
-        self.up.store(false, Ordering::Release);
-    }
-
-    /// True until the first start reported its result.
-    pub fn pending(&self) -> bool {
-        self.slot.lock().map(|slot| slot.is_some()).unwrap_or(false)
     }
 }
 
@@ -217,6 +164,8 @@ pub(crate) async fn supervise<F, Fut>(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
     use super::*;
 
     /// The start and end of each run of a task that fails on every run, the 7th after

@@ -1,11 +1,10 @@
-//! Consuming: one task per `#[consume]` handler, and where each message gets settled.
+//! `#[consume]`: one task per handler, consuming its queue, and where each message is settled.
 //!
 //! A consumer opens its own channel, sets `basic.qos` to `prefetch_count`, declares its exchange
 //! and queue, and calls the handler for each delivery in a task of its own, so up to
 //! `prefetch_count` messages are handled at once. The outcome settles the message
 //! (`docs/consuming.md`):
 //! - `Ok` (or `()`): ack;
-//! - a body that does not decode into the handler's type: reject without requeue;
 //! - `Err` or a panic: the message is published to the handler's retry queue `<queue>.retry`
 //!   with its attempt count in the `x-farine-attempt` header and a per-message TTL of
 //!   `retry_delay`, then acked; the broker dead-letters it back to `<queue>` when the TTL
@@ -13,7 +12,9 @@
 //!   published to the dead-letter queue `<queue>.dead` with the error in `x-farine-error`, then
 //!   acked. The count lives in the message, so a restart or a redelivery neither resets it nor
 //!   spends it.
-//! - a body that does not decode: straight to the dead-letter queue.
+//! - a body that does not decode into the handler's type: straight to the dead-letter queue
+//!   (with `dead_letter_queue = none`, rejected without requeue, for the queue's own
+//!   dead-letter exchange).
 //!
 //! A handler that settled the message itself is not settled again. On shutdown the consumer is
 //! cancelled (no new deliveries), in-flight handlers get `drain_timeout` to finish and settle,
@@ -21,58 +22,31 @@
 //! round trip here is bounded by `connect_timeout`: a broker that stops answering cannot hang
 //! start-up or shutdown.
 
-use std::fmt::Display;
 use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::connection::{ConnectError, Connector};
-use super::error::{BrokerError, Resource};
-use super::message::{DecodeError, Message};
-use super::publisher::{PublishError, Publisher, PublisherSettings};
-use super::topology::{ExchangeSettings, QueueSettings, parse_arguments};
+use crate::amqp::connection::Connector;
+use crate::amqp::consuming::{ConsumeError, WindDown, basic_consume, connection_for, open_channel};
+use crate::amqp::error::{BrokerError, Resource};
+use crate::amqp::message::{self, Message};
+use crate::amqp::publisher::{PublishError, Publisher, PublisherSettings};
+use crate::amqp::topology::{ExchangeSettings, QueueSettings, parse_arguments};
 use crate::config::{ConfigError, Section};
-use crate::registry::ConsumeSpec;
-use crate::runtime::context::{self, Shared};
-use crate::runtime::supervisor::Ready;
+use crate::handler::{CallScope, InFlight, Outcome, Ready};
 
-/// How a handler call ended, as the generated code reports it.
-#[derive(Debug)]
-pub enum Outcome {
-    Done,
-    Failed(String),
-    Undecodable(DecodeError),
-}
-
-/// What a `#[consume]` handler may return: `()` or `Result<(), E>` with a displayable `E`.
-#[diagnostic::on_unimplemented(
-    message = "a #[consume] handler returns `Result<(), E>` with E: Display, or nothing; `{Self}` is neither",
-    label = "Ok acks the message, Err retries it: return `Result<(), E>` where E: Display"
-)]
-pub trait IntoOutcome {
-    fn into_outcome(self) -> Outcome;
-}
-
-impl IntoOutcome for () {
-    fn into_outcome(self) -> Outcome {
-        Outcome::Done
-    }
-}
-
-impl<E: Display> IntoOutcome for Result<(), E> {
-    fn into_outcome(self) -> Outcome {
-        match self {
-            Ok(()) => Outcome::Done,
-            Err(e) => Outcome::Failed(e.to_string()),
-        }
-    }
+/// The arguments of `#[consume(...)]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumeSpec {
+    pub exchange: &'static str,
+    pub routing_key: &'static str,
+    pub queue: Option<&'static str>,
 }
 
 /// Everything a consumer needs, resolved from the attribute and the config at start.
@@ -178,57 +152,6 @@ fn retry_arguments(queue: &str) -> FieldTable {
     arguments
 }
 
-/// Why a consumer stopped (the supervisor restarts it).
-#[derive(Debug, thiserror::Error)]
-pub enum ConsumeError {
-    #[error(transparent)]
-    Connect(#[from] ConnectError),
-    #[error(transparent)]
-    Broker(#[from] BrokerError),
-    #[error("the broker cancelled the consumer or closed its channel")]
-    Ended,
-    #[error("the broker did not answer within {0:?} while the consumer was set up")]
-    Timeout(Duration),
-    /// The connection went away under the consumer: it resumes once farine reconnected.
-    #[error("the connection to the broker was lost: {0}")]
-    ConnectionLost(String),
-}
-
-impl ConsumeError {
-    /// True when the task stopped because the connection went away, not through a fault of
-    /// its own: the supervisor does not count it against the restart limit.
-    pub(crate) fn connection_lost(&self) -> bool {
-        matches!(self, ConsumeError::ConnectionLost(_))
-    }
-
-    /// This error, or `ConnectionLost` when the connection `conn` is no longer open: only the
-    /// connection's state says so, not the error's kind (a channel error on a live connection
-    /// is the task's own failure).
-    pub(crate) fn on(self, conn: &lapin::Connection) -> Self {
-        if conn.status().connected() || self.connection_lost() {
-            self
-        } else {
-            ConsumeError::ConnectionLost(self.to_string())
-        }
-    }
-}
-
-/// The connection a consuming task starts on: on its first start one round of attempts (a
-/// broker that is down fails start-up), on a restart as long as it takes to reconnect.
-pub(crate) async fn connection_for(
-    connector: &Connector,
-    ready: &Ready,
-    shutdown: &CancellationToken,
-) -> Result<Option<Arc<lapin::Connection>>, ConsumeError> {
-    if ready.pending() {
-        return Ok(Some(connector.connection().await?));
-    }
-    tokio::select! {
-        conn = connector.connection_until(None) => Ok(Some(conn?)),
-        _ = shutdown.cancelled() => Ok(None),
-    }
-}
-
 type Call = Arc<dyn Fn(Message) -> BoxFuture<'static, Outcome> + Send + Sync>;
 
 /// Runs one consumer until shutdown (`Ok`) or until its channel fails (`Err`).
@@ -236,11 +159,11 @@ pub(crate) async fn run(
     plan: Arc<ConsumerPlan>,
     connector: Arc<Connector>,
     call: Call,
-    shared: Arc<Shared>,
+    scope: CallScope,
     shutdown: CancellationToken,
     ready: Ready,
 ) -> Result<(), ConsumeError> {
-    let Some(conn) = connection_for(&connector, &ready, &shutdown).await? else {
+    let Some(conn) = connection_for(&connector, ready.pending(), &shutdown).await? else {
         return Ok(());
     };
     let broker = connector.broker();
@@ -295,7 +218,7 @@ pub(crate) async fn run(
                     let handled = call(message.clone());
                     // Boxed at once: the call's future is large, and is moved on from here.
                     let task = Box::pin(handle(plan.clone(), message, handled, companions.clone(), shutdown.clone()));
-                    in_flight.push(context::scope(shared.clone(), task));
+                    in_flight.push(scope.enter(task));
                 }
                 Some(Err(e)) => break Err(ConsumeError::Broker(BrokerError::from_lapin(&e, Resource::Queue(plan.queue.name.clone()), &broker)).on(&conn)),
                 None => break Err(ConsumeError::Ended.on(&conn)),
@@ -303,158 +226,22 @@ pub(crate) async fn run(
         }
     };
 
-    WindDown {
+    let wind_down = WindDown {
         service: plan.service,
         handler: plan.handler,
         channel: &channel,
-        drain_timeout: plan.drain_timeout,
         op_timeout: plan.op_timeout,
-    }
-    .run(stopped.is_ok().then_some(tag), &mut in_flight, &retry)
-    .await;
-    stopped
-}
-
-/// The handler calls a consuming task has under way.
-///
-/// A consumer spawns each call as a task of its own (`Tasks`): calls run in parallel on every
-/// worker thread, which a consumer's work (decoding, database writes) can use. An RPC server
-/// polls its calls within its own task (`Local`): a call's reply then goes out without the
-/// cross-thread wake-up a spawned task costs, which is most of an RPC's latency on a loaded
-/// machine (`BENCHMARKS.md`); calls still run concurrently, and a method that computes for long
-/// belongs in `spawn_blocking`.
-pub(crate) enum InFlight {
-    Tasks(JoinSet<()>),
-    Local(futures_util::stream::FuturesUnordered<BoxFuture<'static, ()>>),
-}
-
-impl InFlight {
-    pub fn push(&mut self, call: impl std::future::Future<Output = ()> + Send + 'static) {
-        match self {
-            InFlight::Tasks(tasks) => {
-                tasks.spawn(call);
-            }
-            InFlight::Local(calls) => {
-                // A panic that escaped the call's own guard must not end the server's loop.
-                let guarded =
-                    futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(call));
-                calls.push(Box::pin(async move {
-                    let _ = guarded.await;
-                }));
-            }
-        }
-    }
-
-    /// The next call to finish (`None` when there is none).
-    pub async fn next(&mut self) -> Option<()> {
-        match self {
-            InFlight::Tasks(tasks) => tasks.join_next().await.map(|_| ()),
-            InFlight::Local(calls) => calls.next().await,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        match self {
-            InFlight::Tasks(tasks) => tasks.len(),
-            InFlight::Local(calls) => calls.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Stops every call still under way.
-    async fn stop(&mut self) {
-        match self {
-            InFlight::Tasks(tasks) => tasks.shutdown().await,
-            InFlight::Local(calls) => calls.clear(),
-        }
-    }
-}
-
-/// How a consuming task (a consumer, an RPC server) stops: shared by both.
-pub(crate) struct WindDown<'a> {
-    pub service: &'static str,
-    pub handler: &'static str,
-    pub channel: &'a lapin::Channel,
-    pub drain_timeout: Duration,
-    pub op_timeout: Duration,
-}
-
-impl WindDown<'_> {
-    /// On a clean stop (`tag`), cancels the consumer (no new deliveries) and lets the in-flight
-    /// tasks finish within the drain timeout; then stops whatever still runs (the broker
-    /// requeues its messages), closes `publisher` and the channel. Every broker round trip is
-    /// bounded by `op_timeout`.
-    pub async fn run(
-        self,
-        tag: Option<lapin::types::ShortString>,
-        in_flight: &mut InFlight,
-        publisher: &Publisher,
-    ) {
-        let (service, handler) = (self.service, self.handler);
-        if let Some(tag) = tag {
-            let cancel = self
-                .channel
-                .basic_cancel(tag, BasicCancelOptions::default());
-            if let Ok(Err(e)) = tokio::time::timeout(self.op_timeout, cancel).await {
-                tracing::debug!(service, handler, error = %e, "cancelling the consumer");
-            }
-            let drained = tokio::time::timeout(self.drain_timeout, async {
-                while in_flight.next().await.is_some() {}
-            })
+    };
+    if stopped.is_ok() {
+        wind_down.cancel(tag).await;
+        in_flight
+            .drain(plan.drain_timeout, plan.service, plan.handler)
             .await;
-            if drained.is_err() {
-                tracing::warn!(
-                    service,
-                    handler,
-                    unfinished = in_flight.len(),
-                    drain_timeout = ?self.drain_timeout,
-                    "handlers still running at the end of the drain timeout are stopped; the broker requeues their messages"
-                );
-            }
-        }
-        // Handlers still running now cannot settle on a broken channel: their messages come back.
-        in_flight.stop().await;
-        publisher.close_within(self.op_timeout).await;
-        if self.channel.status().connected() {
-            let close = self.channel.close(200, "farine handler stopped".into());
-            let _ = tokio::time::timeout(self.op_timeout, close).await;
-        }
     }
-}
-
-/// Opens a channel with `basic.qos(prefetch)` on `conn` (a connection to `broker`).
-pub(crate) async fn open_channel(
-    conn: &lapin::Connection,
-    broker: &str,
-    prefetch: u16,
-) -> Result<lapin::Channel, BrokerError> {
-    let channel_err = |e: lapin::Error| BrokerError::from_lapin(&e, Resource::Channel, broker);
-    let channel = conn.create_channel().await.map_err(channel_err)?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .map_err(channel_err)?;
-    Ok(channel)
-}
-
-/// Starts consuming `queue` on `channel`.
-pub(crate) async fn basic_consume(
-    channel: &lapin::Channel,
-    broker: &str,
-    queue: &str,
-) -> Result<lapin::Consumer, BrokerError> {
-    channel
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| BrokerError::from_lapin(&e, Resource::Queue(queue.to_string()), broker))
+    // Handlers still running now cannot settle on a broken channel: their messages come back.
+    in_flight.stop().await;
+    wind_down.close(&retry).await;
+    stopped
 }
 
 /// Opens the consumer's channel, declares its topology (exchange, queue and binding, retry and
@@ -638,11 +425,11 @@ async fn forward(
     let (queue, copy) = match target {
         Target::Retry => (
             &plan.retry_queue,
-            super::message::Copy::retry(message, message.attempt() + 1, error, plan.retry_delay),
+            message::Copy::retry(message, message.attempt() + 1, error, plan.retry_delay),
         ),
         Target::Dead(reason) => (
             plan.dead_letter_queue.as_ref().unwrap_or(&plan.retry_queue),
-            super::message::Copy::dead(message, error, reason, &plan.queue.name),
+            message::Copy::dead(message, error, reason, &plan.queue.name),
         ),
     };
     match companions.retry.send_copy(&queue.name, &copy).await {
@@ -653,16 +440,5 @@ async fn forward(
             companions.retry.send_copy(&queue.name, &copy).await
         }
         other => other,
-    }
-}
-
-/// The text of a panic payload (`panic!("...")` gives a `&str` or a `String`).
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(text) = payload.downcast_ref::<&str>() {
-        (*text).to_string()
-    } else if let Some(text) = payload.downcast_ref::<String>() {
-        text.clone()
-    } else {
-        "a panic with a non-text payload".to_string()
     }
 }

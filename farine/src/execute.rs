@@ -14,47 +14,13 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::consumer::{Outcome, panic_message};
 use crate::config::{ConfigError, Section};
-use crate::runtime::context::{self, Shared};
-use crate::runtime::supervisor::Ready;
+use crate::handler::{CallScope, Outcome, Ready, Shutdown, panic_message};
 
 /// What an `#[execute]` method looks like once the macro wrapped it.
 pub type ExecuteFn<S> = fn(Arc<S>, Shutdown) -> BoxFuture<'static, Outcome>;
 
 pub(crate) type BoundExecute = Arc<dyn Fn(Shutdown) -> BoxFuture<'static, Outcome> + Send + Sync>;
-
-/// Tells an `#[execute]` method that the process is stopping. Cheap to clone.
-#[derive(Clone, Debug, Default)]
-pub struct Shutdown {
-    token: CancellationToken,
-}
-
-impl Shutdown {
-    /// A shutdown signal of its own (tests; call [`Shutdown::trigger`] to fire it).
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    pub(crate) fn from_token(token: CancellationToken) -> Self {
-        Self { token }
-    }
-
-    /// Waits until the process is stopping.
-    pub async fn cancelled(&self) {
-        self.token.cancelled().await;
-    }
-
-    /// True once the process is stopping.
-    pub fn is_cancelled(&self) -> bool {
-        self.token.is_cancelled()
-    }
-
-    /// Fires the signal.
-    pub fn trigger(&self) {
-        self.token.cancel();
-    }
-}
 
 /// How an `#[execute]` method is run, from its section.
 #[derive(Debug, Clone)]
@@ -98,7 +64,7 @@ pub struct ExecuteError(String);
 pub(crate) async fn run(
     plan: Arc<ExecutePlan>,
     call: BoundExecute,
-    shared: Arc<Shared>,
+    scope: CallScope,
     shutdown: CancellationToken,
     ready: Ready,
 ) -> Result<(), ExecuteError> {
@@ -110,7 +76,7 @@ pub(crate) async fn run(
         "executing"
     );
     loop {
-        let run = context::scope(shared.clone(), call(Shutdown::from_token(shutdown.clone())));
+        let run = scope.enter(call(Shutdown::from_token(shutdown.clone())));
         let db = plan.db.clone();
         let run = async move {
             match crate::db::call::around(db.as_deref(), None, run).await {

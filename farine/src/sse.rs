@@ -23,14 +23,10 @@ use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
-use crate::DecodeError;
-use crate::amqp::consumer::Outcome;
 use crate::config::{ConfigError, Section, redact};
 use crate::db::checkpoint::Checkpoint;
-use crate::runtime::context::{self, Shared};
-use crate::runtime::supervisor::Ready;
-
-pub use farine_macros::stream_http as http;
+use crate::decode::DecodeError;
+use crate::handler::{CallScope, Outcome, Ready};
 
 /// What a `#[stream::http]` handler looks like once the macro wrapped it.
 pub type SseFn<S> = fn(Arc<S>, Event) -> BoxFuture<'static, Outcome>;
@@ -272,7 +268,7 @@ pub(crate) async fn run(
     plan: Arc<SsePlan>,
     call: BoundSse,
     position: Position,
-    shared: Arc<Shared>,
+    scope: CallScope,
     shutdown: CancellationToken,
     ready: Ready,
 ) -> Result<(), SseError> {
@@ -299,7 +295,7 @@ pub(crate) async fn run(
                             let event = Event {
                                 inner: Arc::new(event),
                             };
-                            handle(&plan, &call, &shared, &event, &shutdown).await?;
+                            handle(&plan, &call, &scope, &event, &shutdown).await?;
                             if let Some(id) = event.id() {
                                 position.advance(id).await?;
                             }
@@ -361,14 +357,14 @@ fn client(plan: &SsePlan, last: Option<&str>) -> Result<impl es::Client, String>
 async fn handle(
     plan: &SsePlan,
     call: &BoundSse,
-    shared: &Arc<Shared>,
+    scope: &CallScope,
     event: &Event,
     shutdown: &CancellationToken,
 ) -> Result<(), SseError> {
     let (service, handler) = (plan.service, plan.handler);
     let mut delay = plan.retry_delay;
     for attempt in 1..=plan.max_attempts {
-        let run = context::scope(shared.clone(), call(event.clone()));
+        let run = scope.enter(call(event.clone()));
         let outcome = match crate::db::call::around(plan.db.as_deref(), None, run).await {
             crate::db::call::Called::Ran(outcome) => outcome,
             crate::db::call::Called::Duplicate => Outcome::Done,

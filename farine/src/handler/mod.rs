@@ -1,0 +1,18 @@
+//! The handler core: what every handler kind (consume, RPC method, SSE listener, execute)
+//! shares, above the transport and below the kinds. How a call ends ([`Outcome`]) and a panic
+//! is caught, the calls a task has in flight and how they drain, readiness, the shutdown
+//! signal, and the scope a call runs in. Nothing here names a transport: the core holds no
+//! lapin type, so another transport can run the same handlers (`docs/architecture.md`).
+
+pub(crate) mod in_flight;
+pub(crate) mod outcome;
+pub(crate) mod ready;
+pub(crate) mod scope;
+pub(crate) mod shutdown;
+
+pub(crate) use in_flight::InFlight;
+pub(crate) use outcome::panic_message;
+pub use outcome::{IntoOutcome, Outcome};
+pub(crate) use ready::Ready;
+pub(crate) use scope::CallScope;
+pub use shutdown::Shutdown;

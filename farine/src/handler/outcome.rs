@@ -1,0 +1,49 @@
+//! How a handler call ended, whatever the handler kind: what the generated code reports and
+//! what each kind turns into an ack, a reply, a retry or a failed run.
+
+use std::fmt::Display;
+
+use crate::decode::DecodeError;
+
+/// How a handler call ended, as the generated code reports it.
+#[derive(Debug)]
+pub enum Outcome {
+    Done,
+    Failed(String),
+    Undecodable(DecodeError),
+}
+
+/// What a `#[consume]` handler may return: `()` or `Result<(), E>` with a displayable `E`.
+#[diagnostic::on_unimplemented(
+    message = "a #[consume] handler returns `Result<(), E>` with E: Display, or nothing; `{Self}` is neither",
+    label = "Ok acks the message, Err retries it: return `Result<(), E>` where E: Display"
+)]
+pub trait IntoOutcome {
+    fn into_outcome(self) -> Outcome;
+}
+
+impl IntoOutcome for () {
+    fn into_outcome(self) -> Outcome {
+        Outcome::Done
+    }
+}
+
+impl<E: Display> IntoOutcome for Result<(), E> {
+    fn into_outcome(self) -> Outcome {
+        match self {
+            Ok(()) => Outcome::Done,
+            Err(e) => Outcome::Failed(e.to_string()),
+        }
+    }
+}
+
+/// The text of a panic payload (`panic!("...")` gives a `&str` or a `String`).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_string()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic with a non-text payload".to_string()
+    }
+}
