@@ -3,7 +3,7 @@
 //! entry. All behaviour lives in the `farine` crate; this only wires calls into it.
 
 use proc_macro2::TokenStream;
-use quote::{format_ident, quote, quote_spanned};
+use quote::{ToTokens, format_ident, quote, quote_spanned};
 use syn::{
     Attribute, FnArg, ImplItem, ImplItemFn, ItemImpl, Pat, PatIdent, Type, parse_quote,
     punctuated::Punctuated,
@@ -104,7 +104,7 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
             mark_checked(&mut method.attrs[*position]);
         }
         if let Some(model) = model {
-            handlers.push((model, cfg_attrs(&method.attrs)));
+            handlers.push((model, cfg_attrs(&method.attrs), signature(&method.sig)));
         }
     }
     if let Some(errors) = cx.finish() {
@@ -127,7 +127,7 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
             items.push(impl_item);
             continue;
         };
-        let injected = handlers.iter().find_map(|(h, _)| match h {
+        let injected = handlers.iter().find_map(|(h, ..)| match h {
             HandlerModel::Publish(p) if p.method == method.sig.ident => {
                 let name = p.method.to_string();
                 Some(quote! {
@@ -157,7 +157,7 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
 
     let self_ty = &item.self_ty;
     // Pushed one by one, so a handler behind `#[cfg(...)]` is registered only when it exists.
-    let handler_pushes = handlers.iter().map(|(handler, cfgs)| {
+    let handler_pushes = handlers.iter().map(|(handler, cfgs, (takes, gives))| {
         let handler = match handler {
             HandlerModel::Consume(consume) => consume_handler(consume),
             HandlerModel::Publish(publish) => publish_handler(publish),
@@ -168,7 +168,11 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
         };
         quote! {
             #(#cfgs)*
-            handlers.push(#handler);
+            handlers.push(::farine::__private::Handler {
+                takes: #takes,
+                gives: #gives,
+                ..#handler
+            });
         }
     });
     let build = match &args.init {
@@ -219,14 +223,14 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
 fn implement_interface(
     item: &ItemImpl,
     interface: &syn::Path,
-    handlers: &[(HandlerModel, Vec<Attribute>)],
+    handlers: &[(HandlerModel, Vec<Attribute>, (String, String))],
 ) -> TokenStream {
     let self_ty = &item.self_ty;
     let methods = item.items.iter().filter_map(|impl_item| {
         let ImplItem::Fn(method) = impl_item else {
             return None;
         };
-        let rpc = handlers.iter().find_map(|(h, cfgs)| match h {
+        let rpc = handlers.iter().find_map(|(h, cfgs, _)| match h {
             HandlerModel::RpcMethod(rpc) if rpc.method == method.sig.ident => Some((rpc, cfgs)),
             _ => None,
         })?;
@@ -298,7 +302,9 @@ fn rpc_method_handler(rpc: &RpcMethod) -> TokenStream {
     quote! {
         ::farine::__private::Handler {
             name: #name,
-            kind: ::farine::__private::HandlerKind::Rpc(
+            takes: "",
+            gives: "",
+            kind: ::farine::__private::Declared::Rpc(
                 ::farine::__private::RpcSpec { stream: #stream },
                 |service: ::std::sync::Arc<Self>, mut call: ::farine::__private::RpcCall|
                     -> ::farine::__private::BoxFuture<'static, ()> {
@@ -343,7 +349,9 @@ fn execute_handler(execute: &Execute) -> TokenStream {
     quote! {
         ::farine::__private::Handler {
             name: #name,
-            kind: ::farine::__private::HandlerKind::Execute(
+            takes: "",
+            gives: "",
+            kind: ::farine::__private::Declared::Execute(
                 |service: ::std::sync::Arc<Self>, shutdown: ::farine::__private::Shutdown|
                     -> ::farine::__private::BoxFuture<'static, ::farine::__private::Outcome> {
                     ::std::boxed::Box::pin(async move {
@@ -395,7 +403,9 @@ fn sse_handler(sse: &Sse) -> TokenStream {
     quote! {
         ::farine::__private::Handler {
             name: #name,
-            kind: ::farine::__private::HandlerKind::Sse(
+            takes: "",
+            gives: "",
+            kind: ::farine::__private::Declared::Sse(
                 |service: ::std::sync::Arc<Self>, event: ::farine::__private::SseEvent|
                     -> ::farine::__private::BoxFuture<'static, ::farine::__private::Outcome> {
                     ::std::boxed::Box::pin(async move {
@@ -414,11 +424,57 @@ fn rpc_client_handler(client: &RpcClient) -> TokenStream {
     quote! {
         ::farine::__private::Handler {
             name: #name,
-            kind: ::farine::__private::HandlerKind::RpcClient(::farine::__private::RpcClientSpec {
+            takes: "",
+            gives: "",
+            kind: ::farine::__private::Declared::RpcClient(::farine::__private::RpcClientSpec {
                 service: #service,
             }),
         }
     }
+}
+
+/// What a method takes (its parameters after `&self`, `name: Type` each) and gives (its return
+/// type), as written: the text a handler's description shows.
+fn signature(sig: &syn::Signature) -> (String, String) {
+    let takes = sig
+        .inputs
+        .iter()
+        .filter_map(|input| match input {
+            FnArg::Typed(typed) => Some(format!(
+                "{}: {}",
+                tidy(&typed.pat.to_token_stream()),
+                tidy(&typed.ty.to_token_stream())
+            )),
+            FnArg::Receiver(_) => None,
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let gives = match &sig.output {
+        syn::ReturnType::Default => "()".to_string(),
+        syn::ReturnType::Type(_, ty) => tidy(&ty.to_token_stream()),
+    };
+    (takes, gives)
+}
+
+/// Tokens as a person writes them: `Map<String, Value>`, not `Map < String , Value >`.
+fn tidy(tokens: &TokenStream) -> String {
+    let mut text = tokens.to_string();
+    for (spaced, tight) in [
+        (" < ", "<"),
+        ("< ", "<"),
+        (" <", "<"),
+        (" >", ">"),
+        (" , ", ", "),
+        (" :: ", "::"),
+        (":: ", "::"),
+        ("& ", "&"),
+        ("( ", "("),
+        (" )", ")"),
+        ("! ", "!"),
+    ] {
+        text = text.replace(spaced, tight);
+    }
+    text
 }
 
 /// The `#[cfg]` and `#[cfg_attr]` attributes of a method, which its registration must share.
@@ -503,7 +559,9 @@ fn consume_handler(consume: &Consume) -> TokenStream {
     quote! {
         ::farine::__private::Handler {
             name: #name,
-            kind: ::farine::__private::HandlerKind::Consume(
+            takes: "",
+            gives: "",
+            kind: ::farine::__private::Declared::Consume(
                 ::farine::__private::ConsumeSpec {
                     exchange: #exchange,
                     routing_key: #routing_key,
@@ -531,7 +589,9 @@ fn publish_handler(publish: &Publish) -> TokenStream {
     quote! {
         ::farine::__private::Handler {
             name: #name,
-            kind: ::farine::__private::HandlerKind::Publish(::farine::__private::PublishSpec {
+            takes: "",
+            gives: "",
+            kind: ::farine::__private::Declared::Publish(::farine::__private::PublishSpec {
                 exchange: #exchange,
                 routing_key: #routing_key,
             }),

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use crate::config::{self, Config};
-use crate::registry::{HandlerInfo, ServiceEntry};
+use crate::registry::ServiceEntry;
 use crate::runtime::Runtime;
 
 /// Exit status: the services ran and stopped cleanly on SIGINT/SIGTERM.
@@ -223,107 +223,23 @@ pub fn list(module: &str, config: Option<&Config>) -> String {
             "service {} ({}, section [{}], {state})",
             entry.name, entry.type_name, entry.name
         );
-        for handler in entry.handlers() {
-            let _ = writeln!(
-                out,
-                "  {}",
-                describe(entry.name, &handler, section.as_ref())
-            );
+        // Without a config, or a section, the defaults: what an empty section resolves to.
+        let fallback = Config::from_ini(&format!("[{}]\n", entry.name), "defaults").ok();
+        let default_section = fallback.as_ref().and_then(|c| c.section(entry.name).ok());
+        let Some(section) = section.as_ref().or(default_section.as_ref()) else {
+            continue;
+        };
+        for described in entry.describe(section) {
+            let _ = match described.description {
+                Ok(description) => writeln!(out, "  {description}"),
+                Err(e) => writeln!(
+                    out,
+                    "  {} {}: {e}",
+                    described.kind.as_str(),
+                    described.handler
+                ),
+            };
         }
     }
     out
-}
-
-fn describe(
-    service: &'static str,
-    handler: &HandlerInfo,
-    section: Option<&config::Section>,
-) -> String {
-    use crate::amqp::topology::ExchangeSettings;
-    use crate::consume::ConsumerPlan;
-    let fallback = Config::from_ini(&format!("[{service}]\n"), "defaults").ok();
-    let default_section = fallback.as_ref().and_then(|c| c.section(service).ok());
-    let Some(section) = section.or(default_section.as_ref()) else {
-        return handler.name().to_string();
-    };
-    match handler {
-        HandlerInfo::Consume { name, spec } => {
-            match ConsumerPlan::from_config(service, name, spec, section) {
-                Ok(plan) => format!(
-                    "consume {name}: exchange {} ({}), routing key {:?}, queue {}, prefetch {}, retries {} (x{}), dead letters {}",
-                    plan.exchange.name,
-                    plan.exchange.kind_name(),
-                    plan.routing_key,
-                    plan.queue.name,
-                    plan.prefetch,
-                    plan.retry_queue.name,
-                    plan.max_attempts,
-                    plan.dead_letter_queue
-                        .as_ref()
-                        .map_or("rejected (dead_letter_queue = none)", |q| q.name.as_str()),
-                ),
-                Err(e) => format!("consume {name}: {e}"),
-            }
-        }
-        HandlerInfo::Publish { name, spec } => {
-            let scoped = section.handler(name);
-            let exchange = ExchangeSettings::from_config(&scoped, spec.exchange);
-            let routing_key = scoped
-                .get_str("routing_key")
-                .ok()
-                .flatten()
-                .unwrap_or_else(|| spec.routing_key.to_string());
-            match exchange {
-                Ok(exchange) => format!(
-                    "publish {name}: exchange {} ({}), routing key {routing_key:?}",
-                    exchange.name,
-                    exchange.kind_name()
-                ),
-                Err(e) => format!("publish {name}: {e}"),
-            }
-        }
-        HandlerInfo::Rpc { name, spec } => {
-            let queue = section
-                .get_str("rpc_queue")
-                .ok()
-                .flatten()
-                .unwrap_or_else(|| service.to_string());
-            format!(
-                "rpc {name}: exchange {service} (direct), routing key {:?}, queue {queue}{}",
-                crate::rpc::wire::routing_key(service, name),
-                if spec.stream {
-                    ", streams its result"
-                } else {
-                    ""
-                }
-            )
-        }
-        HandlerInfo::Execute { name } => {
-            let scoped = section.handler(name);
-            let restart = scoped.get_or("restart", true).unwrap_or(true);
-            format!("execute {name}: restart {restart}")
-        }
-        HandlerInfo::Sse { name } => {
-            let endpoint = section
-                .handler(name)
-                .get_str("endpoint")
-                .ok()
-                .flatten()
-                .map_or_else(
-                    || "(no endpoint configured)".to_string(),
-                    |e| crate::sse::display_endpoint(&e),
-                );
-            format!("stream::http {name}: endpoint {endpoint}")
-        }
-        HandlerInfo::RpcClient { name, spec } => {
-            let timeout = section
-                .handler(name)
-                .get_or("rpc_timeout", crate::rpc::client::DEFAULT_TIMEOUT)
-                .map_or_else(|e| e.to_string(), |t| format!("{t:?}"));
-            format!(
-                "rpc client {name}: calls service {}, timeout {timeout}",
-                spec.service
-            )
-        }
-    }
 }

@@ -39,7 +39,10 @@ use crate::amqp::message::{self, Message};
 use crate::amqp::publisher::{PublishError, Publisher, PublisherSettings};
 use crate::amqp::topology::{ExchangeSettings, QueueSettings, parse_arguments};
 use crate::config::{ConfigError, Section};
-use crate::handler::{CallScope, InFlight, Outcome, Ready};
+use crate::handler::{
+    CallScope, Description, ExchangeDescription, HandlerKind, InFlight, Outcome, Ready, Task,
+    TaskEnv, TaskError,
+};
 
 /// The arguments of `#[consume(...)]`.
 #[derive(Debug, Clone, Copy)]
@@ -137,6 +140,31 @@ impl ConsumerPlan {
     }
 }
 
+impl ConsumerPlan {
+    /// The consumer as `--list` shows it.
+    pub(crate) fn describe(&self, signature: (&'static str, &'static str)) -> Description {
+        let mut description =
+            Description::new(self.service, self.handler, HandlerKind::Consume, signature);
+        description.exchange = Some(ExchangeDescription {
+            name: self.exchange.name.clone(),
+            kind: self.exchange.kind_name().to_string(),
+        });
+        description.routing_key = Some(self.routing_key.clone());
+        description.queue = Some(self.queue.name.clone());
+        description.settings = vec![
+            format!("prefetch {}", self.prefetch),
+            format!("retries {} (x{})", self.retry_queue.name, self.max_attempts),
+            format!(
+                "dead letters {}",
+                self.dead_letter_queue
+                    .as_ref()
+                    .map_or("rejected (dead_letter_queue = none)", |q| q.name.as_str())
+            ),
+        ];
+        description
+    }
+}
+
 /// The arguments of a retry queue: expired messages go back to `queue` through the default
 /// exchange.
 fn retry_arguments(queue: &str) -> FieldTable {
@@ -152,7 +180,42 @@ fn retry_arguments(queue: &str) -> FieldTable {
     arguments
 }
 
-type Call = Arc<dyn Fn(Message) -> BoxFuture<'static, Outcome> + Send + Sync>;
+/// A `#[consume]` handler bound to its service: the generated code's function, the service
+/// instance captured.
+pub(crate) type Call = Arc<dyn Fn(Message) -> BoxFuture<'static, Outcome> + Send + Sync>;
+
+/// The supervised task of one consumer.
+pub(crate) fn task(
+    plan: ConsumerPlan,
+    call: Call,
+    connector: Arc<Connector>,
+    env: &TaskEnv,
+) -> Task {
+    let (service, handler) = (plan.service, plan.handler);
+    let stop_bound = plan.drain_timeout + plan.op_timeout * 3;
+    let plan = Arc::new(plan);
+    let env = env.clone();
+    Task {
+        service,
+        handler,
+        stop_bound,
+        start: Box::new(move |ready| {
+            let run = run(
+                plan.clone(),
+                connector.clone(),
+                call.clone(),
+                env.scope.clone(),
+                env.shutdown.clone(),
+                ready,
+            );
+            let connector = connector.clone();
+            Box::pin(async move {
+                run.await
+                    .map_err(|e| TaskError::new(&e, e.is_outage(&connector)))
+            })
+        }),
+    }
+}
 
 /// Runs one consumer until shutdown (`Ok`) or until its channel fails (`Err`).
 pub(crate) async fn run(

@@ -15,7 +15,10 @@ use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, Section};
-use crate::handler::{CallScope, Outcome, Ready, Shutdown, panic_message};
+use crate::handler::{
+    CallScope, Connected, Description, HandlerKind, Outcome, Ready, Shutdown, Task, TaskEnv,
+    TaskError, panic_message,
+};
 
 /// What an `#[execute]` method looks like once the macro wrapped it.
 pub type ExecuteFn<S> = fn(Arc<S>, Shutdown) -> BoxFuture<'static, Outcome>;
@@ -52,6 +55,46 @@ impl ExecutePlan {
             transaction: scoped.get_or("transaction", false)?,
             db: None,
         })
+    }
+}
+
+/// The supervised task of one `#[execute]` method. A run that failed while the broker was away
+/// (a publish that timed out) is the outage's doing, not the method's.
+pub(crate) fn task(
+    plan: ExecutePlan,
+    call: BoundExecute,
+    connected: Connected,
+    env: &TaskEnv,
+) -> Task {
+    let (service, handler) = (plan.service, plan.handler);
+    let stop_bound = plan.drain_timeout + Duration::from_secs(1);
+    let plan = Arc::new(plan);
+    let env = env.clone();
+    Task {
+        service,
+        handler,
+        stop_bound,
+        start: Box::new(move |ready| {
+            let run = run(
+                plan.clone(),
+                call.clone(),
+                env.scope.clone(),
+                env.shutdown.clone(),
+                ready,
+            );
+            let connected = connected.clone();
+            Box::pin(async move { run.await.map_err(|e| TaskError::new(e, !connected())) })
+        }),
+    }
+}
+
+impl ExecutePlan {
+    /// The method as `--list` shows it.
+    pub(crate) fn describe(&self, signature: (&'static str, &'static str)) -> Description {
+        let mut description =
+            Description::new(self.service, self.handler, HandlerKind::Execute, signature);
+        description.settings = vec![format!("restart {}", self.restart)];
+        description
     }
 }
 

@@ -88,7 +88,7 @@ pub mod __private {
     pub use crate::consume::ConsumeSpec;
     pub use crate::handler::{IntoOutcome, Outcome, Shutdown};
     pub use crate::registry::{
-        BoxError, Handler, HandlerKind, PublishSpec, RpcClientSpec, RpcSpec, Service, ServiceEntry,
+        BoxError, Declared, Handler, PublishSpec, RpcClientSpec, RpcSpec, Service, ServiceEntry,
     };
     pub use crate::rpc::server::{Arguments as RpcArguments, RpcCall};
     pub use crate::runtime::context::{publisher, rpc_client};

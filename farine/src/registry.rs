@@ -9,11 +9,13 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 
 use crate::amqp::message::Message;
-use crate::config::Section;
-use crate::consume::ConsumeSpec;
-use crate::execute::{BoundExecute, ExecuteFn};
+use crate::amqp::topology::ExchangeSettings;
+use crate::config::{ConfigError, Section};
+use crate::consume::{ConsumeSpec, ConsumerPlan};
+use crate::execute::{BoundExecute, ExecuteFn, ExecutePlan};
 use crate::handler::Outcome;
-use crate::rpc::server::{BoundRpc, RpcFn};
+pub use crate::handler::{Description, ExchangeDescription, HandlerKind};
+use crate::rpc::server::{BoundRpc, RpcFn, RpcServerPlan};
 use crate::sse::{BoundSse, SseFn};
 
 /// An error of any kind, as user code returns it.
@@ -36,11 +38,14 @@ pub trait Service: Send + Sync + Sized + 'static {
 pub struct Handler<S> {
     /// The method's name.
     pub name: &'static str,
-    pub kind: HandlerKind<S>,
+    pub kind: Declared<S>,
+    /// Its parameters after `&self` and its return type, as written (for its description).
+    pub takes: &'static str,
+    pub gives: &'static str,
 }
 
 /// What an annotated method is.
-pub enum HandlerKind<S> {
+pub enum Declared<S> {
     /// `#[consume]`: a task that consumes a queue and calls the method for each message.
     Consume(ConsumeSpec, ConsumeFn<S>),
     /// `#[publish]`: no task; farine prepares the method's publisher.
@@ -117,20 +122,26 @@ impl HandlerInfo {
     }
 }
 
-/// A built service: its handlers with the instance captured.
-#[derive(Default)]
-pub(crate) struct Bound {
-    pub consumers: Vec<BoundConsumer>,
-    pub rpc: Vec<(&'static str, BoundRpc)>,
-    pub executes: Vec<(&'static str, BoundExecute)>,
-    pub listeners: Vec<(&'static str, BoundSse)>,
-}
-
-/// A built service's consume handlers, with the service instance captured.
-pub(crate) struct BoundConsumer {
-    pub name: &'static str,
-    pub spec: ConsumeSpec,
-    pub call: Arc<dyn Fn(Message) -> BoxFuture<'static, Outcome> + Send + Sync>,
+/// A handler of a built service: the generated function with the service instance captured.
+pub(crate) enum BoundHandler {
+    Consume {
+        name: &'static str,
+        spec: ConsumeSpec,
+        call: crate::consume::Call,
+    },
+    Rpc {
+        name: &'static str,
+        stream: bool,
+        call: BoundRpc,
+    },
+    Execute {
+        name: &'static str,
+        call: BoundExecute,
+    },
+    Sse {
+        name: &'static str,
+        call: BoundSse,
+    },
 }
 
 /// The registry entry of one service. Built by the macro with [`ServiceEntry::new`].
@@ -142,7 +153,8 @@ pub struct ServiceEntry {
     /// The Rust module that declares it.
     pub module_path: &'static str,
     describe: fn() -> Vec<HandlerInfo>,
-    build: fn(&Section) -> Result<Bound, BoxError>,
+    descriptions: fn(&Section) -> Vec<Described>,
+    build: fn(&Section) -> Result<Vec<BoundHandler>, BoxError>,
 }
 
 inventory::collect!(ServiceEntry);
@@ -155,6 +167,7 @@ impl ServiceEntry {
             type_name,
             module_path,
             describe: describe::<S>,
+            descriptions: descriptions::<S>,
             build: build::<S>,
         }
     }
@@ -171,7 +184,13 @@ impl ServiceEntry {
         (self.describe)()
     }
 
-    pub(crate) fn build(&self, section: &Section) -> Result<Bound, BoxError> {
+    /// Each handler as `section` (the service's) resolves it: what `--list` prints.
+    pub fn describe(&self, section: &Section) -> Vec<Described> {
+        (self.descriptions)(section)
+    }
+
+    /// Builds the service from its section and binds its task-running handlers to it.
+    pub(crate) fn build(&self, section: &Section) -> Result<Vec<BoundHandler>, BoxError> {
         (self.build)(section)
     }
 }
@@ -180,53 +199,129 @@ fn describe<S: Service>() -> Vec<HandlerInfo> {
     S::handlers()
         .into_iter()
         .map(|handler| match handler.kind {
-            HandlerKind::Consume(spec, _) => HandlerInfo::Consume {
+            Declared::Consume(spec, _) => HandlerInfo::Consume {
                 name: handler.name,
                 spec,
             },
-            HandlerKind::Publish(spec) => HandlerInfo::Publish {
+            Declared::Publish(spec) => HandlerInfo::Publish {
                 name: handler.name,
                 spec,
             },
-            HandlerKind::Rpc(spec, _) => HandlerInfo::Rpc {
+            Declared::Rpc(spec, _) => HandlerInfo::Rpc {
                 name: handler.name,
                 spec,
             },
-            HandlerKind::RpcClient(spec) => HandlerInfo::RpcClient {
+            Declared::RpcClient(spec) => HandlerInfo::RpcClient {
                 name: handler.name,
                 spec,
             },
-            HandlerKind::Execute(_) => HandlerInfo::Execute { name: handler.name },
-            HandlerKind::Sse(_) => HandlerInfo::Sse { name: handler.name },
+            Declared::Execute(_) => HandlerInfo::Execute { name: handler.name },
+            Declared::Sse(_) => HandlerInfo::Sse { name: handler.name },
         })
         .collect()
 }
 
-fn build<S: Service>(section: &Section) -> Result<Bound, BoxError> {
+/// A handler's description, or why its config does not resolve.
+#[derive(Debug)]
+pub struct Described {
+    pub handler: &'static str,
+    pub kind: HandlerKind,
+    pub description: Result<Description, ConfigError>,
+}
+
+fn descriptions<S: Service>(section: &Section) -> Vec<Described> {
+    S::handlers()
+        .iter()
+        .map(|handler| {
+            let (name, signature) = (handler.name, (handler.takes, handler.gives));
+            let (kind, description) = match &handler.kind {
+                Declared::Consume(spec, _) => (
+                    HandlerKind::Consume,
+                    ConsumerPlan::from_config(S::NAME, name, spec, section)
+                        .map(|plan| plan.describe(signature)),
+                ),
+                Declared::Publish(spec) => (
+                    HandlerKind::Publish,
+                    describe_publish(S::NAME, name, spec, section, signature),
+                ),
+                Declared::Rpc(spec, _) => (
+                    HandlerKind::RpcMethod,
+                    RpcServerPlan::from_config(S::NAME, vec![name], section)
+                        .map(|plan| plan.describe_method(name, spec.stream, signature)),
+                ),
+                Declared::RpcClient(spec) => (
+                    HandlerKind::RpcClient,
+                    crate::rpc::client::describe(S::NAME, name, spec.service, section, signature),
+                ),
+                Declared::Execute(_) => (
+                    HandlerKind::Execute,
+                    ExecutePlan::from_config(S::NAME, name, section)
+                        .map(|plan| plan.describe(signature)),
+                ),
+                Declared::Sse(_) => (
+                    HandlerKind::Sse,
+                    Ok(crate::sse::describe(S::NAME, name, section, signature)),
+                ),
+            };
+            Described {
+                handler: name,
+                kind,
+                description,
+            }
+        })
+        .collect()
+}
+
+/// A `#[publish]` method: its exchange and routing key.
+fn describe_publish(
+    service: &'static str,
+    name: &'static str,
+    spec: &PublishSpec,
+    section: &Section,
+    signature: (&'static str, &'static str),
+) -> Result<Description, ConfigError> {
+    let scoped = section.handler(name);
+    let exchange = ExchangeSettings::from_config(&scoped, spec.exchange)?;
+    let mut description = Description::new(service, name, HandlerKind::Publish, signature);
+    description.exchange = Some(ExchangeDescription {
+        name: exchange.name.clone(),
+        kind: exchange.kind_name().to_string(),
+    });
+    description.routing_key = Some(
+        scoped
+            .get_str("routing_key")?
+            .unwrap_or_else(|| spec.routing_key.to_string()),
+    );
+    Ok(description)
+}
+
+fn build<S: Service>(section: &Section) -> Result<Vec<BoundHandler>, BoxError> {
     let service = Arc::new(S::build(section)?);
-    let mut bound = Bound::default();
+    let mut bound = Vec::new();
     for handler in S::handlers() {
         let instance = service.clone();
-        match handler.kind {
-            HandlerKind::Consume(spec, call) => bound.consumers.push(BoundConsumer {
-                name: handler.name,
+        let name = handler.name;
+        bound.push(match handler.kind {
+            Declared::Consume(spec, call) => BoundHandler::Consume {
+                name,
                 spec,
                 call: Arc::new(move |message| call(instance.clone(), message)),
-            }),
-            HandlerKind::Rpc(_, call) => bound.rpc.push((
-                handler.name,
-                Arc::new(move |request| call(instance.clone(), request)),
-            )),
-            HandlerKind::Execute(call) => bound.executes.push((
-                handler.name,
-                Arc::new(move |shutdown| call(instance.clone(), shutdown)),
-            )),
-            HandlerKind::Sse(call) => bound.listeners.push((
-                handler.name,
-                Arc::new(move |event| call(instance.clone(), event)),
-            )),
-            HandlerKind::Publish(_) | HandlerKind::RpcClient(_) => {}
-        }
+            },
+            Declared::Rpc(spec, call) => BoundHandler::Rpc {
+                name,
+                stream: spec.stream,
+                call: Arc::new(move |request| call(instance.clone(), request)),
+            },
+            Declared::Execute(call) => BoundHandler::Execute {
+                name,
+                call: Arc::new(move |shutdown| call(instance.clone(), shutdown)),
+            },
+            Declared::Sse(call) => BoundHandler::Sse {
+                name,
+                call: Arc::new(move |event| call(instance.clone(), event)),
+            },
+            Declared::Publish(_) | Declared::RpcClient(_) => continue,
+        });
     }
     Ok(bound)
 }

@@ -26,7 +26,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ConfigError, Section, redact};
 use crate::db::checkpoint::Checkpoint;
 use crate::decode::DecodeError;
-use crate::handler::{CallScope, Outcome, Ready};
+use crate::handler::{
+    CallScope, Connected, Description, HandlerKind, Outcome, Ready, Task, TaskEnv, TaskError,
+};
 
 /// What a `#[stream::http]` handler looks like once the macro wrapped it.
 pub type SseFn<S> = fn(Arc<S>, Event) -> BoxFuture<'static, Outcome>;
@@ -261,6 +263,61 @@ pub enum SseError {
     },
     #[error("the checkpoint could not be read or saved: {0}")]
     Checkpoint(String),
+}
+
+/// The supervised task of one listener, resuming from `position`. A run that failed while the
+/// broker was away (a publish that timed out) is the outage's doing, not the handler's.
+pub(crate) fn task(
+    plan: SsePlan,
+    call: BoundSse,
+    position: Position,
+    connected: Connected,
+    env: &TaskEnv,
+) -> Task {
+    let (service, handler) = (plan.service, plan.handler);
+    // A listener finishes the event in hand: it gets a drain like the other handlers.
+    let stop_bound = Duration::from_secs(30);
+    let plan = Arc::new(plan);
+    let env = env.clone();
+    Task {
+        service,
+        handler,
+        stop_bound,
+        start: Box::new(move |ready| {
+            let run = run(
+                plan.clone(),
+                call.clone(),
+                position.clone(),
+                env.scope.clone(),
+                env.shutdown.clone(),
+                ready,
+            );
+            let connected = connected.clone();
+            Box::pin(async move { run.await.map_err(|e| TaskError::new(e, !connected())) })
+        }),
+    }
+}
+
+/// A listener as `--list` shows it: its endpoint (without credentials), or that none is
+/// configured yet.
+pub(crate) fn describe(
+    service: &'static str,
+    handler: &'static str,
+    section: &Section,
+    signature: (&'static str, &'static str),
+) -> Description {
+    let endpoint = section
+        .handler(handler)
+        .get_str("endpoint")
+        .ok()
+        .flatten()
+        .map_or_else(
+            || "(no endpoint configured)".to_string(),
+            |e| display_endpoint(&e),
+        );
+    let mut description = Description::new(service, handler, HandlerKind::Sse, signature);
+    description.settings = vec![format!("endpoint {endpoint}")];
+    description
 }
 
 /// Listens until shutdown; returns `Err` only for `on_error = stop` and checkpoint failures.

@@ -36,6 +36,18 @@ impl ConsumeError {
         matches!(self, ConsumeError::ConnectionLost(_))
     }
 
+    /// True when the task stopped because the broker went away (the error says so, or the
+    /// connection of `connector` is down now): an outage, not the task's fault. Refused
+    /// credentials and a bad URI are no outage: they count, so the service fails in the end.
+    pub(crate) fn is_outage(&self, connector: &Connector) -> bool {
+        match self {
+            ConsumeError::Connect(ConnectError::LoginRefused { .. } | ConnectError::BadUri(_)) => {
+                false
+            }
+            other => other.connection_lost() || !connector.is_connected(),
+        }
+    }
+
     /// This error, or `ConnectionLost` when the connection `conn` is no longer open: only the
     /// connection's state says so, not the error's kind (a channel error on a live connection
     /// is the task's own failure).

@@ -4,15 +4,19 @@
 //! signal, and the scope a call runs in. Nothing here names a transport: the core holds no
 //! lapin type, so another transport can run the same handlers (`docs/architecture.md`).
 
+pub(crate) mod description;
 pub(crate) mod in_flight;
 pub(crate) mod outcome;
 pub(crate) mod ready;
 pub(crate) mod scope;
 pub(crate) mod shutdown;
+pub(crate) mod task;
 
+pub use description::{Description, ExchangeDescription, HandlerKind};
 pub(crate) use in_flight::InFlight;
 pub(crate) use outcome::panic_message;
 pub use outcome::{IntoOutcome, Outcome};
 pub(crate) use ready::Ready;
 pub(crate) use scope::CallScope;
 pub use shutdown::Shutdown;
+pub(crate) use task::{Connected, Task, TaskEnv, TaskError};

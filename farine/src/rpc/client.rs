@@ -972,3 +972,23 @@ impl RpcError {
         }
     }
 }
+
+/// A `#[rpc::client]` method as `--list` shows it: the service it calls and its timeout.
+pub(crate) fn describe(
+    service: &'static str,
+    name: &'static str,
+    target: &'static str,
+    section: &crate::config::Section,
+    signature: (&'static str, &'static str),
+) -> Result<crate::handler::Description, crate::config::ConfigError> {
+    use crate::handler::{Description, HandlerKind};
+    let timeout = section
+        .handler(name)
+        .get_or("rpc_timeout", DEFAULT_TIMEOUT)?;
+    let mut description = Description::new(service, name, HandlerKind::RpcClient, signature);
+    description.settings = vec![
+        format!("calls service {target}"),
+        format!("timeout {timeout:?}"),
+    ];
+    Ok(description)
+}

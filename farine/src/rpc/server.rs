@@ -33,7 +33,10 @@ use crate::amqp::message::Message;
 use crate::amqp::publisher::{PublishError, PublishOptions, Publisher, PublisherSettings};
 use crate::amqp::topology::{ExchangeSettings, QueueSettings, private_queue};
 use crate::config::{ConfigError, Section};
-use crate::handler::{CallScope, InFlight, Outcome, Ready};
+use crate::handler::{
+    CallScope, Description, ExchangeDescription, HandlerKind, InFlight, Outcome, Ready, Task,
+    TaskEnv, TaskError,
+};
 
 /// What an `#[rpc::method]` looks like once the macro wrapped it.
 pub type RpcFn<S> = fn(Arc<S>, RpcCall) -> BoxFuture<'static, ()>;
@@ -382,6 +385,27 @@ pub(crate) struct RpcServerPlan {
 }
 
 impl RpcServerPlan {
+    /// Method `name` of the server as `--list` shows it.
+    pub(crate) fn describe_method(
+        &self,
+        name: &'static str,
+        stream: bool,
+        signature: (&'static str, &'static str),
+    ) -> Description {
+        let mut description =
+            Description::new(self.service, name, HandlerKind::RpcMethod, signature);
+        description.exchange = Some(ExchangeDescription {
+            name: self.exchange.name.clone(),
+            kind: self.exchange.kind_name().to_string(),
+        });
+        description.routing_key = Some(wire::routing_key(self.service, name));
+        description.queue = Some(self.queue.name.clone());
+        if stream {
+            description.settings.push("streams its result".to_string());
+        }
+        description
+    }
+
     pub fn from_config(
         service: &'static str,
         methods: Vec<&'static str>,
@@ -413,6 +437,39 @@ impl RpcServerPlan {
             )?,
             db: None,
         })
+    }
+}
+
+/// The supervised task of a service's RPC server, serving `methods`.
+pub(crate) fn task(
+    plan: RpcServerPlan,
+    methods: Vec<Method>,
+    connector: Arc<Connector>,
+    env: &TaskEnv,
+) -> Task {
+    let service = plan.service;
+    let stop_bound = plan.drain_timeout + plan.op_timeout * 3;
+    let (plan, methods) = (Arc::new(plan), Arc::new(methods));
+    let env = env.clone();
+    Task {
+        service,
+        handler: "rpc",
+        stop_bound,
+        start: Box::new(move |ready| {
+            let run = run(
+                plan.clone(),
+                connector.clone(),
+                methods.clone(),
+                env.scope.clone(),
+                env.shutdown.clone(),
+                ready,
+            );
+            let connector = connector.clone();
+            Box::pin(async move {
+                run.await
+                    .map_err(|e| TaskError::new(&e, e.is_outage(&connector)))
+            })
+        }),
     }
 }
 

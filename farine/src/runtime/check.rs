@@ -108,7 +108,7 @@ pub async fn config_file(config: &Config) -> (bool, Vec<String>) {
                 .unwrap_or_else(|| super::DEFAULT_AMQP_URI.to_string());
             Ok(Target {
                 amqp_uri,
-                connector: super::connector_settings(&section)?,
+                connector: super::plan::connector_settings(&section)?,
                 db: DbSettings::from_config(&section)?,
             })
         };

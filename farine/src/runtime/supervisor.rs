@@ -13,7 +13,6 @@
 //! never fails a service. `docs/supervision.md` describes the model.
 
 use std::collections::VecDeque;
-use std::fmt::Display;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
@@ -24,7 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, HandlerSection};
-use crate::handler::{Ready, panic_message};
+use crate::handler::{Ready, TaskError, panic_message};
 
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 
@@ -37,15 +36,28 @@ pub(crate) struct Policy {
     pub window: Duration,
 }
 
-impl Policy {
+impl Default for Policy {
     /// `restart_delay` (100 ms), `restart_delay_max` (30 s), `max_restarts` (5),
     /// `restart_window` (60 s).
+    fn default() -> Self {
+        Self {
+            delay_min: Duration::from_millis(100),
+            delay_max: Duration::from_secs(30),
+            max_restarts: 5,
+            window: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Policy {
+    /// The handler's keys, else the defaults.
     pub fn from_config(handler: &HandlerSection<'_>) -> Result<Self, ConfigError> {
+        let defaults = Self::default();
         Ok(Self {
-            delay_min: handler.get_or("restart_delay", Duration::from_millis(100))?,
-            delay_max: handler.get_or("restart_delay_max", Duration::from_secs(30))?,
-            max_restarts: handler.get_or("max_restarts", 5u32)?,
-            window: handler.get_or("restart_window", Duration::from_secs(60))?,
+            delay_min: handler.get_or("restart_delay", defaults.delay_min)?,
+            delay_max: handler.get_or("restart_delay_max", defaults.delay_max)?,
+            max_restarts: handler.get_or("max_restarts", defaults.max_restarts)?,
+            window: handler.get_or("restart_window", defaults.window)?,
         })
     }
 }
@@ -62,29 +74,6 @@ pub struct ServiceFailed {
     pub max_restarts: u32,
     pub window: Duration,
     pub cause: String,
-}
-
-/// Why one run of a handler task ended.
-#[derive(Debug)]
-pub(crate) struct TaskError {
-    pub cause: String,
-    /// The broker connection went away: not the task's fault.
-    pub connection_lost: bool,
-}
-
-impl TaskError {
-    pub fn new(cause: impl Display, connection_lost: bool) -> Self {
-        Self {
-            cause: cause.to_string(),
-            connection_lost,
-        }
-    }
-}
-
-impl Display for TaskError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.cause)
-    }
 }
 
 /// Runs `task` until `shutdown`, restarting it with backoff whenever it fails, until it fails

@@ -361,6 +361,21 @@ impl Broker {
         (names("queues"), names("exchanges"))
     }
 
+    /// The names farine gave its connections open now in the test's vhost (`farine ...`, as
+    /// the management UI shows them; the test's own connection is not one of them).
+    pub fn farine_connections(&self) -> Vec<String> {
+        let listed = vhost::get(&format!("/api/vhosts/{}/connections", self.vhost))
+            .unwrap_or_else(|e| panic!("{e}"));
+        listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|connection| connection["user_provided_name"].as_str())
+            .filter(|name| name.starts_with("farine"))
+            .map(str::to_string)
+            .collect()
+    }
+
     /// Waits until `queue` has `consumers` consumers, for at most `bound`.
     pub async fn wait_for_consumers(&self, queue: &str, consumers: u32, bound: Duration) -> bool {
         let deadline = Instant::now() + bound;
@@ -452,6 +467,19 @@ impl Database {
             .await
             .expect("database created");
         Self { name }
+    }
+
+    /// How many connections to this database are open now (other than the one asking).
+    pub async fn connections(&self) -> i64 {
+        use sqlx::Connection;
+        let mut admin = sqlx::PgConnection::connect(POSTGRES_ADMIN)
+            .await
+            .expect("PostgreSQL is reachable");
+        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
+            .bind(&self.name)
+            .fetch_one(&mut admin)
+            .await
+            .expect("pg_stat_activity is readable")
     }
 
     /// The `db_*` keys of a farine section for this database.

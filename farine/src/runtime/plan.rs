@@ -1,0 +1,325 @@
+//! From the config and the registered services to a plan: what each enabled service runs (its
+//! handler tasks), what it sends (publishers, RPC clients), where (broker, database, health
+//! endpoint) and how its tasks restart. Everything a start can refuse for the config is refused
+//! here, before anything is opened.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::supervisor::Policy;
+use super::{DEFAULT_AMQP_URI, StartError};
+use crate::amqp::connection::ConnectorSettings;
+use crate::amqp::publisher::PublisherSettings;
+use crate::amqp::topology::ExchangeSettings;
+use crate::config::{Config, ConfigError, Section};
+use crate::consume::{self, ConsumerPlan};
+use crate::db::DbSettings;
+use crate::execute::{BoundExecute, ExecutePlan};
+use crate::registry::{BoundHandler, HandlerInfo, ServiceEntry};
+use crate::rpc::server::{BoundRpc, RpcServerPlan};
+use crate::sse::{BoundSse, SsePlan};
+
+/// One enabled service, planned.
+pub(super) struct ServicePlan {
+    pub entry: &'static ServiceEntry,
+    /// The handlers that run as supervised tasks.
+    pub tasks: Vec<Planned>,
+    /// `#[publish]` methods: their publishers are prepared at start.
+    pub publishers: Vec<PublisherPlan>,
+    /// `#[rpc::client]` methods: `(method, service called, timeout)`.
+    pub rpc_clients: Vec<(&'static str, &'static str, Duration)>,
+    /// The restart policy of each handler task, by handler name (`rpc` for the RPC server).
+    pub policies: HashMap<&'static str, Policy>,
+    pub db: Option<DbSettings>,
+    pub amqp_uri: String,
+    pub connector: ConnectorSettings,
+    /// `health_addr`: where liveness and readiness are served over HTTP.
+    pub health_addr: Option<SocketAddr>,
+}
+
+/// A handler task of one kind, its plan and its bound function.
+pub(super) enum Planned {
+    Consume(ConsumerPlan, consume::Call),
+    /// The service's RPC server, with its methods: `(name, returns a stream, function)`.
+    Rpc(RpcServerPlan, Vec<(&'static str, bool, BoundRpc)>),
+    Execute(ExecutePlan, BoundExecute),
+    Sse(SsePlan, BoundSse),
+}
+
+/// A `#[publish]` method's publisher, as its section configures it.
+pub(super) struct PublisherPlan {
+    pub method: &'static str,
+    pub exchange: ExchangeSettings,
+    pub routing_key: String,
+    pub settings: PublisherSettings,
+}
+
+impl ServicePlan {
+    /// The consumers' plans.
+    pub fn consumers(&self) -> impl Iterator<Item = &ConsumerPlan> {
+        self.tasks.iter().filter_map(|task| match task {
+            Planned::Consume(plan, _) => Some(plan),
+            _ => None,
+        })
+    }
+
+    /// The queues the service's tasks consume, with the handler consuming each.
+    fn consumed_queues(&self) -> impl Iterator<Item = (&str, (&'static str, &'static str))> {
+        self.tasks.iter().filter_map(|task| match task {
+            Planned::Consume(plan, _) => {
+                Some((plan.queue.name.as_str(), (plan.service, plan.handler)))
+            }
+            Planned::Rpc(plan, _) => Some((plan.queue.name.as_str(), (plan.service, "rpc"))),
+            Planned::Execute(..) | Planned::Sse(..) => None,
+        })
+    }
+}
+
+/// The plan of each enabled service of `entries` (all when `only` is `None`), or what the config
+/// gets wrong.
+pub(super) fn plan(
+    config: &Config,
+    module: &str,
+    only: Option<&[String]>,
+) -> Result<Vec<ServicePlan>, StartError> {
+    let entries: Vec<_> = ServiceEntry::all()
+        .into_iter()
+        .filter(|entry| only.is_none_or(|only| only.iter().any(|name| name == entry.name)))
+        .collect();
+    if let Some(only) = only
+        && let Some(missing) = only
+            .iter()
+            .find(|name| !entries.iter().any(|entry| entry.name == name.as_str()))
+    {
+        let known: Vec<_> = ServiceEntry::all().iter().map(|e| e.name).collect();
+        return Err(StartError::NothingToStart(format!(
+            "no service named `{missing}` in this binary (it has: {})",
+            known.join(", ")
+        )));
+    }
+    if let Some(pair) = entries.windows(2).find(|pair| pair[0].name == pair[1].name) {
+        return Err(StartError::Conflict(format!(
+            "two services are named `{}` ({} in {} and {} in {}): rename one with #[farine::service(name = \"...\")]",
+            pair[0].name,
+            pair[0].type_name,
+            pair[0].module_path,
+            pair[1].type_name,
+            pair[1].module_path
+        )));
+    }
+    let mut plans = Vec::new();
+    for entry in entries {
+        let section = config.section(entry.name)?;
+        if !section.get_or("enabled", true)? {
+            tracing::info!(
+                service = entry.name,
+                "service is disabled in the config (enabled = false); not started"
+            );
+            continue;
+        }
+        plans.push(plan_service(entry, &section)?);
+    }
+    let mut queues: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
+    for plan in &plans {
+        for (queue, owner) in plan.consumed_queues() {
+            if let Some((service, handler)) = queues.insert(queue, owner) {
+                return Err(StartError::Conflict(format!(
+                    "handlers `{service}.{handler}` and `{}.{}` would consume the same queue `{queue}` and take each other's messages: give one another `<handler>.queue`",
+                    owner.0, owner.1
+                )));
+            }
+        }
+    }
+    if plans.is_empty() {
+        return Err(StartError::NothingToStart(format!(
+            "every service of module `{module}` is disabled in {}",
+            config.file()
+        )));
+    }
+    Ok(plans)
+}
+
+fn plan_service(
+    entry: &'static ServiceEntry,
+    section: &Section,
+) -> Result<ServicePlan, StartError> {
+    let amqp_uri = section
+        .get_str("amqp_uri")?
+        .unwrap_or_else(|| DEFAULT_AMQP_URI.to_string());
+    if let Err(cause) = crate::amqp::connection::parse_nodes(&amqp_uri) {
+        return Err(StartError::Config(section.invalid(
+            "amqp_uri",
+            &amqp_uri,
+            format!("amqp://user:password@host:port/vhost (or amqps://), several separated by commas: {cause}"),
+        )));
+    }
+    let connector = connector_settings(section)?;
+    let health_addr = match section.get_str("health_addr")? {
+        None => None,
+        Some(text) if text.trim().is_empty() || text.trim() == "off" => None,
+        Some(text) => Some(text.trim().parse().map_err(|_| {
+            section.invalid(
+                "health_addr",
+                &text,
+                "host:port, such as 127.0.0.1:8080 (or off)",
+            )
+        })?),
+    };
+    let max_message_bytes = section.get_or(
+        "max_message_bytes",
+        crate::amqp::publisher::DEFAULT_MAX_MESSAGE_BYTES,
+    )?;
+    let handlers = entry.handlers();
+    let mut publishers = Vec::new();
+    let mut rpc_clients = Vec::new();
+    for info in &handlers {
+        match *info {
+            HandlerInfo::RpcClient { name, spec } => {
+                let timeout = section
+                    .handler(name)
+                    .get_or("rpc_timeout", crate::rpc::client::DEFAULT_TIMEOUT)?;
+                rpc_clients.push((name, spec.service, timeout));
+            }
+            HandlerInfo::Publish { name, spec } => {
+                let scoped = section.handler(name);
+                publishers.push(PublisherPlan {
+                    method: name,
+                    exchange: ExchangeSettings::from_config(&scoped, spec.exchange)?,
+                    routing_key: scoped
+                        .get_str("routing_key")?
+                        .unwrap_or_else(|| spec.routing_key.to_string()),
+                    settings: PublisherSettings {
+                        persistent: scoped.get_or("persistent", true)?,
+                        timeout: scoped.get_or("publish_timeout", Duration::from_secs(10))?,
+                        declare_exchange: true,
+                        mandatory: scoped.get_or("mandatory", false)?,
+                        max_message_bytes: scoped.get_or("max_message_bytes", max_message_bytes)?,
+                        ..PublisherSettings::default()
+                    },
+                });
+            }
+            HandlerInfo::Rpc { name, .. }
+                if section.handler(name).get_or("transaction", false)? =>
+            {
+                // Replies are sent during the call, before a commit could happen.
+                return Err(StartError::Config(section.invalid(
+                    &format!("{name}.transaction"),
+                    "true",
+                    "no transaction for an RPC method (its replies go out during the call): open one with Db::current().begin()",
+                )));
+            }
+            _ => {}
+        }
+    }
+    let bound = entry
+        .build(section)
+        .map_err(|e| match e.downcast::<ConfigError>() {
+            // `section.require(..)?` in an `init` function is a config error like any other.
+            Ok(config) => StartError::Config(*config),
+            Err(e) => StartError::Build {
+                service: entry.name.to_string(),
+                cause: e.to_string(),
+            },
+        })?;
+    let service = entry.name;
+    let mut tasks = Vec::new();
+    let mut methods = Vec::new();
+    for handler in bound {
+        match handler {
+            BoundHandler::Consume { name, spec, call } => tasks.push(Planned::Consume(
+                ConsumerPlan::from_config(service, name, &spec, section)?,
+                call,
+            )),
+            BoundHandler::Rpc { name, stream, call } => methods.push((name, stream, call)),
+            BoundHandler::Execute { name, call } => tasks.push(Planned::Execute(
+                ExecutePlan::from_config(service, name, section)?,
+                call,
+            )),
+            BoundHandler::Sse { name, call } => tasks.push(Planned::Sse(
+                SsePlan::from_config(service, name, section)?,
+                call,
+            )),
+        }
+    }
+    if !methods.is_empty() {
+        let names = methods.iter().map(|(name, ..)| *name).collect();
+        let server = RpcServerPlan::from_config(service, names, section)?;
+        tasks.insert(0, Planned::Rpc(server, methods));
+    }
+    let db = DbSettings::from_config(section)?;
+    if db.is_none()
+        && let Some(handler) = needs_db(&handlers, section)?
+    {
+        return Err(StartError::Config(section.invalid(
+            &format!("{handler}.transaction"),
+            "true",
+            "a database: `transaction` and `inbox` need db_connector and the db_* keys",
+        )));
+    }
+    let mut policies = HashMap::new();
+    policies.insert("rpc", Policy::from_config(&section.handler("rpc"))?);
+    for info in &handlers {
+        policies.insert(
+            info.name(),
+            Policy::from_config(&section.handler(info.name()))?,
+        );
+    }
+    Ok(ServicePlan {
+        entry,
+        tasks,
+        publishers,
+        rpc_clients,
+        policies,
+        db,
+        amqp_uri,
+        connector,
+        health_addr,
+    })
+}
+
+/// The connection settings of a service's section: `connect_timeout`, `amqp_heartbeat`,
+/// `amqp_node_selector`, `amqp_reconnect_delay`, `amqp_reconnect_delay_max`,
+/// `amqp_tls_ca_file`.
+pub(crate) fn connector_settings(section: &Section) -> Result<ConnectorSettings, ConfigError> {
+    let defaults = ConnectorSettings::default();
+    let selector = match section.get_str("amqp_node_selector")? {
+        None => defaults.selector,
+        Some(text) => text
+            .parse()
+            .map_err(|expected: String| section.invalid("amqp_node_selector", &text, expected))?,
+    };
+    let tls_ca = match section.get_str("amqp_tls_ca_file")? {
+        None => None,
+        Some(path) => Some(std::fs::read_to_string(path.trim()).map_err(|e| {
+            section.invalid(
+                "amqp_tls_ca_file",
+                &path,
+                format!("a readable PEM file of CA certificates ({e})"),
+            )
+        })?),
+    };
+    Ok(ConnectorSettings {
+        connect_timeout: section.get_or("connect_timeout", defaults.connect_timeout)?,
+        heartbeat: section.get_or("amqp_heartbeat", defaults.heartbeat)?,
+        selector,
+        reconnect_delay: section.get_or("amqp_reconnect_delay", defaults.reconnect_delay)?,
+        reconnect_delay_max: section
+            .get_or("amqp_reconnect_delay_max", defaults.reconnect_delay_max)?,
+        tls_ca,
+    })
+}
+
+/// The first handler of a service whose config asks for a transaction or an inbox.
+fn needs_db(
+    handlers: &[HandlerInfo],
+    section: &Section,
+) -> Result<Option<&'static str>, ConfigError> {
+    for handler in handlers {
+        let scoped = section.handler(handler.name());
+        if scoped.get_or("transaction", false)? || scoped.get_or("inbox", false)? {
+            return Ok(Some(handler.name()));
+        }
+    }
+    Ok(None)
+}
