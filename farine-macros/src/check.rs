@@ -5,11 +5,11 @@ use syn::{Attribute, FnArg, ImplItemFn, ReturnType, Type};
 
 use crate::ctxt::Ctxt;
 use crate::model::{
-    AttrKind, Consume, ConsumeParam, Execute, HandlerArgs, HandlerModel, MessageParam, Publish,
-    ReplyShape, RpcClient, RpcMethod, Sse, SseParam,
+    AttrKind, Consume, Execute, Extracted, HandlerArgs, HandlerModel, Publish, ReplyShape,
+    RpcClient, RpcMethod, Sse,
 };
 
-const CONSUME_SIGNATURE: &str = "expected `async fn name(&self, body: T) -> Result<(), E>`, where T is any `serde::de::DeserializeOwned` type and E: Display, optionally with a `message: farine::Message` parameter after the body";
+const CONSUME_SIGNATURE: &str = "expected `async fn name(&self, body: T, ...) -> Result<(), E>` (E: Display) or nothing, where each parameter is taken from the message: the body (any `serde::Deserialize` type), `farine::Message`, `farine::Headers`, `farine::Db`, `farine::Shutdown`, or a type that implements `farine::FromCall<farine::Message>`";
 const PUBLISH_SIGNATURE: &str =
     "expected `async fn name(&self, publisher: farine::Publisher, ...)`";
 
@@ -31,6 +31,50 @@ fn farine_type_name(ty: &Type) -> Option<(String, bool)> {
         Type::Group(group) => farine_type_name(&group.elem),
         _ => None,
     }
+}
+
+/// The parameters after `&self`, each taken from the call by `farine::FromCall` (checked by the
+/// compiler, at the parameter): `T`, or `&T` to borrow it. `None` after reporting a parameter
+/// that cannot be taken (`&mut T`).
+fn extracted(cx: &Ctxt, sig: &syn::Signature, signature: &str) -> Option<Vec<Extracted>> {
+    let mut params = Vec::new();
+    let mut ok = true;
+    for input in sig.inputs.iter().skip(1) {
+        let FnArg::Typed(typed) = input else { continue };
+        match &*typed.ty {
+            Type::Reference(reference) if reference.mutability.is_some() => {
+                cx.error_spanned_by(
+                    reference,
+                    format!("a handler parameter is taken from its call: take `T`, or `&T` to borrow it, not `&mut T`: {signature}"),
+                );
+                ok = false;
+            }
+            Type::Reference(reference) => params.push(Extracted {
+                ty: reference.elem.clone(),
+                by_ref: true,
+            }),
+            ty => params.push(Extracted {
+                ty: Box::new(ty.clone()),
+                by_ref: false,
+            }),
+        }
+    }
+    ok.then_some(params)
+}
+
+/// No generic parameters: farine calls the method with the types it takes.
+fn check_not_generic(cx: &Ctxt, kind: AttrKind, sig: &syn::Signature, signature: &str) -> bool {
+    if sig.generics.params.is_empty() {
+        return true;
+    }
+    cx.error_spanned_by(
+        &sig.generics,
+        format!(
+            "a {} handler cannot be generic: {signature}",
+            kind.display()
+        ),
+    );
+    false
 }
 
 /// The common shape: `async`, `&self` (for handlers the runtime calls).
@@ -96,54 +140,7 @@ pub fn consume(
         );
         ok = false;
     }
-    let mut params = Vec::new();
-    let mut has_body = false;
-    let mut has_message = false;
-    for input in sig.inputs.iter().skip(1) {
-        let FnArg::Typed(typed) = input else { continue };
-        match farine_type_name(&typed.ty) {
-            Some((name, by_ref)) if name == "Message" => {
-                if has_message {
-                    cx.error_spanned_by(
-                        typed,
-                        format!("the message is taken once: {CONSUME_SIGNATURE}"),
-                    );
-                    ok = false;
-                }
-                has_message = true;
-                params.push(ConsumeParam::Message(if by_ref {
-                    MessageParam::ByRef
-                } else {
-                    MessageParam::ByValue
-                }));
-            }
-            _ if has_body || has_message => {
-                cx.error_spanned_by(
-                    typed,
-                    format!("a #[consume] handler takes the body and then, optionally, the message: {CONSUME_SIGNATURE}"),
-                );
-                ok = false;
-            }
-            _ => {
-                if let Type::Reference(reference) = &*typed.ty {
-                    cx.error_spanned_by(
-                        reference,
-                        "the body is decoded into a value the handler owns: take `T`, not `&T`",
-                    );
-                    ok = false;
-                }
-                has_body = true;
-                params.push(ConsumeParam::Body(typed.ty.clone()));
-            }
-        }
-    }
-    if params.is_empty() {
-        cx.error_spanned_by(
-            &sig.inputs,
-            format!("a #[consume] handler needs a body or message parameter: {CONSUME_SIGNATURE}"),
-        );
-        ok = false;
-    }
+    let params = extracted(cx, sig, CONSUME_SIGNATURE);
     // Any return type is checked by the `IntoOutcome` bound, whose message says what is
     // expected, pointed at this span: aliases of `Result` and `()` are fine.
     let output = match &sig.output {
@@ -157,6 +154,7 @@ pub fn consume(
         );
         return None;
     };
+    let params = params?;
     ok.then(|| {
         HandlerModel::Consume(Consume {
             method: sig.ident.clone(),
@@ -343,7 +341,7 @@ pub fn rpc_client(
     })
 }
 
-const EXECUTE_SIGNATURE: &str = "expected `async fn name(&self) -> Result<(), E>` (E: Display) or nothing, optionally with a `shutdown: farine::Shutdown` parameter";
+const EXECUTE_SIGNATURE: &str = "expected `async fn name(&self, ...) -> Result<(), E>` (E: Display) or nothing, where each parameter is taken from the run: `farine::Shutdown`, `farine::Db`, or a type that implements `farine::FromCall<farine::execute::Run>`";
 
 fn output_of(sig: &syn::Signature) -> Option<Box<Type>> {
     match &sig.output {
@@ -353,76 +351,33 @@ fn output_of(sig: &syn::Signature) -> Option<Box<Type>> {
 }
 
 pub fn execute(cx: &Ctxt, method: &ImplItemFn) -> Option<HandlerModel> {
-    let mut ok = check_common(cx, AttrKind::Execute, method, EXECUTE_SIGNATURE);
+    let ok = check_common(cx, AttrKind::Execute, method, EXECUTE_SIGNATURE);
     let sig = &method.sig;
-    let mut takes_shutdown = false;
-    for (index, input) in sig.inputs.iter().skip(1).enumerate() {
-        let FnArg::Typed(typed) = input else { continue };
-        match farine_type_name(&typed.ty) {
-            Some((name, false)) if name == "Shutdown" && index == 0 => takes_shutdown = true,
-            _ => {
-                cx.error_spanned_by(
-                    typed,
-                    format!("an #[execute] method takes nothing but, optionally, the shutdown signal: {EXECUTE_SIGNATURE}"),
-                );
-                ok = false;
-            }
-        }
+    let params = extracted(cx, sig, EXECUTE_SIGNATURE);
+    let not_generic = check_not_generic(cx, AttrKind::Execute, sig, EXECUTE_SIGNATURE);
+    if !(ok && not_generic) {
+        return None;
     }
-    ok.then(|| {
-        HandlerModel::Execute(Execute {
-            method: sig.ident.clone(),
-            takes_shutdown,
-            output: output_of(sig),
-        })
-    })
+    Some(HandlerModel::Execute(Execute {
+        method: sig.ident.clone(),
+        params: params?,
+        output: output_of(sig),
+    }))
 }
 
-const SSE_SIGNATURE: &str = "expected `async fn name(&self, data: T) -> Result<(), E>`, where T is `String` (the raw data) or any `serde::de::DeserializeOwned` type (decoded from JSON), optionally with an `event: farine::stream::Event` parameter after it";
+const SSE_SIGNATURE: &str = "expected `async fn name(&self, data: T, ...) -> Result<(), E>` (E: Display) or nothing, where each parameter is taken from the event: the data (`String` as it is, any other `serde::Deserialize` type decoded from JSON), `farine::stream::Event`, `EventId`, `EventType`, `farine::Db`, `farine::Shutdown`, or a type that implements `farine::FromCall<farine::stream::Event>`";
 
 pub fn sse(cx: &Ctxt, method: &ImplItemFn) -> Option<HandlerModel> {
-    let mut ok = check_common(cx, AttrKind::StreamHttp, method, SSE_SIGNATURE);
+    let ok = check_common(cx, AttrKind::StreamHttp, method, SSE_SIGNATURE);
     let sig = &method.sig;
-    let mut params = Vec::new();
-    for input in sig.inputs.iter().skip(1) {
-        let FnArg::Typed(typed) = input else { continue };
-        let is_event = matches!(farine_type_name(&typed.ty), Some((name, _)) if name == "Event");
-        let has_event = params.iter().any(|p| matches!(p, SseParam::Event { .. }));
-        let has_body = params.iter().any(|p| matches!(p, SseParam::Body { .. }));
-        if is_event && !has_event {
-            let by_ref = matches!(&*typed.ty, Type::Reference(_));
-            params.push(SseParam::Event { by_ref });
-        } else if !is_event && !has_body && !has_event {
-            if let Type::Reference(reference) = &*typed.ty {
-                cx.error_spanned_by(
-                    reference,
-                    "the data is decoded into a value the handler owns: take `T`, not `&T`",
-                );
-                ok = false;
-            }
-            let raw =
-                matches!(farine_type_name(&typed.ty), Some((name, false)) if name == "String");
-            params.push(SseParam::Body {
-                ty: typed.ty.clone(),
-                raw,
-            });
-        } else {
-            cx.error_spanned_by(typed, format!("a #[stream::http] handler takes the data and then, optionally, the event: {SSE_SIGNATURE}"));
-            ok = false;
-        }
+    let params = extracted(cx, sig, SSE_SIGNATURE);
+    let not_generic = check_not_generic(cx, AttrKind::StreamHttp, sig, SSE_SIGNATURE);
+    if !(ok && not_generic) {
+        return None;
     }
-    if params.is_empty() {
-        cx.error_spanned_by(
-            &sig.inputs,
-            format!("a #[stream::http] handler needs the data or the event: {SSE_SIGNATURE}"),
-        );
-        ok = false;
-    }
-    ok.then(|| {
-        HandlerModel::Sse(Sse {
-            method: sig.ident.clone(),
-            params,
-            output: output_of(sig),
-        })
-    })
+    Some(HandlerModel::Sse(Sse {
+        method: sig.ident.clone(),
+        params: params?,
+        output: output_of(sig),
+    }))
 }

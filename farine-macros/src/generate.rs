@@ -13,8 +13,8 @@ use crate::attr::{self, CHECKED_MARKER};
 use crate::check;
 use crate::ctxt::Ctxt;
 use crate::model::{
-    AttrKind, Consume, ConsumeParam, Execute, HandlerModel, MessageParam, Publish, ReplyShape,
-    RpcClient, RpcMethod, ServiceArgs, Sse, SseParam,
+    AttrKind, Consume, Execute, Extracted, HandlerModel, Publish, ReplyShape, RpcClient, RpcMethod,
+    ServiceArgs, Sse,
 };
 
 /// Expands `#[farine::service]` on `item`.
@@ -127,20 +127,22 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
             items.push(impl_item);
             continue;
         };
+        // How the caller-facing method gets what farine supplies, and sends through the
+        // runtime's layers: `with_publisher` / `with_rpc_client` look both up at once.
         let injected = handlers.iter().find_map(|(h, ..)| match h {
             HandlerModel::Publish(p) if p.method == method.sig.ident => {
                 let name = p.method.to_string();
-                Some(quote! {
-                    ::farine::__private::publisher(<Self as ::farine::__private::Service>::NAME, #name)
-                })
+                Some((
+                    quote!(::farine::__private::with_publisher),
+                    quote!(<Self as ::farine::__private::Service>::NAME, #name,),
+                ))
             }
             HandlerModel::RpcClient(c) if c.method == method.sig.ident => {
                 let (name, target) = (c.method.to_string(), &c.service);
-                Some(quote! {
-                    ::std::convert::From::from(::farine::__private::rpc_client(
-                        <Self as ::farine::__private::Service>::NAME, #name, #target,
-                    ))
-                })
+                Some((
+                    quote!(::farine::__private::with_rpc_client),
+                    quote!(<Self as ::farine::__private::Service>::NAME, #name, #target,),
+                ))
             }
             _ => None,
         });
@@ -336,15 +338,11 @@ fn into_outcome(output: &Option<Box<syn::Type>>) -> TokenStream {
 fn execute_handler(execute: &Execute) -> TokenStream {
     let Execute {
         method,
-        takes_shutdown,
+        params,
         output,
     } = execute;
     let name = method.to_string();
-    let args = if *takes_shutdown {
-        quote!(shutdown)
-    } else {
-        quote!()
-    };
+    let (takes, args) = extract(params, &quote!(::farine::execute::Run));
     let into = into_outcome(output);
     quote! {
         ::farine::__private::Handler {
@@ -352,11 +350,11 @@ fn execute_handler(execute: &Execute) -> TokenStream {
             takes: "",
             gives: "",
             kind: ::farine::__private::Declared::Execute(
-                |service: ::std::sync::Arc<Self>, shutdown: ::farine::__private::Shutdown|
+                |service: ::std::sync::Arc<Self>, call: ::farine::execute::Run|
                     -> ::farine::__private::BoxFuture<'static, ::farine::__private::Outcome> {
                     ::std::boxed::Box::pin(async move {
-                        let _ = &shutdown;
-                        #into(<Self>::#method(&*service, #args).await)
+                        #takes
+                        #into(<Self>::#method(&*service, #(#args),*).await)
                     })
                 },
             ),
@@ -365,40 +363,13 @@ fn execute_handler(execute: &Execute) -> TokenStream {
 }
 
 fn sse_handler(sse: &Sse) -> TokenStream {
-    use syn::spanned::Spanned;
     let Sse {
         method,
         params,
         output,
     } = sse;
     let name = method.to_string();
-    let mut decode = TokenStream::new();
-    let mut args = Vec::new();
-    for param in params {
-        match param {
-            SseParam::Body { raw: true, .. } => {
-                decode = quote! { let data = ::std::string::ToString::to_string(event.data()); };
-                args.push(quote!(data));
-            }
-            SseParam::Body { ty, raw: false } => {
-                let decode_fn =
-                    quote_spanned! {ty.span()=> ::farine::__private::SseEvent::decode::<#ty>};
-                decode = quote! {
-                    let data = match #decode_fn(&event) {
-                        ::std::result::Result::Ok(data) => data,
-                        ::std::result::Result::Err(error) => {
-                            return ::farine::__private::Outcome::Undecodable(error);
-                        }
-                    };
-                };
-                args.push(quote!(data));
-            }
-            SseParam::Event { by_ref: true } => args.push(quote!(&event)),
-            SseParam::Event { by_ref: false } => {
-                args.push(quote!(::std::clone::Clone::clone(&event)))
-            }
-        }
-    }
+    let (takes, args) = extract(params, &quote!(::farine::stream::Event));
     let into = into_outcome(output);
     quote! {
         ::farine::__private::Handler {
@@ -406,16 +377,39 @@ fn sse_handler(sse: &Sse) -> TokenStream {
             takes: "",
             gives: "",
             kind: ::farine::__private::Declared::Sse(
-                |service: ::std::sync::Arc<Self>, event: ::farine::__private::SseEvent|
+                |service: ::std::sync::Arc<Self>, call: ::farine::stream::Event|
                     -> ::farine::__private::BoxFuture<'static, ::farine::__private::Outcome> {
                     ::std::boxed::Box::pin(async move {
-                        #decode
+                        #takes
                         #into(<Self>::#method(&*service, #(#args),*).await)
                     })
                 },
             ),
         }
     }
+}
+
+/// Takes each parameter from `call` (of type `context`) through `farine::FromCall`, with the
+/// parameter type's span, so a type that is neither a body nor an extractor is reported there;
+/// a refusal ends the call with its outcome. Returns the statements and the arguments to pass
+/// (`&arg` for a parameter taken by reference).
+fn extract(params: &[Extracted], context: &TokenStream) -> (TokenStream, Vec<TokenStream>) {
+    use syn::spanned::Spanned;
+    let mut takes = TokenStream::new();
+    let mut args = Vec::new();
+    for (index, Extracted { ty, by_ref }) in params.iter().enumerate() {
+        let arg = format_ident!("__farine_arg{}", index);
+        let from_call =
+            quote_spanned! {ty.span()=> <#ty as ::farine::FromCall<#context>>::from_call};
+        takes.extend(quote! {
+            let #arg = match #from_call(&call) {
+                ::std::result::Result::Ok(value) => value,
+                ::std::result::Result::Err(rejection) => return rejection.into_outcome(),
+            };
+        });
+        args.push(if *by_ref { quote!(&#arg) } else { quote!(#arg) });
+    }
+    (takes, args)
 }
 
 fn rpc_client_handler(client: &RpcClient) -> TokenStream {
@@ -522,40 +516,8 @@ fn consume_handler(consume: &Consume) -> TokenStream {
         Some(queue) => quote!(::std::option::Option::Some(#queue)),
         None => quote!(::std::option::Option::None),
     };
-    let mut decode = TokenStream::new();
-    let mut call_args = Vec::new();
-    for param in params {
-        match param {
-            ConsumeParam::Body(ty) => {
-                use syn::spanned::Spanned;
-                let decode_fn = quote_spanned! {ty.span()=> ::farine::Message::decode::<#ty>};
-                decode = quote! {
-                    let body = match #decode_fn(&message) {
-                        ::std::result::Result::Ok(body) => body,
-                        ::std::result::Result::Err(error) => {
-                            return ::farine::__private::Outcome::Undecodable(error);
-                        }
-                    };
-                };
-                call_args.push(quote!(body));
-            }
-            ConsumeParam::Message(MessageParam::ByValue) => {
-                call_args.push(quote!(::std::clone::Clone::clone(&message)))
-            }
-            ConsumeParam::Message(MessageParam::ByRef) => call_args.push(quote!(&message)),
-        }
-    }
-    // `<R as IntoOutcome>` with the return type's span: a wrong return type is reported there.
-    let into_outcome = match output {
-        Some(ty) => {
-            use syn::spanned::Spanned;
-            quote_spanned! {ty.span()=> <#ty as ::farine::__private::IntoOutcome>::into_outcome}
-        }
-        None => quote!(<() as ::farine::__private::IntoOutcome>::into_outcome),
-    };
-    let outcome = quote! {
-        #into_outcome(<Self>::#method(&*service, #(#call_args),*).await)
-    };
+    let (takes, args) = extract(params, &quote!(::farine::Message));
+    let into_outcome = into_outcome(output);
     quote! {
         ::farine::__private::Handler {
             name: #name,
@@ -567,11 +529,11 @@ fn consume_handler(consume: &Consume) -> TokenStream {
                     routing_key: #routing_key,
                     queue: #queue,
                 },
-                |service: ::std::sync::Arc<Self>, message: ::farine::Message|
+                |service: ::std::sync::Arc<Self>, call: ::farine::Message|
                     -> ::farine::__private::BoxFuture<'static, ::farine::__private::Outcome> {
                     ::std::boxed::Box::pin(async move {
-                        #decode
-                        #outcome
+                        #takes
+                        #into_outcome(<Self>::#method(&*service, #(#args),*).await)
                     })
                 },
             ),
@@ -602,7 +564,10 @@ fn publish_handler(publish: &Publish) -> TokenStream {
 /// `async fn seen(&self, publisher: Publisher, event: &Value) -> R { body }` becomes
 /// `async fn seen(&self, event: &Value) -> R` (farine supplies the publisher, `injected`) and
 /// `async fn seen_with(&self, publisher: Publisher, event: &Value) -> R { body }`.
-fn split_injected(original: ImplItemFn, injected: TokenStream) -> (ImplItemFn, ImplItemFn) {
+fn split_injected(
+    original: ImplItemFn,
+    injected: (TokenStream, TokenStream),
+) -> (ImplItemFn, ImplItemFn) {
     let ident = original.sig.ident.clone();
     let with_ident = format_ident!("{}_with", ident);
     let name = ident.to_string();
@@ -658,8 +623,11 @@ fn split_injected(original: ImplItemFn, injected: TokenStream) -> (ImplItemFn, I
         }
     }
     wrapper.sig.inputs = inputs;
+    let (supply, supply_args) = injected;
     wrapper.block = parse_quote!({
-        self.#with_ident(#injected, #(#forwarded),*).await
+        #supply(#supply_args move |__farine_injected| {
+            self.#with_ident(::std::convert::From::from(__farine_injected), #(#forwarded),*)
+        }).await
     });
     (wrapper, with)
 }

@@ -62,17 +62,12 @@ pub struct HandlerArgs {
     pub service: Option<String>,
 }
 
-/// How a `#[consume]` handler receives the message handle.
-#[derive(Clone, Copy)]
-pub enum MessageParam {
-    ByValue,
-    ByRef,
-}
-
-/// A `#[consume]` parameter, in declaration order.
-pub enum ConsumeParam {
-    Body(Box<Type>),
-    Message(MessageParam),
+/// A parameter a handler takes from its call through `farine::FromCall`, whatever its type's
+/// name: the body, the message or event handle, the database, the shutdown signal, or a type of
+/// the user's own. A `&T` parameter borrows a `T` taken for the call.
+pub struct Extracted {
+    pub ty: Box<Type>,
+    pub by_ref: bool,
 }
 
 /// A checked `#[consume]` handler.
@@ -81,7 +76,7 @@ pub struct Consume {
     pub exchange: String,
     pub routing_key: String,
     pub queue: Option<String>,
-    pub params: Vec<ConsumeParam>,
+    pub params: Vec<Extracted>,
     /// The declared return type (`None` for `()`), where a wrong return type is reported.
     pub output: Option<Box<Type>>,
 }
@@ -126,22 +121,14 @@ pub struct RpcClient {
 /// A checked `#[execute]` method.
 pub struct Execute {
     pub method: Ident,
-    pub takes_shutdown: bool,
+    pub params: Vec<Extracted>,
     pub output: Option<Box<Type>>,
-}
-
-/// A `#[stream::http]` parameter, in declaration order.
-pub enum SseParam {
-    /// The event's data: raw text for `String`, else decoded from JSON.
-    Body { ty: Box<Type>, raw: bool },
-    /// The event handle.
-    Event { by_ref: bool },
 }
 
 /// A checked `#[stream::http]` handler.
 pub struct Sse {
     pub method: Ident,
-    pub params: Vec<SseParam>,
+    pub params: Vec<Extracted>,
     pub output: Option<Box<Type>>,
 }
 

@@ -60,8 +60,18 @@ pub fn main_with_migrations(
     module: &'static str,
     migrations: &'static [crate::db::EmbeddedMigration],
 ) -> ExitCode {
+    main_with(module, migrations, Vec::new())
+}
+
+/// As [`main_with_migrations`], with `layers` around every handler call and send (what
+/// `farine::main!(layers = [...])` passes).
+pub fn main_with(
+    module: &'static str,
+    migrations: &'static [crate::db::EmbeddedMigration],
+    layers: Vec<std::sync::Arc<dyn crate::handler::Layer>>,
+) -> ExitCode {
     let args = Args::parse();
-    ExitCode::from(run(module, migrations, args))
+    ExitCode::from(run(module, migrations, layers, args))
 }
 
 fn init_logging(level: Option<&str>) -> Result<(), String> {
@@ -95,6 +105,7 @@ fn is_written_frame(event: &tracing::Metadata<'_>) -> bool {
 fn run(
     module: &'static str,
     migrations: &'static [crate::db::EmbeddedMigration],
+    layers: Vec<std::sync::Arc<dyn crate::handler::Layer>>,
     args: Args,
 ) -> u8 {
     if let Err(message) = init_logging(args.log_level.as_deref()) {
@@ -173,12 +184,11 @@ fn run(
     runtime.block_on(async move {
         // Signals first: a SIGTERM during start-up stops the process cleanly once started.
         let signals = crate::runtime::shutdown::Signals::install();
-        match Runtime::new(config)
-            .module(module)
-            .migrations(migrations)
-            .start()
-            .await
-        {
+        let runtime = layers.into_iter().fold(
+            Runtime::new(config).module(module).migrations(migrations),
+            Runtime::layer_arc,
+        );
+        match runtime.start().await {
             Ok(running) => match running.run_until(signals).await {
                 Ok(()) => EXIT_OK,
                 Err(e) => {

@@ -29,19 +29,20 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use lapin::types::FieldTable;
+use serde::de::DeserializeOwned;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::connection::Connector;
 use crate::amqp::consuming::{ConsumeError, WindDown, basic_consume, connection_for, open_channel};
 use crate::amqp::error::{BrokerError, Resource};
-use crate::amqp::message::{self, Message};
+use crate::amqp::message::{self, Headers, Message};
 use crate::amqp::publisher::{PublishError, Publisher, PublisherSettings};
 use crate::amqp::topology::{ExchangeSettings, QueueSettings, parse_arguments};
 use crate::config::{ConfigError, Section};
 use crate::handler::{
-    CallScope, Description, ExchangeDescription, HandlerKind, InFlight, Outcome, Ready, Task,
-    TaskEnv, TaskError,
+    CallScope, Description, ExchangeDescription, FromCall, HandlerKind, InFlight, Layers, Outcome,
+    Ready, Rejection, Task, TaskEnv, TaskError,
 };
 
 /// The arguments of `#[consume(...)]`.
@@ -83,6 +84,8 @@ pub(crate) struct ConsumerPlan {
     pub inbox_key: Option<String>,
     /// The database of each call, when the service has one (set at start).
     pub db: Option<Arc<crate::db::call::CallDb>>,
+    /// The runtime's layers, around each call (set at start).
+    pub layers: Layers,
 }
 
 impl ConsumerPlan {
@@ -136,6 +139,7 @@ impl ConsumerPlan {
             inbox: scoped.get_or("inbox", false)?,
             inbox_key: scoped.get_str("inbox_key")?,
             db: None,
+            layers: Layers::default(),
         })
     }
 }
@@ -180,19 +184,42 @@ fn retry_arguments(queue: &str) -> FieldTable {
     arguments
 }
 
+/// The message handle, as a `#[consume]` handler parameter (by value or by reference).
+impl FromCall<Message> for Message {
+    fn from_call(message: &Message) -> Result<Self, Rejection> {
+        Ok(message.clone())
+    }
+}
+
+/// The message's headers.
+impl FromCall<Message> for Headers {
+    fn from_call(message: &Message) -> Result<Self, Rejection> {
+        Ok(Headers::from(message.headers()))
+    }
+}
+
+/// The body: any type that deserializes, decoded from the message's JSON body; a body that
+/// does not decode is a rejection (the message goes to the dead-letter queue).
+impl<T: DeserializeOwned> FromCall<Message> for T {
+    fn from_call(message: &Message) -> Result<Self, Rejection> {
+        Ok(message.decode()?)
+    }
+}
+
 /// A `#[consume]` handler bound to its service: the generated code's function, the service
 /// instance captured.
 pub(crate) type Call = Arc<dyn Fn(Message) -> BoxFuture<'static, Outcome> + Send + Sync>;
 
 /// The supervised task of one consumer.
 pub(crate) fn task(
-    plan: ConsumerPlan,
+    mut plan: ConsumerPlan,
     call: Call,
     connector: Arc<Connector>,
     env: &TaskEnv,
 ) -> Task {
     let (service, handler) = (plan.service, plan.handler);
     let stop_bound = plan.drain_timeout + plan.op_timeout * 3;
+    plan.layers = env.layers.clone();
     let plan = Arc::new(plan);
     let env = env.clone();
     Task {
@@ -343,6 +370,8 @@ async fn handle(
     shutdown: CancellationToken,
 ) {
     let id = inbox_id(&plan, &message);
+    let kind = (plan.service, plan.handler, HandlerKind::Consume);
+    let handled = plan.layers.around(kind, &message, handled);
     let outcome = match crate::db::call::around(plan.db.as_deref(), id.as_deref(), handled).await {
         crate::db::call::Called::Ran(outcome) => outcome,
         crate::db::call::Called::Duplicate => {
@@ -421,6 +450,16 @@ async fn settle(
                 "a message whose body does not decode goes to the dead-letter queue"
             );
             (error.to_string(), Target::Dead("undecodable"))
+        }
+        Outcome::Rejected(reason) => {
+            tracing::warn!(
+                service,
+                handler,
+                delivery_tag,
+                %reason,
+                "a message a parameter refused goes to the dead-letter queue"
+            );
+            (reason, Target::Dead("rejected"))
         }
         Outcome::Failed(error) if attempt >= plan.max_attempts => {
             tracing::error!(

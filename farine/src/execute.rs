@@ -16,14 +16,32 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, Section};
 use crate::handler::{
-    CallScope, Connected, Description, HandlerKind, Outcome, Ready, Shutdown, Task, TaskEnv,
-    TaskError, panic_message,
+    CallScope, Connected, Description, HandlerKind, Layers, Outcome, Ready, Shutdown, Task,
+    TaskEnv, TaskError, panic_message,
 };
 
 /// What an `#[execute]` method looks like once the macro wrapped it.
-pub type ExecuteFn<S> = fn(Arc<S>, Shutdown) -> BoxFuture<'static, Outcome>;
+pub type ExecuteFn<S> = fn(Arc<S>, Run) -> BoxFuture<'static, Outcome>;
 
-pub(crate) type BoundExecute = Arc<dyn Fn(Shutdown) -> BoxFuture<'static, Outcome> + Send + Sync>;
+pub(crate) type BoundExecute = Arc<dyn Fn(Run) -> BoxFuture<'static, Outcome> + Send + Sync>;
+
+/// One run of an `#[execute]` method: what its parameters are taken from (the shutdown signal,
+/// the database of the run, extractors of your own).
+#[derive(Clone, Debug)]
+pub struct Run {
+    shutdown: Shutdown,
+}
+
+impl Run {
+    pub(crate) fn new(shutdown: Shutdown) -> Self {
+        Self { shutdown }
+    }
+
+    /// The signal that the process is stopping.
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
+    }
+}
 
 /// How an `#[execute]` method is run, from its section.
 #[derive(Debug, Clone)]
@@ -37,6 +55,8 @@ pub(crate) struct ExecutePlan {
     pub transaction: bool,
     /// The database of each run, when the service has one (set at start).
     pub db: Option<Arc<crate::db::call::CallDb>>,
+    /// The runtime's layers, around each call (set at start).
+    pub layers: Layers,
 }
 
 impl ExecutePlan {
@@ -54,6 +74,7 @@ impl ExecutePlan {
             drain_timeout: scoped.get_or("drain_timeout", Duration::from_secs(30))?,
             transaction: scoped.get_or("transaction", false)?,
             db: None,
+            layers: Layers::default(),
         })
     }
 }
@@ -61,13 +82,14 @@ impl ExecutePlan {
 /// The supervised task of one `#[execute]` method. A run that failed while the broker was away
 /// (a publish that timed out) is the outage's doing, not the method's.
 pub(crate) fn task(
-    plan: ExecutePlan,
+    mut plan: ExecutePlan,
     call: BoundExecute,
     connected: Connected,
     env: &TaskEnv,
 ) -> Task {
     let (service, handler) = (plan.service, plan.handler);
     let stop_bound = plan.drain_timeout + Duration::from_secs(1);
+    plan.layers = env.layers.clone();
     let plan = Arc::new(plan);
     let env = env.clone();
     Task {
@@ -119,7 +141,10 @@ pub(crate) async fn run(
         "executing"
     );
     loop {
-        let run = scope.enter(call(Shutdown::from_token(shutdown.clone())));
+        let run = Run::new(Shutdown::from_token(shutdown.clone()));
+        let kind = (plan.service, plan.handler, HandlerKind::Execute);
+        let (layers, handled) = (plan.layers.clone(), call(run.clone()));
+        let run = scope.enter(async move { layers.around(kind, &run, handled).await });
         let db = plan.db.clone();
         let run = async move {
             match crate::db::call::around(db.as_deref(), None, run).await {
@@ -146,6 +171,7 @@ pub(crate) async fn run(
         }
         match outcome {
             Outcome::Failed(error)
+            | Outcome::Rejected(error)
             | Outcome::Undecodable(crate::DecodeError { cause: error, .. }) => {
                 return Err(ExecuteError(error));
             }

@@ -50,34 +50,50 @@ mod sse;
 /// `#[stream::http]`: a handler for each event of an HTTP Server-Sent-Events stream (the seed's
 /// `stream.http`), and the [`Event`](stream::Event) handle such a handler can ask for.
 pub mod stream {
-    pub use crate::sse::Event;
+    pub use crate::sse::{Event, EventId, EventType};
     pub use farine_macros::stream_http as http;
 }
 
+/// Middleware: layers around every handler call and every send ([`Layer`](layer::Layer)),
+/// added with [`Runtime::layer`] or `farine::main!(layers = [...])`.
+pub mod layer {
+    pub use crate::handler::{CallInfo, HandlerKind, Layer, Next, Outcome, SendInfo};
+    pub use futures_util::future::BoxFuture;
+}
+
 pub use amqp::error::{BrokerError, Resource};
-pub use amqp::message::{Message, SettleError};
+pub use amqp::message::{Headers, Message, SettleError};
 pub use amqp::publisher::{PublishError, PublishOptions, Publisher};
 pub use db::{Db, DbCallError};
 pub use decode::DecodeError;
 pub use farine_macros::{consume, execute, publish, service};
-pub use handler::Shutdown;
+pub use handler::{FromCall, Rejection, Shutdown};
 pub use runtime::{RunError, Running, Runtime, StartError};
 
 /// Gives a service package its `main`: `farine::main!();` in `src/main.rs` declares the
 /// package's `service` module (`src/service.rs`), embeds the package's `migrations/` folder
 /// (applied at start when a database is configured) and runs the farine command line.
-/// `farine::main!(services);` names another module.
+/// `farine::main!(services);` names another module; `farine::main!(layers = [Timing])` (or
+/// `farine::main!(services, layers = [...])`) puts layers around every call
+/// ([`layer`]).
 #[macro_export]
 macro_rules! main {
     () => {
         $crate::main!(service);
     };
     ($module:ident) => {
+        $crate::main!($module, layers = []);
+    };
+    (layers = [$($layer:expr),* $(,)?]) => {
+        $crate::main!(service, layers = [$($layer),*]);
+    };
+    ($module:ident, layers = [$($layer:expr),* $(,)?]) => {
         mod $module;
         fn main() -> ::std::process::ExitCode {
-            $crate::cli::main_with_migrations(
+            $crate::cli::main_with(
                 ::std::env!("CARGO_PKG_NAME"),
                 $crate::__private::embed_migrations!(),
+                ::std::vec![$(::std::sync::Arc::new($layer) as ::std::sync::Arc<dyn $crate::layer::Layer>),*],
             )
         }
     };
@@ -91,7 +107,7 @@ pub mod __private {
         BoxError, Declared, Handler, PublishSpec, RpcClientSpec, RpcSpec, Service, ServiceEntry,
     };
     pub use crate::rpc::server::{Arguments as RpcArguments, RpcCall};
-    pub use crate::runtime::context::{publisher, rpc_client};
+    pub use crate::runtime::context::{with_publisher, with_rpc_client};
     pub use crate::sse::Event as SseEvent;
     pub use farine_macros::embed_migrations;
     pub use futures_util::future::BoxFuture;

@@ -27,7 +27,8 @@ use crate::config::{ConfigError, Section, redact};
 use crate::db::checkpoint::Checkpoint;
 use crate::decode::DecodeError;
 use crate::handler::{
-    CallScope, Connected, Description, HandlerKind, Outcome, Ready, Task, TaskEnv, TaskError,
+    CallScope, Connected, Description, FromCall, HandlerKind, Layers, Outcome, Ready, Rejection,
+    Task, TaskEnv, TaskError,
 };
 
 /// What a `#[stream::http]` handler looks like once the macro wrapped it.
@@ -80,6 +81,46 @@ impl Event {
     }
 }
 
+/// The id of the event being handled (see [`Event::id`]), as a handler parameter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventId(pub Option<String>);
+
+/// The type of the event being handled (`message` when the server named none), as a handler
+/// parameter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventType(pub String);
+
+/// The event handle, as a `#[stream::http]` handler parameter (by value or by reference).
+impl FromCall<Event> for Event {
+    fn from_call(event: &Event) -> Result<Self, Rejection> {
+        Ok(event.clone())
+    }
+}
+
+impl FromCall<Event> for EventId {
+    fn from_call(event: &Event) -> Result<Self, Rejection> {
+        Ok(EventId(event.id().map(str::to_string)))
+    }
+}
+
+impl FromCall<Event> for EventType {
+    fn from_call(event: &Event) -> Result<Self, Rejection> {
+        Ok(EventType(event.event_type().to_string()))
+    }
+}
+
+/// The data: a `String` takes it as it is; any other type that deserializes is decoded from
+/// JSON, and data that does not decode is a rejection (the event is skipped and logged).
+impl<T: DeserializeOwned + 'static> FromCall<Event> for T {
+    fn from_call(event: &Event) -> Result<Self, Rejection> {
+        let raw: Box<dyn std::any::Any> = Box::new(event.data().to_string());
+        match raw.downcast::<T>() {
+            Ok(text) => Ok(*text),
+            Err(_) => Ok(event.decode()?),
+        }
+    }
+}
+
 /// Where a fresh start (no position yet) begins.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartFrom {
@@ -122,6 +163,8 @@ pub(crate) struct SsePlan {
     pub transaction: bool,
     /// The database of each call, when the service has one (set at start).
     pub db: Option<Arc<crate::db::call::CallDb>>,
+    /// The runtime's layers, around each call (set at start).
+    pub layers: Layers,
 }
 
 impl SsePlan {
@@ -193,6 +236,7 @@ impl SsePlan {
             read_timeout: scoped.get_or("read_timeout", Duration::from_secs(300))?,
             transaction: scoped.get_or("transaction", false)?,
             db: None,
+            layers: Layers::default(),
         })
     }
 }
@@ -268,7 +312,7 @@ pub enum SseError {
 /// The supervised task of one listener, resuming from `position`. A run that failed while the
 /// broker was away (a publish that timed out) is the outage's doing, not the handler's.
 pub(crate) fn task(
-    plan: SsePlan,
+    mut plan: SsePlan,
     call: BoundSse,
     position: Position,
     connected: Connected,
@@ -277,6 +321,7 @@ pub(crate) fn task(
     let (service, handler) = (plan.service, plan.handler);
     // A listener finishes the event in hand: it gets a drain like the other handlers.
     let stop_bound = Duration::from_secs(30);
+    plan.layers = env.layers.clone();
     let plan = Arc::new(plan);
     let env = env.clone();
     Task {
@@ -421,7 +466,8 @@ async fn handle(
     let (service, handler) = (plan.service, plan.handler);
     let mut delay = plan.retry_delay;
     for attempt in 1..=plan.max_attempts {
-        let run = scope.enter(call(event.clone()));
+        let kind = (plan.service, plan.handler, HandlerKind::Sse);
+        let run = scope.enter(plan.layers.around(kind, event, call(event.clone())));
         let outcome = match crate::db::call::around(plan.db.as_deref(), None, run).await {
             crate::db::call::Called::Ran(outcome) => outcome,
             crate::db::call::Called::Duplicate => Outcome::Done,
@@ -430,6 +476,10 @@ async fn handle(
             Outcome::Done => return Ok(()),
             Outcome::Undecodable(error) => {
                 tracing::warn!(service, handler, event_id = ?event.id(), reason = %error, "skipped an event whose data does not decode");
+                return Ok(());
+            }
+            Outcome::Rejected(reason) => {
+                tracing::warn!(service, handler, event_id = ?event.id(), %reason, "skipped an event a parameter refused");
                 return Ok(());
             }
             Outcome::Failed(error) => error,

@@ -129,6 +129,37 @@ pub enum SettleError {
     Channel { delivery_tag: u64, cause: String },
 }
 
+/// The headers of a consumed message, as a `#[consume]` handler parameter.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Headers(FieldTable);
+
+impl Headers {
+    /// The header `name`, if the message has it.
+    pub fn get(&self, name: &str) -> Option<&AMQPValue> {
+        self.0.inner().get(name)
+    }
+
+    /// The header `name` when it is text.
+    pub fn text(&self, name: &str) -> Option<&str> {
+        match self.get(name)? {
+            AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes()).ok(),
+            AMQPValue::ShortString(text) => Some(text.as_str()),
+            _ => None,
+        }
+    }
+
+    /// Every header.
+    pub fn table(&self) -> &FieldTable {
+        &self.0
+    }
+}
+
+impl From<FieldTable> for Headers {
+    fn from(table: FieldTable) -> Self {
+        Self(table)
+    }
+}
+
 impl Message {
     pub(crate) fn new(delivery: Delivery) -> Self {
         Self {

@@ -26,17 +26,35 @@ enum State {
 }
 
 /// The database of the current handler call. Ask for it with a parameter of this type in any
-/// handler; cheap to clone.
+/// handler (or with [`Db::current`]); cheap to clone.
 ///
-/// ```ignore
-/// #[consume(exchange = "ledger", routing_key = "entry")]
-/// async fn entry(&self, entry: Entry, db: farine::Db) -> Result<(), sqlx::Error> {
-///     let mut conn = db.conn().await?;
-///     sqlx::query("INSERT INTO entries (account, amount) VALUES ($1, $2)")
-///         .bind(&entry.account).bind(entry.amount)
-///         .execute(&mut *conn).await?;
-///     Ok(())
+/// ```no_run
+/// use farine::db::sqlx;
+/// use farine::{Db, DbCallError, consume};
+///
+/// #[derive(serde::Deserialize)]
+/// struct Entry {
+///     account: String,
+///     amount: i64,
 /// }
+///
+/// #[derive(Default)]
+/// struct Ledger;
+///
+/// #[farine::service]
+/// impl Ledger {
+///     #[consume(exchange = "ledger", routing_key = "entry")]
+///     async fn entry(&self, entry: Entry, db: Db) -> Result<(), DbCallError> {
+///         let mut conn = db.conn().await?;
+///         sqlx::query("INSERT INTO entries (account, amount) VALUES ($1, $2)")
+///             .bind(&entry.account)
+///             .bind(entry.amount)
+///             .execute(&mut *conn)
+///             .await?;
+///         Ok(())
+///     }
+/// }
+/// # fn main() {}
 /// ```
 #[derive(Clone)]
 pub struct Db {
@@ -107,6 +125,13 @@ impl Db {
     /// A transaction of its own, on another connection of the pool.
     pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, DbCallError> {
         Ok(self.pool()?.begin().await?)
+    }
+}
+
+/// The database of the call, as a parameter of a handler of any kind.
+impl<C> crate::handler::FromCall<C> for Db {
+    fn from_call(_: &C) -> Result<Self, crate::handler::Rejection> {
+        Ok(Db::current())
     }
 }
 

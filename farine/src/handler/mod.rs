@@ -5,7 +5,9 @@
 //! lapin type, so another transport can run the same handlers (`docs/architecture.md`).
 
 pub(crate) mod description;
+pub(crate) mod extract;
 pub(crate) mod in_flight;
+pub(crate) mod layer;
 pub(crate) mod outcome;
 pub(crate) mod ready;
 pub(crate) mod scope;
@@ -13,7 +15,10 @@ pub(crate) mod shutdown;
 pub(crate) mod task;
 
 pub use description::{Description, ExchangeDescription, HandlerKind};
+pub use extract::{FromCall, Rejection};
 pub(crate) use in_flight::InFlight;
+pub(crate) use layer::Layers;
+pub use layer::{CallInfo, Layer, Next, SendInfo};
 pub(crate) use outcome::panic_message;
 pub use outcome::{IntoOutcome, Outcome};
 pub(crate) use ready::Ready;

@@ -5,12 +5,20 @@ use std::fmt::Display;
 
 use crate::decode::DecodeError;
 
-/// How a handler call ended, as the generated code reports it.
+/// How a handler call ended: what the generated code reports, and what a layer sees and may
+/// return instead (`farine::layer`).
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Outcome {
+    /// It succeeded: the message is acked, the event done, the run over.
     Done,
+    /// It failed with this error: retried, or dead-lettered after the last attempt.
     Failed(String),
+    /// The body (or event data) does not decode into the handler's type.
     Undecodable(DecodeError),
+    /// An extractor refused the call (`FromCall` returned a `Rejection`): the handler did not
+    /// run, and running it again would not help.
+    Rejected(String),
 }
 
 /// What a `#[consume]` handler may return: `()` or `Result<(), E>` with a displayable `E`.

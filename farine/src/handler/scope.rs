@@ -9,18 +9,24 @@ use std::any::Any;
 use std::future::Future;
 use std::sync::Arc;
 
-/// The scope of one running runtime. Cheap to clone.
+use tokio_util::sync::CancellationToken;
+
+/// The scope of one running runtime: what the runtime put in it, and its shutdown signal. Cheap
+/// to clone.
 #[derive(Clone)]
-pub(crate) struct CallScope(Arc<dyn Any + Send + Sync>);
+pub(crate) struct CallScope {
+    value: Arc<dyn Any + Send + Sync>,
+    shutdown: CancellationToken,
+}
 
 tokio::task_local! {
     static CURRENT: CallScope;
 }
 
 impl CallScope {
-    /// A scope holding `value`.
-    pub fn new<T: Any + Send + Sync>(value: Arc<T>) -> Self {
-        Self(value)
+    /// A scope holding `value`, for a runtime stopped by `shutdown`.
+    pub fn new<T: Any + Send + Sync>(value: Arc<T>, shutdown: CancellationToken) -> Self {
+        Self { value, shutdown }
     }
 
     /// Runs `future` inside this scope.
@@ -32,8 +38,13 @@ impl CallScope {
     /// and it is a `T`.
     pub fn with_current<T: Any, R>(find: impl FnOnce(&T) -> Option<R>) -> Option<R> {
         CURRENT
-            .try_with(|scope| scope.0.downcast_ref::<T>().and_then(find))
+            .try_with(|scope| scope.value.downcast_ref::<T>().and_then(find))
             .ok()
             .flatten()
+    }
+
+    /// The shutdown signal of the runtime the current call runs in.
+    pub fn current_shutdown() -> Option<CancellationToken> {
+        CURRENT.try_with(|scope| scope.shutdown.clone()).ok()
     }
 }

@@ -2,7 +2,8 @@
 
 use tokio_util::sync::CancellationToken;
 
-/// Tells an `#[execute]` method that the process is stopping. Cheap to clone.
+/// Tells a handler that the process is stopping: take it as a parameter (any handler kind), or
+/// ask [`Shutdown::current`] during a call. Cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct Shutdown {
     token: CancellationToken,
@@ -16,6 +17,14 @@ impl Shutdown {
 
     pub(crate) fn from_token(token: CancellationToken) -> Self {
         Self { token }
+    }
+
+    /// The signal of the runtime the current handler call runs in (outside a call, one that
+    /// never fires).
+    pub fn current() -> Self {
+        super::CallScope::current_shutdown()
+            .map(Self::from_token)
+            .unwrap_or_default()
     }
 
     /// Waits until the process is stopping.

@@ -58,4 +58,6 @@ pub(crate) struct TaskEnv {
     pub scope: CallScope,
     /// Cancelled when the runtime stops.
     pub shutdown: CancellationToken,
+    /// The layers every call goes through.
+    pub layers: super::Layers,
 }

@@ -34,8 +34,8 @@ use crate::amqp::publisher::{PublishError, PublishOptions, Publisher, PublisherS
 use crate::amqp::topology::{ExchangeSettings, QueueSettings, private_queue};
 use crate::config::{ConfigError, Section};
 use crate::handler::{
-    CallScope, Description, ExchangeDescription, HandlerKind, InFlight, Outcome, Ready, Task,
-    TaskEnv, TaskError,
+    CallScope, Description, ExchangeDescription, HandlerKind, InFlight, Layers, Outcome, Ready,
+    Task, TaskEnv, TaskError,
 };
 
 /// What an `#[rpc::method]` looks like once the macro wrapped it.
@@ -382,6 +382,8 @@ pub(crate) struct RpcServerPlan {
     pub max_message_bytes: usize,
     /// The database of each call (`farine::Db::current()`), when the service has one.
     pub db: Option<Arc<crate::db::call::CallDb>>,
+    /// The runtime's layers, around each call (set at start).
+    pub layers: Layers,
 }
 
 impl RpcServerPlan {
@@ -436,19 +438,21 @@ impl RpcServerPlan {
                 crate::amqp::publisher::DEFAULT_MAX_MESSAGE_BYTES,
             )?,
             db: None,
+            layers: Layers::default(),
         })
     }
 }
 
 /// The supervised task of a service's RPC server, serving `methods`.
 pub(crate) fn task(
-    plan: RpcServerPlan,
+    mut plan: RpcServerPlan,
     methods: Vec<Method>,
     connector: Arc<Connector>,
     env: &TaskEnv,
 ) -> Task {
     let service = plan.service;
     let stop_bound = plan.drain_timeout + plan.op_timeout * 3;
+    plan.layers = env.layers.clone();
     let (plan, methods) = (Arc::new(plan), Arc::new(methods));
     let env = env.clone();
     Task {
@@ -558,8 +562,7 @@ pub(crate) async fn run(
                 Some(Ok(delivery)) => {
                     // Boxed at once: the call's future is large, and is moved on from here.
                     let task = Box::pin(serve(
-                        plan.service,
-                        plan.db.clone(),
+                        plan.clone(),
                         Message::new(delivery),
                         methods.clone(),
                         replies.clone(),
@@ -634,13 +637,13 @@ async fn set_up(
 
 /// Serves one request: decode, dispatch, reply, then ack.
 async fn serve(
-    service: &'static str,
-    db: Option<Arc<crate::db::call::CallDb>>,
+    plan: Arc<RpcServerPlan>,
     message: Message,
     methods: Arc<Vec<Method>>,
     replies: Replies,
     streams: Arc<Mutex<HashMap<String, CancellationToken>>>,
 ) {
+    let service = plan.service;
     // A service has a few methods: a scan beats hashing the routing key.
     let found = methods
         .iter()
@@ -699,8 +702,13 @@ async fn serve(
                 handled.await;
                 Outcome::Done
             };
+            let handled = plan.layers.around(
+                (service, method.name, HandlerKind::RpcMethod),
+                &message,
+                handled,
+            );
             // The call's connection (`farine::Db::current()`), given back when it ends.
-            let called = crate::db::call::around(db.as_deref(), None, handled).await;
+            let called = crate::db::call::around(plan.db.as_deref(), None, handled).await;
             if let crate::db::call::Called::Ran(Outcome::Failed(text)) = called {
                 tracing::error!(service, method = state.method, error = %text, "RPC method panicked");
                 if !state.finished.load(Ordering::Acquire) {

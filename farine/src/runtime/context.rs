@@ -12,8 +12,10 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, RwLock, Weak};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::amqp::publisher::Publisher;
-use crate::handler::CallScope;
+use crate::handler::{CallScope, HandlerKind, Layers, SendInfo};
 use crate::rpc::Client;
 
 /// Handlers by `(service, method)`, looked up on every publish and injected call.
@@ -47,15 +49,17 @@ impl Hasher for NameHasher {
 pub(crate) struct Shared {
     pub publishers: ByName<Publisher>,
     pub rpc_clients: ByName<Client>,
+    /// The runtime's layers, when it has any.
+    pub layers: Option<Layers>,
 }
 
 /// The runtimes running in the process, oldest first. Read on every publish outside a handler:
 /// a read lock, so publishers do not queue on it.
 static PROCESS: RwLock<Vec<Weak<Shared>>> = RwLock::new(Vec::new());
 
-/// The scope the handlers of the runtime sharing `shared` run in.
-pub(crate) fn scope(shared: &Arc<Shared>) -> CallScope {
-    CallScope::new(shared.clone())
+/// The scope the handlers of the runtime sharing `shared` run in, stopped by `shutdown`.
+pub(crate) fn scope(shared: &Arc<Shared>, shutdown: CancellationToken) -> CallScope {
+    CallScope::new(shared.clone(), shutdown)
 }
 
 /// Adds `shared` to the process's running runtimes, for code that runs outside any handler.
@@ -87,16 +91,57 @@ fn lookup<T>(find: impl Fn(&Shared) -> Option<T>) -> Option<T> {
     })
 }
 
-/// The publisher of `service`'s `#[publish]` method `method`.
+/// Calls `call` (a call of `service`'s `#[publish]` method `method`) with the method's
+/// publisher, through the layers of the runtime that runs the service: one lookup for both.
+/// Outside a running service the publisher is detached (every publish is `NotRunning`).
 #[doc(hidden)]
-pub fn publisher(service: &'static str, method: &'static str) -> Publisher {
-    lookup(|shared| shared.publishers.get(&(service, method)).cloned())
-        .unwrap_or_else(|| Publisher::detached(service, method))
+pub async fn with_publisher<F, Fut>(
+    service: &'static str,
+    method: &'static str,
+    call: F,
+) -> Fut::Output
+where
+    F: FnOnce(Publisher) -> Fut,
+    Fut: std::future::Future + Send,
+    Fut::Output: Send,
+{
+    let found = lookup(|shared| {
+        let publisher = shared.publishers.get(&(service, method))?;
+        Some((publisher.clone(), shared.layers.clone()))
+    });
+    match found {
+        None => call(Publisher::detached(service, method)).await,
+        Some((publisher, None)) => call(publisher).await,
+        Some((publisher, Some(layers))) => {
+            let send = SendInfo::new(service, method, HandlerKind::Publish);
+            layers.send(send, call(publisher)).await
+        }
+    }
 }
 
-/// The client of `service`'s `#[rpc::client(target)]` method `method`.
+/// As [`with_publisher`], for `service`'s `#[rpc::client(target)]` method `method`.
 #[doc(hidden)]
-pub fn rpc_client(service: &'static str, method: &'static str, target: &'static str) -> Client {
-    lookup(|shared| shared.rpc_clients.get(&(service, method)).cloned())
-        .unwrap_or_else(|| Client::detached(target, method))
+pub async fn with_rpc_client<F, Fut>(
+    service: &'static str,
+    method: &'static str,
+    target: &'static str,
+    call: F,
+) -> Fut::Output
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future + Send,
+    Fut::Output: Send,
+{
+    let found = lookup(|shared| {
+        let client = shared.rpc_clients.get(&(service, method))?;
+        Some((client.clone(), shared.layers.clone()))
+    });
+    match found {
+        None => call(Client::detached(target, method)).await,
+        Some((client, None)) => call(client).await,
+        Some((client, Some(layers))) => {
+            let send = SendInfo::new(service, method, HandlerKind::RpcClient);
+            layers.send(send, call(client)).await
+        }
+    }
 }

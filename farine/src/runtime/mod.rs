@@ -17,9 +17,12 @@ mod running;
 pub mod shutdown;
 pub(crate) mod supervisor;
 
+use std::sync::Arc;
+
 use crate::amqp::connection::{ConnectError, Connector};
 use crate::amqp::publisher::PublishError;
 use crate::config::{Config, ConfigError};
+use crate::handler::{Layer, Layers};
 use plan::ServicePlan;
 
 pub use running::{RunError, Running};
@@ -87,6 +90,7 @@ pub struct Runtime {
     module: String,
     only: Option<Vec<String>>,
     migrations: &'static [crate::db::EmbeddedMigration],
+    layers: Vec<Arc<dyn Layer>>,
 }
 
 impl Runtime {
@@ -97,6 +101,7 @@ impl Runtime {
             module: env!("CARGO_PKG_NAME").to_string(),
             only: None,
             migrations: &[],
+            layers: Vec::new(),
         }
     }
 
@@ -104,6 +109,18 @@ impl Runtime {
     /// `farine::main!()` embeds from the package's `migrations/` folder).
     pub fn migrations(mut self, migrations: &'static [crate::db::EmbeddedMigration]) -> Self {
         self.migrations = migrations;
+        self
+    }
+
+    /// Puts `layer` around every handler call and send of the runtime's services, inside the
+    /// layers added before it (`farine::layer`).
+    pub fn layer(self, layer: impl Layer) -> Self {
+        self.layer_arc(Arc::new(layer))
+    }
+
+    /// [`Runtime::layer`] with a layer already shared.
+    pub fn layer_arc(mut self, layer: Arc<dyn Layer>) -> Self {
+        self.layers.push(layer);
         self
     }
 
@@ -208,7 +225,11 @@ impl Runtime {
     pub async fn start(self) -> Result<Running, StartError> {
         let plans = self.plan()?;
         let mut running = Running::new();
-        match running.open(&self.module, self.migrations, plans).await {
+        let layers = Layers::new(self.layers);
+        match running
+            .open(&self.module, self.migrations, layers, plans)
+            .await
+        {
             Ok(()) => Ok(running),
             Err(error) => {
                 running.stop().await;

@@ -21,7 +21,7 @@ use crate::amqp::publisher::Publisher;
 use crate::db::PgPool;
 use crate::db::call::{CallDb, Inbox};
 use crate::db::checkpoint::Checkpoint;
-use crate::handler::{Connected, Ready, Task, TaskEnv};
+use crate::handler::{Connected, Layers, Ready, Task, TaskEnv};
 use crate::rpc::Client;
 use crate::rpc::server::{self as rpc_server, Method};
 use crate::{consume, execute, sse};
@@ -83,14 +83,16 @@ impl Running {
         &mut self,
         module: &str,
         migrations: &'static [crate::db::EmbeddedMigration],
+        layers: Layers,
         plans: Vec<ServicePlan>,
     ) -> Result<(), StartError> {
         let connectors = self.connect(module, &plans).await?;
-        self.prepare_endpoints(&plans, &connectors).await?;
+        self.prepare_endpoints(&plans, &connectors, &layers).await?;
         let pools = self.open_databases(&plans, migrations).await?;
         let env = TaskEnv {
-            scope: context::scope(&self.shared),
+            scope: context::scope(&self.shared, self.shutdown.clone()),
             shutdown: self.shutdown.clone(),
+            layers,
         };
         let health_addrs: BTreeSet<SocketAddr> =
             plans.iter().filter_map(|plan| plan.health_addr).collect();
@@ -150,8 +152,12 @@ impl Running {
         &mut self,
         plans: &[ServicePlan],
         connectors: &BTreeMap<String, Arc<Connector>>,
+        layers: &Layers,
     ) -> Result<(), StartError> {
-        let mut shared = Shared::default();
+        let mut shared = Shared {
+            layers: (!layers.is_empty()).then(|| layers.clone()),
+            ..Shared::default()
+        };
         let prepared = async {
             for plan in plans {
                 let connector = &connectors[&plan.amqp_uri];

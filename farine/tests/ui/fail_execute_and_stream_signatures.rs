@@ -3,11 +3,6 @@ pub struct Worker;
 
 #[farine::service]
 impl Worker {
-    #[farine::execute]
-    async fn work(&self, count: u32) {
-        let _ = count;
-    }
-
     #[farine::execute(interval = "1")]
     async fn configured_in_code(&self) {}
 
@@ -15,9 +10,6 @@ impl Worker {
     fn not_async(&self, data: String) {
         let _ = data;
     }
-
-    #[farine::stream::http]
-    async fn nothing(&self) {}
 }
 
 fn main() {}

@@ -1,0 +1,1 @@
+farine::main!(layers = [service::Timing]);
