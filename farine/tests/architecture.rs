@@ -147,9 +147,10 @@ fn the_layers_have_no_cycle() {
 }
 
 #[test]
-fn the_handler_core_names_no_transport_type() {
+fn the_handler_core_and_the_runtime_name_no_transport_type() {
     let mut files = Vec::new();
     sources(&repository().join("farine/src/handler"), &mut files);
+    sources(&repository().join("farine/src/runtime"), &mut files);
     for file in files {
         let text = std::fs::read_to_string(&file).expect("a readable source");
         let code: String = text
@@ -159,7 +160,7 @@ fn the_handler_core_names_no_transport_type() {
             .join("\n");
         assert!(
             !code.contains("lapin"),
-            "{} names lapin: the core must run over any transport",
+            "{} names lapin: the core and the runtime must run over any transport",
             file.display()
         );
     }
