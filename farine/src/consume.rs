@@ -12,9 +12,9 @@
 //!   published to the dead-letter queue `<queue>.dead` with the error in `x-farine-error`, then
 //!   acked. The count lives in the message, so a restart or a redelivery neither resets it nor
 //!   spends it.
-//! - a body that does not decode into the handler's type: straight to the dead-letter queue
-//!   (with `dead_letter_queue = none`, rejected without requeue, for the queue's own
-//!   dead-letter exchange).
+//! - a body that does not decode into the handler's type, or a message a parameter or a layer
+//!   refused: straight to the dead-letter queue (with `dead_letter_queue = none`, rejected
+//!   without requeue, for the queue's own dead-letter exchange).
 //!
 //! A handler that settled the message itself is not settled again. On shutdown the consumer is
 //! cancelled (no new deliveries), in-flight handlers get `drain_timeout` to finish and settle,
@@ -370,20 +370,24 @@ async fn handle(
     shutdown: CancellationToken,
 ) {
     let id = inbox_id(&plan, &message);
-    let kind = (plan.service, plan.handler, HandlerKind::Consume);
-    let handled = plan.layers.around(kind, &message, handled);
-    let outcome = match crate::db::call::around(plan.db.as_deref(), id.as_deref(), handled).await {
-        crate::db::call::Called::Ran(outcome) => outcome,
-        crate::db::call::Called::Duplicate => {
-            tracing::info!(
-                service = plan.service,
-                handler = plan.handler,
-                message_id = id.as_deref().unwrap_or(""),
-                "already handled (the id is in the inbox): acked without running the handler again"
-            );
-            Outcome::Done
+    // The layers are around the whole call: the inbox, the transaction and its commit, so what
+    // they see is what settles the message.
+    let called = async {
+        match crate::db::call::around(plan.db.as_deref(), id.as_deref(), handled).await {
+            crate::db::call::Called::Ran(outcome) => outcome,
+            crate::db::call::Called::Duplicate => {
+                tracing::info!(
+                    service = plan.service,
+                    handler = plan.handler,
+                    message_id = id.as_deref().unwrap_or(""),
+                    "already handled (the id is in the inbox): acked without running the handler again"
+                );
+                Outcome::Done
+            }
         }
     };
+    let kind = (plan.service, plan.handler, HandlerKind::Consume);
+    let outcome = plan.layers.around(kind, &message, called).await;
     settle(&plan, &message, outcome, &companions, &shutdown).await;
 }
 
@@ -511,7 +515,7 @@ async fn settle(
 enum Target {
     /// The retry queue, to come back after `retry_delay`.
     Retry,
-    /// The dead-letter queue, with the reason (`failed`, `undecodable`).
+    /// The dead-letter queue, with the reason (`failed`, `undecodable`, `rejected`).
     Dead(&'static str),
 }
 

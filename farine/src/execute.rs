@@ -15,9 +15,10 @@ use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, Section};
+pub use crate::handler::Shutdown;
 use crate::handler::{
-    CallScope, Connected, Description, HandlerKind, Layers, Outcome, Ready, Shutdown, Task,
-    TaskEnv, TaskError, panic_message,
+    CallScope, Connected, Description, HandlerKind, Layers, Outcome, Ready, Task, TaskEnv,
+    TaskError, panic_message,
 };
 
 /// What an `#[execute]` method looks like once the macro wrapped it.
@@ -142,16 +143,16 @@ pub(crate) async fn run(
     );
     loop {
         let run = Run::new(Shutdown::from_token(shutdown.clone()));
-        let kind = (plan.service, plan.handler, HandlerKind::Execute);
-        let (layers, handled) = (plan.layers.clone(), call(run.clone()));
-        let run = scope.enter(async move { layers.around(kind, &run, handled).await });
-        let db = plan.db.clone();
-        let run = async move {
-            match crate::db::call::around(db.as_deref(), None, run).await {
+        let (db, handled) = (plan.db.clone(), call(run.clone()));
+        let called = async move {
+            match crate::db::call::around(db.as_deref(), None, handled).await {
                 crate::db::call::Called::Ran(outcome) => outcome,
                 crate::db::call::Called::Duplicate => Outcome::Done,
             }
         };
+        let kind = (plan.service, plan.handler, HandlerKind::Execute);
+        let layers = plan.layers.clone();
+        let run = scope.enter(async move { layers.around(kind, &run, called).await });
         let mut run = Box::pin(AssertUnwindSafe(run).catch_unwind());
         let result = tokio::select! {
             result = &mut run => result,
@@ -172,7 +173,7 @@ pub(crate) async fn run(
         match outcome {
             Outcome::Failed(error)
             | Outcome::Rejected(error)
-            | Outcome::Undecodable(crate::DecodeError { cause: error, .. }) => {
+            | Outcome::Undecodable(crate::decode::DecodeError { cause: error, .. }) => {
                 return Err(ExecuteError(error));
             }
             Outcome::Done if !plan.restart => {

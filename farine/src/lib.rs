@@ -50,7 +50,7 @@ mod sse;
 /// `#[stream::http]`: a handler for each event of an HTTP Server-Sent-Events stream (the seed's
 /// `stream.http`), and the [`Event`](stream::Event) handle such a handler can ask for.
 pub mod stream {
-    pub use crate::sse::{Event, EventId, EventType};
+    pub use crate::sse::{Event, EventId, EventType, OnError, SseError, StartFrom};
     pub use farine_macros::stream_http as http;
 }
 

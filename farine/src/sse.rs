@@ -113,11 +113,16 @@ impl FromCall<Event> for EventType {
 /// JSON, and data that does not decode is a rejection (the event is skipped and logged).
 impl<T: DeserializeOwned + 'static> FromCall<Event> for T {
     fn from_call(event: &Event) -> Result<Self, Rejection> {
-        let raw: Box<dyn std::any::Any> = Box::new(event.data().to_string());
-        match raw.downcast::<T>() {
-            Ok(text) => Ok(*text),
-            Err(_) => Ok(event.decode()?),
+        use std::any::{Any, TypeId};
+        if TypeId::of::<T>() == TypeId::of::<String>() {
+            let mut raw = Some(event.data().to_string());
+            if let Some(text) = (&mut raw as &mut dyn Any).downcast_mut::<Option<T>>() {
+                return text
+                    .take()
+                    .ok_or_else(|| Rejection::new("the data was taken twice"));
+            }
         }
+        Ok(event.decode()?)
     }
 }
 
@@ -466,12 +471,14 @@ async fn handle(
     let (service, handler) = (plan.service, plan.handler);
     let mut delay = plan.retry_delay;
     for attempt in 1..=plan.max_attempts {
-        let kind = (plan.service, plan.handler, HandlerKind::Sse);
-        let run = scope.enter(plan.layers.around(kind, event, call(event.clone())));
-        let outcome = match crate::db::call::around(plan.db.as_deref(), None, run).await {
-            crate::db::call::Called::Ran(outcome) => outcome,
-            crate::db::call::Called::Duplicate => Outcome::Done,
+        let called = async {
+            match crate::db::call::around(plan.db.as_deref(), None, call(event.clone())).await {
+                crate::db::call::Called::Ran(outcome) => outcome,
+                crate::db::call::Called::Duplicate => Outcome::Done,
+            }
         };
+        let kind = (plan.service, plan.handler, HandlerKind::Sse);
+        let outcome = scope.enter(plan.layers.around(kind, event, called)).await;
         let error = match outcome {
             Outcome::Done => return Ok(()),
             Outcome::Undecodable(error) => {

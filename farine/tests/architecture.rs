@@ -84,13 +84,29 @@ fn used() -> BTreeMap<String, BTreeSet<String>> {
         let code = without_unit_tests(&text);
         let mut named: BTreeSet<String> = BTreeSet::new();
         for (at, _) in code.match_indices("crate::") {
-            let name: String = code[at + "crate::".len()..]
-                .chars()
-                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
-                .collect();
-            if !name.is_empty() && name != module {
-                named.insert(name);
-            }
+            let rest = &code[at + "crate::".len()..];
+            // `crate::{a, b::C}` names each module of the group; `crate::Name` a re-export of
+            // the crate root, which hides its module: it is named `crate::<root>` here so that
+            // the check fails and asks for the module's path.
+            let names: Vec<String> = match rest.strip_prefix('{') {
+                Some(group) => group[..group.find('}').unwrap_or(group.len())]
+                    .split(',')
+                    .map(|item| item.trim().split("::").next().unwrap_or("").to_string())
+                    .collect(),
+                None if rest.starts_with(|c: char| c.is_ascii_uppercase()) => {
+                    vec!["<root>".to_string()]
+                }
+                None => vec![
+                    rest.chars()
+                        .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                        .collect(),
+                ],
+            };
+            named.extend(
+                names
+                    .into_iter()
+                    .filter(|name| !name.is_empty() && *name != module),
+            );
         }
         uses.entry(module).or_default().extend(named);
     }

@@ -4,6 +4,7 @@
 mod common;
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use common::{BOUND, config};
 use farine::layer::{BoxFuture, CallInfo, HandlerKind, Layer, Next, Outcome, SendInfo};
@@ -42,7 +43,7 @@ impl Layer for Recorder {
             })
             .unwrap_or_default();
         Box::pin(async move {
-            let refuse = detail == "forbidden";
+            let refuse = detail == "forbidden" || detail.ends_with("__secret");
             SEEN.lock()
                 .unwrap()
                 .push((self.0, "call", call.handler, call.kind, detail));
@@ -87,6 +88,13 @@ impl Layered {
     #[farine::rpc::method]
     async fn echo(&self, text: String) -> String {
         text
+    }
+
+    /// Refused by the recorder: never runs.
+    #[farine::rpc::method]
+    async fn secret(&self) -> String {
+        HANDLED.lock().unwrap().push("secret".into());
+        "the secret".into()
     }
 
     #[farine::rpc::client("layers_probe")]
@@ -157,6 +165,18 @@ async fn every_call_and_send_goes_through_the_layers_in_order_and_a_layer_can_re
         HANDLED.lock().unwrap(),
         SEEN.lock().unwrap()
     );
+    // An RPC call a layer refuses is answered at once with an error reply carrying the reason,
+    // long before the client's timeout.
+    let client = Client::connect(&broker.uri(), "layers_probe", Duration::from_secs(60))
+        .await
+        .expect("client connects");
+    let started = std::time::Instant::now();
+    let refused = client.call::<String>("secret", ()).await.unwrap_err();
+    assert!(
+        matches!(&refused, RpcError::Remote { message, .. } if message.contains("the recorder refuses it")),
+        "{refused}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
     running.stop().await;
 
     // The refused message never reached the handler: it went to the dead letters, at once.

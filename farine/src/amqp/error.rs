@@ -3,7 +3,7 @@
 //!
 //! lapin reports a broker's refusal as a protocol error with a reply code and a text; farine
 //! turns it into a [`BrokerError`] that says what was being done to what (`exchange `orders``)
-//! and what to do next. Publishing ([`crate::PublishError::Broker`]), declaring topology and
+//! and what to do next. Publishing ([`super::publisher::PublishError::Broker`]), declaring topology and
 //! consuming all report through it, so a user matches `BrokerError::PreconditionFailed { .. }`
 //! wherever it came from.
 

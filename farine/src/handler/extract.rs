@@ -38,9 +38,13 @@ use super::Outcome;
 /// A message whose extractor refuses it goes to the dead-letter queue at once with the reason
 /// (running it again would not help); a refused SSE event is skipped and logged; a refused
 /// `#[execute]` run is a failed run.
+///
+/// For a `#[consume]` or `#[stream::http]` handler, every type that implements
+/// `serde::Deserialize` is already its body (a blanket impl), so an extractor of your own is a
+/// type that does not implement `Deserialize` (wrap one that does in a type of your own).
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a parameter farine can give a handler of `{C}`",
-    label = "neither a body (a `serde::Deserialize` type) nor an extractor (`farine::FromCall<{C}>`)",
+    label = "not something a handler of `{C}` can take: not its body, and no `farine::FromCall<{C}>` extractor",
     note = "#[consume] handlers take the body, farine::Message and farine::Headers; #[stream::http] handlers the data, farine::stream::{{Event, EventId, EventType}}; every kind farine::Db, farine::Shutdown and types of your own that implement farine::FromCall"
 )]
 pub trait FromCall<C>: Sized {

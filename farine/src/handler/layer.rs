@@ -1,10 +1,15 @@
 //! Middleware: an ordered list of layers around every handler call (a consumed message, an RPC
 //! call, an SSE event, an `#[execute]` run) and every send (a call of a `#[publish]` or
-//! `#[rpc::client]` method). The seat of timing, metrics, tracing, timeouts and auth.
+//! `#[rpc::client]` method). The seat of timing, metrics and tracing for both, and of timeouts
+//! and auth for calls (a send layer observes: it cannot stop or bound a send).
+//!
+//! A call layer is around the whole call: the inbox, the call's transaction and its commit
+//! included, so the outcome it sees is the one that settles the message.
 //!
 //! A small trait of farine's own rather than tower's `Layer`/`Service`: tower's services are
-//! polled for readiness, cloned per call and boxed per layer, which a message does not need;
-//! here a runtime without layers pays one branch per call, and a layer is one boxed future.
+//! polled for readiness and cloned per call, which a message does not need; here a runtime
+//! without layers pays one branch per call, and a call through `n` layers `n + 1` boxed
+//! futures.
 
 use std::any::Any;
 use std::future::Future;
@@ -188,10 +193,17 @@ impl Layers {
         F: Future<Output = Outcome> + Send,
     {
         if self.is_empty() {
-            handled.await
-        } else {
-            self.call(CallInfo::new(service, handler, kind, payload), handled)
-                .await
+            return handled.await;
+        }
+        // A layer that panics fails the call, as a handler that panics does; it takes down
+        // neither the task nor its neighbours.
+        let layered = self.call(CallInfo::new(service, handler, kind, payload), handled);
+        match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(layered)).await {
+            Ok(outcome) => outcome,
+            Err(panic) => Outcome::Failed(format!(
+                "a layer panicked: {}",
+                super::panic_message(&*panic)
+            )),
         }
     }
 

@@ -1,8 +1,10 @@
 //! The handler core: what every handler kind (consume, RPC method, SSE listener, execute)
 //! shares, above the transport and below the kinds. How a call ends ([`Outcome`]) and a panic
-//! is caught, the calls a task has in flight and how they drain, readiness, the shutdown
-//! signal, and the scope a call runs in. Nothing here names a transport: the core holds no
-//! lapin type, so another transport can run the same handlers (`docs/architecture.md`).
+//! is caught, how parameters are taken from a call (`FromCall`), the layers around calls and
+//! sends (`Layer`), the calls a task has in flight and how they drain, readiness, the shutdown
+//! signal, the scope a call runs in, a handler task as the runtime supervises it, and the
+//! description of a handler. Nothing here names a transport: the core holds no lapin type, so
+//! another transport can run the same handlers (`docs/architecture.md`).
 
 pub(crate) mod description;
 pub(crate) mod extract;

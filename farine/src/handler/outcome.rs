@@ -16,8 +16,10 @@ pub enum Outcome {
     Failed(String),
     /// The body (or event data) does not decode into the handler's type.
     Undecodable(DecodeError),
-    /// An extractor refused the call (`FromCall` returned a `Rejection`): the handler did not
-    /// run, and running it again would not help.
+    /// The call was refused, with this reason: by an extractor (`FromCall` returned a
+    /// `Rejection`; the handler did not run) or by a layer. Running it again would not help: a
+    /// message goes to the dead-letter queue at once, an event is skipped, an RPC call gets an
+    /// error reply.
     Rejected(String),
 }
 

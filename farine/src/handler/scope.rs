@@ -12,9 +12,11 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// The scope of one running runtime: what the runtime put in it, and its shutdown signal. Cheap
-/// to clone.
+/// to clone: one reference count (entered for every call).
 #[derive(Clone)]
-pub(crate) struct CallScope {
+pub(crate) struct CallScope(Arc<Inner>);
+
+struct Inner {
     value: Arc<dyn Any + Send + Sync>,
     shutdown: CancellationToken,
 }
@@ -26,7 +28,7 @@ tokio::task_local! {
 impl CallScope {
     /// A scope holding `value`, for a runtime stopped by `shutdown`.
     pub fn new<T: Any + Send + Sync>(value: Arc<T>, shutdown: CancellationToken) -> Self {
-        Self { value, shutdown }
+        Self(Arc::new(Inner { value, shutdown }))
     }
 
     /// Runs `future` inside this scope.
@@ -38,13 +40,13 @@ impl CallScope {
     /// and it is a `T`.
     pub fn with_current<T: Any, R>(find: impl FnOnce(&T) -> Option<R>) -> Option<R> {
         CURRENT
-            .try_with(|scope| scope.value.downcast_ref::<T>().and_then(find))
+            .try_with(|scope| scope.0.value.downcast_ref::<T>().and_then(find))
             .ok()
             .flatten()
     }
 
     /// The shutdown signal of the runtime the current call runs in.
     pub fn current_shutdown() -> Option<CancellationToken> {
-        CURRENT.try_with(|scope| scope.shutdown.clone()).ok()
+        CURRENT.try_with(|scope| scope.0.shutdown.clone()).ok()
     }
 }

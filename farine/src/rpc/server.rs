@@ -698,22 +698,47 @@ async fn serve(
                 state: state.clone(),
                 request,
             });
+            // A panic of the method is caught around it (an error reply of kind `panic`); the
+            // layers are around the whole call, its database included.
             let handled = async move {
                 handled.await;
                 Outcome::Done
             };
-            let handled = plan.layers.around(
-                (service, method.name, HandlerKind::RpcMethod),
-                &message,
-                handled,
-            );
-            // The call's connection (`farine::Db::current()`), given back when it ends.
-            let called = crate::db::call::around(plan.db.as_deref(), None, handled).await;
-            if let crate::db::call::Called::Ran(Outcome::Failed(text)) = called {
-                tracing::error!(service, method = state.method, error = %text, "RPC method panicked");
-                if !state.finished.load(Ordering::Acquire) {
-                    Box::pin(state.fail(state.error(ErrorKind::Panic, text, None))).await;
+            let panicked = AtomicBool::new(false);
+            let called = async {
+                match crate::db::call::around(plan.db.as_deref(), None, handled).await {
+                    crate::db::call::Called::Ran(Outcome::Failed(text)) => {
+                        tracing::error!(service, method = state.method, error = %text, "RPC method panicked");
+                        panicked.store(true, Ordering::Relaxed);
+                        Outcome::Failed(text)
+                    }
+                    crate::db::call::Called::Ran(outcome) => outcome,
+                    crate::db::call::Called::Duplicate => Outcome::Done,
                 }
+            };
+            let outcome = plan
+                .layers
+                .around(
+                    (service, method.name, HandlerKind::RpcMethod),
+                    &message,
+                    called,
+                )
+                .await;
+            // Every call is answered: a call a layer refused or failed, or that ended without a
+            // reply, gets an error reply rather than leaving its caller to time out.
+            if !state.finished.load(Ordering::Acquire) {
+                let (kind, text) = match outcome {
+                    Outcome::Failed(text) if panicked.load(Ordering::Relaxed) => {
+                        (ErrorKind::Panic, text)
+                    }
+                    Outcome::Failed(text) | Outcome::Rejected(text) => (ErrorKind::Remote, text),
+                    Outcome::Undecodable(error) => (ErrorKind::BadRequest, error.to_string()),
+                    Outcome::Done => (
+                        ErrorKind::Remote,
+                        "the call ended without a reply".to_string(),
+                    ),
+                };
+                Box::pin(state.fail(state.error(kind, text, None))).await;
             }
         }
     }

@@ -1,12 +1,12 @@
 //! Which running runtime a `#[publish]` method belongs to.
 //!
 //! Callers call a `#[publish]` method without its publisher, as in the seed; the generated code
-//! asks [`publisher`] for it. Every handler runs inside the scope of its runtime
+//! asks [`with_publisher`] for it. Every handler runs inside the scope of its runtime
 //! ([`CallScope`], holding the runtime's [`Shared`]), so the lookup is exact even with several
 //! runtimes in one process (tests). Outside a handler (a
 //! task the user spawned), the running runtime that runs the method's service is used (the
 //! newest, if several run it); with none the publisher is detached and every publish returns
-//! [`crate::PublishError::NotRunning`].
+//! [`crate::amqp::publisher::PublishError::NotRunning`].
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
