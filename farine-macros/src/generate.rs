@@ -133,15 +133,19 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
             HandlerModel::Publish(p) if p.method == method.sig.ident => {
                 let name = p.method.to_string();
                 Some((
-                    quote!(::farine::__private::with_publisher),
-                    quote!(<Self as ::farine::__private::Service>::NAME, #name,),
+                    quote!(::farine::__private::publisher_and_layers(
+                        <Self as ::farine::__private::Service>::NAME, #name
+                    )),
+                    quote!(<Self as ::farine::__private::Service>::NAME, #name, true),
                 ))
             }
             HandlerModel::RpcClient(c) if c.method == method.sig.ident => {
                 let (name, target) = (c.method.to_string(), &c.service);
                 Some((
-                    quote!(::farine::__private::with_rpc_client),
-                    quote!(<Self as ::farine::__private::Service>::NAME, #name, #target,),
+                    quote!(::farine::__private::client_and_layers(
+                        <Self as ::farine::__private::Service>::NAME, #name, #target
+                    )),
+                    quote!(<Self as ::farine::__private::Service>::NAME, #name, false),
                 ))
             }
             _ => None,
@@ -623,11 +627,25 @@ fn split_injected(
         }
     }
     wrapper.sig.inputs = inputs;
-    let (supply, supply_args) = injected;
+    // Without layers the call is what it was: the `_with` method's future, awaited in place;
+    // through layers it is boxed, so that the common case keeps its future small.
+    let (supply, send) = injected;
     wrapper.block = parse_quote!({
-        #supply(#supply_args move |__farine_injected| {
-            self.#with_ident(::std::convert::From::from(__farine_injected), #(#forwarded),*)
-        }).await
+        let (__farine_injected, __farine_layers) = #supply;
+        match __farine_layers {
+            ::std::option::Option::None => {
+                self.#with_ident(::std::convert::From::from(__farine_injected), #(#forwarded),*)
+                    .await
+            }
+            ::std::option::Option::Some(__farine_layers) => {
+                ::std::boxed::Box::pin(::farine::__private::send_through(
+                    __farine_layers,
+                    #send,
+                    self.#with_ident(::std::convert::From::from(__farine_injected), #(#forwarded),*),
+                ))
+                .await
+            }
+        }
     });
     (wrapper, with)
 }

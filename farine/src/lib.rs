@@ -102,12 +102,13 @@ macro_rules! main {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::consume::ConsumeSpec;
+    pub use crate::handler::Layers;
     pub use crate::handler::{IntoOutcome, Outcome, Shutdown};
     pub use crate::registry::{
         BoxError, Declared, Handler, PublishSpec, RpcClientSpec, RpcSpec, Service, ServiceEntry,
     };
     pub use crate::rpc::server::{Arguments as RpcArguments, RpcCall};
-    pub use crate::runtime::context::{with_publisher, with_rpc_client};
+    pub use crate::runtime::context::{client_and_layers, publisher_and_layers, send_through};
     pub use crate::sse::Event as SseEvent;
     pub use farine_macros::embed_migrations;
     pub use futures_util::future::BoxFuture;

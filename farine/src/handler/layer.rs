@@ -162,8 +162,9 @@ impl<'a> Next<'a, ()> {
 }
 
 /// A runtime's layers, in order. Cheap to clone.
+#[doc(hidden)]
 #[derive(Clone, Default)]
-pub(crate) struct Layers(Arc<[Arc<dyn Layer>]>);
+pub struct Layers(Arc<[Arc<dyn Layer>]>);
 
 impl std::fmt::Debug for Layers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

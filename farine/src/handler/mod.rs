@@ -19,7 +19,7 @@ pub(crate) mod task;
 pub use description::{Description, ExchangeDescription, HandlerKind};
 pub use extract::{FromCall, Rejection};
 pub(crate) use in_flight::InFlight;
-pub(crate) use layer::Layers;
+pub use layer::Layers;
 pub use layer::{CallInfo, Layer, Next, SendInfo};
 pub(crate) use outcome::panic_message;
 pub use outcome::{IntoOutcome, Outcome};

@@ -1,7 +1,7 @@
 //! Which running runtime a `#[publish]` method belongs to.
 //!
 //! Callers call a `#[publish]` method without its publisher, as in the seed; the generated code
-//! asks [`with_publisher`] for it. Every handler runs inside the scope of its runtime
+//! asks [`publisher_and_layers`] for it. Every handler runs inside the scope of its runtime
 //! ([`CallScope`], holding the runtime's [`Shared`]), so the lookup is exact even with several
 //! runtimes in one process (tests). Outside a handler (a
 //! task the user spawned), the running runtime that runs the method's service is used (the
@@ -91,57 +91,56 @@ fn lookup<T>(find: impl Fn(&Shared) -> Option<T>) -> Option<T> {
     })
 }
 
-/// Calls `call` (a call of `service`'s `#[publish]` method `method`) with the method's
-/// publisher, through the layers of the runtime that runs the service: one lookup for both.
-/// Outside a running service the publisher is detached (every publish is `NotRunning`).
+/// The publisher of `service`'s `#[publish]` method `method`, and the layers of the runtime
+/// that runs the service when it has any: one lookup for both. Outside a running service the
+/// publisher is detached (every publish is `NotRunning`).
 #[doc(hidden)]
-pub async fn with_publisher<F, Fut>(
+pub fn publisher_and_layers(
     service: &'static str,
     method: &'static str,
-    call: F,
-) -> Fut::Output
-where
-    F: FnOnce(Publisher) -> Fut,
-    Fut: std::future::Future + Send,
-    Fut::Output: Send,
-{
-    let found = lookup(|shared| {
+) -> (Publisher, Option<Layers>) {
+    lookup(|shared| {
         let publisher = shared.publishers.get(&(service, method))?;
         Some((publisher.clone(), shared.layers.clone()))
-    });
-    match found {
-        None => call(Publisher::detached(service, method)).await,
-        Some((publisher, None)) => call(publisher).await,
-        Some((publisher, Some(layers))) => {
-            let send = SendInfo::new(service, method, HandlerKind::Publish);
-            layers.send(send, call(publisher)).await
-        }
-    }
+    })
+    .unwrap_or_else(|| (Publisher::detached(service, method), None))
 }
 
-/// As [`with_publisher`], for `service`'s `#[rpc::client(target)]` method `method`.
+/// As [`publisher_and_layers`], for `service`'s `#[rpc::client(target)]` method `method`.
 #[doc(hidden)]
-pub async fn with_rpc_client<F, Fut>(
+pub fn client_and_layers(
     service: &'static str,
     method: &'static str,
     target: &'static str,
-    call: F,
-) -> Fut::Output
-where
-    F: FnOnce(Client) -> Fut,
-    Fut: std::future::Future + Send,
-    Fut::Output: Send,
-{
-    let found = lookup(|shared| {
+) -> (Client, Option<Layers>) {
+    lookup(|shared| {
         let client = shared.rpc_clients.get(&(service, method))?;
         Some((client.clone(), shared.layers.clone()))
-    });
-    match found {
-        None => call(Client::detached(target, method)).await,
-        Some((client, None)) => call(client).await,
-        Some((client, Some(layers))) => {
-            let send = SendInfo::new(service, method, HandlerKind::RpcClient);
-            layers.send(send, call(client)).await
-        }
-    }
+    })
+    .unwrap_or_else(|| (Client::detached(target, method), None))
+}
+
+/// `sent`, a call of `service`'s `#[publish]` method (`publish`) or `#[rpc::client]` method
+/// `method`, through `layers`. (The generated code boxes it: a send without layers keeps its
+/// future as small as before.)
+#[doc(hidden)]
+pub async fn send_through<F>(
+    layers: Layers,
+    service: &'static str,
+    method: &'static str,
+    publish: bool,
+    sent: F,
+) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    let kind = if publish {
+        HandlerKind::Publish
+    } else {
+        HandlerKind::RpcClient
+    };
+    layers
+        .send(SendInfo::new(service, method, kind), sent)
+        .await
 }
