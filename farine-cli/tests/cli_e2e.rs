@@ -230,7 +230,10 @@ fn a_configuration_error_exits_3_before_connecting_and_names_what_is_wrong() {
         (
             "pubsub",
             "[other]\n",
-            &["has no section [relay] for service `relay`"],
+            &[
+                "no service of module `pubsub` to start",
+                "`relay` has no section [relay]",
+            ],
         ),
         (
             "pubsub",
@@ -245,7 +248,10 @@ fn a_configuration_error_exits_3_before_connecting_and_names_what_is_wrong() {
         (
             "pubsub",
             "[relay]\nenabled = false\n",
-            &["every service of module `pubsub` is disabled"],
+            &[
+                "no service of module `pubsub` to start",
+                "`relay` is disabled (enabled = false)",
+            ],
         ),
         (
             "sse",

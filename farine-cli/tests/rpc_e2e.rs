@@ -254,3 +254,49 @@ async fn farine_start_rpc_answers_a_hand_written_client_following_the_doc() {
     let status = process.wait_exit(BOUND).expect("exits after SIGTERM");
     assert_eq!(status.code(), Some(0), "{}", process.output());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_without_a_section_is_skipped_with_a_log_line_and_the_others_start() {
+    let broker = Broker::connect().await;
+    // The rpc example has two services, `server` and `client`; the file configures one.
+    let ini = farine_test_support::IniFile::new(&format!(
+        "[DEFAULT]\namqp_uri = {}\n\n[server]\n",
+        broker.uri()
+    ));
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_farine"));
+    command
+        .args(["--start=rpc", "--config"])
+        .arg(&ini.path)
+        .current_dir(workspace)
+        .env("RUST_LOG", "info");
+    let mut process = Process::spawn(command);
+    assert!(
+        process.wait_for_output("serving RPC", START_BOUND),
+        "{}",
+        process.output()
+    );
+    let server = ServerApiClient::connect(&broker.uri(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(server.repeat("ab".into(), 2).await.unwrap(), "abab");
+
+    process.signal(SIGTERM);
+    let status = process.wait_exit(BOUND).expect("exits after SIGTERM");
+    let output = process.output();
+    assert_eq!(status.code(), Some(0), "{output}");
+    let skipped: Vec<_> = output
+        .lines()
+        .filter(|line| line.contains("has no section [client]"))
+        .collect();
+    assert_eq!(
+        skipped.len(),
+        1,
+        "one line names the skipped service:\n{output}"
+    );
+    assert!(skipped[0].contains("not started"), "{output}");
+    assert!(
+        !output.contains("has no section [server]"),
+        "the configured service was started:\n{output}"
+    );
+}

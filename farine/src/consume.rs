@@ -38,7 +38,7 @@ use crate::amqp::consuming::{ConsumeError, WindDown, basic_consume, connection_f
 use crate::amqp::error::{BrokerError, Resource};
 use crate::amqp::message::{self, Headers, Message};
 use crate::amqp::publisher::{PublishError, Publisher, PublisherSettings};
-use crate::amqp::topology::{ExchangeSettings, QueueSettings, parse_arguments};
+use crate::amqp::topology::{ExchangeSettings, QueueSettings, amqp_name, parse_arguments};
 use crate::config::{ConfigError, Section};
 use crate::handler::{
     CallScope, Description, ExchangeDescription, FromCall, HandlerKind, InFlight, Layers, Outcome,
@@ -65,8 +65,9 @@ pub(crate) struct ConsumerPlan {
     pub retry_delay: Duration,
     pub max_attempts: u32,
     /// Where failed messages wait `retry_delay` (`<queue>.retry`, config `retry_queue`, with
-    /// `retry_queue_arguments` beside the dead-lettering back to `<queue>`).
-    pub retry_queue: QueueSettings,
+    /// `retry_queue_arguments` beside the dead-lettering back to `<queue>`); `None`
+    /// (`retry_queue = none`): a failure is final, as a last attempt's is.
+    pub retry_queue: Option<QueueSettings>,
     /// Where messages go after their last attempt or when they do not decode (`<queue>.dead`,
     /// config `dead_letter_queue`); `None` (`dead_letter_queue = none`): rejected without
     /// requeue, for queues with a dead-letter exchange of their own.
@@ -102,20 +103,11 @@ impl ConsumerPlan {
         for (name, value) in retry_arguments(&queue.name).inner() {
             retry_args.insert(name.clone(), value.clone());
         }
-        let retry_queue = QueueSettings::companion(
-            scoped
-                .get_own_str("retry_queue")?
-                .unwrap_or_else(|| format!("{}.retry", queue.name)),
-            queue.durable,
-            retry_args,
-        );
+        let retry_queue = companion_name(&scoped, "retry_queue", &queue.name, "retry")?
+            .map(|name| QueueSettings::companion(name, queue.durable, retry_args));
         let dead_args = parse_arguments(&scoped, "dead_letter_queue_arguments")?;
-        let dead_letter_queue = match scoped.get_own_str("dead_letter_queue")? {
-            Some(name) if name.trim().eq_ignore_ascii_case("none") => None,
-            Some(name) => Some(name),
-            None => Some(format!("{}.dead", queue.name)),
-        }
-        .map(|name| QueueSettings::companion(name, queue.durable, dead_args));
+        let dead_letter_queue = companion_name(&scoped, "dead_letter_queue", &queue.name, "dead")?
+            .map(|name| QueueSettings::companion(name, queue.durable, dead_args));
         Ok(Self {
             service,
             handler,
@@ -123,9 +115,13 @@ impl ConsumerPlan {
             queue,
             retry_queue,
             dead_letter_queue,
-            routing_key: scoped
-                .get_str("routing_key")?
-                .unwrap_or_else(|| spec.routing_key.to_string()),
+            routing_key: amqp_name(
+                &scoped,
+                "routing_key",
+                scoped
+                    .get_str("routing_key")?
+                    .unwrap_or_else(|| spec.routing_key.to_string()),
+            )?,
             prefetch: scoped
                 .get_or("prefetch_count", NonZeroU16::new(10).unwrap())?
                 .get(),
@@ -157,7 +153,10 @@ impl ConsumerPlan {
         description.queue = Some(self.queue.name.clone());
         description.settings = vec![
             format!("prefetch {}", self.prefetch),
-            format!("retries {} (x{})", self.retry_queue.name, self.max_attempts),
+            match &self.retry_queue {
+                Some(retry) => format!("retries {} (x{})", retry.name, self.max_attempts),
+                None => "no retries (retry_queue = none)".to_string(),
+            },
             format!(
                 "dead letters {}",
                 self.dead_letter_queue
@@ -167,6 +166,22 @@ impl ConsumerPlan {
         ];
         description
     }
+}
+
+/// The name of a companion queue (option `key`): the option's value, `None` for `none`, else
+/// `<queue>.<suffix>`.
+fn companion_name(
+    scoped: &crate::config::HandlerSection<'_>,
+    key: &str,
+    queue: &str,
+    suffix: &str,
+) -> Result<Option<String>, ConfigError> {
+    let name = match scoped.get_own_str(key)? {
+        Some(name) if name.trim().eq_ignore_ascii_case("none") => return Ok(None),
+        Some(name) => name,
+        None => format!("{queue}.{suffix}"),
+    };
+    amqp_name(scoped, key, name).map(Some)
 }
 
 /// The arguments of a retry queue: expired messages go back to `queue` through the default
@@ -278,7 +293,7 @@ pub(crate) async fn run(
     let retry = Publisher::new(
         connector.clone(),
         ExchangeSettings::default_exchange(),
-        plan.retry_queue.name.clone(),
+        plan.queue.name.clone(),
         PublisherSettings {
             persistent: true,
             timeout: plan.op_timeout,
@@ -346,7 +361,9 @@ async fn set_up(
     plan.queue
         .declare_and_bind(&channel, broker, &plan.exchange, &plan.routing_key)
         .await?;
-    plan.retry_queue.declare(&channel, broker).await?;
+    if let Some(retry) = &plan.retry_queue {
+        retry.declare(&channel, broker).await?;
+    }
     if let Some(dead) = &plan.dead_letter_queue {
         dead.declare(&channel, broker).await?;
     }
@@ -465,7 +482,7 @@ async fn settle(
             );
             (reason, Target::Dead("rejected"))
         }
-        Outcome::Failed(error) if attempt >= plan.max_attempts => {
+        Outcome::Failed(error) if attempt >= plan.max_attempts || plan.retry_queue.is_none() => {
             tracing::error!(
                 service,
                 handler,
@@ -528,15 +545,18 @@ async fn forward(
     target: &Target,
     companions: &Companions,
 ) -> Result<(), PublishError> {
-    let (queue, copy) = match target {
-        Target::Retry => (
-            &plan.retry_queue,
+    let (queue, copy) = match (target, &plan.retry_queue, &plan.dead_letter_queue) {
+        (Target::Retry, Some(retry), _) => (
+            retry,
             message::Copy::retry(message, message.attempt() + 1, error, plan.retry_delay),
         ),
-        Target::Dead(reason) => (
-            plan.dead_letter_queue.as_ref().unwrap_or(&plan.retry_queue),
+        (Target::Dead(reason), _, Some(dead)) => (
+            dead,
             message::Copy::dead(message, error, reason, &plan.queue.name),
         ),
+        // `handle` sends neither: a retry without a retry queue is a last failure, and a dead
+        // letter without a dead-letter queue is rejected.
+        _ => unreachable!("no queue for a failed message's copy"),
     };
     match companions.retry.send_copy(&queue.name, &copy).await {
         Err(PublishError::Broker(BrokerError::NoRoute { .. })) => {

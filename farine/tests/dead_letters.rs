@@ -517,3 +517,65 @@ async fn custom_retry_and_dead_letter_queue_names_are_the_queues_retries_wait_in
     }
     assert_eq!(broker.queue_state(&later).await, Some((0, 0)));
 }
+
+// ---------------------------------------------------------------------------------------------
+
+static UNRETRIED_CALLS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+#[derive(Default)]
+struct NoRetryProbe;
+
+#[farine::service(name = "no_retry_probe")]
+impl NoRetryProbe {
+    #[consume(exchange = "x", routing_key = "rk")]
+    async fn work(&self, _body: Value, message: &Message) -> Result<(), String> {
+        UNRETRIED_CALLS.lock().unwrap().push(message.attempt());
+        Err("fails once and for all".into())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_retry_queue_none_a_failure_goes_to_the_dead_letter_queue_at_once_and_no_retry_queue_exists()
+ {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("noretry-x"), unique("noretry-q"));
+    let config = config(
+        &broker,
+        "no_retry_probe",
+        &[
+            ("work.exchange", &exchange),
+            ("work.queue", &queue),
+            ("work.retry_queue", "none"),
+            ("max_attempts", "5"),
+        ],
+    );
+    let running = Runtime::new(config)
+        .services(["no_retry_probe"])
+        .start()
+        .await
+        .expect("starts");
+    assert_eq!(
+        broker.queue_state(&format!("{queue}.retry")).await,
+        None,
+        "no retry queue declared"
+    );
+    broker.publish_json(&exchange, "rk", &json!({"n": 1})).await;
+    let dead = broker
+        .wait_for_messages(&format!("{queue}.dead"), 1, BOUND)
+        .await;
+    running.stop().await;
+
+    assert_eq!(dead[0].json(), json!({"n": 1}));
+    assert_eq!(header_number(&dead[0], ATTEMPT_HEADER), 1);
+    assert_eq!(
+        header_text(&dead[0], ERROR_HEADER),
+        "fails once and for all"
+    );
+    assert_eq!(
+        *UNRETRIED_CALLS.lock().unwrap(),
+        vec![1],
+        "called once, in spite of max_attempts = 5"
+    );
+    assert_eq!(broker.queue_state(&format!("{queue}.retry")).await, None);
+    assert_eq!(broker.queue_state(&queue).await, Some((0, 0)));
+}

@@ -379,3 +379,47 @@ async fn per_message_properties_reach_the_consumer() {
     assert_eq!(*second.kind(), None, "no type unless one is given");
     assert_eq!(*second.correlation_id(), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routing_key_or_property_longer_than_amqp_carries_is_an_error_and_the_publisher_goes_on()
+{
+    let broker = Broker::connect().await;
+    let (publisher, observer) = observed(&broker, "long-x", broker.uri(), BOUND).await;
+    let long = "k".repeat(256);
+    let cases = [
+        (
+            "routing key",
+            PublishOptions {
+                routing_key: Some(long.clone()),
+                ..Default::default()
+            },
+        ),
+        (
+            "message id",
+            PublishOptions {
+                message_id: Some(long.clone()),
+                ..Default::default()
+            },
+        ),
+        (
+            "correlation id",
+            PublishOptions {
+                correlation_id: Some(long.clone()),
+                ..Default::default()
+            },
+        ),
+    ];
+    for (field, options) in cases {
+        let error = publisher
+            .publish_with(&json!(0), options)
+            .await
+            .expect_err("refused before it reaches the broker");
+        assert!(
+            matches!(&error, PublishError::TooLong { field: f, length: 256, .. } if *f == field),
+            "{error}"
+        );
+    }
+    publisher.publish(&json!(1)).await.expect("still publishes");
+    let received = broker.wait_for_messages(&observer, 1, BOUND).await;
+    assert_eq!(received[0].json(), json!(1));
+}

@@ -147,8 +147,17 @@ pub fn parse_nodes(text: &str) -> Result<Vec<AMQPUri>, String> {
         .enumerate()
         .map(|(index, node)| {
             // Named by position: the text may hold a password.
-            AMQPUri::from_str(node)
-                .map_err(|e| format!("node {} is not an AMQP URI: {e}", index + 1))
+            let uri = AMQPUri::from_str(node)
+                .map_err(|e| format!("node {} is not an AMQP URI: {e}", index + 1))?;
+            // AMQP sends the vhost as a short string (at most 255 bytes).
+            if uri.vhost.len() > 255 {
+                return Err(format!(
+                    "node {}: the vhost is {} bytes long; AMQP allows at most 255",
+                    index + 1,
+                    uri.vhost.len()
+                ));
+            }
+            Ok(uri)
         })
         .collect()
 }

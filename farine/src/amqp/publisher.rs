@@ -44,6 +44,16 @@ pub enum PublishError {
         size: usize,
         limit: usize,
     },
+    /// A routing key or a property (message id, correlation id, reply-to, type) is longer
+    /// than AMQP's 255 bytes: refused before it reaches the broker.
+    #[error(
+        "the {field} for exchange `{exchange}` is {length} bytes long; AMQP allows at most 255"
+    )]
+    TooLong {
+        exchange: String,
+        field: &'static str,
+        length: usize,
+    },
     /// The broker refused the message (`NoRoute` for a `mandatory` message nobody takes,
     /// `NotFound` for a missing exchange, ...) or the connection is broken.
     #[error(transparent)]
@@ -508,12 +518,15 @@ impl Core {
         mut options: PublishOptions,
     ) -> Result<Outgoing<'a>, PublishError> {
         self.check_size(&payload)?;
-        let routing_key = options.routing_key.take().map(Cow::Owned);
+        let routing_key = options.routing_key.take();
+        if let Some(key) = &routing_key {
+            self.check_short("routing key", key)?;
+        }
         Ok(Outgoing {
             payload,
-            routing_key,
+            routing_key: routing_key.map(Cow::Owned),
             mandatory: options.mandatory.unwrap_or(self.settings.mandatory),
-            properties: self.properties(options),
+            properties: self.properties(options)?,
         })
     }
 
@@ -591,7 +604,25 @@ impl Core {
         }
     }
 
-    fn properties(&self, options: PublishOptions) -> BasicProperties {
+    /// `text` as an AMQP short string, or `TooLong` naming the `field`.
+    fn short(&self, field: &'static str, text: String) -> Result<ShortString, PublishError> {
+        self.check_short(field, &text)?;
+        Ok(ShortString::from(text))
+    }
+
+    /// `TooLong` when `text` is longer than an AMQP short string.
+    fn check_short(&self, field: &'static str, text: &str) -> Result<(), PublishError> {
+        if text.len() <= crate::amqp::topology::MAX_NAME_BYTES {
+            return Ok(());
+        }
+        Err(PublishError::TooLong {
+            exchange: self.exchange.name.clone(),
+            field,
+            length: text.len(),
+        })
+    }
+
+    fn properties(&self, options: PublishOptions) -> Result<BasicProperties, PublishError> {
         let persistent = options.persistent.unwrap_or(self.settings.persistent);
         let mut properties = BasicProperties::default()
             .with_content_type(
@@ -609,17 +640,17 @@ impl Core {
         // a consumer's inbox recognises the duplicate. (RPC traffic is matched by correlation
         // id instead and goes without.)
         match options.message_id {
-            Some(id) => properties = properties.with_message_id(ShortString::from(id)),
+            Some(id) => properties = properties.with_message_id(self.short("message id", id)?),
             None if self.settings.message_ids => {
                 properties = properties.with_message_id(ShortString::from(next_message_id()))
             }
             None => {}
         }
         if let Some(id) = options.correlation_id {
-            properties = properties.with_correlation_id(ShortString::from(id));
+            properties = properties.with_correlation_id(self.short("correlation id", id)?);
         }
         if let Some(reply_to) = options.reply_to {
-            properties = properties.with_reply_to(ShortString::from(reply_to));
+            properties = properties.with_reply_to(self.short("reply-to", reply_to)?);
         }
         if let Some(ttl) = options.expiration {
             properties = properties.with_expiration(ShortString::from(ttl.as_millis().to_string()));
@@ -628,9 +659,9 @@ impl Core {
             properties = properties.with_priority(priority);
         }
         if let Some(kind) = options.message_type {
-            properties = properties.with_type(ShortString::from(kind));
+            properties = properties.with_type(self.short("message type", kind)?);
         }
-        properties
+        Ok(properties)
     }
 
     /// Hands the message to the channel; the confirm is still to come. Not bounded here: the

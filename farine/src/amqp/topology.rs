@@ -38,6 +38,26 @@ pub struct QueueSettings {
     pub binding_arguments: FieldTable,
 }
 
+/// The longest name AMQP can carry (exchange, queue, routing key, argument name): a short string.
+pub const MAX_NAME_BYTES: usize = 255;
+
+/// `name` (the value of option `key`, or made from it) when AMQP can carry it; else an error
+/// naming the option, rather than a panic where lapin builds the frame.
+pub(crate) fn amqp_name(
+    handler: &HandlerSection<'_>,
+    key: &str,
+    name: String,
+) -> Result<String, ConfigError> {
+    if name.len() <= MAX_NAME_BYTES {
+        return Ok(name);
+    }
+    let expected = format!(
+        "a name of at most {MAX_NAME_BYTES} bytes (AMQP's limit); this one is {} bytes",
+        name.len()
+    );
+    Err(handler.section().invalid(key, &name, expected))
+}
+
 fn parse_kind(handler: &HandlerSection<'_>) -> Result<ExchangeKind, ConfigError> {
     let Some(text) = handler.get_str("exchange_type")? else {
         return Ok(ExchangeKind::Direct);
@@ -82,6 +102,7 @@ pub fn parse_arguments(handler: &HandlerSection<'_>, key: &str) -> Result<FieldT
                 .section()
                 .invalid(key, &text, "an argument name before each `=`"));
         }
+        let name = amqp_name(handler, key, name.to_string())?;
         table.insert(name.into(), argument_value(value));
     }
     Ok(table)
@@ -120,9 +141,13 @@ impl ExchangeSettings {
     /// `exchange_durable`, `exchange_auto_delete`, `exchange_arguments`.
     pub fn from_config(handler: &HandlerSection<'_>, declared: &str) -> Result<Self, ConfigError> {
         Ok(Self {
-            name: handler
-                .get_str("exchange")?
-                .unwrap_or_else(|| declared.to_string()),
+            name: amqp_name(
+                handler,
+                "exchange",
+                handler
+                    .get_str("exchange")?
+                    .unwrap_or_else(|| declared.to_string()),
+            )?,
             kind: parse_kind(handler)?,
             durable: handler.get_or("exchange_durable", true)?,
             auto_delete: handler.get_or("exchange_auto_delete", false)?,
@@ -179,7 +204,7 @@ impl QueueSettings {
             None => declared.map(str::to_string).unwrap_or(default_name),
         };
         Ok(Self {
-            name,
+            name: amqp_name(handler, "queue", name)?,
             durable: handler.get_or("queue_durable", true)?,
             auto_delete: handler.get_or("queue_auto_delete", false)?,
             exclusive: handler.get_or("queue_exclusive", false)?,

@@ -1,5 +1,8 @@
 use std::time::Duration;
 
+/// The longest duration an option accepts, in seconds (`u32::MAX`).
+const MAX_DURATION_SECONDS: f64 = u32::MAX as f64;
+
 /// A type an option's text can be read as. `expected` completes the sentence
 /// "option `x` is "..."; expected ..." in a [`super::ConfigError`].
 pub trait FromValue: Sized {
@@ -81,9 +84,15 @@ impl FromValue for Duration {
         };
         let value: f64 = number.trim().parse().ok()?;
         let seconds = value * scale;
-        (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
+        // Bounded so that every duration can be added to an instant and sent to the broker
+        // (a queue's message TTL is 32 bits of milliseconds): about 136 years.
+        if !(0.0..=MAX_DURATION_SECONDS).contains(&seconds) {
+            return None;
+        }
+        Duration::try_from_secs_f64(seconds).ok()
     }
     fn expected() -> &'static str {
-        "a duration in seconds (`30`, `0.5`) or with a unit (`250ms`, `30s`, `2m`, `1h`)"
+        "a duration in seconds (`30`, `0.5`) or with a unit (`250ms`, `30s`, `2m`, `1h`), \
+         at most 4294967295 seconds"
     }
 }

@@ -424,9 +424,13 @@ impl RpcServerPlan {
                 ..ExchangeSettings::from_config(&scoped, service)?
             },
             queue: QueueSettings {
-                name: section
-                    .get_str("rpc_queue")?
-                    .unwrap_or_else(|| service.to_string()),
+                name: crate::amqp::topology::amqp_name(
+                    &scoped,
+                    "rpc_queue",
+                    section
+                        .get_str("rpc_queue")?
+                        .unwrap_or_else(|| service.to_string()),
+                )?,
                 ..QueueSettings::from_config(&scoped, None, service.to_string())?
             },
             methods,

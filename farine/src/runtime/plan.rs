@@ -109,13 +109,26 @@ pub(super) fn plan(
         )));
     }
     let mut plans = Vec::new();
+    // Why each service not started was left out, for the error when none is left.
+    let mut skipped = Vec::new();
     for entry in entries {
+        if !config.has_section(entry.name) {
+            tracing::info!(
+                service = entry.name,
+                file = config.file(),
+                "service has no section [{}] in the config; not started",
+                entry.name
+            );
+            skipped.push(format!("`{0}` has no section [{0}]", entry.name));
+            continue;
+        }
         let section = config.section(entry.name)?;
         if !section.get_or("enabled", true)? {
             tracing::info!(
                 service = entry.name,
                 "service is disabled in the config (enabled = false); not started"
             );
+            skipped.push(format!("`{}` is disabled (enabled = false)", entry.name));
             continue;
         }
         plans.push(plan_service(entry, &section)?);
@@ -131,10 +144,16 @@ pub(super) fn plan(
             }
         }
     }
+    if plans.is_empty() && skipped.is_empty() {
+        return Err(StartError::NothingToStart(format!(
+            "module `{module}` has no service (no #[farine::service] is linked into this binary)"
+        )));
+    }
     if plans.is_empty() {
         return Err(StartError::NothingToStart(format!(
-            "every service of module `{module}` is disabled in {}",
-            config.file()
+            "no service of module `{module}` to start in {}: {}; a service starts when the file has a section named after it (it may be empty: [DEFAULT] values are inherited)",
+            config.file(),
+            skipped.join("; ")
         )));
     }
     Ok(plans)
@@ -186,9 +205,13 @@ fn plan_service(
                 publishers.push(PublisherPlan {
                     method: name,
                     exchange: ExchangeSettings::from_config(&scoped, spec.exchange)?,
-                    routing_key: scoped
-                        .get_str("routing_key")?
-                        .unwrap_or_else(|| spec.routing_key.to_string()),
+                    routing_key: crate::amqp::topology::amqp_name(
+                        &scoped,
+                        "routing_key",
+                        scoped
+                            .get_str("routing_key")?
+                            .unwrap_or_else(|| spec.routing_key.to_string()),
+                    )?,
                     settings: PublisherSettings {
                         persistent: scoped.get_or("persistent", true)?,
                         timeout: scoped.get_or("publish_timeout", Duration::from_secs(10))?,
