@@ -241,7 +241,12 @@ pub fn list(module: &str, config: Option<&Config>) -> String {
         };
         for described in entry.describe(section) {
             let _ = match described.description {
-                Ok(description) => writeln!(out, "  {description}"),
+                // Names come from the file as written: one holding a URI keeps no password.
+                Ok(description) => writeln!(
+                    out,
+                    "  {}",
+                    crate::config::redact::redact_uri(&description.to_string())
+                ),
                 Err(e) => writeln!(
                     out,
                     "  {} {}: {e}",

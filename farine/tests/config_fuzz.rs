@@ -224,7 +224,8 @@ fn read_everything(runtime: &tokio::runtime::Runtime, text: &str) {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 1024,
+        // 1024 in every run (about a second); PROPTEST_CASES for a longer hunt.
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(1024),
         failure_persistence: None,
         ..ProptestConfig::default()
     })]
