@@ -346,3 +346,54 @@ async fn sigkill_to_a_multi_module_launcher_stops_every_module_it_started() {
     // They stopped as on SIGTERM: their consumers are gone from the queue.
     assert!(broker.wait_for_consumers(&queue, 0, BOUND).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_send_order_example_publishes_through_farine_and_the_service_relays_it() {
+    let broker = Broker::connect().await;
+    broker.declare_exchange("audit", ExchangeKind::Direct).await;
+    let observer = broker.bind_queue("audit", "order.seen").await;
+    let mut command = farine(&["--start=pubsub", "--config", "etc/farine.ini"]);
+    command.env("FARINE__DEFAULT__AMQP_URI", broker.uri());
+    let mut service = Process::spawn(command);
+    assert!(
+        service.wait_for_output("consuming", START_BOUND),
+        "farine started:\n{}",
+        service.output()
+    );
+
+    // As the README runs it: cargo builds and runs the example.
+    let sent = Command::new(env!("CARGO"))
+        .args([
+            "run",
+            "--quiet",
+            "-p",
+            "pubsub",
+            "--example",
+            "send_order",
+            "7",
+        ])
+        .current_dir(workspace())
+        .env("AMQP_URI", broker.uri())
+        .output()
+        .expect("cargo runs the example");
+    let stdout = String::from_utf8_lossy(&sent.stdout);
+    assert!(
+        sent.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    assert!(
+        stdout.contains(r#"sent to orders (order.created): {"id":7}"#),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(r#"received from audit (order.seen, application/json): {"seen":{"id":7}}"#),
+        "{stdout}"
+    );
+
+    let received = broker.wait_for_messages(&observer, 1, BOUND).await;
+    assert_eq!(received[0].json(), json!({"seen": {"id": 7}}));
+    service.signal(SIGTERM);
+    let status = service.wait_exit(BOUND).expect("exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", service.output());
+}

@@ -74,41 +74,13 @@ pub fn main_with(
     ExitCode::from(run(module, migrations, layers, args))
 }
 
-fn init_logging(level: Option<&str>) -> Result<(), String> {
-    use tracing_subscriber::EnvFilter;
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let filter = match level {
-        Some(level) => EnvFilter::try_new(level)
-            .map_err(|e| format!("--log-level {level:?} is not a level or filter: {e}"))?,
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .finish()
-        .with(tracing_subscriber::filter::filter_fn(|event| {
-            !is_written_frame(event)
-        }))
-        .try_init();
-    Ok(())
-}
-
-/// lapin's trace line for each frame it writes (`will write to buffer`, field `next_msg`):
-/// kept out of the log whatever the level, because the `connection.start-ok` frame carries the
-/// user's password (its SASL `response`, printed as bytes).
-fn is_written_frame(event: &tracing::Metadata<'_>) -> bool {
-    event.target() == "lapin::io_loop" && event.fields().field("next_msg").is_some()
-}
-
 fn run(
     module: &'static str,
     migrations: &'static [crate::db::EmbeddedMigration],
     layers: Vec<std::sync::Arc<dyn crate::handler::Layer>>,
     args: Args,
 ) -> u8 {
-    if let Err(message) = init_logging(args.log_level.as_deref()) {
+    if let Err(message) = crate::log::init_with(args.log_level.as_deref()) {
         eprintln!("farine: {message}");
         return EXIT_USAGE;
     }

@@ -42,6 +42,7 @@ mod decode;
 pub mod execute;
 mod handler;
 mod ids;
+pub mod log;
 pub mod registry;
 pub mod rpc;
 pub mod runtime;

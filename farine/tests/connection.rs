@@ -84,7 +84,7 @@ async fn services_on_one_broker_share_one_connection_named_after_them() {
     assert_eq!(
         ours,
         vec![&format!(
-            "farine shop: conn_billing, conn_shipping (pid {})",
+            "shop: conn_billing, conn_shipping (farine, pid {})",
             std::process::id()
         )],
         "{names:?}"

@@ -11,7 +11,7 @@ use farine::amqp::topology::ExchangeSettings;
 use farine::amqp::{ExchangeKind, publisher::PublisherSettings};
 use farine::{BrokerError, PublishError, PublishOptions, Publisher, Runtime, consume, publish};
 use farine_test_support::proxy::Proxy;
-use farine_test_support::{Broker, unique};
+use farine_test_support::{Broker, unique, wait_until};
 use serde_json::{Value, json};
 
 #[derive(Default)]
@@ -422,4 +422,62 @@ async fn a_routing_key_or_property_longer_than_amqp_carries_is_an_error_and_the_
     publisher.publish(&json!(1)).await.expect("still publishes");
     let received = broker.wait_for_messages(&observer, 1, BOUND).await;
     assert_eq!(received[0].json(), json!(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_connect_gives_a_standalone_program_a_publisher_named_after_it() {
+    let broker = Broker::connect().await;
+    let exchange = unique("standalone-x");
+    broker
+        .declare_exchange(&exchange, ExchangeKind::Topic)
+        .await;
+    let observer = broker.bind_queue(&exchange, "order.created").await;
+    let publisher = Publisher::connect(&broker.uri(), &exchange, "order.created")
+        .await
+        .expect("connects");
+    publisher
+        .publish(&json!({"id": 1}))
+        .await
+        .expect("confirmed");
+    let received = broker.wait_for_messages(&observer, 1, BOUND).await;
+    assert_eq!(received[0].json(), json!({"id": 1}));
+    assert_eq!(received[0].routing_key, "order.created");
+
+    // The broker shows the connection under this program's name (the test binary's).
+    let program = std::env::current_exe().unwrap();
+    let program = program.file_stem().unwrap().to_string_lossy();
+    let expected = format!(
+        "{program}: publisher to {exchange} (farine, pid {})",
+        std::process::id()
+    );
+    let named = wait_until(BOUND, || {
+        broker.farine_connections() == vec![expected.clone()]
+    })
+    .await;
+    assert!(
+        named,
+        "{:?} is not [{expected}]",
+        broker.farine_connections()
+    );
+
+    publisher.close().await;
+    assert!(
+        wait_until(BOUND, || broker.farine_connections().is_empty()).await,
+        "close() closes the publisher's own connection"
+    );
+    assert!(publisher.publish(&json!(2)).await.is_err(), "closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_connect_with_a_wrong_password_is_an_error_without_the_password() {
+    let broker = Broker::connect().await;
+    let uri = broker
+        .uri()
+        .replacen("guest:guest", "guest:not-the-password", 1);
+    let error = Publisher::connect(&uri, "anything", "rk")
+        .await
+        .expect_err("refused");
+    let text = error.to_string();
+    assert!(!text.contains("not-the-password"), "{text}");
+    assert!(error.broker().is_some(), "a broker error: {text}");
 }

@@ -1,90 +1,80 @@
-//! Publishes `{"id": 1}` to exchange `orders` (routing key `order.created`) and prints what the
-//! running `pubsub` service publishes to `audit` in return. Start the service first:
-//! `farine --start=pubsub --config etc/farine.ini`, then `cargo run -p pubsub --example send_order`.
+//! A standalone program that uses farine: it publishes `{"id": <n>}` to exchange `orders`
+//! (routing key `order.created`) with [`Publisher::connect`], and prints what the `pubsub`
+//! service relays to `audit` in return, received by a small service it runs in-process. Start
+//! the service first (`farine --start=pubsub --config etc/farine.ini`), then
+//! `cargo run -p pubsub --example send_order [n]`. The broker is `$AMQP_URI`, else the local
+//! one; it lists the connections as `send_order: ... (farine, pid ...)`.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use farine::config::Config;
+use farine::{Message, Publisher, Runtime, consume};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+/// Where the watcher hands what it receives to `main`.
+static SEEN: OnceLock<mpsc::UnboundedSender<String>> = OnceLock::new();
+
+/// Receives what `pubsub` relays to `audit`, on a queue of its own that goes away with it.
+#[derive(Default)]
+struct Watch;
+
+#[farine::service(name = "send_order_watch")]
+impl Watch {
+    #[consume(exchange = "audit", routing_key = "order.seen")]
+    async fn seen(&self, event: Value, message: &Message) {
+        let kind = message.content_type().unwrap_or("no content type");
+        let line = format!(
+            "received from audit ({}, {kind}): {event}",
+            message.routing_key()
+        );
+        if let Some(seen) = SEEN.get() {
+            let _ = seen.send(line);
+        }
+    }
+}
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // farine's log on stderr, warnings and errors only (`farine::log::init()` follows RUST_LOG).
+    farine::log::init_with(Some("warn"))?;
     let uri =
         std::env::var("AMQP_URI").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into());
-    let connection = Connection::connect(&uri, ConnectionProperties::default()).await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    let id: u64 = std::env::args()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
 
-    // A queue of our own on `audit`, gone when we disconnect.
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            "audit".into(),
-            "order.seen".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let mut audit = channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    // The watcher first, so that its queue is bound before the service relays anything: not
+    // durable, deleted when it disconnects, no retry or dead-letter queue.
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    SEEN.set(tx).expect("set once");
+    let config = Config::from_ini(
+        &format!(
+            "[DEFAULT]\namqp_uri = {uri}\n\n[send_order_watch]\nqueue_durable = false\n\
+             queue_auto_delete = true\nretry_queue = none\ndead_letter_queue = none\n"
+        ),
+        "send_order",
+    )?;
+    let watching = Runtime::new(config).start().await?;
 
-    let order = br#"{"id": 1}"#;
-    channel
-        .basic_publish(
-            "orders".into(),
-            "order.created".into(),
-            BasicPublishOptions::default(),
-            order,
-            BasicProperties::default().with_content_type("application/json".into()),
-        )
-        .await?
-        .await?;
-    println!(
-        "sent to orders (order.created): {}",
-        String::from_utf8_lossy(order)
-    );
+    let orders = Publisher::connect(&uri, "orders", "order.created").await?;
+    let order = json!({ "id": id });
+    // Returns once the broker has confirmed the message.
+    orders.publish(&order).await?;
+    println!("sent to orders (order.created): {order}");
+    orders.close().await;
 
-    let delivery = tokio::time::timeout(Duration::from_secs(10), audit.next())
-        .await
-        .map_err(|_| "nothing arrived on audit within 10 s: is `farine --start=pubsub` running?")?
-        .ok_or("the audit consumer was cancelled")??;
-    println!(
-        "received from audit ({}, {}): {}",
-        delivery.routing_key,
-        delivery
-            .properties
-            .content_type()
-            .as_ref()
-            .map_or("no content type", |c| c.as_str()),
-        String::from_utf8_lossy(&delivery.data)
-    );
-    connection.close(200, "done".into()).await?;
+    let relayed = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await;
+    watching.stop().await;
+    match relayed {
+        Ok(Some(line)) => println!("{line}"),
+        _ => {
+            return Err(
+                "nothing arrived on audit within 10 s: is `farine --start=pubsub` running?".into(),
+            );
+        }
+    }
     Ok(())
 }

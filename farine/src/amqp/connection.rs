@@ -127,6 +127,25 @@ struct Node {
 
 /// Splits `amqp_uri` into its nodes: URIs separated by commas or whitespace. A comma that is
 /// not followed by `amqp://` or `amqps://` belongs to the URI (a password may hold one).
+/// The name of this program: its executable's file name (what `ps` shows), else `farine`.
+pub(crate) fn program_name() -> String {
+    std::env::current_exe()
+        .ok()
+        .or_else(|| std::env::args_os().next().map(Into::into))
+        .and_then(|path| {
+            path.file_stem()
+                .map(|stem| stem.to_string_lossy().into_owned())
+        })
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "farine".to_string())
+}
+
+/// The name a connection shows in the broker (management UI, `rabbitmqctl list_connections`):
+/// the program first, then what the connection is for: `shop: billing, shipping (farine, pid 42)`.
+pub(crate) fn connection_name(program: &str, purpose: &str) -> String {
+    format!("{program}: {purpose} (farine, pid {})", std::process::id())
+}
+
 pub fn parse_nodes(text: &str) -> Result<Vec<AMQPUri>, String> {
     let mut nodes: Vec<String> = Vec::new();
     for piece in text.split(',').flat_map(str::split_whitespace) {

@@ -183,6 +183,8 @@ pub(crate) struct Core {
     /// concurrent publishers wait for each other.
     channel: RwLock<Option<Channel>>,
     reopen: tokio::sync::Mutex<()>,
+    /// The connection is this publisher's own ([`Publisher::connect`]): closed with it.
+    own_connection: bool,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -217,7 +219,80 @@ impl Publisher {
                 settings,
                 channel: RwLock::new(None),
                 reopen: tokio::sync::Mutex::new(()),
+                own_connection: false,
             })),
+        }
+    }
+
+    /// A publisher with a connection of its own to `uri` (one node, or several separated by
+    /// commas), for a program that is not a farine service: a tool, a script, a test. It sends
+    /// to `exchange` with `routing_key` unless a message says otherwise
+    /// ([`PublishOptions::routing_key`]), as JSON, persistent, and waits for each confirm; after
+    /// a broken connection it reconnects and sends again what was not confirmed, as a
+    /// service's publishers do. The connection is named after the program in the broker.
+    ///
+    /// The exchange is not declared: the services that consume from it declare it, and a
+    /// publish to an exchange that does not exist is [`BrokerError::NotFound`]. Returns once
+    /// the connection and its channel are open, so a wrong URI or password is the error here.
+    ///
+    /// ```no_run
+    /// # async fn send() -> Result<(), farine::PublishError> {
+    /// let orders = farine::Publisher::connect(
+    ///     "amqp://guest:guest@127.0.0.1:5672",
+    ///     "orders",
+    ///     "order.created",
+    /// )
+    /// .await?;
+    /// orders.publish(&serde_json::json!({"id": 1})).await?;
+    /// orders.close().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect(
+        uri: &str,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<Self, PublishError> {
+        let settings = PublisherSettings {
+            declare_exchange: false,
+            ..PublisherSettings::default()
+        };
+        let name = super::connection::connection_name(
+            &super::connection::program_name(),
+            &format!("publisher to {exchange}"),
+        );
+        let connector = Arc::new(Connector::new(uri, name, settings.timeout));
+        let exchange = ExchangeSettings {
+            name: exchange.to_string(),
+            ..ExchangeSettings::default_exchange()
+        };
+        let publisher = Self {
+            target: Target::Live(Arc::new(Core {
+                connector: connector.clone(),
+                exchange,
+                routing_key: routing_key.to_string(),
+                settings,
+                channel: RwLock::new(None),
+                reopen: tokio::sync::Mutex::new(()),
+                own_connection: true,
+            })),
+        };
+        if let Err(e) = publisher.prepare().await {
+            connector.close().await;
+            return Err(e);
+        }
+        Ok(publisher)
+    }
+
+    /// Closes the publisher's channel, and its connection when it is its own
+    /// ([`Publisher::connect`]); a publish after this is an error. Waits at most the publish
+    /// timeout. A publisher of a running service is closed by the service.
+    pub async fn close(&self) {
+        if let Target::Live(core) = &self.target {
+            self.close_within(core.settings.timeout).await;
+            if core.own_connection {
+                core.connector.close().await;
+            }
         }
     }
 

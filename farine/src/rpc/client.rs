@@ -283,7 +283,10 @@ impl Client {
     /// A client of its own connection to `uri`, outside any service (tests, tools), as the
     /// seed's `rpc.Client('server', timeout)`.
     pub async fn connect(uri: &str, service: &str, timeout: Duration) -> Result<Self, RpcError> {
-        let name = format!("farine rpc client: {service} (pid {})", std::process::id());
+        let name = crate::amqp::connection::connection_name(
+            &crate::amqp::connection::program_name(),
+            &format!("rpc client of {service}"),
+        );
         let connector = Arc::new(Connector::new(uri, name, Duration::from_secs(10)));
         let client = Self::new(connector, service, timeout);
         if let Target::Live(inner) = &client.target {

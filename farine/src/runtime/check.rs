@@ -31,7 +31,7 @@ pub async fn connections(module: &str, targets: Vec<Target>) -> (bool, Vec<Strin
         }
         let connector = Connector::with_settings(
             target.amqp_uri.clone(),
-            format!("farine {module} --check (pid {})", std::process::id()),
+            crate::amqp::connection::connection_name(module, "--check"),
             target.connector.clone(),
         );
         for (node, result) in connector.ping().await {

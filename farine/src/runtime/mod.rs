@@ -98,7 +98,7 @@ impl Runtime {
     pub fn new(config: Config) -> Self {
         Self {
             config,
-            module: env!("CARGO_PKG_NAME").to_string(),
+            module: crate::amqp::connection::program_name(),
             only: None,
             migrations: &[],
             layers: Vec::new(),
@@ -124,7 +124,7 @@ impl Runtime {
         self
     }
 
-    /// Names the module (the package) in the connection name.
+    /// Names the module (the package) in the connection name; by default the program's name.
     pub fn module(mut self, module: impl Into<String>) -> Self {
         self.module = module.into();
         self
@@ -205,7 +205,7 @@ impl Runtime {
         };
         let connector = Connector::with_settings(
             plan.amqp_uri.clone(),
-            format!("farine {} replay (pid {})", self.module, std::process::id()),
+            crate::amqp::connection::connection_name(&self.module, "replay of dead letters"),
             plan.connector.clone(),
         );
         let moved = crate::amqp::dead_letter::replay(&connector, &dead.name, &consumer.queue.name)

@@ -133,11 +133,7 @@ impl Running {
         }
         let mut connectors = BTreeMap::new();
         for (uri, (services, settings)) in by_uri {
-            let name = format!(
-                "farine {module}: {} (pid {})",
-                services.join(", "),
-                std::process::id()
-            );
+            let name = crate::amqp::connection::connection_name(module, &services.join(", "));
             let connector = Arc::new(Connector::with_settings(uri.to_string(), name, settings));
             self.connectors.push(connector.clone());
             connector.connection().await?;

@@ -361,8 +361,9 @@ impl Broker {
         (names("queues"), names("exchanges"))
     }
 
-    /// The names farine gave its connections open now in the test's vhost (`farine ...`, as
-    /// the management UI shows them; the test's own connection is not one of them).
+    /// The names farine gave its connections open now in the test's vhost (`<program>: ...
+    /// (farine, pid N)`, as the management UI shows them; the test's own connection is not one
+    /// of them).
     pub fn farine_connections(&self) -> Vec<String> {
         let listed = vhost::get(&format!("/api/vhosts/{}/connections", self.vhost))
             .unwrap_or_else(|e| panic!("{e}"));
@@ -371,7 +372,7 @@ impl Broker {
             .into_iter()
             .flatten()
             .filter_map(|connection| connection["user_provided_name"].as_str())
-            .filter(|name| name.starts_with("farine"))
+            .filter(|name| name.contains("(farine, pid "))
             .map(str::to_string)
             .collect()
     }
