@@ -109,6 +109,49 @@ async fn farine_start_check_validates_the_services_config_before_connecting() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misspelt_key_fails_check_and_is_a_warning_naming_the_closest_key_at_start() {
+    let broker = Broker::connect().await;
+    let (orders, queue) = (unique("orders"), unique("relay"));
+    let ini = IniFile::new(&format!(
+        "[DEFAULT]\namqp_uri = {}\n\n[relay]\nrelay.exchange = {orders}\nrelay.queue = {queue}\nprefetch_cout = 5\nrelay.exchnge = foo\n",
+        broker.uri()
+    ));
+    let path = ini.path.display().to_string();
+    let mut process = Process::spawn(farine(&["--start=pubsub", "--check", "--config", &path]));
+    let status = process.wait_exit(START_BOUND).expect("--check ends");
+    let output = process.output();
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert!(
+        output.contains("[relay]: unknown key `prefetch_cout` (did you mean `prefetch_count`?)"),
+        "{output}"
+    );
+    assert!(
+        output.contains(
+            "[relay]: unknown key `relay.exchnge`: handler `relay` has no key `exchnge` (did you mean `exchange`?)"
+        ),
+        "{output}"
+    );
+    assert!(!output.contains("config ok"), "{output}");
+
+    // At start the same keys are warnings, and the service runs.
+    let mut process = Process::spawn(farine(&["--start=pubsub", "--config", &path]));
+    assert!(
+        process.wait_for_output("consuming", START_BOUND),
+        "{}",
+        process.output()
+    );
+    process.signal(SIGTERM);
+    let status = process.wait_exit(BOUND).expect("exits");
+    let output = process.output();
+    assert_eq!(status.code(), Some(0), "{output}");
+    let warnings: Vec<_> = output
+        .lines()
+        .filter(|line| line.contains("WARN") && line.contains("unknown key"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{output}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn farine_start_pubsub_logs_a_lost_connection_and_its_reconnection_and_relays_again() {
     let broker = Broker::connect().await;
     let (orders, audit, queue) = (unique("orders"), unique("audit"), unique("relay"));

@@ -774,3 +774,59 @@ async fn a_process_connects_to_the_amqp_uri_of_the_environment_not_the_files() {
     let status = process.wait_exit(BOUND).expect("exits after SIGTERM");
     assert_eq!(status.code(), Some(0), "{}", process.output());
 }
+
+// --- the tokio runtime ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_and_worker_threads_choose_the_services_runtime_and_a_bad_choice_exits_3() {
+    let broker = Broker::connect().await;
+    for (setting, shown) in [
+        ("runtime = current_thread", "runtime=current_thread"),
+        (
+            "worker_threads = 3",
+            "runtime=multi_thread, 3 worker threads",
+        ),
+    ] {
+        let (ini, orders, audit, _) = own_topology(&broker, "");
+        let text = std::fs::read_to_string(&ini.path).unwrap();
+        let text = text.replacen("[DEFAULT]\n", &format!("[DEFAULT]\n{setting}\n"), 1);
+        std::fs::write(&ini.path, text).unwrap();
+        let path = ini.path.display().to_string();
+        let mut process = Process::spawn(farine(&["--start=pubsub", "--config", &path]));
+        assert!(
+            process.wait_for_output("consuming", START_BOUND),
+            "{}",
+            process.output()
+        );
+        assert!(process.output().contains(shown), "{}", process.output());
+        let observer = broker.bind_queue(&audit, "order.seen").await;
+        broker
+            .publish_json(&orders, "order.created", &json!({"id": 1}))
+            .await;
+        let relayed = broker.wait_for_messages(&observer, 1, BOUND).await;
+        assert_eq!(relayed[0].json(), json!({"seen": {"id": 1}}));
+        process.signal(SIGTERM);
+        let status = process.wait_exit(BOUND).expect("exits");
+        assert_eq!(status.code(), Some(0), "{}", process.output());
+    }
+
+    for (setting, expected) in [
+        ("runtime = fibers", "option `runtime` is \"fibers\""),
+        (
+            "runtime = current_thread\nworker_threads = 2",
+            "option `worker_threads`",
+        ),
+    ] {
+        let ini = IniFile::new(&format!(
+            "[DEFAULT]\namqp_uri = {}\n{setting}\n[relay]\n",
+            broker.uri()
+        ));
+        let path = ini.path.display().to_string();
+        let output = farine(&["--start=pubsub", "--config", &path])
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(3), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+}

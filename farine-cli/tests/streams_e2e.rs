@@ -103,7 +103,7 @@ async fn farine_start_ticker_ticks_once_a_second_and_stops_without_waiting_out_t
         .await;
     let observer = broker.bind_queue(&exchange, "tick").await;
     let ini = IniFile::new(&format!(
-        "[DEFAULT]\namqp_uri = {}\n[ticker]\ninterval = 1\nsend.exchange = {exchange}\n",
+        "[DEFAULT]\namqp_uri = {}\n[ticker]\nsend.exchange = {exchange}\n",
         broker.uri()
     ));
     let path = ini.path.display().to_string();

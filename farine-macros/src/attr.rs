@@ -82,17 +82,48 @@ pub fn parse_handler_args(cx: &Ctxt, kind: AttrKind, attr: &Attribute) -> Handle
             .get_ident()
             .map(|i| i.to_string())
             .unwrap_or_default();
+        if !kind.keys().contains(&key.as_str()) && kind.settings().contains(&key.as_str()) {
+            // A config key: a string, number or boolean, or a bare flag for `true`.
+            let value = if meta.input.is_empty() || meta.input.peek(syn::Token![,]) {
+                "true".to_string()
+            } else {
+                match meta.value()?.parse::<syn::Lit>()? {
+                    syn::Lit::Str(text) => text.value(),
+                    syn::Lit::Int(number) => number.base10_digits().to_string(),
+                    syn::Lit::Float(number) => number.base10_digits().to_string(),
+                    syn::Lit::Bool(flag) => flag.value.to_string(),
+                    other => {
+                        return Err(syn::Error::new(
+                            other.span(),
+                            "a config value is a string, a number or a boolean",
+                        ));
+                    }
+                }
+            };
+            if args.settings.iter().any(|(k, _)| *k == key) {
+                return Err(meta.error(format!("`{key}` is given twice")));
+            }
+            args.settings.push((key, value));
+            return Ok(());
+        }
         if !kind.keys().contains(&key.as_str()) {
+            let written = meta
+                .path
+                .segments
+                .iter()
+                .map(|s| s.ident.to_string())
+                .collect::<Vec<_>>()
+                .join("::");
+            let hint = match closest(&written, kind.keys().iter().chain(kind.settings())) {
+                Some(near) => format!(" (did you mean `{near}`?)"),
+                None => String::new(),
+            };
+            let mut takes: Vec<&str> = kind.keys().to_vec();
+            takes.extend(kind.settings().iter().filter(|k| !kind.keys().contains(k)));
             return Err(meta.error(format!(
-                "unknown key `{}` for {}; expected one of: {}",
-                meta.path
-                    .segments
-                    .iter()
-                    .map(|s| s.ident.to_string())
-                    .collect::<Vec<_>>()
-                    .join("::"),
+                "unknown key `{written}` for {}{hint}; it takes: {}",
                 kind.display(),
-                kind.keys().join(", ")
+                takes.join(", ")
             )));
         }
         if key == "stream" {
@@ -125,4 +156,26 @@ pub fn is_checked_marker(args: &proc_macro2::TokenStream) -> bool {
         (tokens.next(), tokens.next()),
         (Some(proc_macro2::TokenTree::Ident(ident)), None) if ident == CHECKED_MARKER
     )
+}
+
+/// The key of `known` closest to `key`, at most two edits away.
+fn closest<'a>(key: &str, known: impl Iterator<Item = &'a &'a str>) -> Option<&'a str> {
+    let distance = |a: &[u8], b: &[u8]| {
+        let mut previous: Vec<usize> = (0..=b.len()).collect();
+        for (i, x) in a.iter().enumerate() {
+            let mut current = vec![i + 1; b.len() + 1];
+            for (j, y) in b.iter().enumerate() {
+                current[j + 1] = (previous[j] + usize::from(x != y))
+                    .min(previous[j + 1] + 1)
+                    .min(current[j] + 1);
+            }
+            previous = current;
+        }
+        previous[b.len()]
+    };
+    known
+        .map(|candidate| (distance(key.as_bytes(), candidate.as_bytes()), *candidate))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, candidate)| candidate)
 }

@@ -47,7 +47,7 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
         .map(|(name, _)| name.clone())
         .unwrap_or_else(|| type_ident.to_string().to_lowercase());
 
-    let mut handlers = Vec::new();
+    let mut handlers: Vec<Handled> = Vec::new();
     for impl_item in &mut item.items {
         let ImplItem::Fn(method) = impl_item else {
             continue;
@@ -68,9 +68,11 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
             );
         }
         let attribute = method.attrs[index].clone();
+        let mut settings = Vec::new();
         let model = match kind {
             AttrKind::Consume | AttrKind::Publish | AttrKind::RpcMethod | AttrKind::RpcClient => {
-                let parsed = attr::parse_handler_args(&cx, kind, &attribute);
+                let mut parsed = attr::parse_handler_args(&cx, kind, &attribute);
+                settings = std::mem::take(&mut parsed.settings);
                 match kind {
                     AttrKind::Consume => check::consume(&cx, method, parsed, &attribute),
                     AttrKind::Publish => check::publish(&cx, method, parsed, &attribute),
@@ -79,19 +81,15 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
                 }
             }
             AttrKind::Execute | AttrKind::StreamHttp => {
-                if !matches!(attribute.meta, syn::Meta::Path(_))
-                    && !attr::is_checked_marker(
-                        &attribute
-                            .meta
-                            .require_list()
-                            .map(|l| l.tokens.clone())
-                            .unwrap_or_default(),
-                    )
-                {
-                    cx.error_spanned_by(
-                        &attribute,
-                        format!("{} takes no arguments: its settings are in the service's config section", kind.display()),
-                    );
+                let marker = attr::is_checked_marker(
+                    &attribute
+                        .meta
+                        .require_list()
+                        .map(|l| l.tokens.clone())
+                        .unwrap_or_default(),
+                );
+                if !marker {
+                    settings = attr::parse_handler_args(&cx, kind, &attribute).settings;
                 }
                 if kind == AttrKind::Execute {
                     check::execute(&cx, method)
@@ -104,7 +102,12 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
             mark_checked(&mut method.attrs[*position]);
         }
         if let Some(model) = model {
-            handlers.push((model, cfg_attrs(&method.attrs), signature(&method.sig)));
+            handlers.push((
+                model,
+                cfg_attrs(&method.attrs),
+                signature(&method.sig),
+                settings,
+            ));
         }
     }
     if let Some(errors) = cx.finish() {
@@ -163,24 +166,28 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
 
     let self_ty = &item.self_ty;
     // Pushed one by one, so a handler behind `#[cfg(...)]` is registered only when it exists.
-    let handler_pushes = handlers.iter().map(|(handler, cfgs, (takes, gives))| {
-        let handler = match handler {
-            HandlerModel::Consume(consume) => consume_handler(consume),
-            HandlerModel::Publish(publish) => publish_handler(publish),
-            HandlerModel::RpcMethod(rpc) => rpc_method_handler(rpc),
-            HandlerModel::RpcClient(client) => rpc_client_handler(client),
-            HandlerModel::Execute(execute) => execute_handler(execute),
-            HandlerModel::Sse(sse) => sse_handler(sse),
-        };
-        quote! {
-            #(#cfgs)*
-            handlers.push(::farine::__private::Handler {
-                takes: #takes,
-                gives: #gives,
-                ..#handler
-            });
-        }
-    });
+    let handler_pushes = handlers
+        .iter()
+        .map(|(handler, cfgs, (takes, gives), settings)| {
+            let handler = match handler {
+                HandlerModel::Consume(consume) => consume_handler(consume),
+                HandlerModel::Publish(publish) => publish_handler(publish),
+                HandlerModel::RpcMethod(rpc) => rpc_method_handler(rpc),
+                HandlerModel::RpcClient(client) => rpc_client_handler(client),
+                HandlerModel::Execute(execute) => execute_handler(execute),
+                HandlerModel::Sse(sse) => sse_handler(sse),
+            };
+            let (keys, values): (Vec<_>, Vec<_>) = settings.iter().cloned().unzip();
+            quote! {
+                #(#cfgs)*
+                handlers.push(::farine::__private::Handler {
+                    takes: #takes,
+                    gives: #gives,
+                    settings: &[#((#keys, #values)),*],
+                    ..#handler
+                });
+            }
+        });
     let build = match &args.init {
         Some(init) => quote! {
             #init(section).map_err(::std::convert::Into::into)
@@ -196,6 +203,11 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
             }
         }
     };
+    let own_keys = args.init.is_some().then(|| {
+        quote!(
+            const OWN_KEYS: bool = true;
+        )
+    });
     let type_name = type_ident.to_string();
     quote! {
         #item
@@ -208,6 +220,8 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
                 #(#handler_pushes)*
                 handlers
             }
+
+            #own_keys
 
             fn build(
                 section: &::farine::config::Section,
@@ -224,19 +238,28 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
     }
 }
 
+/// A checked handler: its model, its `#[cfg]` attributes, its signature as written (parameters,
+/// return type) and the config its attribute carries.
+type Handled = (
+    HandlerModel,
+    Vec<Attribute>,
+    (String, String),
+    Vec<(String, String)>,
+);
+
 /// `impl Interface for Service`, each method delegating to the service's own: the compiler
 /// then checks that the service's RPC methods have the interface's exact signatures.
 fn implement_interface(
     item: &ItemImpl,
     interface: &syn::Path,
-    handlers: &[(HandlerModel, Vec<Attribute>, (String, String))],
+    handlers: &[Handled],
 ) -> TokenStream {
     let self_ty = &item.self_ty;
     let methods = item.items.iter().filter_map(|impl_item| {
         let ImplItem::Fn(method) = impl_item else {
             return None;
         };
-        let rpc = handlers.iter().find_map(|(h, cfgs, _)| match h {
+        let rpc = handlers.iter().find_map(|(h, cfgs, ..)| match h {
             HandlerModel::RpcMethod(rpc) if rpc.method == method.sig.ident => Some((rpc, cfgs)),
             _ => None,
         })?;
@@ -310,6 +333,7 @@ fn rpc_method_handler(rpc: &RpcMethod) -> TokenStream {
             name: #name,
             takes: "",
             gives: "",
+            settings: &[],
             kind: ::farine::__private::Declared::Rpc(
                 ::farine::__private::RpcSpec { stream: #stream },
                 |service: ::std::sync::Arc<Self>, mut call: ::farine::__private::RpcCall|
@@ -353,6 +377,7 @@ fn execute_handler(execute: &Execute) -> TokenStream {
             name: #name,
             takes: "",
             gives: "",
+            settings: &[],
             kind: ::farine::__private::Declared::Execute(
                 |service: ::std::sync::Arc<Self>, call: ::farine::execute::Run|
                     -> ::farine::__private::BoxFuture<'static, ::farine::__private::Outcome> {
@@ -380,6 +405,7 @@ fn sse_handler(sse: &Sse) -> TokenStream {
             name: #name,
             takes: "",
             gives: "",
+            settings: &[],
             kind: ::farine::__private::Declared::Sse(
                 |service: ::std::sync::Arc<Self>, call: ::farine::stream::Event|
                     -> ::farine::__private::BoxFuture<'static, ::farine::__private::Outcome> {
@@ -424,6 +450,7 @@ fn rpc_client_handler(client: &RpcClient) -> TokenStream {
             name: #name,
             takes: "",
             gives: "",
+            settings: &[],
             kind: ::farine::__private::Declared::RpcClient(::farine::__private::RpcClientSpec {
                 service: #service,
             }),
@@ -527,6 +554,7 @@ fn consume_handler(consume: &Consume) -> TokenStream {
             name: #name,
             takes: "",
             gives: "",
+            settings: &[],
             kind: ::farine::__private::Declared::Consume(
                 ::farine::__private::ConsumeSpec {
                     exchange: #exchange,
@@ -557,6 +585,7 @@ fn publish_handler(publish: &Publish) -> TokenStream {
             name: #name,
             takes: "",
             gives: "",
+            settings: &[],
             kind: ::farine::__private::Declared::Publish(::farine::__private::PublishSpec {
                 exchange: #exchange,
                 routing_key: #routing_key,

@@ -11,6 +11,7 @@ mod check;
 mod ctxt;
 mod generate;
 mod interface;
+mod keys;
 mod model;
 
 use proc_macro::TokenStream;

@@ -38,6 +38,19 @@ impl AttrKind {
         }
     }
 
+    /// The config keys the attribute may carry besides its own (`#[execute(interval =
+    /// "1s")]`); none for an RPC method, whose settings are the server's (`rpc.<key>`).
+    pub fn settings(self) -> &'static [&'static str] {
+        match self {
+            AttrKind::Consume => crate::keys::CONSUME,
+            AttrKind::Publish => crate::keys::PUBLISH,
+            AttrKind::RpcMethod => &[],
+            AttrKind::RpcClient => crate::keys::RPC_CLIENT,
+            AttrKind::StreamHttp => crate::keys::STREAM_HTTP,
+            AttrKind::Execute => crate::keys::EXECUTE,
+        }
+    }
+
     /// The keys the attribute takes.
     pub fn keys(self) -> &'static [&'static str] {
         match self {
@@ -60,6 +73,8 @@ pub struct HandlerArgs {
     pub stream: bool,
     /// `#[rpc::client("service")]`.
     pub service: Option<String>,
+    /// Config the attribute carries (`interval = "1s"`, `inbox`), as `(key, value)`.
+    pub settings: Vec<(String, String)>,
 }
 
 /// A parameter a handler takes from its call through `farine::FromCall`, whatever its type's

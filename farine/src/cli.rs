@@ -111,11 +111,23 @@ fn run(
             return EXIT_CONFIG;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
+    let (mut builder, described) = match crate::runtime::tokio_builder(&config) {
+        Ok(chosen) => chosen,
+        Err(e) if args.check => {
+            println!("config {}: {e}", path.display());
+            println!("check failed");
+            return EXIT_FAILURE;
+        }
+        Err(e) => {
+            eprintln!("farine: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let runtime = match builder.build() {
+        Ok(runtime) => {
+            tracing::info!(runtime = %described, "tokio runtime built");
+            runtime
+        }
         Err(e) => {
             eprintln!("farine: cannot start the async runtime: {e}");
             return EXIT_FAILURE;
@@ -191,7 +203,7 @@ pub fn list(module: &str, config: Option<&Config>) -> String {
         config.map_or("not loaded, defaults shown", |c| c.file())
     );
     for entry in ServiceEntry::all() {
-        let section = config.and_then(|c| c.section(entry.name).ok());
+        let section = config.and_then(|c| entry.section(c).ok());
         let enabled = section
             .as_ref()
             .map(|s| s.get_or("enabled", true).unwrap_or(true));
@@ -207,7 +219,7 @@ pub fn list(module: &str, config: Option<&Config>) -> String {
         );
         // Without a config, or a section, the defaults: what an empty section resolves to.
         let fallback = Config::from_ini(&format!("[{}]\n", entry.name), "defaults").ok();
-        let default_section = fallback.as_ref().and_then(|c| c.section(entry.name).ok());
+        let default_section = fallback.as_ref().and_then(|c| entry.section(c).ok());
         let Some(section) = section.as_ref().or(default_section.as_ref()) else {
             continue;
         };

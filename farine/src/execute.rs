@@ -1,7 +1,10 @@
 //! `#[execute]`: a method farine runs, and runs again when it returns.
 //!
-//! As in the seed, a method that returns is run again (`restart = true`, the default) after
-//! `interval` (default 0); with `restart = false` it runs once. An `Err` or a panic is a failure:
+//! A method that returns is run again (`restart = true`, the default) after `interval`: by
+//! default [`DEFAULT_INTERVAL`] (one second), so that a method that returns at once is a
+//! ticker, not a busy loop; `interval = 0` is the explicit choice of a tight loop (the Python
+//! package's default). With `restart = false` it runs once. The attribute can carry the
+//! interval the code relies on, `#[execute(interval = "100ms")]`; the config overrides it. An `Err` or a panic is a failure:
 //! the supervisor restarts the method with backoff and counts it against the restart-intensity
 //! limit (`docs/supervision.md`). The method may take a [`Shutdown`] to learn that the process
 //! is stopping; it then has `drain_timeout` to return before it is stopped.
@@ -20,6 +23,9 @@ use crate::handler::{
     CallScope, Connected, Description, HandlerKind, Layers, Outcome, Ready, Task, TaskEnv,
     TaskError, panic_message,
 };
+
+/// The pause before a method that returned is run again, when `interval` is not set.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What an `#[execute]` method looks like once the macro wrapped it.
 pub type ExecuteFn<S> = fn(Arc<S>, Run) -> BoxFuture<'static, Outcome>;
@@ -71,7 +77,7 @@ impl ExecutePlan {
             service,
             handler,
             restart: scoped.get_or("restart", true)?,
-            interval: scoped.get_or("interval", Duration::ZERO)?,
+            interval: scoped.get_or("interval", DEFAULT_INTERVAL)?,
             drain_timeout: scoped.get_or("drain_timeout", Duration::from_secs(30))?,
             transaction: scoped.get_or("transaction", false)?,
             db: None,

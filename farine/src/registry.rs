@@ -10,7 +10,7 @@ use futures_util::future::BoxFuture;
 
 use crate::amqp::message::Message;
 use crate::amqp::topology::ExchangeSettings;
-use crate::config::{ConfigError, Section};
+use crate::config::{Config, ConfigError, Section};
 use crate::consume::{ConsumeSpec, ConsumerPlan};
 use crate::execute::{BoundExecute, ExecuteFn, ExecutePlan};
 use crate::handler::Outcome;
@@ -32,6 +32,9 @@ pub trait Service: Send + Sync + Sized + 'static {
     fn handlers() -> Vec<Handler<Self>>;
     /// Builds the service (`Default`, or the `init` function named in the attribute).
     fn build(section: &Section) -> Result<Self, BoxError>;
+    /// The service reads keys of its own from its section (it is built by an `init`
+    /// function): only a key close to one of farine's is reported as a misspelling.
+    const OWN_KEYS: bool = false;
 }
 
 /// One annotated method.
@@ -42,6 +45,9 @@ pub struct Handler<S> {
     /// Its parameters after `&self` and its return type, as written (for its description).
     pub takes: &'static str,
     pub gives: &'static str,
+    /// The config the attribute carries (`#[execute(interval = "1s")]`), as `(key, value)`:
+    /// the handler's own defaults, which the service's section overrides.
+    pub settings: &'static [(&'static str, &'static str)],
 }
 
 /// What an annotated method is.
@@ -152,7 +158,10 @@ pub struct ServiceEntry {
     pub type_name: &'static str,
     /// The Rust module that declares it.
     pub module_path: &'static str,
+    /// The service reads keys of its own ([`Service::OWN_KEYS`]).
+    pub own_keys: bool,
     describe: fn() -> Vec<HandlerInfo>,
+    code_settings: fn() -> Vec<(&'static str, &'static str, &'static str)>,
     descriptions: fn(&Section) -> Vec<Described>,
     build: fn(&Section) -> Result<Vec<BoundHandler>, BoxError>,
 }
@@ -166,7 +175,9 @@ impl ServiceEntry {
             name: S::NAME,
             type_name,
             module_path,
+            own_keys: S::OWN_KEYS,
             describe: describe::<S>,
+            code_settings: code_settings::<S>,
             descriptions: descriptions::<S>,
             build: build::<S>,
         }
@@ -184,6 +195,12 @@ impl ServiceEntry {
         (self.describe)()
     }
 
+    /// The service's section of `config`, with the settings its handlers' attributes carry
+    /// ([`Config::section_with_code`]); an error when the file has no such section.
+    pub fn section(&self, config: &Config) -> Result<Section, ConfigError> {
+        config.section_with_code(self.name, &(self.code_settings)())
+    }
+
     /// Each handler as `section` (the service's) resolves it: what `--list` prints.
     pub fn describe(&self, section: &Section) -> Vec<Described> {
         (self.descriptions)(section)
@@ -193,6 +210,18 @@ impl ServiceEntry {
     pub(crate) fn build(&self, section: &Section) -> Result<Vec<BoundHandler>, BoxError> {
         (self.build)(section)
     }
+}
+
+fn code_settings<S: Service>() -> Vec<(&'static str, &'static str, &'static str)> {
+    S::handlers()
+        .iter()
+        .flat_map(|handler| {
+            handler
+                .settings
+                .iter()
+                .map(|(key, value)| (handler.name, *key, *value))
+        })
+        .collect()
 }
 
 fn describe<S: Service>() -> Vec<HandlerInfo> {

@@ -193,3 +193,147 @@ async fn more_failures_than_max_restarts_in_the_window_fail_the_service() {
         "the first run and three restarts"
     );
 }
+
+// --- the pause between runs: default, attribute, config -----------------------------------------
+
+/// The instants of each service's runs.
+static PAUSED_RUNS: Mutex<Vec<(&str, Instant)>> = Mutex::new(Vec::new());
+
+fn runs_of(service: &str) -> Vec<Instant> {
+    PAUSED_RUNS
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(s, _)| *s == service)
+        .map(|(_, at)| *at)
+        .collect()
+}
+
+#[derive(Default)]
+struct DefaultPause;
+
+#[farine::service(name = "exec_default_pause")]
+impl DefaultPause {
+    #[execute]
+    async fn run(&self) {
+        PAUSED_RUNS
+            .lock()
+            .unwrap()
+            .push(("exec_default_pause", Instant::now()));
+    }
+}
+
+#[derive(Default)]
+struct AttributePause;
+
+#[farine::service(name = "exec_attribute_pause")]
+impl AttributePause {
+    #[execute(interval = "1h", restart = true)]
+    async fn run(&self) {
+        PAUSED_RUNS
+            .lock()
+            .unwrap()
+            .push(("exec_attribute_pause", Instant::now()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_that_returns_at_once_runs_again_after_a_second_by_default_not_in_a_busy_loop() {
+    let broker = Broker::connect().await;
+    let running = Runtime::new(config(&broker, "exec_default_pause", ""))
+        .services(["exec_default_pause"])
+        .start()
+        .await
+        .expect("starts");
+    assert!(wait_until(BOUND, || runs_of("exec_default_pause").len() >= 2).await);
+    running.stop().await;
+    let runs = runs_of("exec_default_pause");
+    assert!(
+        runs[1] - runs[0] >= Duration::from_millis(950),
+        "the default pause is a second: {:?}",
+        runs[1] - runs[0]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_attributes_interval_is_the_default_and_the_config_overrides_it() {
+    let broker = Broker::connect().await;
+    // The attribute's hour holds with no interval in the section: one run while we look.
+    let running = Runtime::new(config(&broker, "exec_attribute_pause", ""))
+        .services(["exec_attribute_pause"])
+        .start()
+        .await
+        .expect("starts");
+    assert!(wait_until(BOUND, || runs_of("exec_attribute_pause").len() == 1).await);
+    // A second run would need the hour (a tight loop would run thousands of times meanwhile).
+    let again = wait_until(Duration::from_millis(300), || {
+        runs_of("exec_attribute_pause").len() > 1
+    })
+    .await;
+    running.stop().await;
+    assert!(!again, "ran again before the attribute's interval");
+
+    // `interval = 0` in the service's section overrides the attribute: a tight loop, by choice.
+    let running = Runtime::new(config(&broker, "exec_attribute_pause", "interval = 0\n"))
+        .services(["exec_attribute_pause"])
+        .start()
+        .await
+        .expect("starts");
+    assert!(wait_until(BOUND, || runs_of("exec_attribute_pause").len() >= 50).await);
+    running.stop().await;
+}
+
+#[derive(Default)]
+struct BadAttribute;
+
+#[farine::service(name = "exec_bad_attribute")]
+impl BadAttribute {
+    #[execute(interval = "soon")]
+    async fn run(&self) {}
+}
+
+async fn start_error(config: Config, service: &str) -> farine::StartError {
+    match Runtime::new(config).services([service]).start().await {
+        Ok(running) => {
+            running.stop().await;
+            panic!("{service} started");
+        }
+        Err(error) => error,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_is_below_the_attribute_and_a_bad_attribute_value_is_a_config_error_naming_it() {
+    let broker = Broker::connect().await;
+    // [DEFAULT] holds defaults: `interval = 0` there leaves the attribute's hour.
+    let text = format!(
+        "[DEFAULT]\ninterval = 0\n[exec_attribute_pause]\namqp_uri = {}\n",
+        broker.uri()
+    );
+    let before = runs_of("exec_attribute_pause").len();
+    let running = Runtime::new(Config::from_ini(&text, "test.ini").unwrap())
+        .services(["exec_attribute_pause"])
+        .start()
+        .await
+        .expect("starts");
+    assert!(wait_until(BOUND, || runs_of("exec_attribute_pause").len() > before).await);
+    // A tight loop would run thousands of times in this window.
+    let looped = wait_until(Duration::from_millis(300), || {
+        runs_of("exec_attribute_pause").len() > before + 1
+    })
+    .await;
+    running.stop().await;
+    assert!(!looped, "[DEFAULT]'s interval = 0 overrode the attribute");
+
+    let error = start_error(
+        config(&broker, "exec_bad_attribute", ""),
+        "exec_bad_attribute",
+    )
+    .await;
+    let text = error.to_string();
+    assert!(error.is_config(), "{text}");
+    assert!(
+        text.contains("run.interval") && text.contains("from the handler's attribute"),
+        "{text}"
+    );
+}

@@ -19,7 +19,9 @@ pub struct Ledger;
 
 #[farine::service]
 impl Ledger {
-    #[consume(exchange = "ledger", routing_key = "entry")]
+    // `inbox`: each entry runs once, whatever the broker redelivers; the code relies on it, so
+    // the attribute says it (the config can still set `entry.inbox`).
+    #[consume(exchange = "ledger", routing_key = "entry", inbox)]
     async fn entry(&self, entry: Entry) -> Result<(), DbCallError> {
         let db = Db::current();
         let mut conn = db.conn().await?;

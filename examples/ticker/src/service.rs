@@ -6,7 +6,8 @@ use farine::{PublishError, Publisher, execute, publish};
 use serde_json::{Value, json};
 
 /// Publishes `{"tick": n}` to exchange `ticks` (routing key `tick`), n counting up from 1, once
-/// per run; `[ticker] interval` (1 s in `etc/farine.ini`) is the pause between runs.
+/// per run, a second apart: the attribute carries the interval the example relies on, and
+/// `[ticker] interval` (or `tick.interval`) in the config overrides it.
 #[derive(Default)]
 pub struct Ticker {
     ticks: AtomicU64,
@@ -14,7 +15,7 @@ pub struct Ticker {
 
 #[farine::service]
 impl Ticker {
-    #[execute]
+    #[execute(interval = "1s")]
     async fn tick(&self) -> Result<(), PublishError> {
         let n = self.ticks.fetch_add(1, Ordering::Relaxed) + 1;
         self.send(&json!({ "tick": n })).await

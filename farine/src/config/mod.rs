@@ -16,6 +16,7 @@
 
 mod error;
 pub mod ini;
+pub(crate) mod keys;
 pub mod redact;
 mod value;
 
@@ -154,6 +155,57 @@ impl Config {
         Ok(self.merged(name, Some(own)))
     }
 
+    /// The section `name` with the settings a service's code gives its handlers
+    /// (`#[execute(interval = "1s")]`, as `(handler, key, value)`): each is the handler's own
+    /// default, above `[DEFAULT]` and below the section's `<key>` and `<handler>.<key>`, which
+    /// override it. An error when the section does not exist.
+    pub fn section_with_code(
+        &self,
+        name: &str,
+        code: &[(&str, &str, &str)],
+    ) -> Result<Section, ConfigError> {
+        if code.is_empty() {
+            return self.section(name);
+        }
+        let mut own = self
+            .sections
+            .get(name)
+            .ok_or_else(|| ConfigError::MissingSection {
+                file: self.file.to_string(),
+                section: name.to_string(),
+            })?
+            .clone();
+        let mut from_code = BTreeSet::new();
+        for (handler, key, value) in code {
+            let (key, scoped) = (
+                key.to_lowercase(),
+                format!("{handler}.{key}").to_lowercase(),
+            );
+            if own.contains_key(&key) || own.contains_key(&scoped) {
+                continue;
+            }
+            // Taken as written: no `%(name)s` interpolation in code.
+            own.insert(scoped.clone(), value.replace('%', "%%"));
+            from_code.insert(scoped);
+        }
+        let mut section = self.merged(name, Some(&own));
+        Arc::get_mut(&mut section.inner)
+            .expect("not shared yet")
+            .from_code = from_code;
+        Ok(section)
+    }
+
+    /// The keys set in section `name` itself (`[DEFAULT]` for the defaults), not inherited.
+    pub fn own_keys(&self, name: &str) -> impl Iterator<Item = &str> {
+        let own = if name == DEFAULT_SECTION {
+            Some(&self.defaults)
+        } else {
+            self.sections.get(name)
+        };
+        own.into_iter()
+            .flat_map(|values| values.keys().map(String::as_str))
+    }
+
     /// The `[DEFAULT]` section alone (empty when the file has none).
     pub fn defaults(&self) -> Section {
         self.merged(DEFAULT_SECTION, None)
@@ -180,6 +232,7 @@ impl Config {
                 name: name.to_string(),
                 values,
                 from_env,
+                from_code: BTreeSet::new(),
             }),
         }
     }
@@ -259,6 +312,8 @@ struct SectionInner {
     name: String,
     values: BTreeMap<String, String>,
     from_env: BTreeSet<String>,
+    /// Keys set by the service's code (a handler attribute), not by the file.
+    from_code: BTreeSet<String>,
 }
 
 impl Section {
@@ -331,6 +386,8 @@ impl Section {
                 self.name().to_uppercase(),
                 key.to_uppercase()
             )
+        } else if self.inner.from_code.contains(&key) {
+            " (from the handler's attribute in the code)".to_string()
         } else {
             String::new()
         };
@@ -478,6 +535,39 @@ drain_timeout = 2.5
 
     fn sample() -> Config {
         Config::from_ini(SAMPLE, "farine.ini").unwrap()
+    }
+
+    #[test]
+    fn settings_from_code_sit_above_default_and_below_the_sections_own_keys() {
+        let text = "[DEFAULT]\ninterval = 0\nretry_delay = 9\n\n[svc]\nprefetch_count = 5\nwork.restart = false\n";
+        let config = Config::from_ini(text, "f.ini").unwrap();
+        let code = [
+            ("work", "interval", "1s"),
+            ("work", "prefetch_count", "50"),
+            ("work", "restart", "true"),
+            ("work", "pct", "100%"),
+        ];
+        let section = config.section_with_code("svc", &code).unwrap();
+        let work = section.handler("work");
+        // Above [DEFAULT]:
+        assert_eq!(work.get_str("interval").unwrap().as_deref(), Some("1s"));
+        // Below the section's own key and the handler-scoped key:
+        assert_eq!(
+            work.get_str("prefetch_count").unwrap().as_deref(),
+            Some("5")
+        );
+        assert_eq!(work.get_str("restart").unwrap().as_deref(), Some("false"));
+        // Taken literally, and only for its handler:
+        assert_eq!(work.get_str("pct").unwrap().as_deref(), Some("100%"));
+        assert_eq!(
+            section
+                .handler("other")
+                .get_str("interval")
+                .unwrap()
+                .as_deref(),
+            Some("0")
+        );
+        assert!(config.section_with_code("nope", &code).is_err());
     }
 
     #[test]

@@ -57,6 +57,7 @@ integers! {
     // For counts where 0 has no meaning (a prefetch of 0 would be no limit, 0 attempts none).
     std::num::NonZeroU16 => "a whole number from 1 to 65535",
     std::num::NonZeroU32 => "a whole number from 1 to 4294967295",
+    std::num::NonZeroUsize => "a whole number, 1 or more",
 }
 
 impl FromValue for f64 {

@@ -144,8 +144,8 @@ impl Runtime {
         plan::plan(&self.config, &self.module, self.only.as_deref())
     }
 
-    /// What `--check` does: validates the config (every service's section, as start-up would),
-    /// then opens a connection to each broker node and each database the services use and
+    /// What `--check` does: validates the config (every service's section, as start-up would;
+    /// a key farine does not read is an error here, a warning at start), then opens a connection to each broker node and each database the services use and
     /// measures it. Returns one line per check and whether all passed. Nothing is declared
     /// and no message is consumed.
     pub async fn check(self) -> (bool, Vec<String>) {
@@ -154,6 +154,14 @@ impl Runtime {
             Err(e) => return (false, vec![format!("config {}: {e}", self.config.file())]),
         };
         let names: Vec<_> = plans.iter().map(|p| p.entry.name).collect();
+        // A misspelt key is a warning at start and an error here.
+        let unknown = plan::unknown_keys(&self.config, self.only.as_deref());
+        if !unknown.is_empty() {
+            return (
+                false,
+                unknown.into_iter().map(|u| format!("config {u}")).collect(),
+            );
+        }
         let mut lines = vec![format!(
             "config {}: ok (services: {})",
             self.config.file(),
@@ -224,6 +232,9 @@ impl Runtime {
     /// (connections, publishers, pools, tasks) before it returns the error.
     pub async fn start(self) -> Result<Running, StartError> {
         let plans = self.plan()?;
+        for unknown in plan::unknown_keys(&self.config, self.only.as_deref()) {
+            tracing::warn!("{unknown}");
+        }
         let mut running = Running::new();
         let layers = Layers::new(self.layers);
         match running
@@ -237,4 +248,73 @@ impl Runtime {
             }
         }
     }
+}
+
+/// The tokio runtime a service binary runs on, from the config: `runtime = multi_thread` (the
+/// default; `worker_threads` threads, default one per core) or `current_thread` (every task on
+/// the main thread: no cross-thread wake-ups, the lowest latency for a service that a single core
+/// serves). Read from the section of each service of the binary that has one (so `[DEFAULT]`
+/// applies); two services that ask for different runtimes are a config error.
+///
+/// Returns the builder and how it was chosen, for the log (`current_thread`,
+/// `multi_thread, 4 worker threads`).
+pub fn tokio_builder(config: &Config) -> Result<(tokio::runtime::Builder, String), StartError> {
+    let mut chosen: Option<(&'static str, String, Option<std::num::NonZeroUsize>)> = None;
+    for entry in crate::registry::ServiceEntry::all() {
+        let Ok(section) = entry.section(config) else {
+            continue;
+        };
+        let kind = section
+            .get_str("runtime")?
+            .map(|text| text.trim().to_ascii_lowercase())
+            .unwrap_or_else(|| "multi_thread".to_string());
+        if kind != "multi_thread" && kind != "current_thread" {
+            return Err(section
+                .invalid("runtime", &kind, "multi_thread or current_thread")
+                .into());
+        }
+        let threads = section.get::<std::num::NonZeroUsize>("worker_threads")?;
+        if threads.is_some() && kind == "current_thread" {
+            return Err(section
+                .invalid(
+                    "worker_threads",
+                    &threads.map(|n| n.to_string()).unwrap_or_default(),
+                    "no value with runtime = current_thread (it runs on one thread)",
+                )
+                .into());
+        }
+        match &chosen {
+            Some((other, other_kind, other_threads))
+                if *other_kind != kind || *other_threads != threads =>
+            {
+                return Err(StartError::Conflict(format!(
+                    "services `{other}` and `{}` of one process ask for different runtimes ({other_kind}{} and {kind}{}): set `runtime` and `worker_threads` once, in [DEFAULT]",
+                    entry.name,
+                    other_threads
+                        .map(|n| format!(", {n} threads"))
+                        .unwrap_or_default(),
+                    threads
+                        .map(|n| format!(", {n} threads"))
+                        .unwrap_or_default(),
+                )));
+            }
+            Some(_) => {}
+            None => chosen = Some((entry.name, kind, threads)),
+        }
+    }
+    let mut builder = match &chosen {
+        Some((_, kind, _)) if kind == "current_thread" => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let mut described = chosen
+        .as_ref()
+        .map_or_else(|| "multi_thread".to_string(), |(_, kind, _)| kind.clone());
+    if let Some((_, _, Some(threads))) = chosen {
+        builder.worker_threads(threads.get());
+        described.push_str(&format!(", {threads} worker threads"));
+    }
+    builder.enable_all();
+    Ok((builder, described))
 }

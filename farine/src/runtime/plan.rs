@@ -122,7 +122,7 @@ pub(super) fn plan(
             skipped.push(format!("`{0}` has no section [{0}]", entry.name));
             continue;
         }
-        let section = config.section(entry.name)?;
+        let section = entry.section(config)?;
         if !section.get_or("enabled", true)? {
             tracing::info!(
                 service = entry.name,
@@ -345,4 +345,95 @@ fn needs_db(
         }
     }
     Ok(None)
+}
+
+/// The keys of `config` that farine does not read, each as a sentence naming the file, the
+/// section and the key, with the closest known key: a misspelt key is otherwise silently
+/// ignored. In a service's section every unknown key is reported (only near misses when the
+/// service reads keys of its own through `init`); in `[DEFAULT]`, which other programs' services
+/// may share, only near misses.
+pub(super) fn unknown_keys(config: &Config, only: Option<&[String]>) -> Vec<String> {
+    use crate::config::keys;
+    let mut found = Vec::new();
+    let mut report = |section: &str, key: &str, why: String| {
+        found.push(format!(
+            "{} [{section}]: unknown key `{key}`{why}; farine ignores it",
+            config.file()
+        ));
+    };
+    let hint =
+        |near: Option<&str>| near.map_or(String::new(), |n| format!(" (did you mean `{n}`?)"));
+    for key in config.own_keys(crate::config::DEFAULT_SECTION) {
+        let bare = key.rsplit('.').next().unwrap_or(key);
+        if !keys::all().any(|k| k == bare)
+            && let Some(near) = keys::closest(bare, keys::all())
+        {
+            report("DEFAULT", key, hint(Some(near)));
+        }
+    }
+    let entries = ServiceEntry::all()
+        .into_iter()
+        .filter(|entry| only.is_none_or(|only| only.iter().any(|name| name == entry.name)));
+    for entry in entries {
+        let handlers = entry.handlers();
+        let has_rpc = handlers
+            .iter()
+            .any(|h| matches!(h, HandlerInfo::Rpc { .. }));
+        for key in config.own_keys(entry.name) {
+            let (allowed, bare, scope): (Vec<&str>, &str, Option<&str>) = match key.split_once('.')
+            {
+                None => (keys::all().collect(), key, None),
+                Some(("rpc", bare)) if has_rpc => (keys::RPC_SERVER.to_vec(), bare, Some("rpc")),
+                Some((handler, bare)) => match handlers.iter().find(|h| h.name() == handler) {
+                    Some(info) => (handler_keys(info).to_vec(), bare, Some(handler)),
+                    None => {
+                        let names = handlers.iter().map(|h| h.name());
+                        let near = names
+                            .clone()
+                            .find(|n| keys::closest(handler, [*n].into_iter()).is_some());
+                        if !entry.own_keys || near.is_some() {
+                            let listed: Vec<_> = names.collect();
+                            report(
+                                entry.name,
+                                key,
+                                format!(
+                                    ": service `{}` has no handler `{handler}`{} (handlers: {})",
+                                    entry.name,
+                                    hint(near),
+                                    listed.join(", ")
+                                ),
+                            );
+                        }
+                        continue;
+                    }
+                },
+            };
+            if allowed.contains(&bare) {
+                continue;
+            }
+            let near = keys::closest(bare, allowed.iter().copied());
+            if entry.own_keys && near.is_none() {
+                continue;
+            }
+            let why = match scope {
+                Some(handler) => format!(": handler `{handler}` has no key `{bare}`{}", hint(near)),
+                None => hint(near),
+            };
+            report(entry.name, key, why);
+        }
+    }
+    found
+}
+
+/// The keys a handler reads (and its attribute may carry).
+fn handler_keys(info: &HandlerInfo) -> &'static [&'static str] {
+    use crate::config::keys;
+    match info {
+        HandlerInfo::Consume { .. } => keys::CONSUME,
+        HandlerInfo::Publish { .. } => keys::PUBLISH,
+        HandlerInfo::Rpc { .. } => &[],
+        HandlerInfo::RpcClient { .. } => keys::RPC_CLIENT,
+        HandlerInfo::Execute { .. } => keys::EXECUTE,
+        HandlerInfo::Sse { .. } => keys::STREAM_HTTP,
+    }
 }

@@ -3,7 +3,7 @@ pub struct Worker;
 
 #[farine::service]
 impl Worker {
-    #[farine::execute(interval = "1")]
+    #[farine::execute(intervl = "1")]
     async fn configured_in_code(&self) {}
 
     #[farine::stream::http]
