@@ -15,12 +15,25 @@ fn config(text: String) -> Config {
 }
 
 pub fn run(args: &[String], main_started: Instant) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
     let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
+    // W2C runs both sides on tokio's current-thread runtime (farine's `runtime =
+    // current_thread`), everything else on the multi-thread one.
+    let runtime = if arg(0).starts_with("w2c-") {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    }
+    .expect("a tokio runtime");
     match arg(0).as_str() {
+        "w2c-farine" | "w2c-raw" => runtime.block_on(w2c(
+            arg(0) == "w2c-farine",
+            &arg(1),
+            arg(2).parse().expect("a count"),
+        )),
         "w1-farine" => runtime.block_on(w1_farine(&arg(1), &arg(2), &arg(3), &arg(4), &arg(5))),
         "w1-raw" => runtime.block_on(async {
             let n: usize = arg(3).parse().expect("a count");
@@ -146,4 +159,62 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ConnectedAt {
             slot.get_or_insert_with(Instant::now);
         }
     }
+}
+
+/// W2C: `n` sequential echo calls, client and server in this process on a current-thread
+/// runtime, through farine or hand-written lapin; prints p50 and p99 in µs.
+async fn w2c(farine_side: bool, uri: &str, n: usize) {
+    use serde_json::{Value, json};
+    let payload = json!({"text": "hello", "n": 1});
+    let mut latencies = Vec::with_capacity(n);
+    let cpu_before;
+    if farine_side {
+        let config = config(format!(
+            "[bench_echo]\namqp_uri = {uri}\nprefetch_count = 64\n"
+        ));
+        let server = Runtime::new(config)
+            .services(["bench_echo"])
+            .start()
+            .await
+            .expect("the echo service starts");
+        let client = farine::rpc::Client::connect(uri, "bench_echo", Duration::from_secs(30))
+            .await
+            .expect("the client connects");
+        for _ in 0..200 {
+            client
+                .call::<Value>("echo", (&payload,))
+                .await
+                .expect("echo");
+        }
+        cpu_before = cpu_us();
+        for _ in 0..n {
+            let started = Instant::now();
+            client
+                .call::<Value>("echo", (&payload,))
+                .await
+                .expect("echo");
+            latencies.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+        server.stop().await;
+    } else {
+        let server = crate::raw::EchoServer::start(uri, 64, crate::raw::Wire::Minimal).await;
+        let (client, _conn) = crate::raw::EchoClient::connect(uri, &server).await;
+        for _ in 0..200 {
+            client.echo(&payload).await;
+        }
+        cpu_before = cpu_us();
+        for _ in 0..n {
+            let started = Instant::now();
+            client.echo(&payload).await;
+            latencies.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let cpu = cpu_us() - cpu_before;
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies[((n as f64 * q) as usize).min(n - 1)];
+    println!(
+        "result p50_us={:.1} p99_us={:.1} cpu_us={cpu}",
+        at(0.5),
+        at(0.99)
+    );
 }

@@ -70,7 +70,7 @@ fn main() {
             "--only" => options.only = Some(value().split(',').map(str::to_string).collect()),
             other => {
                 eprintln!(
-                    "usage: farine-bench [--runs N] [--scale F] [--only W1,W2,W3,W3W,W4,MEM,START] (unknown: {other})"
+                    "usage: farine-bench [--runs N] [--scale F] [--only W1,W2,W2C,W3,W3W,W4,MEM,START] (unknown: {other})"
                 );
                 std::process::exit(2);
             }
@@ -121,6 +121,9 @@ async fn orchestrate(options: Options) {
     }
     if options.wants("W2") || options.wants("W3") || options.wants("W3W") {
         rows.extend(rpc(&options).await);
+    }
+    if options.wants("W2C") {
+        rows.extend(w2c(&options));
     }
     if options.wants("W4") {
         rows.extend(w4(&options, &admin).await);
@@ -451,6 +454,48 @@ async fn w1(options: &Options, admin: &Connection) -> Row {
         }
     }
     row
+}
+
+/// W2C: W2's sequential calls with each side alone in a process of its own on tokio's
+/// current-thread runtime (farine with `runtime = current_thread`), the sides alternating run
+/// by run, each run's sides `rounds` processes each, alternating.
+fn w2c(options: &Options) -> Vec<Row> {
+    let n = options.count(5_000);
+    let mut p50 = Row {
+        name: format!("W2C RPC latency, current-thread runtime, {n} sequential calls: p50"),
+        unit: "µs",
+        lower_is_better: true,
+        ..Default::default()
+    };
+    let mut p99 = Row {
+        name: "W2C RPC latency, current-thread runtime: p99".into(),
+        unit: "µs",
+        lower_is_better: true,
+        ..Default::default()
+    };
+    let n_text = n.to_string();
+    for run in 0..options.runs {
+        for side in sides(run) {
+            let role = if side == "farine" {
+                "w2c-farine"
+            } else {
+                "w2c-raw"
+            };
+            let fields = run_child(&[role, &options.uri, &n_text]);
+            let cpu_us_per_op = field(&fields, "cpu_us") / n as f64;
+            let (median, tail) = (field(&fields, "p50_us"), field(&fields, "p99_us"));
+            eprintln!("  W2C run {run} {side}: p50 {median:.0} µs, p99 {tail:.0} µs");
+            let sample = |value| Sample {
+                value,
+                broker_cpu: 0.0,
+                peak_rss_kib: None,
+                cpu_us_per_op,
+            };
+            push(&mut p50, side, sample(median));
+            push(&mut p99, side, sample(tail));
+        }
+    }
+    vec![p50, p99]
 }
 
 fn sides(run: usize) -> [&'static str; 2] {
