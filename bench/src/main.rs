@@ -111,7 +111,7 @@ async fn orchestrate(options: Options) {
         "farine-bench: {} run(s) per workload and side, scale {}, broker {}",
         options.runs,
         options.scale,
-        farine::config::redact::redact_uri(&options.uri)
+        farine::__private::redact_uri(&options.uri)
     );
     let admin = raw::connect(&options.uri).await;
     let mut rows: Vec<Row> = Vec::new();

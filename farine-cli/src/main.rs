@@ -135,7 +135,7 @@ fn check_config_file(flag: Option<&Path>) -> u8 {
             return EXIT_FAILURE;
         }
     };
-    let (ok, lines) = runtime.block_on(farine::runtime::check::config_file(&config));
+    let (ok, lines) = runtime.block_on(farine::__private::config_file(&config));
     for line in lines {
         println!("{line}");
     }

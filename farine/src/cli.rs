@@ -50,20 +50,9 @@ pub struct Args {
     pub log_level: Option<String>,
 }
 
-/// Runs the binary of module `module` (its package name) with the process's arguments.
-pub fn main(module: &'static str) -> ExitCode {
-    main_with_migrations(module, &[])
-}
-
-/// As [`main`], applying `migrations` at start to each database the services use.
-pub fn main_with_migrations(
-    module: &'static str,
-    migrations: &'static [crate::db::EmbeddedMigration],
-) -> ExitCode {
-    main_with(module, migrations, Vec::new())
-}
-
-/// As [`main_with_migrations`], with `layers` around every handler call and send (what
+/// Runs the binary of module `module` (its package name) with the process's arguments,
+/// applying `migrations` at start to each database the services use, with `layers` around
+/// every handler call and send (what
 /// `farine::main!(layers = [...])` passes).
 pub fn main_with(
     module: &'static str,

@@ -4,6 +4,7 @@
 /// Why a body could not be decoded into the handler's type.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("body does not decode as {type_name}: {cause}")]
+#[non_exhaustive]
 pub struct DecodeError {
     pub type_name: &'static str,
     pub cause: String,

@@ -34,20 +34,25 @@
 //! shutdown) and [`cli`] (the command line of a service binary).
 
 pub mod amqp;
-pub mod cli;
+mod cli;
+#[doc = include_str!("docs/configuration.md")]
 pub mod config;
 mod consume;
+#[doc = include_str!("docs/db.md")]
 pub mod db;
 mod decode;
 pub mod execute;
 mod handler;
 mod ids;
 pub mod log;
-pub mod registry;
+mod registry;
+#[doc = include_str!("docs/rpc.md")]
 pub mod rpc;
-pub mod runtime;
+mod runtime;
 mod sse;
 
+#[doc = include_str!("docs/stream.md")]
+///
 /// `#[stream::http]`: a handler for each event of an HTTP Server-Sent-Events stream (the seed's
 /// `stream.http`), and the [`Event`](stream::Event) handle such a handler can ask for.
 pub mod stream {
@@ -55,6 +60,8 @@ pub mod stream {
     pub use farine_macros::stream_http as http;
 }
 
+#[doc = include_str!("docs/layer.md")]
+///
 /// Middleware: layers around every handler call and every send ([`Layer`](layer::Layer)),
 /// added with [`Runtime::layer`] or `farine::main!(layers = [...])`.
 pub mod layer {
@@ -67,9 +74,17 @@ pub use amqp::message::{Headers, Message, SettleError};
 pub use amqp::publisher::{PublishError, PublishOptions, Publisher};
 pub use db::{Db, DbCallError};
 pub use decode::DecodeError;
-pub use farine_macros::{consume, execute, publish, service};
+#[doc = include_str!("docs/consume.md")]
+pub use farine_macros::consume;
+#[doc = include_str!("docs/execute.md")]
+pub use farine_macros::execute;
+#[doc = include_str!("docs/publish.md")]
+pub use farine_macros::publish;
+#[doc = include_str!("docs/service.md")]
+pub use farine_macros::service;
 pub use handler::{FromCall, Rejection, Shutdown};
-pub use runtime::{RunError, Running, Runtime, StartError};
+pub use registry::BoxError;
+pub use runtime::{DEFAULT_AMQP_URI, RunError, Running, Runtime, ServiceFailed, StartError};
 
 /// Gives a service package its `main`: `farine::main!();` in `src/main.rs` declares the
 /// package's `service` module (`src/service.rs`), embeds the package's `migrations/` folder
@@ -77,6 +92,8 @@ pub use runtime::{RunError, Running, Runtime, StartError};
 /// `farine::main!(services);` names another module; `farine::main!(layers = [Timing])` (or
 /// `farine::main!(services, layers = [...])`) puts layers around every call
 /// ([`layer`]).
+///
+#[doc = include_str!("docs/cli.md")]
 #[macro_export]
 macro_rules! main {
     () => {
@@ -91,7 +108,7 @@ macro_rules! main {
     ($module:ident, layers = [$($layer:expr),* $(,)?]) => {
         mod $module;
         fn main() -> ::std::process::ExitCode {
-            $crate::cli::main_with(
+            $crate::__private::main_with(
                 ::std::env!("CARGO_PKG_NAME"),
                 $crate::__private::embed_migrations!(),
                 ::std::vec![$(::std::sync::Arc::new($layer) as ::std::sync::Arc<dyn $crate::layer::Layer>),*],
@@ -100,8 +117,26 @@ macro_rules! main {
     };
 }
 
+/// What the macros expand to, and what farine's own tests and tools reach into. Not part of
+/// the API: anything here may change in any release.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::cli::{list, main_with};
+    pub use crate::config::redact::redact_uri;
+    pub use crate::db::EmbeddedMigration;
+    pub use crate::runtime::check::config_file;
+    pub use crate::runtime::tokio_builder;
+
+    /// The transport's parts, for tests that build them by hand.
+    pub mod amqp {
+        pub use crate::amqp::connection::{
+            ConnectError, Connector, ConnectorSettings, NodeSelector,
+        };
+        pub use crate::amqp::publisher::PublisherSettings;
+        pub use crate::amqp::topology::{ExchangeSettings, QueueSettings};
+        pub use crate::rpc::client::ROUTE_CHECK_INTERVAL;
+    }
+
     pub use crate::consume::ConsumeSpec;
     pub use crate::handler::Layers;
     pub use crate::handler::{IntoOutcome, Outcome, Shutdown};

@@ -128,6 +128,7 @@ impl<T: DeserializeOwned + 'static> FromCall<Event> for T {
 
 /// Where a fresh start (no position yet) begins.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum StartFrom {
     /// No `Last-Event-ID`: what the server sends to a new subscriber.
     End,
@@ -139,6 +140,7 @@ pub enum StartFrom {
 
 /// What happens when a handler still fails after `max_attempts`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum OnError {
     /// Log the event and its error, and go on with the next.
     Skip,
@@ -301,6 +303,7 @@ impl Position {
 
 /// Why a listener's task failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SseError {
     #[error(
         "the handler failed on event {id:?} after {attempts} attempts (on_error = stop): {cause}"

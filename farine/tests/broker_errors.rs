@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{BOUND, config, start_error};
-use farine::amqp::connection::{ConnectError, Connector};
-use farine::amqp::publisher::PublisherSettings;
-use farine::amqp::topology::{ExchangeSettings, QueueSettings};
+use farine::__private::amqp::PublisherSettings;
+use farine::__private::amqp::{ConnectError, Connector};
+use farine::__private::amqp::{ExchangeSettings, QueueSettings};
 use farine::rpc::{Client, RpcError};
 use farine::{BrokerError, PublishError, Publisher, Resource, Runtime, consume, publish};
 use farine_test_support::proxy::Proxy;

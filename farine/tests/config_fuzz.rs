@@ -201,7 +201,7 @@ fn read_everything(runtime: &tokio::runtime::Runtime, text: &str) {
     let Ok(config) = Config::from_ini(text, "fuzz.ini") else {
         return;
     };
-    let listed = farine::cli::list("fuzz", Some(&config));
+    let listed = farine::__private::list("fuzz", Some(&config));
     assert!(
         !listed.contains("secret"),
         "--list printed a password:\n{listed}"

@@ -461,7 +461,7 @@ fn written(id: &str) -> Vec<u32> {
 
 fn dead_letter_error(letter: &farine_test_support::Received) -> String {
     let headers = letter.properties.headers().clone().unwrap_or_default();
-    match headers.inner().get(farine::amqp::message::ERROR_HEADER) {
+    match headers.inner().get(farine::amqp::ERROR_HEADER) {
         Some(lapin::types::AMQPValue::LongString(text)) => text.to_string(),
         other => panic!("no error header on the dead letter: {other:?}"),
     }

@@ -8,9 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{BOUND, config};
-use farine::amqp::message::{
-    ATTEMPT_HEADER, ERROR_HEADER, EXCHANGE_HEADER, QUEUE_HEADER, REASON_HEADER,
-};
+use farine::amqp::{ATTEMPT_HEADER, ERROR_HEADER, EXCHANGE_HEADER, QUEUE_HEADER, REASON_HEADER};
 use farine::{Message, Runtime, consume};
 use farine_test_support::{Broker, Received, unique, wait_until};
 use lapin::types::AMQPValue;

@@ -180,7 +180,9 @@ async fn more_failures_than_max_restarts_in_the_window_fail_the_service() {
     let result = tokio::time::timeout(BOUND, running.run_until_signal())
         .await
         .expect("the runtime stops by itself");
-    let RunError::ServiceFailed(failure) = result.expect_err("the service failed");
+    let Err(RunError::ServiceFailed(failure)) = result else {
+        panic!("the service failed: {result:?}");
+    };
     let text = failure.to_string();
     assert_eq!(
         (failure.service, failure.handler),

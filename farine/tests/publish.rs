@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{BOUND, config};
-use farine::amqp::connection::Connector;
-use farine::amqp::topology::ExchangeSettings;
-use farine::amqp::{ExchangeKind, publisher::PublisherSettings};
+use farine::__private::amqp::Connector;
+use farine::__private::amqp::ExchangeSettings;
+use farine::__private::amqp::PublisherSettings;
+use farine::amqp::ExchangeKind;
 use farine::{BrokerError, PublishError, PublishOptions, Publisher, Runtime, consume, publish};
 use farine_test_support::proxy::Proxy;
 use farine_test_support::{Broker, unique, wait_until};
@@ -240,11 +241,9 @@ async fn a_mandatory_publish_nobody_receives_is_a_typed_no_route_error_naming_ex
     let error = publisher
         .publish_with(
             &json!({}),
-            PublishOptions {
-                mandatory: Some(true),
-                routing_key: Some("nobody.listens".into()),
-                ..Default::default()
-            },
+            PublishOptions::new()
+                .mandatory(true)
+                .routing_key("nobody.listens"),
         )
         .await
         .expect_err("no queue is bound");
@@ -329,10 +328,7 @@ async fn every_message_gets_a_unique_message_id_unless_it_brings_its_own() {
     let (publisher, observer) = observed(&broker, "ids-x", broker.uri(), BOUND).await;
     publisher.publish(&json!(1)).await.unwrap();
     publisher.publish(&json!(2)).await.unwrap();
-    let own = PublishOptions {
-        message_id: Some("mine".into()),
-        ..Default::default()
-    };
+    let own = PublishOptions::new().message_id("mine");
     publisher.publish_with(&json!(3), own).await.unwrap();
     let received = broker.wait_for_messages(&observer, 3, BOUND).await;
     let ids: Vec<String> = received
@@ -353,14 +349,12 @@ async fn every_message_gets_a_unique_message_id_unless_it_brings_its_own() {
 async fn per_message_properties_reach_the_consumer() {
     let broker = Broker::connect().await;
     let (publisher, observer) = observed(&broker, "props-x", broker.uri(), BOUND).await;
-    let options = PublishOptions {
-        message_type: Some("order.created".into()),
-        correlation_id: Some("c-1".into()),
-        reply_to: Some("replies".into()),
-        expiration: Some(Duration::from_secs(60)),
-        priority: Some(3),
-        ..Default::default()
-    };
+    let options = PublishOptions::new()
+        .message_type("order.created")
+        .correlation_id("c-1")
+        .reply_to("replies")
+        .expiration(Duration::from_secs(60))
+        .priority(3);
     publisher.publish_with(&json!(1), options).await.unwrap();
     publisher.publish(&json!(2)).await.unwrap();
     let received = broker.wait_for_messages(&observer, 2, BOUND).await;
@@ -389,24 +383,12 @@ async fn a_routing_key_or_property_longer_than_amqp_carries_is_an_error_and_the_
     let cases = [
         (
             "routing key",
-            PublishOptions {
-                routing_key: Some(long.clone()),
-                ..Default::default()
-            },
+            PublishOptions::new().routing_key(long.clone()),
         ),
-        (
-            "message id",
-            PublishOptions {
-                message_id: Some(long.clone()),
-                ..Default::default()
-            },
-        ),
+        ("message id", PublishOptions::new().message_id(long.clone())),
         (
             "correlation id",
-            PublishOptions {
-                correlation_id: Some(long.clone()),
-                ..Default::default()
-            },
+            PublishOptions::new().correlation_id(long.clone()),
         ),
     ];
     for (field, options) in cases {

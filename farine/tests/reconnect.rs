@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{BOUND, start_error};
-use farine::amqp::connection::{Connector, ConnectorSettings, NodeSelector};
+use farine::__private::amqp::{Connector, ConnectorSettings, NodeSelector};
 use farine::config::Config;
 use farine::rpc::{Client, RpcError};
 use farine::{Runtime, consume};

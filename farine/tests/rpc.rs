@@ -803,7 +803,7 @@ async fn a_route_that_goes_away_after_it_was_checked_is_still_reported_as_no_suc
     assert!(matches!(error, RpcError::NoSuchMethod { .. }), "{error}");
     // Once the second is over, the route is checked again: known from the confirm, before the
     // timeout.
-    tokio::time::sleep(farine::rpc::client::ROUTE_CHECK_INTERVAL).await;
+    tokio::time::sleep(farine::__private::amqp::ROUTE_CHECK_INTERVAL).await;
     let started = Instant::now();
     let error = client.call::<u32>("echo", (4,)).await.unwrap_err();
     assert!(matches!(error, RpcError::NoSuchMethod { .. }), "{error}");

@@ -1,7 +1,7 @@
 //! The seed's Overview: a service that listens to an HTTP stream and sends each event on over
 //! RPC, to `examples/rpc`'s `server`.
 
-use farine::registry::BoxError;
+use farine::BoxError;
 use farine::rpc::RpcError;
 use farine::{Publisher, publish};
 use rpc::ServerApiClient;

@@ -23,6 +23,7 @@ use crate::config::redact::redact_uri;
 
 /// A failure to reach the broker. Never contains the password.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConnectError {
     /// Every node refused or failed; `causes` has one entry per node, naming its host and port.
     #[error("cannot connect to AMQP broker {}", .causes.join("; "))]

@@ -11,6 +11,7 @@ use std::fmt;
 
 /// What a broker error is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Resource {
     Exchange(String),
     Queue(String),
@@ -48,6 +49,7 @@ impl fmt::Display for Resource {
 
 /// A refusal from the broker, or the loss of the connection to it. Never contains a password.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum BrokerError {
     /// 312: a `mandatory` message matched no queue and was returned.
     #[error(

@@ -120,6 +120,7 @@ struct Inner {
 
 /// Why a message could not be settled.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SettleError {
     /// The message was acked, nacked or rejected before.
     #[error("message {delivery_tag} was already settled")]

@@ -3,14 +3,15 @@
 //! handle. Nothing here knows of handler kinds, the runtime, the database or the registry
 //! (`docs/architecture.md`).
 
-pub mod connection;
+pub(crate) mod connection;
 pub(crate) mod consuming;
-pub mod dead_letter;
-pub mod error;
-pub mod message;
-pub mod publisher;
-pub mod topology;
+pub(crate) mod dead_letter;
+pub(crate) mod error;
+pub(crate) mod message;
+pub(crate) mod publisher;
+pub(crate) mod topology;
 
 pub use error::{BrokerError, Resource};
 pub use lapin::ExchangeKind;
 pub use lapin::types::{AMQPValue, FieldTable};
+pub use message::{ATTEMPT_HEADER, ERROR_HEADER, EXCHANGE_HEADER, QUEUE_HEADER, REASON_HEADER};

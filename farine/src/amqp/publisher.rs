@@ -24,6 +24,7 @@ use super::topology::ExchangeSettings;
 
 /// A failure to publish, naming the exchange and what to do about it.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PublishError {
     #[error(
         "publisher `{service}.{method}` was used outside a running farine service: start the service with farine, or pass a Publisher yourself (`{method}_with`)"
@@ -94,6 +95,7 @@ impl From<ConnectError> for PublishError {
 /// Per-message options of [`Publisher::publish_with`]. The defaults are those of
 /// [`Publisher::publish`]: the publisher's routing key, persistent, JSON, not mandatory.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct PublishOptions {
     /// Overrides the publisher's routing key.
     pub routing_key: Option<String>,
@@ -115,6 +117,82 @@ pub struct PublishOptions {
     pub content_type: Option<String>,
     /// The `type` property (the message's type name).
     pub message_type: Option<String>,
+}
+
+impl PublishOptions {
+    /// The defaults: what [`Publisher::publish`] sends. Each method below sets one option:
+    /// `PublishOptions::new().routing_key("order.paid").message_id("o-42")`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sends with this routing key instead of the publisher's.
+    pub fn routing_key(mut self, key: impl Into<String>) -> Self {
+        self.routing_key = Some(key.into());
+        self
+    }
+
+    /// Sends these headers (AMQP field table).
+    pub fn headers(mut self, headers: FieldTable) -> Self {
+        self.headers = Some(headers);
+        self
+    }
+
+    /// Sends this message id instead of a unique one.
+    pub fn message_id(mut self, id: impl Into<String>) -> Self {
+        self.message_id = Some(id.into());
+        self
+    }
+
+    /// Sends this correlation id.
+    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Sends this reply-to queue name.
+    pub fn reply_to(mut self, queue: impl Into<String>) -> Self {
+        self.reply_to = Some(queue.into());
+        self
+    }
+
+    /// Gives the message this time to live.
+    pub fn expiration(mut self, ttl: Duration) -> Self {
+        self.expiration = Some(ttl);
+        self
+    }
+
+    /// Sends with this priority (for a queue with `x-max-priority`).
+    pub fn priority(mut self, priority: u8) -> Self {
+        self.priority = Some(priority);
+        self
+    }
+
+    /// Persistent (delivery mode 2) or not, instead of the publisher's setting.
+    pub fn persistent(mut self, persistent: bool) -> Self {
+        self.persistent = Some(persistent);
+        self
+    }
+
+    /// Mandatory (returned as [`BrokerError::NoRoute`] when no queue takes it) or not,
+    /// instead of the publisher's setting.
+    pub fn mandatory(mut self, mandatory: bool) -> Self {
+        self.mandatory = Some(mandatory);
+        self
+    }
+
+    /// Sends this content type instead of `application/json` (for
+    /// [`Publisher::publish_bytes`]).
+    pub fn content_type(mut self, content_type: impl Into<String>) -> Self {
+        self.content_type = Some(content_type.into());
+        self
+    }
+
+    /// Sends this `type` property (the message's type name).
+    pub fn message_type(mut self, kind: impl Into<String>) -> Self {
+        self.message_type = Some(kind.into());
+        self
+    }
 }
 
 /// How a publisher publishes.
@@ -204,7 +282,9 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
-    /// A publisher of its own, outside any service (tests, tools).
+    /// A publisher on a connector of the caller's (farine's own tests and benchmarks);
+    /// programs use [`Publisher::connect`].
+    #[doc(hidden)]
     pub fn new(
         connector: Arc<Connector>,
         exchange: ExchangeSettings,

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 /// applies the section and the option, and says what was expected. Values of secret options
 /// and passwords in URIs are masked (see [`crate::config::redact`]).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     #[error(
         "cannot read config file {path}: {source} (the path comes from --config, else FARINE_INI, else /etc/farine.ini)"
@@ -52,6 +53,7 @@ pub enum ConfigError {
 /// An option whose value is not what was expected.
 #[derive(Debug, thiserror::Error)]
 #[error("{file}, section [{section}]: option `{key}` is {value:?}{origin}; expected {expected}")]
+#[non_exhaustive]
 pub struct InvalidValue {
     pub file: String,
     pub section: String,

@@ -15,9 +15,9 @@
 //! from the environment, `FARINE__<SECTION>__<HANDLER>__<KEY>`.
 
 mod error;
-pub mod ini;
+pub(crate) mod ini;
 pub(crate) mod keys;
-pub mod redact;
+pub(crate) mod redact;
 mod value;
 
 use std::collections::{BTreeMap, BTreeSet};

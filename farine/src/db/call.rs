@@ -63,6 +63,7 @@ pub struct Db {
 
 /// Why the database of a call cannot be used.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DbCallError {
     #[error(
         "this handler has no database: set db_connector (and the db_* keys) in its service's section"

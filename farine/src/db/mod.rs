@@ -7,8 +7,8 @@
 //! host, port, database and user, never the password. Queries are runtime queries: building
 //! farine needs no database.
 
-pub mod call;
-pub mod checkpoint;
+pub(crate) mod call;
+pub(crate) mod checkpoint;
 
 pub use call::{Db, DbCallError};
 pub use sqlx;
@@ -23,7 +23,7 @@ pub use sqlx::PgPool;
 
 /// The database settings of a service, when it has any.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct DbSettings {
+pub(crate) struct DbSettings {
     pub host: String,
     pub port: u16,
     pub name: String,
@@ -43,6 +43,7 @@ impl std::fmt::Debug for DbSettings {
 /// Why the database could not be used. Never contains the password.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot connect to PostgreSQL {target}: {cause}")]
+#[non_exhaustive]
 pub struct DbError {
     pub target: String,
     pub cause: String,
@@ -117,6 +118,7 @@ impl DbSettings {
 /// A migration embedded in the service binary by `farine::main!()` from the package's
 /// `migrations/` folder (files `<version>_<description>.sql`, as sqlx names them).
 #[derive(Debug, Clone, Copy)]
+#[doc(hidden)]
 pub struct EmbeddedMigration {
     pub version: i64,
     pub description: &'static str,

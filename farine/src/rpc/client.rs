@@ -114,6 +114,7 @@ tuple_args!(A, B, C, D, E, F, G, H);
 
 /// Per-call options.
 #[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
 pub struct CallOptions {
     /// Overrides the client's timeout for this call (for a stream: the longest wait for the
     /// next item).
@@ -237,6 +238,7 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     /// A client of `service` on `connector`'s connection; `timeout` bounds each call.
+    #[doc(hidden)]
     pub fn new(connector: Arc<Connector>, service: impl Into<String>, timeout: Duration) -> Self {
         let service = service.into();
         let requests = |confirm: bool| {

@@ -6,9 +6,9 @@
 //! routing key `<service>__<method>` and body `{"args": [...], "kwargs": {...}}`; the replies
 //! go to the caller's `reply_to` queue with the call's `correlation_id`.
 
-pub mod client;
-pub mod server;
-pub mod wire;
+pub(crate) mod client;
+pub(crate) mod server;
+pub(crate) mod wire;
 
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ pub use wire::ErrorKind;
 
 /// A failed call, naming the service, the method and the cause.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum RpcError {
     /// The method ran and failed (returned `Err`, or panicked: `kind` says which when the server
     /// is farine).

@@ -38,6 +38,7 @@ pub struct Request {
 /// What kind of failure an error reply reports (the `kind` of the `error` extension).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ErrorKind {
     /// The method returned an error.
     Remote,
@@ -155,11 +156,6 @@ impl Reply {
             Field::Absent if reply.end == Some(true) => Some(Reply::End),
             Field::Absent => None,
         }
-    }
-
-    /// The JSON body of an item reply.
-    pub fn item_body(value: &Value) -> Vec<u8> {
-        Self::item_bytes(value).unwrap_or_default()
     }
 
     /// The JSON body of one result or stream item, serialised straight from `value`.

@@ -9,12 +9,12 @@
 //! `execute`) and spawned through the same path. It returns once every handler runs, or with
 //! the first error, after closing whatever it had opened. [`Running::stop`] drains and closes.
 
-pub mod check;
+pub(crate) mod check;
 pub(crate) mod context;
 mod health;
 mod plan;
 mod running;
-pub mod shutdown;
+pub(crate) mod shutdown;
 pub(crate) mod supervisor;
 
 use std::sync::Arc;
@@ -26,12 +26,14 @@ use crate::handler::{Layer, Layers};
 use plan::ServicePlan;
 
 pub use running::{RunError, Running};
+pub use supervisor::ServiceFailed;
 
 /// The broker farine connects to when no `amqp_uri` is configured.
 pub const DEFAULT_AMQP_URI: &str = "amqp://guest:guest@127.0.0.1:5672";
 
 /// Why the runtime could not start. Never contains a password.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),

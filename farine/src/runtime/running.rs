@@ -45,6 +45,7 @@ pub struct Running {
 
 /// Why a running runtime stopped on its own.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RunError {
     /// A handler failed more often than its restart policy allows.
     #[error(transparent)]

@@ -44,8 +44,3 @@ impl Signals {
         "SIGINT"
     }
 }
-
-/// Waits for SIGINT or SIGTERM (installing the handlers now) and returns the signal's name.
-pub async fn signal() -> &'static str {
-    Signals::install().recv().await
-}

@@ -67,6 +67,7 @@ impl Policy {
 #[error(
     "service `{service}`, handler `{handler}` failed {failures} times within {window:?} (more than max_restarts = {max_restarts}); last cause: {cause}"
 )]
+#[non_exhaustive]
 pub struct ServiceFailed {
     pub service: &'static str,
     pub handler: &'static str,
