@@ -393,6 +393,12 @@ async fn the_send_order_example_publishes_through_farine_and_the_service_relays_
 
     let received = broker.wait_for_messages(&observer, 1, BOUND).await;
     assert_eq!(received[0].json(), json!({"seen": {"id": 7}}));
+    // The example's watcher left nothing behind: its queue went with its connection, and it
+    // declared no retry or dead-letter queue.
+    for queue in ["", ".retry", ".dead"] {
+        let queue = format!("send_order_watch.seen{queue}");
+        assert_eq!(broker.queue_state(&queue).await, None, "{queue} is left");
+    }
     service.signal(SIGTERM);
     let status = service.wait_exit(BOUND).expect("exits after SIGTERM");
     assert_eq!(status.code(), Some(0), "{}", service.output());

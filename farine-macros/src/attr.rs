@@ -69,7 +69,7 @@ pub fn parse_handler_args(cx: &Ctxt, kind: AttrKind, attr: &Attribute) -> Handle
     if matches!(attr.meta, syn::Meta::Path(_)) {
         return args;
     }
-    // `#[rpc::client("service")]`: the service as a bare string, as in the seed.
+    // `#[rpc::client("service")]`: the service as a bare string, as in the Python framework.
     if kind == AttrKind::RpcClient
         && let Ok(lit) = attr.parse_args::<LitStr>()
     {

@@ -54,7 +54,7 @@ fn standalone(name: &str, args: TokenStream, item: TokenStream) -> TokenStream {
     quote::quote!(#error #item).into()
 }
 
-/// Consumes a queue bound to `exchange` with `routing_key`: see the farine README.
+/// Consumes a queue bound to `exchange` with `routing_key`: its reference is the re-export in `farine` (`cargo doc -p farine`).
 #[proc_macro_attribute]
 pub fn consume(args: TokenStream, item: TokenStream) -> TokenStream {
     standalone("consume", args, item)
@@ -66,19 +66,19 @@ pub fn publish(args: TokenStream, item: TokenStream) -> TokenStream {
     standalone("publish", args, item)
 }
 
-/// A method farine runs, and runs again when it returns: see the farine README.
+/// A method farine runs, and runs again when it returns: its reference is the re-export in `farine` (`cargo doc -p farine`).
 #[proc_macro_attribute]
 pub fn execute(args: TokenStream, item: TokenStream) -> TokenStream {
     standalone("execute", args, item)
 }
 
-/// Exposes a method over RPC under the service's name: see the farine README.
+/// Exposes a method over RPC under the service's name: its reference is the re-export in `farine` (`cargo doc -p farine`).
 #[proc_macro_attribute]
 pub fn rpc_method(args: TokenStream, item: TokenStream) -> TokenStream {
     standalone("rpc::method", args, item)
 }
 
-/// Supplies an RPC client of another service to a method: see the farine README.
+/// Supplies an RPC client of another service to a method: its reference is the re-export in `farine` (`cargo doc -p farine`).
 #[proc_macro_attribute]
 pub fn rpc_client(args: TokenStream, item: TokenStream) -> TokenStream {
     standalone("rpc::client", args, item)
@@ -90,7 +90,7 @@ pub fn rpc_interface(args: TokenStream, item: TokenStream) -> TokenStream {
     interface::expand(args.into(), item.into()).into()
 }
 
-/// A handler for each event of the service's Server-Sent-Events endpoint: see the farine README.
+/// A handler for each event of the service's Server-Sent-Events endpoint: its reference is the re-export in `farine` (`cargo doc -p farine`).
 #[proc_macro_attribute]
 pub fn stream_http(args: TokenStream, item: TokenStream) -> TokenStream {
     standalone("stream::http", args, item)

@@ -168,18 +168,30 @@ impl ConsumerPlan {
     }
 }
 
-/// The name of a companion queue (option `key`): the option's value, `None` for `none`, else
-/// `<queue>.<suffix>`.
+/// The name of a companion queue (option `key`): the handler's own value (`<handler>.<key>`),
+/// `None` for `none`, else `<queue>.<suffix>`. A name is read only per handler (two handlers
+/// must not share a retry queue), but `none` may be set for the whole service.
 fn companion_name(
     scoped: &crate::config::HandlerSection<'_>,
     key: &str,
     queue: &str,
     suffix: &str,
 ) -> Result<Option<String>, ConfigError> {
+    let none = |text: &str| text.trim().eq_ignore_ascii_case("none");
     let name = match scoped.get_own_str(key)? {
-        Some(name) if name.trim().eq_ignore_ascii_case("none") => return Ok(None),
+        Some(name) if none(&name) => return Ok(None),
         Some(name) => name,
-        None => format!("{queue}.{suffix}"),
+        None => match scoped.get_str(key)? {
+            Some(text) if none(&text) => return Ok(None),
+            Some(text) => {
+                let expected = format!(
+                    "none, or a name set for one handler: `{}.{key} = ...`",
+                    scoped.handler()
+                );
+                return Err(scoped.section().invalid(key, &text, expected));
+            }
+            None => format!("{queue}.{suffix}"),
+        },
     };
     amqp_name(scoped, key, name).map(Some)
 }

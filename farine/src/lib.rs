@@ -26,12 +26,12 @@
 //! # fn main() {}
 //! ```
 //!
-//! Where things live, from the floor up (`docs/architecture.md`, which a test checks): [`config`]
-//! (the INI file), [`amqp`] (the transport: connection, topology, publishers, messages), the
-//! handler core (how a call ends, calls in flight, readiness, [`Shutdown`]), [`db`]
-//! (PostgreSQL), one module per handler kind (`consume`, [`rpc`], [`stream`] for SSE,
-//! [`execute`]), [`registry`] (what the macros register), [`runtime`] (start, supervision,
-//! shutdown) and [`cli`] (the command line of a service binary).
+//! The reference is on the items you meet: the attributes ([`macro@service`],
+//! [`macro@consume`], [`macro@publish`], [`macro@execute`], [`rpc`], [`stream`]), the
+//! configuration ([`config`]: every key), the command line ([`main!`]: every flag and exit
+//! status), the database ([`db`]), middleware ([`layer`]), a standalone program's publisher
+//! ([`Publisher::connect`]) and log ([`log`]). How the crate is built inside is
+//! `docs/architecture.md` in the repository.
 
 pub mod amqp;
 mod cli;
@@ -53,7 +53,7 @@ mod sse;
 
 #[doc = include_str!("docs/stream.md")]
 ///
-/// `#[stream::http]`: a handler for each event of an HTTP Server-Sent-Events stream (the seed's
+/// `#[stream::http]`: a handler for each event of an HTTP Server-Sent-Events stream (Python farine's
 /// `stream.http`), and the [`Event`](stream::Event) handle such a handler can ask for.
 pub mod stream {
     pub use crate::sse::{Event, EventId, EventType, OnError, SseError, StartFrom};

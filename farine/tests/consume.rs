@@ -800,3 +800,36 @@ async fn a_prefetch_count_or_max_attempts_out_of_range_is_a_config_error_giving_
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_name_set_for_the_whole_service_is_refused_and_none_is_taken_service_wide() {
+    let broker = Broker::connect().await;
+    for key in ["queue", "retry_queue", "dead_letter_queue"] {
+        let config = config(&broker, "ack_probe", &[(key, "shared")]);
+        let error = start_error(config, "ack_probe", "a shared queue name").await;
+        let text = error.to_string();
+        assert!(error.is_config(), "{text}");
+        assert!(text.contains(&format!("on_message.{key} = ...")), "{text}");
+    }
+
+    // `none` applies to every handler of the service: nothing but the handler's queue.
+    let (exchange, queue) = (unique("none-x"), unique("none-q"));
+    let config = config(
+        &broker,
+        "ack_probe",
+        &[
+            ("on_message.exchange", &exchange),
+            ("on_message.queue", &queue),
+            ("retry_queue", "none"),
+            ("dead_letter_queue", "none"),
+        ],
+    );
+    let running = Runtime::new(config)
+        .services(["ack_probe"])
+        .start()
+        .await
+        .expect("starts");
+    let declared = broker.declared();
+    running.stop().await;
+    assert_eq!(declared.0, vec![queue.clone()], "{declared:?}");
+}

@@ -1,4 +1,4 @@
-//! The seed's Overview: a service that listens to an HTTP stream and sends each event on over
+//! The Python framework README's overview example: a service that listens to an HTTP stream and sends each event on over
 //! RPC, to `examples/rpc`'s `server`.
 
 use farine::BoxError;

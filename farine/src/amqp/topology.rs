@@ -1,6 +1,6 @@
 //! Exchanges and queues: what farine declares for each handler, and how the config changes it.
 //!
-//! The defaults follow the seed: exchanges are `direct`, durable and not auto-deleted; queues are
+//! The defaults are the Python framework's: exchanges are `direct`, durable and not auto-deleted; queues are
 //! durable; each `#[consume]` handler has a queue of its own named `<service>.<handler>`, so two
 //! handlers of a service never take each other's messages while several processes of one service
 //! share each queue as competing consumers. `docs/topology.md` is the full account.
@@ -201,7 +201,16 @@ impl QueueSettings {
     ) -> Result<Self, ConfigError> {
         let name = match handler.get_own_str("queue")? {
             Some(name) => name,
-            None => declared.map(str::to_string).unwrap_or(default_name),
+            None => {
+                if let Some(text) = handler.get_str("queue")? {
+                    let expected = format!(
+                        "a name set for one handler (`{}.queue = ...`): handlers sharing a queue take each other's messages",
+                        handler.handler()
+                    );
+                    return Err(handler.section().invalid("queue", &text, expected));
+                }
+                declared.map(str::to_string).unwrap_or(default_name)
+            }
         };
         Ok(Self {
             name: amqp_name(handler, "queue", name)?,
@@ -335,10 +344,10 @@ mod tests {
         assert!(!exchange.durable);
         let queue = QueueSettings::from_config(&handler, Some("attr"), "x".into()).unwrap();
         assert_eq!(queue.name, "mine");
-        // A section-wide `queue` is not taken: handlers would share it.
+        // A section-wide `queue` is refused: handlers would share it.
         let other = section.handler("other");
-        let queue = QueueSettings::from_config(&other, Some("attr"), "x".into()).unwrap();
-        assert_eq!(queue.name, "attr");
+        let error = QueueSettings::from_config(&other, Some("attr"), "x".into()).unwrap_err();
+        assert!(error.to_string().contains("`other.queue = ...`"), "{error}");
     }
 
     #[test]

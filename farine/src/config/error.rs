@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 /// What can be wrong with farine's configuration. Each error names the file, and where it
 /// applies the section and the option, and says what was expected. Values of secret options
-/// and passwords in URIs are masked (see [`crate::config::redact`]).
+/// and passwords in URIs are masked (never shown in full).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {

@@ -1,4 +1,4 @@
-//! A parser for the INI dialect of Python's `configparser`, the one the seed's users write.
+//! A parser for the INI dialect of Python's `configparser`.
 //!
 //! The `config` crate reads INI through `rust-ini`, whose rules differ from configparser's in ways
 //! that bite real files: it strips inline `;`/`#` comments (a password containing `#` is cut short)

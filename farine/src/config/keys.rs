@@ -84,7 +84,6 @@ pub const STREAM_HTTP: &[&str] = &[
     "reconnect_delay_max",
     "retry_delay",
     "max_attempts",
-    "drain_timeout",
     "transaction",
     "restart_delay",
     "restart_delay_max",

@@ -1,8 +1,7 @@
 //! The INI configuration: where it is found, how it is read, and typed access to its values.
 //!
 //! farine reads one INI file: the path given by `--config`, else the `FARINE_INI` environment
-//! variable, else `/etc/farine.ini`. It follows Python configparser's semantics, which the seed's
-//! users know (see [`ini`] for the syntax):
+//! variable, else `/etc/farine.ini`. It follows Python configparser's semantics:
 //! - values in `[DEFAULT]` are inherited by every section that does not set them itself;
 //! - option names are case-insensitive (section names are not);
 //! - `%(name)s` refers to another option of the same section (or of `[DEFAULT]`), `%%` is a `%`;
@@ -11,7 +10,7 @@
 //! Environment variables `FARINE__<SECTION>__<KEY>` override the file (`FARINE__DEFAULT__AMQP_URI`,
 //! `FARINE__RELAY__PREFETCH_COUNT`); they are read with the `config` crate's environment source
 //! and taken literally (no `%` interpolation). Keys of a handler can be scoped to it:
-//! `<handler>.<key>` in the service's section wins over `<key>` (see [`Section::handler`]);
+//! `<handler>.<key>` in the service's section wins over `<key>` (see [`Section::handler`](crate::config::Section::handler));
 //! from the environment, `FARINE__<SECTION>__<HANDLER>__<KEY>`.
 
 mod error;
@@ -490,6 +489,11 @@ impl HandlerSection<'_> {
     /// The handler's section.
     pub fn section(&self) -> &Section {
         self.section
+    }
+
+    /// The handler's name.
+    pub fn handler(&self) -> &str {
+        self.handler
     }
 
     /// The value of `<handler>.<key>` only, for keys that must not be shared between handlers.

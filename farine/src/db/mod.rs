@@ -1,6 +1,6 @@
 //! PostgreSQL: the pool a service gets when its section configures a database.
 //!
-//! The keys are the seed's, read from `[DEFAULT]` or the service's section: `db_connector`
+//! The keys are the Python framework's, read from `[DEFAULT]` or the service's section: `db_connector`
 //! (`postgres`), `db_host`, `db_port` (5432), `db_name`, `db_user`, `db_password`,
 //! `db_max_conn` (max connections, 10), `db_stale_timeout` (idle timeout, 300 s), `db_timeout`
 //! (acquire timeout, 30 s). At start farine connects once and fails fast with an error naming

@@ -34,7 +34,7 @@ use crate::amqp::topology::{ExchangeSettings, private_queue};
 /// How long a method's confirmed route is trusted before a call checks it again.
 pub const ROUTE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The default bound on a call, as in the seed (config key `rpc_timeout`).
+/// The default bound on a call (config key `rpc_timeout`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The arguments of a call: positional (`arg`) and by name (`kwarg`).
@@ -283,7 +283,7 @@ impl Client {
     }
 
     /// A client of its own connection to `uri`, outside any service (tests, tools), as the
-    /// seed's `rpc.Client('server', timeout)`.
+    /// Python framework's `rpc.Client('server', timeout)`.
     pub async fn connect(uri: &str, service: &str, timeout: Duration) -> Result<Self, RpcError> {
         let name = crate::amqp::connection::connection_name(
             &crate::amqp::connection::program_name(),

@@ -1,4 +1,4 @@
-//! RPC over AMQP: `#[rpc::method]` on the server side, [`Client`] (and `#[rpc::client]`, and the
+//! RPC over AMQP: `#[rpc::method]` on the server side, [`Client`](crate::rpc::Client) (and `#[rpc::client]`, and the
 //! typed clients of `#[rpc::interface]`) on the calling side.
 //!
 //! The wire format is baguette-messaging's, so services written with either framework call each

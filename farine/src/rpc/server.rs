@@ -227,7 +227,7 @@ impl Arguments {
 
 impl RpcCall {
     /// Matches positional arguments to `names` in order and keyword arguments by name. Keyword
-    /// arguments named `__x__` are protocol flags (the seed's `__stream__`) and are ignored.
+    /// arguments named `__x__` are protocol flags (the Python framework's `__stream__`) and are ignored.
     pub fn arguments(&mut self, names: &'static [&'static str]) -> Result<Arguments, ErrorBody> {
         let state = &self.state;
         let args = std::mem::take(&mut self.request.args);

@@ -1,6 +1,6 @@
 //! Which running runtime a `#[publish]` method belongs to.
 //!
-//! Callers call a `#[publish]` method without its publisher, as in the seed; the generated code
+//! Callers call a `#[publish]` method without its publisher, as in the Python framework; the generated code
 //! asks [`publisher_and_layers`] for it. Every handler runs inside the scope of its runtime
 //! ([`CallScope`], holding the runtime's [`Shared`]), so the lookup is exact even with several
 //! runtimes in one process (tests). Outside a handler (a
