@@ -32,6 +32,11 @@
 //! status), the database ([`db`]), middleware ([`layer`]), a standalone program's publisher
 //! ([`Publisher::connect`]) and log ([`log`]). How the crate is built inside is
 //! `docs/architecture.md` in the repository.
+//!
+//! Cargo features, both on by default: `db` (PostgreSQL through sqlx: the `db_*` keys,
+//! [`Db`], transactions, the inbox, migrations, stream checkpoints) and `sse`
+//! (`#[stream::http]` through eventsource-client). With `default-features = false` neither
+//! crate is compiled; a config that names a database is then refused at start.
 
 pub mod amqp;
 mod cli;
@@ -49,8 +54,10 @@ mod registry;
 #[doc = include_str!("docs/rpc.md")]
 pub mod rpc;
 mod runtime;
+#[cfg(feature = "sse")]
 mod sse;
 
+#[cfg(feature = "sse")]
 #[doc = include_str!("docs/stream.md")]
 ///
 /// `#[stream::http]`: a handler for each event of an HTTP Server-Sent-Events stream (Python farine's
@@ -72,6 +79,7 @@ pub mod layer {
 pub use amqp::error::{BrokerError, Resource};
 pub use amqp::message::{Headers, Message, SettleError};
 pub use amqp::publisher::{PublishError, PublishOptions, Publisher};
+#[cfg(feature = "db")]
 pub use db::{Db, DbCallError};
 pub use decode::DecodeError;
 #[doc = include_str!("docs/consume.md")]
@@ -145,6 +153,7 @@ pub mod __private {
     };
     pub use crate::rpc::server::{Arguments as RpcArguments, RpcCall};
     pub use crate::runtime::context::{client_and_layers, publisher_and_layers, send_through};
+    #[cfg(feature = "sse")]
     pub use crate::sse::Event as SseEvent;
     pub use farine_macros::embed_migrations;
     pub use futures_util::future::BoxFuture;

@@ -16,6 +16,7 @@ use crate::execute::{BoundExecute, ExecuteFn, ExecutePlan};
 use crate::handler::Outcome;
 pub use crate::handler::{Description, ExchangeDescription, HandlerKind};
 use crate::rpc::server::{BoundRpc, RpcFn, RpcServerPlan};
+#[cfg(feature = "sse")]
 use crate::sse::{BoundSse, SseFn};
 
 /// An error of any kind, as user code returns it.
@@ -63,6 +64,7 @@ pub enum Declared<S> {
     /// `#[execute]`: a task that runs the method, and runs it again when it returns.
     Execute(ExecuteFn<S>),
     /// `#[stream::http]`: a task that listens to the configured SSE endpoint.
+    #[cfg(feature = "sse")]
     Sse(SseFn<S>),
 }
 
@@ -144,10 +146,8 @@ pub(crate) enum BoundHandler {
         name: &'static str,
         call: BoundExecute,
     },
-    Sse {
-        name: &'static str,
-        call: BoundSse,
-    },
+    #[cfg(feature = "sse")]
+    Sse { name: &'static str, call: BoundSse },
 }
 
 /// The registry entry of one service. Built by the macro with [`ServiceEntry::new`].
@@ -245,6 +245,7 @@ fn describe<S: Service>() -> Vec<HandlerInfo> {
                 spec,
             },
             Declared::Execute(_) => HandlerInfo::Execute { name: handler.name },
+            #[cfg(feature = "sse")]
             Declared::Sse(_) => HandlerInfo::Sse { name: handler.name },
         })
         .collect()
@@ -287,6 +288,7 @@ fn descriptions<S: Service>(section: &Section) -> Vec<Described> {
                     ExecutePlan::from_config(S::NAME, name, section)
                         .map(|plan| plan.describe(signature)),
                 ),
+                #[cfg(feature = "sse")]
                 Declared::Sse(_) => (
                     HandlerKind::Sse,
                     Ok(crate::sse::describe(S::NAME, name, section, signature)),
@@ -345,6 +347,7 @@ fn build<S: Service>(section: &Section) -> Result<Vec<BoundHandler>, BoxError> {
                 name,
                 call: Arc::new(move |shutdown| call(instance.clone(), shutdown)),
             },
+            #[cfg(feature = "sse")]
             Declared::Sse(call) => BoundHandler::Sse {
                 name,
                 call: Arc::new(move |event| call(instance.clone(), event)),

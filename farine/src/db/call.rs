@@ -2,21 +2,28 @@
 //! after the call, or a transaction farine opens before the call and ends after it, with the
 //! inbox that keeps a redelivered message from applying its effect twice.
 
+#![cfg_attr(not(feature = "db"), allow(dead_code, unused_imports))]
+
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use futures_util::FutureExt;
+#[cfg(feature = "db")]
 use sqlx::pool::PoolConnection;
+#[cfg(feature = "db")]
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+#[cfg(feature = "db")]
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
 use crate::handler::{Outcome, panic_message};
 
+#[cfg(feature = "db")]
 tokio::task_local! {
     static CALL: Db;
 }
 
+#[cfg(feature = "db")]
 enum State {
     Idle,
     /// The call is over: the handle no longer reaches the database.
@@ -56,12 +63,14 @@ enum State {
 /// }
 /// # fn main() {}
 /// ```
+#[cfg(feature = "db")]
 #[derive(Clone)]
 pub struct Db {
     inner: Option<(PgPool, Arc<Mutex<State>>)>,
 }
 
 /// Why the database of a call cannot be used.
+#[cfg(feature = "db")]
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DbCallError {
@@ -77,6 +86,7 @@ pub enum DbCallError {
     Sql(#[from] sqlx::Error),
 }
 
+#[cfg(feature = "db")]
 impl Db {
     fn new(pool: PgPool, state: State) -> Self {
         Self {
@@ -130,6 +140,7 @@ impl Db {
 }
 
 /// The database of the call, as a parameter of a handler of any kind.
+#[cfg(feature = "db")]
 impl<C> crate::handler::FromCall<C> for Db {
     fn from_call(_: &C) -> Result<Self, crate::handler::Rejection> {
         Ok(Db::current())
@@ -139,7 +150,8 @@ impl<C> crate::handler::FromCall<C> for Db {
 /// How farine wraps a handler's calls in the database, from the handler's config.
 #[derive(Clone, Debug)]
 pub(crate) struct CallDb {
-    pub pool: PgPool,
+    /// Without the `db` feature a type with no values: no call has a database.
+    pub pool: super::PgPool,
     pub transaction: bool,
     pub inbox: Option<Inbox>,
 }
@@ -151,6 +163,7 @@ pub(crate) struct Inbox {
     pub handler: &'static str,
 }
 
+#[cfg(feature = "db")]
 pub(crate) const CREATE_INBOX: &str = "CREATE TABLE IF NOT EXISTS farine_inbox (
     service text NOT NULL,
     handler text NOT NULL,
@@ -160,6 +173,7 @@ pub(crate) const CREATE_INBOX: &str = "CREATE TABLE IF NOT EXISTS farine_inbox (
 )";
 
 /// Creates the inbox table (once, whatever the number of instances starting at once).
+#[cfg(feature = "db")]
 pub(crate) async fn create_inbox(pool: &PgPool) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('farine_inbox'))")
@@ -188,7 +202,13 @@ where
         None => Called::Ran(caught(call.await)),
         // Boxed: sqlx's futures are large, and a call without a database should not carry
         // their space in its own (every call's future is moved into its task).
+        #[cfg(feature = "db")]
         Some(plan) => Box::pin(with_db(plan, message_id, call)).await,
+        #[cfg(not(feature = "db"))]
+        Some(plan) => {
+            let _ = message_id;
+            match plan.pool {}
+        }
     }
 }
 
@@ -196,6 +216,7 @@ fn caught(result: Result<Outcome, Box<dyn std::any::Any + Send>>) -> Outcome {
     result.unwrap_or_else(|panic| Outcome::Failed(format!("panicked: {}", panic_message(&*panic))))
 }
 
+#[cfg(feature = "db")]
 async fn with_db<F>(plan: &CallDb, message_id: Option<&str>, call: F) -> Called
 where
     F: Future<Output = Result<Outcome, Box<dyn std::any::Any + Send>>>,
@@ -253,3 +274,6 @@ where
         }
     }
 }
+
+#[cfg(not(feature = "db"))]
+pub(crate) use super::without::create_inbox;

@@ -8,17 +8,31 @@
 //! farine needs no database.
 
 pub(crate) mod call;
+// Checkpoints are the positions of SSE streams.
+#[cfg(all(feature = "db", feature = "sse"))]
 pub(crate) mod checkpoint;
+#[cfg(not(feature = "db"))]
+mod without;
+#[cfg(not(feature = "db"))]
+pub(crate) use without::{PgPool, migrate, ping};
+#[cfg(all(not(feature = "db"), feature = "sse"))]
+pub(crate) mod checkpoint {
+    pub(crate) use super::without::Checkpoint;
+}
 
+#[cfg(feature = "db")]
 pub use call::{Db, DbCallError};
+#[cfg(feature = "db")]
 pub use sqlx;
 
 use std::time::Duration;
 
+#[cfg(feature = "db")]
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::config::{ConfigError, Section};
 
+#[cfg(feature = "db")]
 pub use sqlx::PgPool;
 
 /// The database settings of a service, when it has any.
@@ -62,6 +76,13 @@ impl DbSettings {
                 "one of the supported connectors: postgres",
             ));
         }
+        if cfg!(not(feature = "db")) {
+            return Err(section.invalid(
+                "db_connector",
+                &connector,
+                "no database: this program was built without farine's `db` feature",
+            ));
+        }
         Ok(Some(Self {
             host: section.require("db_host")?,
             port: section.get_or("db_port", 5432u16)?,
@@ -79,7 +100,18 @@ impl DbSettings {
         format!("{}@{}:{}/{}", self.user, self.host, self.port, self.name)
     }
 
+    /// Without the `db` feature there is no pool: [`DbSettings::from_config`] refuses
+    /// `db_connector`, so this is never reached.
+    #[cfg(not(feature = "db"))]
+    pub async fn connect(&self) -> Result<PgPool, DbError> {
+        Err(DbError {
+            target: self.describe(),
+            cause: "built without farine's `db` feature".to_string(),
+        })
+    }
+
     /// Opens the pool and checks, once, that a connection can be made.
+    #[cfg(feature = "db")]
     pub async fn connect(&self) -> Result<PgPool, DbError> {
         let mut options = PgConnectOptions::new()
             .host(&self.host)
@@ -100,6 +132,7 @@ impl DbSettings {
         Ok(pool)
     }
 
+    #[cfg(feature = "db")]
     fn error(&self, e: sqlx::Error) -> DbError {
         let mut cause = e.to_string();
         if let Some(password) = self.password.as_deref().filter(|p| !p.is_empty()) {
@@ -127,6 +160,7 @@ pub struct EmbeddedMigration {
 
 /// Applies `migrations` that the database has not seen yet, each once, under sqlx's migration
 /// lock (several instances starting at once are safe).
+#[cfg(feature = "db")]
 pub async fn migrate(pool: &PgPool, migrations: &[EmbeddedMigration]) -> Result<(), sqlx::Error> {
     use sqlx::SqlSafeStr;
     use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -146,4 +180,14 @@ pub async fn migrate(pool: &PgPool, migrations: &[EmbeddedMigration]) -> Result<
         .run(pool)
         .await
         .map_err(|e| sqlx::Error::Migrate(Box::new(e)))
+}
+
+/// Checks a pool with one round trip (`SELECT 1`).
+#[cfg(feature = "db")]
+pub(crate) async fn ping(pool: &PgPool) -> Result<(), String> {
+    sqlx::query("SELECT 1")
+        .execute(pool)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }

@@ -56,8 +56,8 @@ pub async fn connections(module: &str, targets: Vec<Target>) -> (bool, Vec<Strin
             Ok(pool) => {
                 let opened = started.elapsed();
                 let trip = Instant::now();
-                let line = match crate::db::sqlx::query("SELECT 1").execute(&pool).await {
-                    Ok(_) => format!(
+                let line = match crate::db::ping(&pool).await {
+                    Ok(()) => format!(
                         "postgres {}: ok, connected in {opened:.1?}, round trip {:.1?}",
                         db.describe(),
                         trip.elapsed()

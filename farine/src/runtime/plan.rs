@@ -18,6 +18,7 @@ use crate::db::DbSettings;
 use crate::execute::{BoundExecute, ExecutePlan};
 use crate::registry::{BoundHandler, HandlerInfo, ServiceEntry};
 use crate::rpc::server::{BoundRpc, RpcServerPlan};
+#[cfg(feature = "sse")]
 use crate::sse::{BoundSse, SsePlan};
 
 /// One enabled service, planned.
@@ -44,6 +45,7 @@ pub(super) enum Planned {
     /// The service's RPC server, with its methods: `(name, returns a stream, function)`.
     Rpc(RpcServerPlan, Vec<(&'static str, bool, BoundRpc)>),
     Execute(ExecutePlan, BoundExecute),
+    #[cfg(feature = "sse")]
     Sse(SsePlan, BoundSse),
 }
 
@@ -71,7 +73,9 @@ impl ServicePlan {
                 Some((plan.queue.name.as_str(), (plan.service, plan.handler)))
             }
             Planned::Rpc(plan, _) => Some((plan.queue.name.as_str(), (plan.service, "rpc"))),
-            Planned::Execute(..) | Planned::Sse(..) => None,
+            Planned::Execute(..) => None,
+            #[cfg(feature = "sse")]
+            Planned::Sse(..) => None,
         })
     }
 }
@@ -259,6 +263,7 @@ fn plan_service(
                 ExecutePlan::from_config(service, name, section)?,
                 call,
             )),
+            #[cfg(feature = "sse")]
             BoundHandler::Sse { name, call } => tasks.push(Planned::Sse(
                 SsePlan::from_config(service, name, section)?,
                 call,

@@ -1,6 +1,9 @@
 //! A runtime being opened and running: every step of a start in order, each recording what it
 //! opened in [`Running`], so that a start that fails part-way is undone by [`Running::stop`].
 
+// Without the `db` feature the pool is a type with no values: what would use one is unused.
+#![cfg_attr(not(feature = "db"), allow(unused))]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,11 +23,14 @@ use crate::amqp::connection::{Connector, ConnectorSettings};
 use crate::amqp::publisher::Publisher;
 use crate::db::PgPool;
 use crate::db::call::{CallDb, Inbox};
+#[cfg(feature = "sse")]
 use crate::db::checkpoint::Checkpoint;
 use crate::handler::{Connected, Layers, Ready, Task, TaskEnv};
 use crate::rpc::Client;
 use crate::rpc::server::{self as rpc_server, Method};
-use crate::{consume, execute, sse};
+#[cfg(feature = "sse")]
+use crate::sse;
+use crate::{consume, execute};
 
 /// How long closing a publisher's channel or a pool may wait.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -380,6 +386,7 @@ async fn tasks(
                 execute.db = call_db(execute.transaction, None);
                 execute::task(execute, call, connected(&connector), env)
             }
+            #[cfg(feature = "sse")]
             Planned::Sse(mut listener, call) => {
                 listener.db = call_db(listener.transaction, None);
                 let checkpoint = match (&pool, listener.use_checkpoint) {
