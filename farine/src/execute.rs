@@ -28,7 +28,7 @@ use crate::handler::{
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What an `#[execute]` method looks like once the macro wrapped it.
-pub type ExecuteFn<S> = fn(Arc<S>, Run) -> BoxFuture<'static, Outcome>;
+pub(crate) type ExecuteFn<S> = fn(Arc<S>, Run) -> BoxFuture<'static, Outcome>;
 
 pub(crate) type BoundExecute = Arc<dyn Fn(Run) -> BoxFuture<'static, Outcome> + Send + Sync>;
 
@@ -130,7 +130,7 @@ impl ExecutePlan {
 /// Why an `#[execute]` method's run failed.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct ExecuteError(String);
+pub(crate) struct ExecuteError(String);
 
 /// Runs the method until shutdown, or once with `restart = false`; `Err` on a failed run.
 pub(crate) async fn run(
