@@ -816,6 +816,10 @@ async fn runtime_and_worker_threads_choose_the_services_runtime_and_a_bad_choice
             "runtime = current_thread\nworker_threads = 2",
             "option `worker_threads`",
         ),
+        (
+            "worker_threads = 1000000000",
+            "a whole number from 1 to 1024",
+        ),
     ] {
         let ini = IniFile::new(&format!(
             "[DEFAULT]\namqp_uri = {}\n{setting}\n[relay]\n",

@@ -183,6 +183,8 @@ fn companion_name(
         Some(name) => name,
         None => match scoped.get_str(key)? {
             Some(text) if none(&text) => return Ok(None),
+            // A name inherited from [DEFAULT] is not taken (nor refused).
+            Some(_) if !scoped.section().is_own(key) => format!("{queue}.{suffix}"),
             Some(text) => {
                 let expected = format!(
                     "none, or a name set for one handler: `{}.{key} = ...`",

@@ -833,3 +833,38 @@ async fn a_queue_name_set_for_the_whole_service_is_refused_and_none_is_taken_ser
     running.stop().await;
     assert_eq!(declared.0, vec![queue.clone()], "{declared:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_inherited_from_default_are_not_taken_and_keys_used_through_interpolation_are_known()
+{
+    let broker = Broker::connect().await;
+    let (exchange, base) = (unique("inherit-x"), unique("inherit"));
+    // [DEFAULT] may be shared with other programs: its queue names are neither taken nor refused.
+    let text = format!(
+        "[DEFAULT]\namqp_uri = {}\nqueue = legacy\nretry_queue = legacy.retry\n\n[ack_probe]\nbase = {base}\non_message.exchange = {exchange}\non_message.queue = %(base)s-q\n",
+        broker.uri()
+    );
+    let config = farine::config::Config::from_ini(&text, "test.ini").unwrap();
+    let (ok, lines) = Runtime::new(config.clone())
+        .services(["ack_probe"])
+        .check()
+        .await;
+    assert!(ok, "`base` is read through %(base)s: {lines:?}");
+    let running = Runtime::new(config)
+        .services(["ack_probe"])
+        .start()
+        .await
+        .expect("starts");
+    let declared = broker.declared();
+    running.stop().await;
+    let queue = format!("{base}-q");
+    let mut expected = vec![
+        queue.clone(),
+        format!("{queue}.dead"),
+        format!("{queue}.retry"),
+    ];
+    expected.sort();
+    let mut got = declared.0.clone();
+    got.sort();
+    assert_eq!(got, expected, "{declared:?}");
+}

@@ -463,3 +463,36 @@ async fn publisher_connect_with_a_wrong_password_is_an_error_without_the_passwor
     assert!(!text.contains("not-the-password"), "{text}");
     assert!(error.broker().is_some(), "a broker error: {text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_connect_refuses_names_and_a_content_type_longer_than_amqp_carries() {
+    let broker = Broker::connect().await;
+    let long = "x".repeat(300);
+    for (exchange, routing_key, field) in [
+        (long.as_str(), "rk", "exchange name"),
+        ("x", long.as_str(), "routing key"),
+    ] {
+        let error = Publisher::connect(&broker.uri(), exchange, routing_key)
+            .await
+            .expect_err("too long");
+        assert!(
+            matches!(&error, PublishError::TooLong { field: f, length: 300, .. } if *f == field),
+            "{error}"
+        );
+    }
+    let (publisher, _observer) = observed(&broker, "ctype-x", broker.uri(), BOUND).await;
+    let error = publisher
+        .publish_bytes(b"x", PublishOptions::new().content_type(long.clone()))
+        .await
+        .expect_err("too long");
+    assert!(
+        matches!(
+            &error,
+            PublishError::TooLong {
+                field: "content type",
+                ..
+            }
+        ),
+        "{error}"
+    );
+}

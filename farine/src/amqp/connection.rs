@@ -167,8 +167,16 @@ pub fn parse_nodes(text: &str) -> Result<Vec<AMQPUri>, String> {
         .enumerate()
         .map(|(index, node)| {
             // Named by position: the text may hold a password.
-            let uri = AMQPUri::from_str(node)
-                .map_err(|e| format!("node {} is not an AMQP URI: {e}", index + 1))?;
+            // amq-protocol-uri quotes the text it could not read: never echo it (it may hold
+            // a password where farine cannot find it).
+            let uri = AMQPUri::from_str(node).map_err(|e| {
+                let cause = e.to_string().replace(node.as_str(), "<the URI>");
+                format!(
+                    "node {} is not an AMQP URI: {}",
+                    index + 1,
+                    redact_uri(&cause)
+                )
+            })?;
             // AMQP sends the vhost as a short string (at most 255 bytes).
             if uri.vhost.len() > 255 {
                 return Err(format!(

@@ -333,6 +333,15 @@ impl Publisher {
         exchange: &str,
         routing_key: &str,
     ) -> Result<Self, PublishError> {
+        for (field, text) in [("exchange name", exchange), ("routing key", routing_key)] {
+            if text.len() > crate::amqp::topology::MAX_NAME_BYTES {
+                return Err(PublishError::TooLong {
+                    exchange: exchange.chars().take(64).collect(),
+                    field,
+                    length: text.len(),
+                });
+            }
+        }
         let settings = PublisherSettings {
             declare_exchange: false,
             ..PublisherSettings::default()
@@ -364,15 +373,15 @@ impl Publisher {
         Ok(publisher)
     }
 
-    /// Closes the publisher's channel, and its connection when it is its own
-    /// ([`Publisher::connect`]); a publish after this is an error. Waits at most the publish
-    /// timeout. A publisher of a running service is closed by the service.
+    /// Closes a publisher made by [`Publisher::connect`]: its channel and its connection; a
+    /// publish after this is an error. Waits at most the publish timeout. Does nothing to a
+    /// publisher of a running service (others share its channel): the service closes it.
     pub async fn close(&self) {
-        if let Target::Live(core) = &self.target {
+        if let Target::Live(core) = &self.target
+            && core.own_connection
+        {
             self.close_within(core.settings.timeout).await;
-            if core.own_connection {
-                core.connector.close().await;
-            }
+            core.connector.close().await;
         }
     }
 
@@ -779,14 +788,12 @@ impl Core {
 
     fn properties(&self, options: PublishOptions) -> Result<BasicProperties, PublishError> {
         let persistent = options.persistent.unwrap_or(self.settings.persistent);
+        let content_type = match options.content_type {
+            Some(kind) => self.short("content type", kind)?,
+            None => ShortString::from("application/json"),
+        };
         let mut properties = BasicProperties::default()
-            .with_content_type(
-                options
-                    .content_type
-                    .as_deref()
-                    .unwrap_or("application/json")
-                    .into(),
-            )
+            .with_content_type(content_type)
             .with_delivery_mode(if persistent { 2 } else { 1 });
         if let Some(headers) = options.headers {
             properties = properties.with_headers(headers);

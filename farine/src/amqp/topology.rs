@@ -202,7 +202,11 @@ impl QueueSettings {
         let name = match handler.get_own_str("queue")? {
             Some(name) => name,
             None => {
-                if let Some(text) = handler.get_str("queue")? {
+                // A name for the whole service would be shared by its handlers: refused. One
+                // inherited from [DEFAULT] (which other programs may share) is not taken.
+                if handler.section().is_own("queue")
+                    && let Some(text) = handler.get_str("queue")?
+                {
                     let expected = format!(
                         "a name set for one handler (`{}.queue = ...`): handlers sharing a queue take each other's messages",
                         handler.handler()
@@ -212,8 +216,14 @@ impl QueueSettings {
                 declared.map(str::to_string).unwrap_or(default_name)
             }
         };
+        Self::named(handler, amqp_name(handler, "queue", name)?)
+    }
+
+    /// A queue named `name` with the handler's other queue options (`queue_durable`, ...,
+    /// `binding_arguments`): the RPC server's, whose name is `rpc_queue`.
+    pub fn named(handler: &HandlerSection<'_>, name: String) -> Result<Self, ConfigError> {
         Ok(Self {
-            name: amqp_name(handler, "queue", name)?,
+            name,
             durable: handler.get_or("queue_durable", true)?,
             auto_delete: handler.get_or("queue_auto_delete", false)?,
             exclusive: handler.get_or("queue_exclusive", false)?,

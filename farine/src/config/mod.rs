@@ -205,6 +205,21 @@ impl Config {
             .flat_map(|values| values.keys().map(String::as_str))
     }
 
+    /// The names that the values of section `name` and of `[DEFAULT]` refer to with
+    /// `%(name)s`: keys that are read, through the values that use them.
+    pub fn referenced_keys(&self, name: &str) -> BTreeSet<String> {
+        let own = self.sections.get(name).into_iter().flat_map(|v| v.values());
+        self.defaults
+            .values()
+            .chain(own)
+            .flat_map(|raw| {
+                raw.split("%(")
+                    .skip(1)
+                    .filter_map(|tail| tail.split_once(")s").map(|(n, _)| n.to_lowercase()))
+            })
+            .collect()
+    }
+
     /// The `[DEFAULT]` section alone (empty when the file has none).
     pub fn defaults(&self) -> Section {
         self.merged(DEFAULT_SECTION, None)
@@ -229,6 +244,7 @@ impl Config {
             inner: Arc::new(SectionInner {
                 file: self.file.clone(),
                 name: name.to_string(),
+                own: own.map(|o| o.keys().cloned().collect()).unwrap_or_default(),
                 values,
                 from_env,
                 from_code: BTreeSet::new(),
@@ -310,6 +326,8 @@ struct SectionInner {
     file: Arc<str>,
     name: String,
     values: BTreeMap<String, String>,
+    /// The keys set in the section itself (not inherited from `[DEFAULT]`).
+    own: BTreeSet<String>,
     from_env: BTreeSet<String>,
     /// Keys set by the service's code (a handler attribute), not by the file.
     from_code: BTreeSet<String>,
@@ -324,6 +342,11 @@ impl Section {
     /// The file the section was read from.
     pub fn file(&self) -> &str {
         &self.inner.file
+    }
+
+    /// True when `key` is set in this section itself, not inherited from `[DEFAULT]`.
+    pub fn is_own(&self, key: &str) -> bool {
+        self.inner.own.contains(&key.to_lowercase())
     }
 
     /// The keys set in this section or inherited from `[DEFAULT]`, lower-cased.

@@ -62,6 +62,11 @@ pub fn redact_uri(text: &str) -> String {
 pub fn display_value(key: &str, value: &str) -> String {
     if is_secret_key(key) {
         MASK.to_string()
+    } else if key.ends_with("uri") && !value.contains("://") && value.contains('@') {
+        // Not a URI farine can read (`amqp:user:pass@host`): where its user info ends is
+        // unknown, so all of it before the last `@` is masked.
+        let at = value.rfind('@').unwrap_or(0);
+        format!("{MASK}{}", &value[at..])
     } else {
         redact_uri(value)
     }
@@ -70,6 +75,14 @@ pub fn display_value(key: &str, value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_uri_without_its_slashes_keeps_nothing_before_the_at() {
+        assert_eq!(
+            display_value("amqp_uri", "amqp:guest:s3cret@rabbit:5672"),
+            "****@rabbit:5672"
+        );
+    }
 
     #[test]
     fn a_uri_password_is_masked_and_the_rest_kept() {

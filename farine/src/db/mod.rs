@@ -161,7 +161,10 @@ pub struct EmbeddedMigration {
 /// Applies `migrations` that the database has not seen yet, each once, under sqlx's migration
 /// lock (several instances starting at once are safe).
 #[cfg(feature = "db")]
-pub(crate) async fn migrate(pool: &PgPool, migrations: &[EmbeddedMigration]) -> Result<(), sqlx::Error> {
+pub(crate) async fn migrate(
+    pool: &PgPool,
+    migrations: &[EmbeddedMigration],
+) -> Result<(), sqlx::Error> {
     use sqlx::SqlSafeStr;
     use sqlx::migrate::{Migration, MigrationType, Migrator};
     let migrations = migrations

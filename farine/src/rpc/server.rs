@@ -423,16 +423,16 @@ impl RpcServerPlan {
                 name: service.to_string(),
                 ..ExchangeSettings::from_config(&scoped, service)?
             },
-            queue: QueueSettings {
-                name: crate::amqp::topology::amqp_name(
+            queue: QueueSettings::named(
+                &scoped,
+                crate::amqp::topology::amqp_name(
                     &scoped,
                     "rpc_queue",
                     section
                         .get_str("rpc_queue")?
                         .unwrap_or_else(|| service.to_string()),
                 )?,
-                ..QueueSettings::from_config(&scoped, None, service.to_string())?
-            },
+            )?,
             methods,
             prefetch,
             drain_timeout: scoped.get_or("drain_timeout", Duration::from_secs(30))?,

@@ -28,6 +28,9 @@ use plan::ServicePlan;
 pub use running::{RunError, Running};
 pub use supervisor::ServiceFailed;
 
+/// The most `worker_threads` farine starts (each is an OS thread with its own run queue).
+const MAX_WORKER_THREADS: usize = 1024;
+
 /// The broker farine connects to when no `amqp_uri` is configured.
 pub const DEFAULT_AMQP_URI: &str = "amqp://guest:guest@127.0.0.1:5672";
 
@@ -266,6 +269,10 @@ pub fn tokio_builder(config: &Config) -> Result<(tokio::runtime::Builder, String
         let Ok(section) = entry.section(config) else {
             continue;
         };
+        // A disabled service does not run: it has no say.
+        if !section.get_or("enabled", true)? {
+            continue;
+        }
         let kind = section
             .get_str("runtime")?
             .map(|text| text.trim().to_ascii_lowercase())
@@ -276,6 +283,15 @@ pub fn tokio_builder(config: &Config) -> Result<(tokio::runtime::Builder, String
                 .into());
         }
         let threads = section.get::<std::num::NonZeroUsize>("worker_threads")?;
+        if let Some(n) = threads.filter(|n| n.get() > MAX_WORKER_THREADS) {
+            return Err(section
+                .invalid(
+                    "worker_threads",
+                    &n.to_string(),
+                    format!("a whole number from 1 to {MAX_WORKER_THREADS}"),
+                )
+                .into());
+        }
         if threads.is_some() && kind == "current_thread" {
             return Err(section
                 .invalid(

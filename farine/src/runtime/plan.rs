@@ -368,9 +368,11 @@ pub(super) fn unknown_keys(config: &Config, only: Option<&[String]>) -> Vec<Stri
     };
     let hint =
         |near: Option<&str>| near.map_or(String::new(), |n| format!(" (did you mean `{n}`?)"));
+    let referenced = config.referenced_keys(crate::config::DEFAULT_SECTION);
     for key in config.own_keys(crate::config::DEFAULT_SECTION) {
         let bare = key.rsplit('.').next().unwrap_or(key);
-        if !keys::all().any(|k| k == bare)
+        if !referenced.contains(key)
+            && !keys::all().any(|k| k == bare)
             && let Some(near) = keys::closest(bare, keys::all())
         {
             report("DEFAULT", key, hint(Some(near)));
@@ -384,12 +386,21 @@ pub(super) fn unknown_keys(config: &Config, only: Option<&[String]>) -> Vec<Stri
         let has_rpc = handlers
             .iter()
             .any(|h| matches!(h, HandlerInfo::Rpc { .. }));
+        // Keys other values refer to (`base = orders`, `queue = %(base)s-relay`) are read.
+        let referenced = config.referenced_keys(entry.name);
         for key in config.own_keys(entry.name) {
+            if referenced.contains(key) {
+                continue;
+            }
             let (allowed, bare, scope): (Vec<&str>, &str, Option<&str>) = match key.split_once('.')
             {
                 None => (keys::all().collect(), key, None),
                 Some(("rpc", bare)) if has_rpc => (keys::RPC_SERVER.to_vec(), bare, Some("rpc")),
-                Some((handler, bare)) => match handlers.iter().find(|h| h.name() == handler) {
+                // Keys are lower-cased when read; method names may not be.
+                Some((handler, bare)) => match handlers
+                    .iter()
+                    .find(|h| h.name().eq_ignore_ascii_case(handler))
+                {
                     Some(info) => (handler_keys(info).to_vec(), bare, Some(handler)),
                     None => {
                         let names = handlers.iter().map(|h| h.name());
@@ -436,7 +447,8 @@ fn handler_keys(info: &HandlerInfo) -> &'static [&'static str] {
     match info {
         HandlerInfo::Consume { .. } => keys::CONSUME,
         HandlerInfo::Publish { .. } => keys::PUBLISH,
-        HandlerInfo::Rpc { .. } => &[],
+        // Refused unless false (an RPC method's replies go out during the call).
+        HandlerInfo::Rpc { .. } => &["transaction"],
         HandlerInfo::RpcClient { .. } => keys::RPC_CLIENT,
         HandlerInfo::Execute { .. } => keys::EXECUTE,
         HandlerInfo::Sse { .. } => keys::STREAM_HTTP,
