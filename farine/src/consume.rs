@@ -482,7 +482,8 @@ async fn settle(
                 handler,
                 delivery_tag,
                 reason = %error,
-                "a message whose body does not decode goes to the dead-letter queue"
+                dead_letter = dead_letter(plan),
+                "a message whose body does not decode is dead-lettered"
             );
             (error.to_string(), Target::Dead("undecodable"))
         }
@@ -492,7 +493,8 @@ async fn settle(
                 handler,
                 delivery_tag,
                 %reason,
-                "a message a parameter refused goes to the dead-letter queue"
+                dead_letter = dead_letter(plan),
+                "a message a parameter refused is dead-lettered"
             );
             (reason, Target::Dead("rejected"))
         }
@@ -503,7 +505,8 @@ async fn settle(
                 delivery_tag,
                 attempt,
                 error = %error,
-                "handler failed on the last attempt: the message goes to the dead-letter queue"
+                dead_letter = dead_letter(plan),
+                "handler failed on the last attempt: the message is dead-lettered"
             );
             (error, Target::Dead("failed"))
         }
@@ -540,6 +543,15 @@ async fn settle(
     if let Err(e) = result {
         tracing::warn!(service, handler, delivery_tag, error = %e, "could not settle a message");
     }
+}
+
+/// Where a dead letter goes, for the log: the dead-letter queue, or rejected without requeue.
+fn dead_letter(plan: &ConsumerPlan) -> &str {
+    plan.dead_letter_queue
+        .as_ref()
+        .map_or("rejected (dead_letter_queue = none)", |queue| {
+            queue.name.as_str()
+        })
 }
 
 /// Where a failed message goes.

@@ -868,3 +868,18 @@ async fn names_inherited_from_default_are_not_taken_and_keys_used_through_interp
     got.sort();
     assert_eq!(got, expected, "{declared:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_no_handler_of_the_service_reads_fails_check() {
+    let broker = Broker::connect().await;
+    // `interval` is an #[execute] key: this service has only a consumer.
+    let config = config(&broker, "ack_probe", &[("interval", "5")]);
+    let (ok, lines) = Runtime::new(config).services(["ack_probe"]).check().await;
+    assert!(!ok, "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("`interval`: no handler of service `ack_probe` reads it")),
+        "{lines:?}"
+    );
+}

@@ -230,15 +230,16 @@ impl Config {
         if let Some(own) = own {
             values.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
+        // Each key set by a variable, with the variable's name (for errors).
         let from_env = values
             .keys()
-            .filter(|key| {
-                let own_has = own.is_some_and(|o| o.contains_key(*key));
+            .filter_map(|key| {
+                let own_has = own.is_some_and(|o| o.contains_key(key));
                 let section = if own_has { name } else { DEFAULT_SECTION };
                 self.from_env
-                    .contains(&(section.to_string(), (*key).to_string()))
+                    .contains(&(section.to_string(), key.clone()))
+                    .then(|| (key.clone(), variable_name(section, key)))
             })
-            .cloned()
             .collect();
         Section {
             inner: Arc::new(SectionInner {
@@ -251,6 +252,16 @@ impl Config {
             }),
         }
     }
+}
+
+/// The variable that sets `key` (`relay.queue`: `FARINE__RELAY__RELAY__QUEUE`) of `section`.
+fn variable_name(section: &str, key: &str) -> String {
+    let mut name = format!("{ENV_PREFIX}{ENV_SEPARATOR}{}", section.to_uppercase());
+    for part in key.split('.') {
+        name.push_str(ENV_SEPARATOR);
+        name.push_str(&part.to_uppercase());
+    }
+    name
 }
 
 /// The `FARINE__<SECTION>__<KEY>` variables (of the process, or `env` when given), read with the
@@ -328,7 +339,8 @@ struct SectionInner {
     values: BTreeMap<String, String>,
     /// The keys set in the section itself (not inherited from `[DEFAULT]`).
     own: BTreeSet<String>,
-    from_env: BTreeSet<String>,
+    /// Keys set by an environment variable, with its name.
+    from_env: BTreeMap<String, String>,
     /// Keys set by the service's code (a handler attribute), not by the file.
     from_code: BTreeSet<String>,
 }
@@ -361,7 +373,7 @@ impl Section {
             None => Ok(None),
             // Values from the environment are taken as they are: a URI-encoded password
             // (`%40`) must not need configparser's `%%`.
-            Some(raw) if self.inner.from_env.contains(&key) => Ok(Some(raw.clone())),
+            Some(raw) if self.inner.from_env.contains_key(&key) => Ok(Some(raw.clone())),
             Some(raw) => self.interpolate(&key, raw, 0).map(Some),
         }
     }
@@ -402,12 +414,8 @@ impl Section {
     /// An error for an option whose value is not what was expected.
     pub fn invalid(&self, key: &str, value: &str, expected: impl Into<String>) -> ConfigError {
         let key = key.to_lowercase();
-        let origin = if self.inner.from_env.contains(&key) {
-            format!(
-                " (from environment variable FARINE__{}__{})",
-                self.name().to_uppercase(),
-                key.to_uppercase()
-            )
+        let origin = if let Some(variable) = self.inner.from_env.get(&key) {
+            format!(" (from environment variable {variable})")
         } else if self.inner.from_code.contains(&key) {
             " (from the handler's attribute in the code)".to_string()
         } else {
@@ -474,7 +482,7 @@ impl Section {
                         "%({name})s refers to an option that is not set in this section or [DEFAULT]"
                     )));
                 };
-                if self.inner.from_env.contains(&name) {
+                if self.inner.from_env.contains_key(&name) {
                     out.push_str(value);
                 } else {
                     out.push_str(&self.interpolate(key, value, depth + 1)?);
@@ -562,6 +570,28 @@ drain_timeout = 2.5
 
     fn sample() -> Config {
         Config::from_ini(SAMPLE, "farine.ini").unwrap()
+    }
+
+    #[test]
+    fn an_error_names_the_variable_the_value_came_from() {
+        let env = [
+            ("FARINE__DEFAULT__PREFETCH_COUNT", "lots"),
+            ("FARINE__RELAY__WORK__INTERVAL", "soon"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let config = Config::from_ini_with_env("[relay]\n", "f.ini", env).unwrap();
+        let section = config.section("relay").unwrap();
+        let error = section
+            .get::<u16>("prefetch_count")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("FARINE__DEFAULT__PREFETCH_COUNT"), "{error}");
+        let error = section
+            .handler("work")
+            .get::<std::time::Duration>("interval")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("FARINE__RELAY__WORK__INTERVAL"), "{error}");
     }
 
     #[test]

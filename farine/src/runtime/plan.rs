@@ -388,8 +388,28 @@ pub(super) fn unknown_keys(config: &Config, only: Option<&[String]>) -> Vec<Stri
             .any(|h| matches!(h, HandlerInfo::Rpc { .. }));
         // Keys other values refer to (`base = orders`, `queue = %(base)s-relay`) are read.
         let referenced = config.referenced_keys(entry.name);
+        // The keys this service reads unscoped: its own, and its handlers' (a key of the
+        // section applies to every handler).
+        let mut read: Vec<&str> = keys::SERVICE.to_vec();
+        for info in &handlers {
+            read.extend(handler_keys(info));
+        }
+        if has_rpc {
+            read.extend(keys::RPC_SERVER);
+        }
         for key in config.own_keys(entry.name) {
             if referenced.contains(key) {
+                continue;
+            }
+            if !key.contains('.') && !read.contains(&key) && keys::all().any(|k| k == key) {
+                // A key farine reads, but not for any handler this service has.
+                if !entry.own_keys {
+                    report(
+                        entry.name,
+                        key,
+                        format!(": no handler of service `{}` reads it", entry.name),
+                    );
+                }
                 continue;
             }
             let (allowed, bare, scope): (Vec<&str>, &str, Option<&str>) = match key.split_once('.')
