@@ -88,29 +88,24 @@ fn run(
         }
         return EXIT_OK;
     }
-    let config = match loaded {
-        Ok(config) => config,
-        Err(e) if args.check => {
+    // A config error: under --check a failed check on stdout, else on stderr, exit status 3.
+    let refused = |e: &dyn std::fmt::Display| {
+        if args.check {
             println!("config {}: {e}", path.display());
             println!("check failed");
-            return EXIT_FAILURE;
-        }
-        Err(e) => {
+            EXIT_FAILURE
+        } else {
             eprintln!("farine: {e}");
-            return EXIT_CONFIG;
+            EXIT_CONFIG
         }
+    };
+    let config = match loaded {
+        Ok(config) => config,
+        Err(e) => return refused(&e),
     };
     let (mut builder, described) = match crate::runtime::tokio_builder(&config) {
         Ok(chosen) => chosen,
-        Err(e) if args.check => {
-            println!("config {}: {e}", path.display());
-            println!("check failed");
-            return EXIT_FAILURE;
-        }
-        Err(e) => {
-            eprintln!("farine: {e}");
-            return EXIT_CONFIG;
-        }
+        Err(e) => return refused(&e),
     };
     let runtime = match builder.build() {
         Ok(runtime) => {

@@ -38,7 +38,9 @@ use crate::amqp::consuming::{ConsumeError, WindDown, basic_consume, connection_f
 use crate::amqp::error::{BrokerError, Resource};
 use crate::amqp::message::{self, Headers, Message};
 use crate::amqp::publisher::{PublishError, Publisher, PublisherSettings};
-use crate::amqp::topology::{ExchangeSettings, QueueSettings, amqp_name, parse_arguments};
+use crate::amqp::topology::{
+    ExchangeSettings, QueueSettings, amqp_name, handler_queue_name, is_none, parse_arguments,
+};
 use crate::config::{ConfigError, Section};
 use crate::handler::{
     CallScope, Description, ExchangeDescription, FromCall, HandlerKind, InFlight, Layers, Outcome,
@@ -157,12 +159,7 @@ impl ConsumerPlan {
                 Some(retry) => format!("retries {} (x{})", retry.name, self.max_attempts),
                 None => "no retries (retry_queue = none)".to_string(),
             },
-            format!(
-                "dead letters {}",
-                self.dead_letter_queue
-                    .as_ref()
-                    .map_or("rejected (dead_letter_queue = none)", |q| q.name.as_str())
-            ),
+            format!("dead letters {}", dead_letter(self)),
         ];
         description
     }
@@ -177,23 +174,10 @@ fn companion_name(
     queue: &str,
     suffix: &str,
 ) -> Result<Option<String>, ConfigError> {
-    let none = |text: &str| text.trim().eq_ignore_ascii_case("none");
-    let name = match scoped.get_own_str(key)? {
-        Some(name) if none(&name) => return Ok(None),
+    let name = match handler_queue_name(scoped, key, true)? {
+        Some(name) if is_none(&name) => return Ok(None),
         Some(name) => name,
-        None => match scoped.get_str(key)? {
-            Some(text) if none(&text) => return Ok(None),
-            // A name inherited from [DEFAULT] is not taken (nor refused).
-            Some(_) if !scoped.section().is_own(key) => format!("{queue}.{suffix}"),
-            Some(text) => {
-                let expected = format!(
-                    "none, or a name set for one handler: `{}.{key} = ...`",
-                    scoped.handler()
-                );
-                return Err(scoped.section().invalid(key, &text, expected));
-            }
-            None => format!("{queue}.{suffix}"),
-        },
+        None => format!("{queue}.{suffix}"),
     };
     amqp_name(scoped, key, name).map(Some)
 }
@@ -545,7 +529,8 @@ async fn settle(
     }
 }
 
-/// Where a dead letter goes, for the log: the dead-letter queue, or rejected without requeue.
+/// Where a dead letter goes, for the log and `--list`: the dead-letter queue, or rejected
+/// without requeue.
 fn dead_letter(plan: &ConsumerPlan) -> &str {
     plan.dead_letter_queue
         .as_ref()

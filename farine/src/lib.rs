@@ -135,6 +135,14 @@ pub mod __private {
     pub use crate::runtime::check::config_file;
     pub use crate::runtime::tokio_builder;
 
+    /// Every config key farine reads (for the config fuzz test).
+    pub fn config_keys() -> Vec<&'static str> {
+        let mut keys: Vec<_> = crate::config::keys::all().collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
     /// The transport's parts, for tests that build them by hand.
     pub mod amqp {
         pub use crate::amqp::connection::{

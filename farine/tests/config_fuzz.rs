@@ -46,73 +46,6 @@ impl Fuzzed {
     async fn work(&self) {}
 }
 
-/// Every key farine reads, bare and scoped to a handler.
-const KEYS: &[&str] = &[
-    "amqp_uri",
-    "amqp_node_selector",
-    "amqp_heartbeat",
-    "amqp_reconnect_delay",
-    "amqp_reconnect_delay_max",
-    "amqp_tls_ca_file",
-    "connect_timeout",
-    "max_message_bytes",
-    "health_addr",
-    "prefetch_count",
-    "retry_delay",
-    "max_attempts",
-    "drain_timeout",
-    "retry_queue",
-    "dead_letter_queue",
-    "retry_queue_arguments",
-    "dead_letter_queue_arguments",
-    "publish_timeout",
-    "persistent",
-    "mandatory",
-    "rpc_timeout",
-    "rpc_queue",
-    "restart",
-    "restart_delay",
-    "restart_delay_max",
-    "restart_window",
-    "max_restarts",
-    "exchange",
-    "exchange_type",
-    "exchange_durable",
-    "exchange_auto_delete",
-    "exchange_arguments",
-    "queue",
-    "queue_durable",
-    "queue_auto_delete",
-    "queue_exclusive",
-    "queue_arguments",
-    "binding_arguments",
-    "routing_key",
-    "inbox",
-    "inbox_key",
-    "transaction",
-    "interval",
-    "endpoint",
-    "headers",
-    "start_from",
-    "checkpoint",
-    "on_error",
-    "read_timeout",
-    "reconnect_delay",
-    "reconnect_delay_max",
-    "db_connector",
-    "db_host",
-    "db_port",
-    "db_name",
-    "db_user",
-    "db_password",
-    "db_max_conn",
-    "db_timeout",
-    "db_stale_timeout",
-    "enabled",
-    "runtime",
-    "worker_threads",
-];
-
 /// The stream handler's required key, so that a case goes past it to the keys after.
 const ENDPOINT: &str = "endpoint = http://127.0.0.1:1/events";
 
@@ -166,9 +99,11 @@ fn hostile_value() -> impl Strategy<Value = String> {
 }
 
 fn line() -> impl Strategy<Value = String> {
+    // Every key farine reads, bare and scoped to a handler.
+    let keys = farine::__private::config_keys();
     let key = prop_oneof![
-        3 => proptest::sample::select(KEYS).prop_map(str::to_string),
-        2 => (proptest::sample::select(HANDLERS), proptest::sample::select(KEYS))
+        3 => proptest::sample::select(keys.clone()).prop_map(str::to_string),
+        2 => (proptest::sample::select(HANDLERS), proptest::sample::select(keys))
             .prop_map(|(handler, key)| format!("{handler}.{key}")),
         1 => Just("x".to_string()),
         1 => "[a-z_.]{1,12}",

@@ -291,15 +291,25 @@ impl Publisher {
         routing_key: impl Into<String>,
         settings: PublisherSettings,
     ) -> Self {
+        Self::live(connector, exchange, routing_key.into(), settings, false)
+    }
+
+    fn live(
+        connector: Arc<Connector>,
+        exchange: ExchangeSettings,
+        routing_key: String,
+        settings: PublisherSettings,
+        own_connection: bool,
+    ) -> Self {
         Self {
             target: Target::Live(Arc::new(Core {
                 connector,
                 exchange,
-                routing_key: routing_key.into(),
+                routing_key,
                 settings,
                 channel: RwLock::new(None),
                 reopen: tokio::sync::Mutex::new(()),
-                own_connection: false,
+                own_connection,
             })),
         }
     }
@@ -333,15 +343,6 @@ impl Publisher {
         exchange: &str,
         routing_key: &str,
     ) -> Result<Self, PublishError> {
-        for (field, text) in [("exchange name", exchange), ("routing key", routing_key)] {
-            if text.len() > crate::amqp::topology::MAX_NAME_BYTES {
-                return Err(PublishError::TooLong {
-                    exchange: exchange.chars().take(64).collect(),
-                    field,
-                    length: text.len(),
-                });
-            }
-        }
         let settings = PublisherSettings {
             declare_exchange: false,
             ..PublisherSettings::default()
@@ -355,17 +356,17 @@ impl Publisher {
             name: exchange.to_string(),
             ..ExchangeSettings::default_exchange()
         };
-        let publisher = Self {
-            target: Target::Live(Arc::new(Core {
-                connector: connector.clone(),
-                exchange,
-                routing_key: routing_key.to_string(),
-                settings,
-                channel: RwLock::new(None),
-                reopen: tokio::sync::Mutex::new(()),
-                own_connection: true,
-            })),
-        };
+        let publisher = Self::live(
+            connector.clone(),
+            exchange,
+            routing_key.to_string(),
+            settings,
+            true,
+        );
+        // Nothing is opened yet: names AMQP cannot carry are refused before any connection.
+        let core = publisher.core()?;
+        core.check_short("exchange name", &core.exchange.name)?;
+        core.check_short("routing key", &core.routing_key)?;
         if let Err(e) = publisher.prepare().await {
             connector.close().await;
             return Err(e);

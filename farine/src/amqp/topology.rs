@@ -58,6 +58,41 @@ pub(crate) fn amqp_name(
     Err(handler.section().invalid(key, &name, expected))
 }
 
+/// The value of `key`, a queue name that only a handler may set (`<handler>.<key>`): the
+/// handler's own value, else `None`. In the service's section such a name is refused, since
+/// handlers sharing a queue take each other's messages, and one inherited from `[DEFAULT]`
+/// (which other programs may share) is not taken. With `none_allowed`, `none` may be set for
+/// the whole service or in `[DEFAULT]`, and is returned as it is.
+pub(crate) fn handler_queue_name(
+    handler: &HandlerSection<'_>,
+    key: &str,
+    none_allowed: bool,
+) -> Result<Option<String>, ConfigError> {
+    if let Some(name) = handler.get_own_str(key)? {
+        return Ok(Some(name));
+    }
+    let Some(text) = handler.get_str(key)? else {
+        return Ok(None);
+    };
+    if none_allowed && is_none(&text) {
+        return Ok(Some(text));
+    }
+    if !handler.section().is_own(key) {
+        return Ok(None);
+    }
+    let expected = format!(
+        "{}a name set for one handler: `{}.{key} = ...` (handlers sharing a queue take each other's messages)",
+        if none_allowed { "none, or " } else { "" },
+        handler.handler()
+    );
+    Err(handler.section().invalid(key, &text, expected))
+}
+
+/// True for `none` (any case, spaces around): no such queue.
+pub(crate) fn is_none(text: &str) -> bool {
+    text.trim().eq_ignore_ascii_case("none")
+}
+
 fn parse_kind(handler: &HandlerSection<'_>) -> Result<ExchangeKind, ConfigError> {
     let Some(text) = handler.get_str("exchange_type")? else {
         return Ok(ExchangeKind::Direct);
@@ -199,22 +234,9 @@ impl QueueSettings {
         declared: Option<&str>,
         default_name: String,
     ) -> Result<Self, ConfigError> {
-        let name = match handler.get_own_str("queue")? {
+        let name = match handler_queue_name(handler, "queue", false)? {
             Some(name) => name,
-            None => {
-                // A name for the whole service would be shared by its handlers: refused. One
-                // inherited from [DEFAULT] (which other programs may share) is not taken.
-                if handler.section().is_own("queue")
-                    && let Some(text) = handler.get_str("queue")?
-                {
-                    let expected = format!(
-                        "a name set for one handler (`{}.queue = ...`): handlers sharing a queue take each other's messages",
-                        handler.handler()
-                    );
-                    return Err(handler.section().invalid("queue", &text, expected));
-                }
-                declared.map(str::to_string).unwrap_or(default_name)
-            }
+            None => declared.map(str::to_string).unwrap_or(default_name),
         };
         Self::named(handler, amqp_name(handler, "queue", name)?)
     }

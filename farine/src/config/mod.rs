@@ -144,14 +144,7 @@ impl Config {
 
     /// The section `name` with `[DEFAULT]` merged under it; an error when it does not exist.
     pub fn section(&self, name: &str) -> Result<Section, ConfigError> {
-        let own = self
-            .sections
-            .get(name)
-            .ok_or_else(|| ConfigError::MissingSection {
-                file: self.file.to_string(),
-                section: name.to_string(),
-            })?;
-        Ok(self.merged(name, Some(own)))
+        self.section_with_code(name, &[])
     }
 
     /// The section `name` with the settings a service's code gives its handlers
@@ -163,17 +156,17 @@ impl Config {
         name: &str,
         code: &[(&str, &str, &str)],
     ) -> Result<Section, ConfigError> {
-        if code.is_empty() {
-            return self.section(name);
-        }
-        let mut own = self
+        let own = self
             .sections
             .get(name)
             .ok_or_else(|| ConfigError::MissingSection {
                 file: self.file.to_string(),
                 section: name.to_string(),
-            })?
-            .clone();
+            })?;
+        if code.is_empty() {
+            return Ok(self.merged(name, Some(own), BTreeSet::new()));
+        }
+        let mut own = own.clone();
         let mut from_code = BTreeSet::new();
         for (handler, key, value) in code {
             let (key, scoped) = (
@@ -187,11 +180,7 @@ impl Config {
             own.insert(scoped.clone(), value.replace('%', "%%"));
             from_code.insert(scoped);
         }
-        let mut section = self.merged(name, Some(&own));
-        Arc::get_mut(&mut section.inner)
-            .expect("not shared yet")
-            .from_code = from_code;
-        Ok(section)
+        Ok(self.merged(name, Some(&own), from_code))
     }
 
     /// The keys set in section `name` itself (`[DEFAULT]` for the defaults), not inherited.
@@ -222,10 +211,17 @@ impl Config {
 
     /// The `[DEFAULT]` section alone (empty when the file has none).
     pub fn defaults(&self) -> Section {
-        self.merged(DEFAULT_SECTION, None)
+        self.merged(DEFAULT_SECTION, None, BTreeSet::new())
     }
 
-    fn merged(&self, name: &str, own: Option<&BTreeMap<String, String>>) -> Section {
+    /// Section `name`: its `own` values over `[DEFAULT]`'s; `from_code` names the keys a
+    /// handler attribute set.
+    fn merged(
+        &self,
+        name: &str,
+        own: Option<&BTreeMap<String, String>>,
+        from_code: BTreeSet<String>,
+    ) -> Section {
         let mut values = self.defaults.clone();
         if let Some(own) = own {
             values.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -248,7 +244,7 @@ impl Config {
                 own: own.map(|o| o.keys().cloned().collect()).unwrap_or_default(),
                 values,
                 from_env,
-                from_code: BTreeSet::new(),
+                from_code,
             }),
         }
     }
