@@ -29,11 +29,9 @@ pub fn run(args: &[String], main_started: Instant) {
     }
     .expect("a tokio runtime");
     match arg(0).as_str() {
-        "w2c-farine" | "w2c-raw" => runtime.block_on(w2c(
-            arg(0) == "w2c-farine",
-            &arg(1),
-            arg(2).parse().expect("a count"),
-        )),
+        "w2c-farine" | "w2c-raw" | "w2c-rawwire" => {
+            runtime.block_on(w2c(&arg(0)[4..], &arg(1), arg(2).parse().expect("a count")))
+        }
         "w1-farine" => runtime.block_on(w1_farine(&arg(1), &arg(2), &arg(3), &arg(4), &arg(5))),
         "w1-raw" => runtime.block_on(async {
             let n: usize = arg(3).parse().expect("a count");
@@ -163,12 +161,12 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ConnectedAt {
 
 /// W2C: `n` sequential echo calls, client and server in this process on a current-thread
 /// runtime, through farine or hand-written lapin; prints p50 and p99 in µs.
-async fn w2c(farine_side: bool, uri: &str, n: usize) {
+async fn w2c(side: &str, uri: &str, n: usize) {
     use serde_json::{Value, json};
     let payload = json!({"text": "hello", "n": 1});
     let mut latencies = Vec::with_capacity(n);
     let cpu_before;
-    if farine_side {
+    if side == "farine" {
         let config = config(format!(
             "[bench_echo]\namqp_uri = {uri}\nprefetch_count = 64\n"
         ));
@@ -197,7 +195,12 @@ async fn w2c(farine_side: bool, uri: &str, n: usize) {
         }
         server.stop().await;
     } else {
-        let server = crate::raw::EchoServer::start(uri, 64, crate::raw::Wire::Minimal).await;
+        let wire = if side == "rawwire" {
+            crate::raw::Wire::Farine
+        } else {
+            crate::raw::Wire::Minimal
+        };
+        let server = crate::raw::EchoServer::start(uri, 64, wire).await;
         let (client, _conn) = crate::raw::EchoClient::connect(uri, &server).await;
         for _ in 0..200 {
             client.echo(&payload).await;

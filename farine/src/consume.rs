@@ -351,9 +351,15 @@ pub(crate) async fn run(
 /// dead-letter queues) and starts consuming.
 async fn set_up(
     plan: &ConsumerPlan,
-    conn: &lapin::Connection,
+    conn: &crate::amqp::transport::Connection,
     broker: &str,
-) -> Result<(lapin::Channel, lapin::Consumer), ConsumeError> {
+) -> Result<
+    (
+        crate::amqp::transport::Channel,
+        crate::amqp::transport::Consumer,
+    ),
+    ConsumeError,
+> {
     let channel = open_channel(conn, broker, plan.prefetch).await?;
     plan.exchange.declare(&channel, broker).await?;
     plan.queue
@@ -373,7 +379,7 @@ async fn set_up(
 /// consumer's channel, to declare them again if someone deleted them.
 struct Companions {
     retry: Publisher,
-    channel: lapin::Channel,
+    channel: crate::amqp::transport::Channel,
     broker: String,
 }
 

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::{BOUND, config, start_error};
 use farine::__private::amqp::PublisherSettings;
+use farine::__private::amqp::{Channel, ExchangeSettings, QueueSettings};
 use farine::__private::amqp::{ConnectError, Connector};
-use farine::__private::amqp::{ExchangeSettings, QueueSettings};
 use farine::rpc::{Client, RpcError};
 use farine::{BrokerError, PublishError, Publisher, Resource, Runtime, consume, publish};
 use farine_test_support::proxy::Proxy;
@@ -55,7 +55,7 @@ async fn declaring_an_existing_exchange_with_another_type_is_precondition_failed
 
     let channel = broker.connection().create_channel().await.unwrap();
     let error = exchange(&name)
-        .declare(&channel, "local")
+        .declare(&Channel::Lapin(channel), "local")
         .await
         .expect_err("it exists as a topic exchange");
     assert!(
@@ -87,7 +87,7 @@ async fn a_reserved_amq_name_is_access_refused_naming_the_exchange() {
     let name = format!("amq.{}", unique("reserved"));
     let channel = broker.connection().create_channel().await.unwrap();
     let error = exchange(&name)
-        .declare(&channel, "local")
+        .declare(&Channel::Lapin(channel), "local")
         .await
         .expect_err("amq. is reserved");
     assert!(
@@ -158,7 +158,7 @@ async fn declaring_a_queue_another_connection_holds_exclusively_is_resource_lock
         binding_arguments: FieldTable::default(),
     };
     let error = settings
-        .declare(&channel, "local")
+        .declare(&Channel::Lapin(channel), "local")
         .await
         .expect_err("locked by the test's connection");
     assert!(

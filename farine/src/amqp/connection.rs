@@ -13,9 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use lapin::ConnectionProperties;
 use lapin::tcp::OwnedTLSConfig;
 use lapin::uri::AMQPUri;
-use lapin::{Connection, ConnectionProperties};
+
+use super::transport::Connection;
 use tokio_util::sync::CancellationToken;
 
 use super::error::{BrokerError, Resource};
@@ -292,7 +294,7 @@ impl Connector {
     pub fn is_connected(&self) -> bool {
         self.last
             .lock()
-            .map(|last| last.as_ref().is_some_and(|c| c.status().connected()))
+            .map(|last| last.as_ref().is_some_and(|c| c.is_connected()))
             .unwrap_or(false)
     }
 
@@ -386,7 +388,6 @@ impl Connector {
                     } else {
                         tracing::info!(broker = %node.addr, connection = %self.name, "connected to AMQP broker");
                     }
-                    watch(&conn, node.addr.clone());
                     state.current = Some(conn.clone());
                     if let Ok(mut last) = self.last.lock() {
                         *last = Some(conn.clone());
@@ -428,13 +429,16 @@ impl Connector {
         };
         let runtime = lapin::runtime::default_runtime().map_err(|e| failed(e.to_string()))?;
         let connect =
-            Connection::connect_uri_with_config(node.uri.clone(), properties, tls, runtime);
+            lapin::Connection::connect_uri_with_config(node.uri.clone(), properties, tls, runtime);
         match tokio::time::timeout(self.settings.connect_timeout, connect).await {
             Err(_) => Err(failed(format!(
                 "no answer within {:?}",
                 self.settings.connect_timeout
             ))),
-            Ok(Ok(conn)) => Ok(conn),
+            Ok(Ok(conn)) => {
+                watch(&conn, node.addr.clone());
+                Ok(Connection::Lapin(conn))
+            }
             Ok(Err(e)) => match e.kind() {
                 lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 403 => {
                     Err(ConnectError::LoginRefused {
@@ -457,9 +461,9 @@ impl Connector {
             *last = None;
         }
         if let Some(conn) = conn
-            && conn.status().connected()
+            && conn.is_connected()
         {
-            let close = conn.close(200, "farine shutting down".into());
+            let close = conn.close(200, "farine shutting down");
             match tokio::time::timeout(self.settings.connect_timeout, close).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(error = %e, "closing the AMQP connection"),
@@ -489,7 +493,7 @@ impl Connector {
                         let trip = Instant::now();
                         channel
                             .exchange_declare(
-                                "amq.direct".into(),
+                                "amq.direct",
                                 lapin::ExchangeKind::Direct,
                                 lapin::options::ExchangeDeclareOptions {
                                     passive: true,
@@ -499,7 +503,7 @@ impl Connector {
                             )
                             .await?;
                         let trip = trip.elapsed();
-                        let _ = channel.close(200, "ping".into()).await;
+                        let _ = channel.close(200, "ping").await;
                         Ok::<_, lapin::Error>(trip)
                     };
                     let result =
@@ -515,7 +519,7 @@ impl Connector {
                         };
                     let _ = tokio::time::timeout(
                         self.settings.connect_timeout,
-                        conn.close(200, "ping done".into()),
+                        conn.close(200, "ping done"),
                     )
                     .await;
                     result
@@ -532,13 +536,13 @@ fn live(state: &State) -> Option<Arc<Connection>> {
     state
         .current
         .as_ref()
-        .filter(|conn| conn.status().connected())
+        .filter(|conn| conn.is_connected())
         .cloned()
 }
 
 /// Logs what happens to a connection: its loss (the cause), and the broker blocking publishers
 /// (a memory or disk alarm).
-fn watch(conn: &Connection, broker: String) {
+fn watch(conn: &lapin::Connection, broker: String) {
     let mut events = conn.events_listener();
     tokio::spawn(async move {
         while let Some(event) = events.next().await {

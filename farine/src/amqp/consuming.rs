@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+
+use super::transport::{Channel, Connection, Consumer};
 use tokio_util::sync::CancellationToken;
 
 use super::connection::{ConnectError, Connector};
@@ -51,8 +53,8 @@ impl ConsumeError {
     /// This error, or `ConnectionLost` when the connection `conn` is no longer open: only the
     /// connection's state says so, not the error's kind (a channel error on a live connection
     /// is the task's own failure).
-    pub(crate) fn on(self, conn: &lapin::Connection) -> Self {
-        if conn.status().connected() || self.connection_lost() {
+    pub(crate) fn on(self, conn: &Connection) -> Self {
+        if conn.is_connected() || self.connection_lost() {
             self
         } else {
             ConsumeError::ConnectionLost(self.to_string())
@@ -67,7 +69,7 @@ pub(crate) async fn connection_for(
     connector: &Connector,
     first: bool,
     shutdown: &CancellationToken,
-) -> Result<Option<Arc<lapin::Connection>>, ConsumeError> {
+) -> Result<Option<Arc<Connection>>, ConsumeError> {
     if first {
         return Ok(Some(connector.connection().await?));
     }
@@ -84,7 +86,7 @@ pub(crate) async fn connection_for(
 pub(crate) struct WindDown<'a> {
     pub service: &'static str,
     pub handler: &'static str,
-    pub channel: &'a lapin::Channel,
+    pub channel: &'a Channel,
     pub op_timeout: Duration,
 }
 
@@ -102,8 +104,8 @@ impl WindDown<'_> {
     /// Closes `publisher` and the channel.
     pub async fn close(&self, publisher: &Publisher) {
         publisher.close_within(self.op_timeout).await;
-        if self.channel.status().connected() {
-            let close = self.channel.close(200, "farine handler stopped".into());
+        if self.channel.is_connected() {
+            let close = self.channel.close(200, "farine handler stopped");
             let _ = tokio::time::timeout(self.op_timeout, close).await;
         }
     }
@@ -111,10 +113,10 @@ impl WindDown<'_> {
 
 /// Opens a channel with `basic.qos(prefetch)` on `conn` (a connection to `broker`).
 pub(crate) async fn open_channel(
-    conn: &lapin::Connection,
+    conn: &Connection,
     broker: &str,
     prefetch: u16,
-) -> Result<lapin::Channel, BrokerError> {
+) -> Result<Channel, BrokerError> {
     let channel_err = |e: lapin::Error| BrokerError::from_lapin(&e, Resource::Channel, broker);
     let channel = conn.create_channel().await.map_err(channel_err)?;
     channel
@@ -126,14 +128,14 @@ pub(crate) async fn open_channel(
 
 /// Starts consuming `queue` on `channel`.
 pub(crate) async fn basic_consume(
-    channel: &lapin::Channel,
+    channel: &Channel,
     broker: &str,
     queue: &str,
-) -> Result<lapin::Consumer, BrokerError> {
+) -> Result<Consumer, BrokerError> {
     channel
         .basic_consume(
-            queue.into(),
-            "".into(),
+            queue,
+            "",
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )

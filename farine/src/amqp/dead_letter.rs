@@ -34,7 +34,7 @@ pub async fn replay(
         .map_err(dead)?;
     let waiting = channel
         .queue_declare(
-            dead_letter_queue.into(),
+            dead_letter_queue,
             QueueDeclareOptions {
                 passive: true,
                 ..Default::default()
@@ -43,18 +43,17 @@ pub async fn replay(
         )
         .await
         .map_err(dead)?
-        .message_count();
+        .message_count;
     let mut moved = 0u64;
     // Only the messages there now: one that fails again comes back behind them.
     while moved < u64::from(waiting) {
-        let Some(message) = channel
-            .basic_get(dead_letter_queue.into(), BasicGetOptions::default())
+        let Some(delivery) = channel
+            .basic_get(dead_letter_queue, BasicGetOptions::default())
             .await
             .map_err(dead)?
         else {
             break;
         };
-        let delivery = message.delivery;
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         let mut fresh = FieldTable::default();
         for (name, value) in headers.inner() {
@@ -101,6 +100,6 @@ pub async fn replay(
             .map_err(dead)?;
         moved += 1;
     }
-    let _ = channel.close(200, "replay done".into()).await;
+    let _ = channel.close(200, "replay done").await;
     Ok(moved)
 }

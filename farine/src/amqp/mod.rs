@@ -10,6 +10,7 @@ pub(crate) mod error;
 pub(crate) mod message;
 pub(crate) mod publisher;
 pub(crate) mod topology;
+pub(crate) mod transport;
 
 pub use error::{BrokerError, Resource};
 pub use lapin::ExchangeKind;

@@ -15,7 +15,9 @@ use futures_util::future::Either;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::{BasicProperties, Confirmation};
+
+use super::transport::{Channel, Confirm};
 use serde::Serialize;
 
 use super::connection::{ConnectError, Connector};
@@ -548,9 +550,9 @@ impl Publisher {
         if let Target::Live(core) = &self.target {
             let channel = core.channel.write().ok().and_then(|mut c| c.take());
             if let Some(channel) = channel
-                && channel.status().connected()
+                && channel.is_connected()
             {
-                let close = channel.close(200, "farine shutting down".into());
+                let close = channel.close(200, "farine shutting down");
                 let _ = tokio::time::timeout(timeout, close).await;
             }
         }
@@ -588,7 +590,7 @@ struct Outgoing<'a> {
 /// A message handed to the broker whose confirm is still to come.
 pub(crate) struct Unconfirmed {
     core: Arc<Core>,
-    confirm: lapin::PublisherConfirm,
+    confirm: Confirm,
     routing_key: String,
 }
 
@@ -672,7 +674,7 @@ impl Core {
     fn live_channel(&self) -> Option<Channel> {
         let slot = self.channel.read().ok()?;
         slot.as_ref()
-            .filter(|channel| channel.status().connected())
+            .filter(|channel| channel.is_connected())
             .cloned()
     }
 
@@ -868,7 +870,7 @@ impl Core {
         mandatory: bool,
         payload: &'c [u8],
         properties: BasicProperties,
-    ) -> impl Future<Output = Result<lapin::PublisherConfirm, PublishError>> + Send + 'c {
+    ) -> impl Future<Output = Result<Confirm, PublishError>> + Send + 'c {
         use futures_util::TryFutureExt;
         channel
             .basic_publish(
@@ -885,11 +887,7 @@ impl Core {
     }
 
     /// Waits for the broker's confirm of a message [`Core::start`] sent.
-    async fn finish(
-        &self,
-        confirm: lapin::PublisherConfirm,
-        routing_key: &str,
-    ) -> Result<(), PublishError> {
+    async fn finish(&self, confirm: Confirm, routing_key: &str) -> Result<(), PublishError> {
         match confirm.await.map_err(|e| self.broker_error(&e))? {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(returned)) => {

@@ -5,9 +5,11 @@
 //! handlers of a service never take each other's messages while several processes of one service
 //! share each queue as competing consumers. `docs/topology.md` is the full account.
 
+use lapin::ExchangeKind;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ExchangeKind};
+
+use super::transport::{Channel, Consumer};
 
 use super::error::{BrokerError, Resource};
 use crate::config::{ConfigError, HandlerSection};
@@ -203,7 +205,7 @@ impl ExchangeSettings {
         };
         channel
             .exchange_declare(
-                self.name.as_str().into(),
+                &self.name,
                 self.kind.clone(),
                 options,
                 self.arguments.clone(),
@@ -275,7 +277,7 @@ impl QueueSettings {
             ..Default::default()
         };
         channel
-            .queue_declare(self.name.as_str().into(), options, self.arguments.clone())
+            .queue_declare(&self.name, options, self.arguments.clone())
             .await
             .map(|_| ())
             .map_err(|e| BrokerError::from_lapin(&e, Resource::Queue(self.name.clone()), broker))
@@ -297,9 +299,9 @@ impl QueueSettings {
         }
         channel
             .queue_bind(
-                self.name.as_str().into(),
-                exchange.name.as_str().into(),
-                routing_key.into(),
+                &self.name,
+                &exchange.name,
+                routing_key,
                 QueueBindOptions::default(),
                 self.binding_arguments.clone(),
             )
@@ -319,10 +321,10 @@ impl QueueSettings {
 /// acks. An RPC caller's reply queue and an RPC server's control queue are such queues.
 pub(crate) async fn private_queue(
     channel: &Channel,
-) -> lapin::Result<(lapin::types::ShortString, lapin::Consumer)> {
+) -> lapin::Result<(lapin::types::ShortString, Consumer)> {
     let queue = channel
         .queue_declare(
-            "".into(),
+            "",
             QueueDeclareOptions {
                 exclusive: true,
                 auto_delete: true,
@@ -333,8 +335,8 @@ pub(crate) async fn private_queue(
         .await?;
     let consumer = channel
         .basic_consume(
-            queue.name().clone(),
-            "".into(),
+            queue.name.as_str(),
+            "",
             lapin::options::BasicConsumeOptions {
                 no_ack: true,
                 ..Default::default()
@@ -342,7 +344,7 @@ pub(crate) async fn private_queue(
             FieldTable::default(),
         )
         .await?;
-    Ok((queue.name().clone(), consumer))
+    Ok((queue.name, consumer))
 }
 
 #[cfg(test)]

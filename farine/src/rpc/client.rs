@@ -665,10 +665,10 @@ impl Inner {
                 ..Default::default()
             };
             let declared = channel
-                .queue_declare(self.service.as_str().into(), options, Default::default())
+                .queue_declare(self.service.as_str(), options, Default::default())
                 .await;
-            let _ = channel.close(200, "probe done".into()).await;
-            declared.ok().map(|queue| queue.consumer_count())
+            let _ = channel.close(200, "probe done").await;
+            declared.ok().map(|queue| queue.consumer_count)
         };
         // The probe adds at most this to a call that timed out.
         let bound = self
@@ -837,7 +837,7 @@ fn dispatch(
     calls: &Calls,
     service: &str,
     prefix: &str,
-    delivery: &lapin::message::Delivery,
+    delivery: &crate::amqp::transport::Delivery,
 ) -> Option<String> {
     let id = delivery.properties.correlation_id().as_ref()?.as_str();
     let Some(key) = call_key(prefix, id) else {

@@ -600,9 +600,16 @@ pub(crate) async fn run(
 
 async fn set_up(
     plan: &RpcServerPlan,
-    conn: &lapin::Connection,
+    conn: &crate::amqp::transport::Connection,
     broker: &str,
-) -> Result<(lapin::Channel, lapin::Consumer, lapin::Consumer), ConsumeError> {
+) -> Result<
+    (
+        crate::amqp::transport::Channel,
+        crate::amqp::transport::Consumer,
+        crate::amqp::transport::Consumer,
+    ),
+    ConsumeError,
+> {
     let channel = open_channel(conn, broker, plan.prefetch).await?;
     plan.exchange.declare(&channel, broker).await?;
     for method in &plan.methods {
@@ -627,9 +634,9 @@ async fn set_up(
     let (control_queue, control) = private_queue(&channel).await.map_err(control_err)?;
     channel
         .queue_bind(
-            control_queue,
-            plan.exchange.name.as_str().into(),
-            wire::cancel_routing_key(plan.service).into(),
+            control_queue.as_str(),
+            &plan.exchange.name,
+            &wire::cancel_routing_key(plan.service),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
