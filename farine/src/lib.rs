@@ -56,6 +56,8 @@ pub mod rpc;
 mod runtime;
 #[cfg(feature = "sse")]
 mod sse;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 #[cfg(feature = "sse")]
 #[doc = include_str!("docs/stream.md")]

@@ -31,3 +31,43 @@ impl Mixed {
         publisher.publish(answer).await
     }
 }
+
+/// `mixed` with its RPC target replaced by a stub service, on farine's in-memory broker and
+/// an in-memory event stream.
+#[cfg(test)]
+mod tests {
+    use farine::testing::TestBroker;
+    use serde_json::{Value, json};
+
+    /// Stands in for `examples/rpc`'s `server`: answers `repeat` with a marked text.
+    #[derive(Default)]
+    pub struct StubServer;
+
+    #[farine::service(name = "server")]
+    impl StubServer {
+        #[farine::rpc::method]
+        async fn repeat(&self, text: String, times: u32) -> String {
+            format!("stub:{text}x{times}")
+        }
+    }
+
+    #[tokio::test]
+    async fn each_event_goes_through_the_rpc_target_and_is_reported() {
+        let kit = TestBroker::new();
+        let feed = kit.feed("events");
+        let running = kit
+            .start("[mixed]\nstart_from = end\n[server]\n")
+            .set("mixed", "endpoint", feed.endpoint())
+            .start()
+            .await
+            .expect("mixed and the stub start");
+        feed.wait_for_readers(1).await;
+        feed.send(Some("1"), "", "hello");
+        let report = kit.next_published("mixed", "answer").await;
+        assert_eq!(
+            report.json::<Value>(),
+            json!({ "data": "hello", "answer": "stub:hellox2" })
+        );
+        running.stop().await;
+    }
+}

@@ -26,3 +26,28 @@ impl Ticker {
         publisher.publish(tick).await
     }
 }
+
+/// The ticker on farine's in-memory broker, on tokio's paused clock: its one-second interval
+/// passes at once.
+#[cfg(test)]
+mod tests {
+    use farine::testing::TestBroker;
+    use serde_json::{Value, json};
+
+    #[tokio::test(start_paused = true)]
+    async fn ticks_once_a_second_counting_up() {
+        let kit = TestBroker::new();
+        let running = kit.start("[ticker]\n").start().await.expect("ticker starts");
+        let started = tokio::time::Instant::now();
+        for n in 1..=3 {
+            let tick = kit.next_published("ticks", "tick").await;
+            assert_eq!(tick.json::<Value>(), json!({ "tick": n }));
+        }
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= std::time::Duration::from_secs(2) && elapsed < std::time::Duration::from_secs(3),
+            "three ticks take two intervals: {elapsed:?}"
+        );
+        running.stop().await;
+    }
+}

@@ -126,6 +126,16 @@ struct Node {
     uri: AMQPUri,
     /// `host:port`, for logs and errors.
     addr: String,
+    /// The in-memory broker of this name (`memory://<name>`) instead of `uri`.
+    memory: Option<String>,
+}
+
+/// The name of the in-memory broker `text` names (`memory://<name>`, the test kit's), if it
+/// names one.
+pub(crate) fn memory_name(text: &str) -> Option<&str> {
+    text.trim()
+        .strip_prefix("memory://")
+        .filter(|name| !name.is_empty() && !name.contains([',', ' ', '\t', '\n']))
 }
 
 /// Splits `amqp_uri` into its nodes: URIs separated by commas or whitespace. A comma that is
@@ -239,17 +249,14 @@ impl Connector {
         settings: ConnectorSettings,
     ) -> Self {
         let text = uri.into();
-        let nodes = parse_nodes(&text).map(|uris| {
-            uris.into_iter()
-                .map(|mut uri| {
-                    if uri.query.heartbeat.is_none() {
-                        uri.query.heartbeat = Some(settings.heartbeat);
-                    }
-                    let addr = format!("{}:{}", uri.authority.host, uri.authority.port);
-                    Node { uri, addr }
-                })
-                .collect::<Vec<_>>()
-        });
+        let nodes = match memory_name(&text) {
+            Some(name) => Ok(vec![Node {
+                uri: AMQPUri::default(),
+                addr: text.trim().to_string(),
+                memory: Some(name.to_string()),
+            }]),
+            None => Self::amqp_nodes(&text, &settings),
+        };
         let broker = match &nodes {
             Ok(nodes) => nodes.first().map(|n| n.addr.clone()).unwrap_or_default(),
             Err(_) => String::new(),
@@ -267,6 +274,24 @@ impl Connector {
             last: Mutex::new(None),
             closed: CancellationToken::new(),
         }
+    }
+
+    fn amqp_nodes(text: &str, settings: &ConnectorSettings) -> Result<Vec<Node>, String> {
+        parse_nodes(text).map(|uris| {
+            uris.into_iter()
+                .map(|mut uri| {
+                    if uri.query.heartbeat.is_none() {
+                        uri.query.heartbeat = Some(settings.heartbeat);
+                    }
+                    let addr = format!("{}:{}", uri.authority.host, uri.authority.port);
+                    Node {
+                        uri,
+                        addr,
+                        memory: None,
+                    }
+                })
+                .collect()
+        })
     }
 
     /// The URI(s) with passwords masked, for logs and errors.
@@ -416,6 +441,11 @@ impl Connector {
     }
 
     async fn open_node(&self, node: &Node) -> Result<Connection, ConnectError> {
+        if let Some(name) = &node.memory {
+            return Ok(Connection::Memory(
+                super::memory::Broker::named(name).connect(&self.name),
+            ));
+        }
         let properties = ConnectionProperties::default()
             .with_connection_name(self.name.as_str().into())
             .with_client_property("product".into(), "farine".into())

@@ -7,6 +7,7 @@ pub(crate) mod connection;
 pub(crate) mod consuming;
 pub(crate) mod dead_letter;
 pub(crate) mod error;
+pub(crate) mod memory;
 pub(crate) mod message;
 pub(crate) mod publisher;
 pub(crate) mod topology;

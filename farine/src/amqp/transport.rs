@@ -1,7 +1,8 @@
 //! What farine needs of a broker connection, as one set of types over the transports: RabbitMQ
 //! through lapin. The methods mirror lapin's (its option, property and error types are the
 //! vocabulary), so code above this module reads as lapin code and does not know which
-//! transport it runs on.
+//! transport it runs on: RabbitMQ through lapin, or the in-memory broker of the test kit
+//! (`memory://<name>`).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -15,10 +16,13 @@ use lapin::options::{
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation, ExchangeKind};
 
+use super::memory;
+
 /// A connection to the broker.
 #[derive(Debug)]
 pub enum Connection {
     Lapin(lapin::Connection),
+    Memory(memory::Connection),
 }
 
 impl Connection {
@@ -26,18 +30,21 @@ impl Connection {
     pub fn is_connected(&self) -> bool {
         match self {
             Connection::Lapin(conn) => conn.status().connected(),
+            Connection::Memory(conn) => conn.is_open(),
         }
     }
 
     pub async fn create_channel(&self) -> lapin::Result<Channel> {
         match self {
             Connection::Lapin(conn) => conn.create_channel().await.map(Channel::Lapin),
+            Connection::Memory(conn) => conn.create_channel().await.map(Channel::Memory),
         }
     }
 
     pub async fn close(&self, reply_code: u16, reply_text: &str) -> lapin::Result<()> {
         match self {
             Connection::Lapin(conn) => conn.close(reply_code, reply_text.into()).await,
+            Connection::Memory(conn) => conn.close(reply_code, reply_text).await,
         }
     }
 }
@@ -46,6 +53,7 @@ impl Connection {
 #[derive(Clone, Debug)]
 pub enum Channel {
     Lapin(lapin::Channel),
+    Memory(memory::Channel),
 }
 
 /// What a queue declare answers.
@@ -60,12 +68,14 @@ impl Channel {
     pub fn is_connected(&self) -> bool {
         match self {
             Channel::Lapin(channel) => channel.status().connected(),
+            Channel::Memory(channel) => channel.is_open(),
         }
     }
 
     pub async fn close(&self, reply_code: u16, reply_text: &str) -> lapin::Result<()> {
         match self {
             Channel::Lapin(channel) => channel.close(reply_code, reply_text.into()).await,
+            Channel::Memory(channel) => channel.close(reply_code, reply_text).await,
         }
     }
 
@@ -76,12 +86,14 @@ impl Channel {
     ) -> lapin::Result<()> {
         match self {
             Channel::Lapin(channel) => channel.basic_qos(prefetch_count, options).await,
+            Channel::Memory(channel) => channel.basic_qos(prefetch_count, options).await,
         }
     }
 
     pub async fn confirm_select(&self, options: ConfirmSelectOptions) -> lapin::Result<()> {
         match self {
             Channel::Lapin(channel) => channel.confirm_select(options).await,
+            Channel::Memory(channel) => channel.confirm_select(options).await,
         }
     }
 
@@ -96,6 +108,11 @@ impl Channel {
             Channel::Lapin(channel) => {
                 channel
                     .exchange_declare(exchange.into(), kind, options, arguments)
+                    .await
+            }
+            Channel::Memory(channel) => {
+                channel
+                    .exchange_declare(exchange, kind, options, arguments)
                     .await
             }
         }
@@ -116,6 +133,14 @@ impl Channel {
                     name: queue.name().clone(),
                     message_count: queue.message_count(),
                     consumer_count: queue.consumer_count(),
+                })
+            }
+            Channel::Memory(channel) => {
+                let queue = channel.queue_declare(queue, options, arguments).await?;
+                Ok(DeclaredQueue {
+                    name: queue.name.as_str().into(),
+                    message_count: queue.message_count,
+                    consumer_count: queue.consumer_count,
                 })
             }
         }
@@ -141,6 +166,11 @@ impl Channel {
                     )
                     .await
             }
+            Channel::Memory(channel) => {
+                channel
+                    .queue_bind(queue, exchange, routing_key, options, arguments)
+                    .await
+            }
         }
     }
 
@@ -156,6 +186,10 @@ impl Channel {
                 .basic_consume(queue.into(), consumer_tag.into(), options, arguments)
                 .await
                 .map(Consumer::Lapin),
+            Channel::Memory(channel) => channel
+                .basic_consume(queue, consumer_tag, options, arguments)
+                .await
+                .map(Consumer::Memory),
         }
     }
 
@@ -166,6 +200,7 @@ impl Channel {
     ) -> lapin::Result<()> {
         match self {
             Channel::Lapin(channel) => channel.basic_cancel(consumer_tag, options).await,
+            Channel::Memory(channel) => channel.basic_cancel(consumer_tag.as_str(), options).await,
         }
     }
 
@@ -179,6 +214,10 @@ impl Channel {
                 .basic_get(queue.into(), options)
                 .await?
                 .map(|message| Delivery::from(message.delivery))),
+            Channel::Memory(channel) => Ok(channel
+                .basic_get(queue, options)
+                .await?
+                .map(|message| Delivery::from(message.delivery))),
         }
     }
 
@@ -189,6 +228,8 @@ impl Channel {
     ) -> lapin::Result<Vec<lapin::message::BasicReturnMessage>> {
         match self {
             Channel::Lapin(channel) => channel.wait_for_confirms().await,
+            // Its confirms resolve at once; a return is read from the publish's confirm.
+            Channel::Memory(_) => Ok(Vec::new()),
         }
     }
 
@@ -207,6 +248,16 @@ impl Channel {
                 .basic_publish(exchange, routing_key, options, payload, properties)
                 .await
                 .map(Confirm::Lapin),
+            Channel::Memory(channel) => channel
+                .basic_publish(
+                    exchange.as_str(),
+                    routing_key.as_str(),
+                    options,
+                    payload,
+                    properties,
+                )
+                .await
+                .map(|confirm| Confirm::Memory(Box::new(confirm))),
         }
     }
 }
@@ -214,6 +265,7 @@ impl Channel {
 /// The deliveries of one `basic.consume`.
 pub enum Consumer {
     Lapin(lapin::Consumer),
+    Memory(memory::Consumer),
 }
 
 impl Consumer {
@@ -221,6 +273,7 @@ impl Consumer {
     pub fn tag(&self) -> ShortString {
         match self {
             Consumer::Lapin(consumer) => consumer.tag(),
+            Consumer::Memory(consumer) => consumer.tag().into(),
         }
     }
 }
@@ -231,6 +284,9 @@ impl Stream for Consumer {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         match self.get_mut() {
             Consumer::Lapin(consumer) => Pin::new(consumer)
+                .poll_next(cx)
+                .map(|next| next.map(|delivery| delivery.map(Delivery::from))),
+            Consumer::Memory(consumer) => Pin::new(consumer)
                 .poll_next(cx)
                 .map(|next| next.map(|delivery| delivery.map(Delivery::from))),
         }
@@ -246,6 +302,20 @@ pub struct Delivery {
     pub properties: BasicProperties,
     pub data: Vec<u8>,
     pub acker: Acker,
+}
+
+impl From<memory::Delivery> for Delivery {
+    fn from(delivery: memory::Delivery) -> Self {
+        Self {
+            delivery_tag: delivery.delivery_tag,
+            exchange: delivery.exchange,
+            routing_key: delivery.routing_key,
+            redelivered: delivery.redelivered,
+            properties: delivery.properties,
+            data: delivery.data,
+            acker: Acker::Memory(delivery.acker),
+        }
+    }
 }
 
 impl From<lapin::message::Delivery> for Delivery {
@@ -266,24 +336,28 @@ impl From<lapin::message::Delivery> for Delivery {
 /// redelivers the message then).
 pub enum Acker {
     Lapin(lapin::Acker),
+    Memory(memory::Acker),
 }
 
 impl Acker {
     pub async fn ack(&self, options: BasicAckOptions) -> lapin::Result<bool> {
         match self {
             Acker::Lapin(acker) => acker.ack(options).await,
+            Acker::Memory(acker) => acker.ack(options).await,
         }
     }
 
     pub async fn nack(&self, options: BasicNackOptions) -> lapin::Result<bool> {
         match self {
             Acker::Lapin(acker) => acker.nack(options).await,
+            Acker::Memory(acker) => acker.nack(options).await,
         }
     }
 
     pub async fn reject(&self, options: BasicRejectOptions) -> lapin::Result<bool> {
         match self {
             Acker::Lapin(acker) => acker.reject(options).await,
+            Acker::Memory(acker) => acker.reject(options).await,
         }
     }
 }
@@ -291,6 +365,7 @@ impl Acker {
 /// The broker's confirm of one publish, still to come.
 pub enum Confirm {
     Lapin(lapin::PublisherConfirm),
+    Memory(Box<memory::Confirm>),
 }
 
 impl Future for Confirm {
@@ -299,6 +374,7 @@ impl Future for Confirm {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.get_mut() {
             Confirm::Lapin(confirm) => Pin::new(confirm).poll(cx),
+            Confirm::Memory(confirm) => Pin::new(confirm.as_mut()).poll(cx),
         }
     }
 }

@@ -127,6 +127,17 @@ impl Config {
         Ok(config)
     }
 
+    /// Sets `key` of section `section` (`None`: `[DEFAULT]`) to `value`, above what the file
+    /// says (the test kit points services at its broker this way).
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    pub(crate) fn set(&mut self, section: Option<&str>, key: &str, value: &str) {
+        let values = match section {
+            None => &mut self.defaults,
+            Some(name) => self.sections.entry(name.to_string()).or_default(),
+        };
+        values.insert(key.to_string(), value.to_string());
+    }
+
     /// The file this configuration was read from (or the origin given to [`Config::from_ini`]).
     pub fn file(&self) -> &str {
         &self.file

@@ -170,7 +170,9 @@ fn plan_service(
     let amqp_uri = section
         .get_str("amqp_uri")?
         .unwrap_or_else(|| DEFAULT_AMQP_URI.to_string());
-    if let Err(cause) = crate::amqp::connection::parse_nodes(&amqp_uri) {
+    if crate::amqp::connection::memory_name(&amqp_uri).is_none()
+        && let Err(cause) = crate::amqp::connection::parse_nodes(&amqp_uri)
+    {
         return Err(StartError::Config(section.invalid(
             "amqp_uri",
             &amqp_uri,

@@ -20,8 +20,11 @@ use std::time::Duration;
 use eventsource_client::{self as es, Client as _, SSE};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
+
+pub(crate) mod feed;
 
 use crate::config::{ConfigError, Section, redact};
 use crate::db::checkpoint::Checkpoint;
@@ -185,11 +188,16 @@ impl SsePlan {
             Some(endpoint) => endpoint,
             None => section.require::<String>("endpoint")?,
         };
-        if !endpoint.starts_with("http://") || es::ClientBuilder::for_url(&endpoint).is_err() {
+        let memory = endpoint
+            .strip_prefix("memory://")
+            .is_some_and(|name| !name.is_empty());
+        if !memory
+            && (!endpoint.starts_with("http://") || es::ClientBuilder::for_url(&endpoint).is_err())
+        {
             return Err(section.invalid(
                 "endpoint",
                 &endpoint,
-                "an http:// URL (https is not supported yet)",
+                "an http:// URL (https is not supported yet), or memory://<feed> in tests",
             ));
         }
         let mut headers = Vec::new();
@@ -388,20 +396,19 @@ pub(crate) async fn run(
     let mut delay = plan.reconnect_delay;
     loop {
         let last = position.start(&plan).await?;
-        match client(&plan, last.as_deref()) {
+        match events(&plan, last.as_deref()) {
             Err(e) => {
                 tracing::warn!(service, handler, endpoint = %endpoint, error = %e, "cannot build the SSE request")
             }
-            Ok(client) => {
+            Ok(mut events) => {
                 tracing::info!(service, handler, endpoint = %endpoint, last_event_id = ?last, "listening");
-                let mut events = client.stream();
                 loop {
                     let next = tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),
                         next = events.next() => next,
                     };
                     match next {
-                        Some(Ok(SSE::Event(event))) => {
+                        Some(Ok(Some(event))) => {
                             let event = Event {
                                 inner: Arc::new(event),
                             };
@@ -411,10 +418,7 @@ pub(crate) async fn run(
                             }
                             delay = plan.reconnect_delay;
                         }
-                        Some(Ok(SSE::Connected(_))) => {
-                            tracing::debug!(service, handler, "SSE connected");
-                        }
-                        Some(Ok(SSE::Comment(_))) => {}
+                        Some(Ok(None)) => {}
                         Some(Err(e)) => {
                             tracing::warn!(service, handler, endpoint = %endpoint, error = %e, retry_in = ?delay, "SSE stream interrupted; reconnecting");
                             break;
@@ -439,6 +443,30 @@ pub(crate) async fn run(
 pub(crate) fn display_endpoint(endpoint: &str) -> String {
     let without_query = endpoint.split(['?', '#']).next().unwrap_or(endpoint);
     redact::redact_uri(without_query)
+}
+
+/// The stream of the endpoint from after `last`: an event, `None` for what carries no event
+/// (the connection opening, a comment), or why the stream broke.
+fn events(
+    plan: &SsePlan,
+    last: Option<&str>,
+) -> Result<BoxStream<'static, Result<Option<es::Event>, String>>, String> {
+    if let Some(name) = plan.endpoint.strip_prefix("memory://") {
+        return Ok(feed::Feed::named(name)
+            .read(last)
+            .map(|e| Ok(Some(e)))
+            .boxed());
+    }
+    let client = client(plan, last)?;
+    Ok(client
+        .stream()
+        .map(|next| match next {
+            Ok(SSE::Event(event)) => Ok(Some(event)),
+            Ok(SSE::Connected(_)) => Ok(None),
+            Ok(SSE::Comment(_)) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        })
+        .boxed())
 }
 
 fn client(plan: &SsePlan, last: Option<&str>) -> Result<impl es::Client, String> {
