@@ -152,7 +152,7 @@ pub mod __private {
         };
         pub use crate::amqp::publisher::PublisherSettings;
         pub use crate::amqp::topology::{ExchangeSettings, QueueSettings};
-        pub use crate::amqp::transport::{Channel, Connection};
+        pub use crate::amqp::transport::{Channel, Connection, DeclaredQueue};
         pub use crate::rpc::client::ROUTE_CHECK_INTERVAL;
     }
 

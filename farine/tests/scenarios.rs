@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use farine::__private::amqp::{Channel, Connector};
+use farine::__private::amqp::{Channel, Connector, DeclaredQueue};
 use farine::config::Config;
 use farine::rpc::{RpcError, Stream, StreamExt};
 use farine::testing::TestBroker;
@@ -130,8 +130,8 @@ async fn publish(
         .expect("confirmed")
 }
 
-/// Ready messages in `queue`.
-async fn ready(channel: &Channel, queue: &str) -> u32 {
+/// What a passive declare of `queue` answers (it must exist).
+async fn declared(channel: &Channel, queue: &str) -> DeclaredQueue {
     channel
         .queue_declare(
             queue,
@@ -143,23 +143,16 @@ async fn ready(channel: &Channel, queue: &str) -> u32 {
         )
         .await
         .expect("the queue exists")
-        .message_count
+}
+
+/// Ready messages in `queue`.
+async fn ready(channel: &Channel, queue: &str) -> u32 {
+    declared(channel, queue).await.message_count
 }
 
 /// Consumers of `queue`.
 async fn consumers(channel: &Channel, queue: &str) -> u32 {
-    channel
-        .queue_declare(
-            queue,
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("the queue exists")
-        .consumer_count
+    declared(channel, queue).await.consumer_count
 }
 
 async fn wait_ready(channel: &Channel, queue: &str, n: u32) {
