@@ -11,7 +11,7 @@ use farine::config::Config;
 use crate::services::{CONSUME_TARGET, CONSUMED_ALL};
 
 fn config(text: String) -> Config {
-    Config::from_ini(&text, "bench.ini").expect("the bench config parses")
+    Config::from_ini(&crate::observed(text), "bench.ini").expect("the bench config parses")
 }
 
 pub fn run(args: &[String], main_started: Instant) {

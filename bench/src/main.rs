@@ -48,6 +48,15 @@ impl Options {
     }
 }
 
+/// A bench service's config `text` (one section), with metrics and tracing off when
+/// `FARINE_BENCH_OBSERVE=off`: the cost of both is that run's ratio against the default one.
+pub(crate) fn observed(text: String) -> String {
+    match std::env::var("FARINE_BENCH_OBSERVE").as_deref() {
+        Ok("off") => format!("{}\nmetrics = false\ntracing = false\n", text.trim_end()),
+        _ => text,
+    }
+}
+
 fn main() {
     let main_started = Instant::now();
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -595,10 +604,10 @@ fn sample(value: f64, tally: &Tally, operations: usize) -> Sample {
 
 async fn rpc(options: &Options) -> Vec<Row> {
     let config = Config::from_ini(
-        &format!(
+        &observed(format!(
             "[bench_echo]\namqp_uri = {}\nprefetch_count = 64\n",
             options.uri
-        ),
+        )),
         "bench.ini",
     )
     .expect("config");
@@ -768,7 +777,7 @@ async fn w4(options: &Options, admin: &Connection) -> Vec<Row> {
     let n = options.count(100_000);
     declare_queue(admin, W4_QUEUE, W4_EXCHANGE, "w4", ExchangeKind::Direct).await;
     let config = Config::from_ini(
-        &format!("[bench_publisher]\namqp_uri = {}\n", options.uri),
+        &observed(format!("[bench_publisher]\namqp_uri = {}\n", options.uri)),
         "bench.ini",
     )
     .expect("config");

@@ -50,6 +50,10 @@ struct Args {
     /// Log level or tracing filter (default: $RUST_LOG, else info).
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
+    /// Log format: text, or json (one JSON object per line). Default: `log_format` in the
+    /// config's [DEFAULT], else $FARINE_LOG_FORMAT, else text.
+    #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
+    log_format: Option<String>,
     /// The workspace's Cargo.toml (default: found from the current directory, as cargo does).
     #[arg(long, value_name = "PATH")]
     manifest_path: Option<PathBuf>,
@@ -261,6 +265,9 @@ fn forwarded(args: &Args, module: &str) -> Vec<String> {
     }
     if let Some(level) = &args.log_level {
         out.push(format!("--log-level={level}"));
+    }
+    if let Some(format) = &args.log_format {
+        out.push(format!("--log-format={format}"));
     }
     out
 }

@@ -1,7 +1,7 @@
 //! End to end through the real `farine` launcher: the promises of the README's "Reference:
-//! command line" (replaying dead letters, exit statuses 3 and 4, `--log-level`, SIGINT,
-//! `--manifest-path`, `--release`) and of "Reference: configuration" (environment overrides,
-//! no password in `--list` or in any log line).
+//! command line" (replaying dead letters, exit statuses 3 and 4, `--log-level`, `log_format`,
+//! SIGINT, `--manifest-path`, `--release`) and of "Reference: configuration" (environment
+//! overrides, no password in `--list` or in any log line).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -505,6 +505,159 @@ async fn without_log_level_the_level_is_rust_log_else_info() {
     let output = run_with_logging(&[], None).await;
     assert!(output.contains("consuming"), "info: {output}");
     assert!(log_lines(&output, "DEBUG").is_empty(), "info: {output}");
+}
+
+// --- log_format ---------------------------------------------------------------------------------
+
+/// The pubsub example's binary, built with cargo as the launcher builds it: run directly, its
+/// output is its own (the launcher's build prints cargo's progress on the same stderr).
+fn pubsub_binary() -> PathBuf {
+    let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--package",
+            "pubsub",
+            "--bin",
+            "pubsub",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(workspace())
+        .output()
+        .expect("cargo runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|message| {
+            message["reason"] == "compiler-artifact" && message["target"]["name"] == "pubsub"
+        })
+        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
+        .expect("cargo reports the pubsub binary")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_format_json_prints_every_line_as_a_json_object_and_no_password() {
+    let broker = Broker::connect().await;
+    // A user of the test's own, so that its password is text nothing else contains.
+    let user = RabbitUser(unique("json-user"));
+    let amqp_password = unique("amqp-pw");
+    vhost::create_user(broker.vhost(), &user.0, &amqp_password).expect("user made");
+    let (orders, audit, queue) = (unique("orders"), unique("audit"), unique("relay"));
+    let ini = IniFile::new(&format!(
+        "[DEFAULT]\namqp_uri = amqp://{}:{amqp_password}@{}/{}\nlog_format = json\n\n[relay]\nrelay.exchange = {orders}\nrelay.queue = {queue}\nseen.exchange = {audit}\n",
+        user.0,
+        farine_test_support::broker_addr(),
+        broker.vhost(),
+    ));
+    let path = ini.path.display().to_string();
+    let mut command = Command::new(pubsub_binary());
+    command
+        .args(["--config", &path, "--log-level=trace"])
+        .env_remove("FARINE_LOG_FORMAT");
+    let mut process = Process::spawn(command);
+    assert!(
+        broker.wait_for_consumers(&queue, 1, START_BOUND).await,
+        "{}",
+        process.output()
+    );
+    let observer = broker.bind_queue(&audit, "order.seen").await;
+    broker
+        .publish_json(&orders, "order.created", &json!({"id": 1}))
+        .await;
+    assert_eq!(broker.wait_for_messages(&observer, 1, BOUND).await.len(), 1);
+    process.signal(SIGTERM);
+    let status = process.wait_exit(BOUND).expect("exits after SIGTERM");
+    let output = process.output();
+    assert_eq!(status.code(), Some(0), "{output}");
+
+    // Its log is all it prints: every line is one JSON object.
+    let lines: Vec<Value> = output
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    for line in &lines {
+        for key in ["timestamp", "level", "target"] {
+            assert!(line[key].is_string(), "no {key}: {line}");
+        }
+        assert!(line["fields"]["message"].is_string(), "no message: {line}");
+    }
+    let messages: Vec<&str> = lines
+        .iter()
+        .filter_map(|line| line["fields"]["message"].as_str())
+        .collect();
+    assert!(messages.iter().any(|m| m.contains("consuming")), "{output}");
+    assert!(
+        lines.iter().any(|line| line["level"] == "TRACE"),
+        "it logged at trace"
+    );
+    assert!(!output.contains("\u{1b}["), "no colour: {output}");
+    assert_no_secret(&output, &amqp_password, "the AMQP password");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_format_that_is_not_text_or_json_is_refused_naming_where_it_came_from() {
+    let broker = Broker::connect().await;
+    let config = |extra: &str| {
+        IniFile::new(&format!(
+            "[DEFAULT]\namqp_uri = {}\n{extra}\n[relay]\n",
+            broker.uri()
+        ))
+    };
+
+    // On the command line: a usage error, from the launcher and from the binary alike.
+    let plain = config("");
+    let path = plain.path.display().to_string();
+    let launcher = farine(&["--start=pubsub", "--config", &path, "--log-format", "yaml"])
+        .output()
+        .expect("runs");
+    let binary = Command::new(pubsub_binary())
+        .args(["--config", &path, "--log-format=yaml"])
+        .output()
+        .expect("runs");
+    for output in [launcher, binary] {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("yaml") && stderr.contains("text") && stderr.contains("json"),
+            "{stderr}"
+        );
+    }
+
+    // In the config or the environment: a config error, before connecting.
+    let cases = [
+        (
+            "log_format = yaml",
+            None,
+            "section [DEFAULT]: option `log_format` is \"yaml\"; expected text or json",
+        ),
+        (
+            "[other]\nlog_format = json",
+            None,
+            "section [other]: option `log_format` is \"json\"; expected no value in a service's section",
+        ),
+        (
+            "",
+            Some("yaml"),
+            "environment variable FARINE_LOG_FORMAT is \"yaml\"; expected text or json",
+        ),
+    ];
+    for (extra, variable, expected) in cases {
+        let ini = config(extra);
+        let path = ini.path.display().to_string();
+        let mut command = farine(&["--start=pubsub", "--config", &path]);
+        match variable {
+            Some(value) => command.env("FARINE_LOG_FORMAT", value),
+            None => command.env_remove("FARINE_LOG_FORMAT"),
+        };
+        let output = command.output().expect("runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(3), "{extra}: {stderr}");
+        assert!(stderr.contains(expected), "{extra}: {stderr}");
+    }
 }
 
 // --- SIGINT -------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use clap::builder::TypedValueParser;
 
 use crate::config::{self, Config};
+use crate::log::LogFormat;
 use crate::registry::ServiceEntry;
 use crate::runtime::Runtime;
 
@@ -48,6 +50,15 @@ pub struct Args {
     /// `farine=debug`. Default: $RUST_LOG, else info.
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Log format: text, or json (one JSON object per line). Default: `log_format` in the
+    /// config's [DEFAULT], else $FARINE_LOG_FORMAT, else text.
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        value_parser = clap::builder::PossibleValuesParser::new(["text", "json"])
+            .map(|value| if value == "json" { LogFormat::Json } else { LogFormat::Text }),
+    )]
+    pub log_format: Option<LogFormat>,
 }
 
 /// Runs the binary of module `module` (its package name) with the process's arguments,
@@ -69,22 +80,30 @@ fn run(
     layers: Vec<std::sync::Arc<dyn crate::handler::Layer>>,
     args: Args,
 ) -> u8 {
-    if let Err(message) = crate::log::init_with(args.log_level.as_deref()) {
-        eprintln!("farine: {message}");
-        return EXIT_USAGE;
-    }
+    let filter = match crate::log::level_filter(args.log_level.as_deref()) {
+        Ok(filter) => filter,
+        Err(message) => {
+            eprintln!("farine: {message}");
+            return EXIT_USAGE;
+        }
+    };
     if let Some(unknown) = args.start.iter().find(|name| name.as_str() != module) {
         eprintln!(
             "farine: unknown module `{unknown}`; this binary runs module `{module}` (available: {module})"
         );
         return EXIT_USAGE;
     }
+    // The config before the log, which may take its format from it; nothing logs before this.
     let path = config::resolve_path(args.config.as_deref());
     let loaded = Config::load(&path);
+    let format = log_format(args.log_format, loaded.as_ref().ok());
+    crate::log::install(filter, format.as_ref().copied().unwrap_or_default());
     if args.list {
         print!("{}", list(module, loaded.as_ref().ok()));
         if let Err(e) = &loaded {
             eprintln!("farine: showing defaults: {e}");
+        } else if let Err(e) = &format {
+            eprintln!("farine: {e}");
         }
         return EXIT_OK;
     }
@@ -103,6 +122,9 @@ fn run(
         Ok(config) => config,
         Err(e) => return refused(&e),
     };
+    if let Err(e) = format {
+        return refused(&e);
+    }
     let (mut builder, described) = match crate::runtime::tokio_builder(&config) {
         Ok(chosen) => chosen,
         Err(e) => return refused(&e),
@@ -177,6 +199,61 @@ fn run(
     })
 }
 
+/// The environment variable that gives the log format when neither the flag nor the config does.
+const LOG_FORMAT_VARIABLE: &str = "FARINE_LOG_FORMAT";
+
+/// The log's format: `--log-format`, else `log_format` in the config's `[DEFAULT]`, else
+/// `$FARINE_LOG_FORMAT`, else text. An error names where a value that is not a format came
+/// from. The config's value is checked even when the flag wins over it, as the rest of the
+/// config is.
+fn log_format(flag: Option<LogFormat>, config: Option<&Config>) -> Result<LogFormat, String> {
+    let configured = match config {
+        Some(config) => configured_log_format(config)?,
+        None => None,
+    };
+    if let Some(format) = flag.or(configured) {
+        return Ok(format);
+    }
+    let value = match std::env::var(LOG_FORMAT_VARIABLE) {
+        Ok(value) => value,
+        Err(std::env::VarError::NotPresent) => return Ok(LogFormat::Text),
+        Err(std::env::VarError::NotUnicode(raw)) => raw.to_string_lossy().into_owned(),
+    };
+    value.parse().map_err(|_| {
+        format!(
+            "environment variable {LOG_FORMAT_VARIABLE} is {value:?}; expected {}",
+            LogFormat::ACCEPTED
+        )
+    })
+}
+
+/// `log_format` of the config's `[DEFAULT]`, when set. In a service's own section it is an
+/// error: the process has one log, whichever of its services the section is for.
+fn configured_log_format(config: &Config) -> Result<Option<LogFormat>, String> {
+    for name in config.section_names() {
+        if config.own_keys(name).any(|key| key == "log_format") {
+            let section = config.section(name).map_err(|e| e.to_string())?;
+            let value = section.get_str("log_format").map_err(|e| e.to_string())?;
+            return Err(section
+                .invalid(
+                    "log_format",
+                    &value.unwrap_or_default(),
+                    "no value in a service's section: the process has one log, set `log_format` in [DEFAULT]",
+                )
+                .to_string());
+        }
+    }
+    let defaults = config.defaults();
+    let Some(value) = defaults.get_str("log_format").map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    value.parse().map(Some).map_err(|_| {
+        defaults
+            .invalid("log_format", &value, LogFormat::ACCEPTED)
+            .to_string()
+    })
+}
+
 /// The `--list` text: every service of the binary with its handlers, as the config resolves them.
 pub fn list(module: &str, config: Option<&Config>) -> String {
     use std::fmt::Write;
@@ -225,4 +302,52 @@ pub fn list(module: &str, config: Option<&Config>) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::from_ini(text, "test.ini").expect("test config parses")
+    }
+
+    #[test]
+    fn the_log_format_flag_wins_over_the_configs_default_section() {
+        let json = config("[DEFAULT]\nlog_format = json\n[relay]\n");
+        assert_eq!(log_format(None, Some(&json)), Ok(LogFormat::Json));
+        assert_eq!(
+            log_format(Some(LogFormat::Text), Some(&json)),
+            Ok(LogFormat::Text)
+        );
+        let text = config("[DEFAULT]\nlog_format = TEXT\n");
+        assert_eq!(
+            log_format(Some(LogFormat::Json), Some(&text)),
+            Ok(LogFormat::Json)
+        );
+        assert_eq!(log_format(None, Some(&text)), Ok(LogFormat::Text));
+    }
+
+    #[test]
+    fn a_log_format_that_is_not_a_format_or_is_in_a_services_section_is_refused() {
+        let wrong = config("[DEFAULT]\nlog_format = yaml\n");
+        let refused = log_format(None, Some(&wrong)).unwrap_err();
+        assert!(
+            refused.contains(
+                "section [DEFAULT]: option `log_format` is \"yaml\"; expected text or json"
+            ),
+            "{refused}"
+        );
+        assert!(
+            log_format(Some(LogFormat::Json), Some(&wrong)).is_err(),
+            "the flag does not hide a wrong value in the file"
+        );
+        let misplaced = config("[relay]\nlog_format = json\n");
+        let refused = log_format(None, Some(&misplaced)).unwrap_err();
+        assert!(
+            refused.contains("section [relay]: option `log_format`")
+                && refused.contains("set `log_format` in [DEFAULT]"),
+            "{refused}"
+        );
+    }
 }

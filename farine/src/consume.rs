@@ -46,6 +46,8 @@ use crate::handler::{
     CallScope, Description, ExchangeDescription, FromCall, HandlerKind, InFlight, Layers, Outcome,
     Ready, Rejection, Task, TaskEnv, TaskError,
 };
+use crate::observe::metrics::{HandlerMetrics, MessageOutcome};
+use crate::observe::trace::{CallSpec, SpanKind, Tracer};
 
 /// The arguments of `#[consume(...)]`.
 #[derive(Debug, Clone, Copy)]
@@ -89,6 +91,10 @@ pub(crate) struct ConsumerPlan {
     pub db: Option<Arc<crate::db::call::CallDb>>,
     /// The runtime's layers, around each call (set at start).
     pub layers: Layers,
+    /// The handler's metrics, when the runtime keeps them (set at start).
+    pub metrics: Option<HandlerMetrics>,
+    /// The runtime's tracer (set at start).
+    pub tracer: Tracer,
 }
 
 impl ConsumerPlan {
@@ -138,6 +144,8 @@ impl ConsumerPlan {
             inbox_key: scoped.get_str("inbox_key")?,
             db: None,
             layers: Layers::default(),
+            metrics: None,
+            tracer: Tracer::default(),
         })
     }
 }
@@ -233,6 +241,12 @@ pub(crate) fn task(
     let (service, handler) = (plan.service, plan.handler);
     let stop_bound = plan.drain_timeout + plan.op_timeout * 3;
     plan.layers = env.layers.clone();
+    plan.metrics = env
+        .observe
+        .metrics
+        .as_ref()
+        .map(|metrics| metrics.handler(service, handler));
+    plan.tracer = env.observe.tracer.clone();
     let plan = Arc::new(plan);
     let env = env.clone();
     Task {
@@ -391,6 +405,19 @@ async fn handle(
     shutdown: CancellationToken,
 ) {
     let id = inbox_id(&plan, &message);
+    let span = plan.tracer.is_on().then(|| {
+        let spec = CallSpec {
+            service: plan.service,
+            handler: plan.handler,
+            kind_name: "consume",
+            span_kind: SpanKind::Consumer,
+            queue: &plan.queue.name,
+            message_id: message.message_id(),
+        };
+        plan.tracer.start(spec, message.trace_parent())
+    });
+    let started = plan.metrics.as_ref().map(|_| std::time::Instant::now());
+    let duplicate = std::sync::atomic::AtomicBool::new(false);
     // The layers are around the whole call: the inbox, the transaction and its commit, so what
     // they see is what settles the message.
     let called = async {
@@ -403,13 +430,35 @@ async fn handle(
                     message_id = id.as_deref().unwrap_or(""),
                     "already handled (the id is in the inbox): acked without running the handler again"
                 );
+                duplicate.store(true, std::sync::atomic::Ordering::Relaxed);
                 Outcome::Done
             }
         }
     };
     let kind = (plan.service, plan.handler, HandlerKind::Consume);
-    let outcome = plan.layers.around(kind, &message, called).await;
-    settle(&plan, &message, outcome, &companions, &shutdown).await;
+    let layered = plan.layers.around(kind, &message, called);
+    let outcome = match span.as_ref().and_then(Option::as_ref) {
+        Some(span) => span.run(layered).await,
+        None => layered.await,
+    };
+    if let (Some(metrics), Some(started)) = (&plan.metrics, started) {
+        metrics.took(started.elapsed());
+    }
+    let error = match (&span, &outcome) {
+        (Some(Some(_)), Outcome::Failed(text) | Outcome::Rejected(text)) => Some(text.clone()),
+        (Some(Some(_)), Outcome::Undecodable(error)) => Some(error.to_string()),
+        _ => None,
+    };
+    let mut settled = settle(&plan, &message, outcome, &companions, &shutdown).await;
+    if settled == MessageOutcome::Ok && duplicate.load(std::sync::atomic::Ordering::Relaxed) {
+        settled = MessageOutcome::Duplicate;
+    }
+    if let Some(metrics) = &plan.metrics {
+        metrics.message(settled);
+    }
+    if let Some(Some(span)) = span {
+        span.end(settled.label(), error.as_deref());
+    }
 }
 
 /// The id the inbox records for `message`: the `inbox_key` field of its body, else its
@@ -445,7 +494,7 @@ async fn settle(
     outcome: Outcome,
     companions: &Companions,
     shutdown: &CancellationToken,
-) {
+) -> MessageOutcome {
     let (service, handler, delivery_tag) = (plan.service, plan.handler, message.delivery_tag());
     let attempt = message.attempt();
     let (error, target) = match outcome {
@@ -455,7 +504,7 @@ async fn settle(
             {
                 tracing::warn!(service, handler, delivery_tag, error = %e, "could not ack a message");
             }
-            return;
+            return MessageOutcome::Ok;
         }
         _ if message.is_settled() => {
             tracing::error!(
@@ -464,7 +513,7 @@ async fn settle(
                 delivery_tag,
                 "handler failed after settling its message"
             );
-            return;
+            return MessageOutcome::Dead;
         }
         Outcome::Undecodable(error) => {
             tracing::warn!(
@@ -513,6 +562,11 @@ async fn settle(
             (error, Target::Retry)
         }
     };
+    let mut settled = match target {
+        Target::Retry => MessageOutcome::Retry,
+        Target::Dead("failed") => MessageOutcome::Dead,
+        Target::Dead(_) => MessageOutcome::Rejected,
+    };
     let result = match (&target, &plan.dead_letter_queue) {
         (Target::Dead(_), None) => message.reject(false).await,
         // Boxed: a cold path whose publish future would make every call's future larger.
@@ -526,6 +580,8 @@ async fn settle(
                     _ = tokio::time::sleep(plan.retry_delay) => {}
                     _ = shutdown.cancelled() => {}
                 }
+                // It comes back: handled again, as a retry is.
+                settled = MessageOutcome::Retry;
                 message.nack(true).await
             }
         },
@@ -533,6 +589,7 @@ async fn settle(
     if let Err(e) = result {
         tracing::warn!(service, handler, delivery_tag, error = %e, "could not settle a message");
     }
+    settled
 }
 
 /// Where a dead letter goes, for the log and `--list`: the dead-letter queue, or rejected

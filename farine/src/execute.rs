@@ -23,6 +23,8 @@ use crate::handler::{
     CallScope, Connected, Description, HandlerKind, Layers, Outcome, Ready, Task, TaskEnv,
     TaskError, panic_message,
 };
+use crate::observe::metrics::HandlerMetrics;
+use crate::observe::trace::{CallSpec, SpanKind, Tracer};
 
 /// The pause before a method that returned is run again, when `interval` is not set.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
@@ -64,6 +66,10 @@ pub(crate) struct ExecutePlan {
     pub db: Option<Arc<crate::db::call::CallDb>>,
     /// The runtime's layers, around each call (set at start).
     pub layers: Layers,
+    /// The handler's metrics, when the runtime keeps them (set at start).
+    pub metrics: Option<HandlerMetrics>,
+    /// The runtime's tracer (set at start).
+    pub tracer: Tracer,
 }
 
 impl ExecutePlan {
@@ -82,6 +88,8 @@ impl ExecutePlan {
             transaction: scoped.get_or("transaction", false)?,
             db: None,
             layers: Layers::default(),
+            metrics: None,
+            tracer: Tracer::default(),
         })
     }
 }
@@ -97,6 +105,12 @@ pub(crate) fn task(
     let (service, handler) = (plan.service, plan.handler);
     let stop_bound = plan.drain_timeout + Duration::from_secs(1);
     plan.layers = env.layers.clone();
+    plan.metrics = env
+        .observe
+        .metrics
+        .as_ref()
+        .map(|metrics| metrics.handler(plan.service, plan.handler));
+    plan.tracer = env.observe.tracer.clone();
     let plan = Arc::new(plan);
     let env = env.clone();
     Task {
@@ -158,7 +172,23 @@ pub(crate) async fn run(
         };
         let kind = (plan.service, plan.handler, HandlerKind::Execute);
         let layers = plan.layers.clone();
+        let span = plan.tracer.start(
+            CallSpec {
+                service: plan.service,
+                handler: plan.handler,
+                kind_name: "execute",
+                span_kind: SpanKind::Internal,
+                queue: "",
+                message_id: None,
+            },
+            None,
+        );
+        let started = std::time::Instant::now();
         let run = scope.enter(async move { layers.around(kind, &run, called).await });
+        let run: futures_util::future::BoxFuture<'_, Outcome> = match &span {
+            Some(span) => Box::pin(span.run(run)),
+            None => Box::pin(run),
+        };
         let mut run = Box::pin(AssertUnwindSafe(run).catch_unwind());
         let result = tokio::select! {
             result = &mut run => result,
@@ -173,6 +203,16 @@ pub(crate) async fn run(
         let outcome = result.unwrap_or_else(|panic| {
             Outcome::Failed(format!("panicked: {}", panic_message(&*panic)))
         });
+        if let Some(metrics) = &plan.metrics {
+            metrics.took(started.elapsed());
+        }
+        if let Some(span) = span {
+            match &outcome {
+                Outcome::Done => span.end("ok", None),
+                Outcome::Failed(error) | Outcome::Rejected(error) => span.end("error", Some(error)),
+                Outcome::Undecodable(error) => span.end("error", Some(&error.to_string())),
+            }
+        }
         if shutdown.is_cancelled() {
             return Ok(());
         }

@@ -50,6 +50,7 @@ pub mod execute;
 mod handler;
 mod ids;
 pub mod log;
+mod observe;
 mod registry;
 #[doc = include_str!("docs/rpc.md")]
 pub mod rpc;

@@ -38,7 +38,7 @@ impl Watch {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // farine's log on stderr, warnings and errors only (`farine::log::init()` follows RUST_LOG).
-    farine::log::init_with(Some("warn"))?;
+    farine::log::init_with(Some("warn"), farine::log::LogFormat::Text)?;
     let uri =
         std::env::var("AMQP_URI").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into());
     let id: u64 = std::env::args()

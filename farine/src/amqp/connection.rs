@@ -220,6 +220,8 @@ pub struct Connector {
     /// The connection opened last, readable without waiting for a reconnection under way.
     last: Mutex<Option<Arc<Connection>>>,
     closed: CancellationToken,
+    /// How many times a connection was opened again after one was lost.
+    reconnects: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Connector {
@@ -273,6 +275,7 @@ impl Connector {
             broker: Mutex::new(broker),
             last: Mutex::new(None),
             closed: CancellationToken::new(),
+            reconnects: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -313,6 +316,11 @@ impl Connector {
     /// reconnection is then pointless.
     pub fn can_reconnect(&self) -> bool {
         !self.closed.is_cancelled() && self.nodes.is_ok()
+    }
+
+    /// How many times a connection was opened again after one was lost.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// True while a connection is open.
@@ -409,6 +417,8 @@ impl Connector {
                 Ok(conn) => {
                     let conn = Arc::new(conn);
                     if reconnect {
+                        self.reconnects
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::info!(broker = %node.addr, connection = %self.name, "reconnected to the AMQP broker");
                     } else {
                         tracing::info!(broker = %node.addr, connection = %self.name, "connected to AMQP broker");

@@ -224,6 +224,20 @@ impl Message {
             .and_then(|headers| headers.inner().get(name).cloned())
     }
 
+    /// The trace the message's sender was in (its `traceparent` and `tracestate` headers), when
+    /// it says one.
+    pub(crate) fn trace_parent(&self) -> Option<crate::observe::trace::SpanContext> {
+        let headers = self.inner.delivery.properties.headers().as_ref()?;
+        let text = |name: &str| match headers.inner().get(name) {
+            Some(AMQPValue::LongString(text)) => std::str::from_utf8(text.as_bytes()).ok(),
+            _ => None,
+        };
+        crate::observe::trace::SpanContext::parse(
+            text(crate::observe::trace::TRACEPARENT)?,
+            text(crate::observe::trace::TRACESTATE),
+        )
+    }
+
     /// The `message_id` property, when set by the publisher.
     pub fn message_id(&self) -> Option<&str> {
         self.inner

@@ -219,6 +219,9 @@ pub struct PublisherSettings {
     pub confirm: bool,
     /// Give each message a unique `message_id` unless it has one.
     pub message_ids: bool,
+    /// Inside a handler call, carry its trace on (`traceparent`, `tracestate` headers). An RPC
+    /// server's replies go without: the caller's trace is the caller's own.
+    pub trace: bool,
 }
 
 /// The default `max_message_bytes`: 16 MiB, well under RabbitMQ's own limit (128 MiB).
@@ -235,6 +238,7 @@ impl Default for PublisherSettings {
             resend: true,
             confirm: true,
             message_ids: true,
+            trace: true,
         }
     }
 }
@@ -265,6 +269,8 @@ pub(crate) struct Core {
     reopen: tokio::sync::Mutex<()>,
     /// The connection is this publisher's own ([`Publisher::connect`]): closed with it.
     own_connection: bool,
+    /// The runtime's counts of what this publisher sent (`farine_published_total`).
+    metrics: Option<crate::observe::metrics::PublishMetrics>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -296,6 +302,23 @@ impl Publisher {
         Self::live(connector, exchange, routing_key.into(), settings, false)
     }
 
+    /// As [`Publisher::new`], counting what it sends in `metrics`.
+    pub(crate) fn observed(
+        connector: Arc<Connector>,
+        exchange: ExchangeSettings,
+        routing_key: String,
+        settings: PublisherSettings,
+        metrics: Option<crate::observe::metrics::PublishMetrics>,
+    ) -> Self {
+        let mut publisher = Self::live(connector, exchange, routing_key, settings, false);
+        if let Target::Live(core) = &mut publisher.target
+            && let Some(core) = Arc::get_mut(core)
+        {
+            core.metrics = metrics;
+        }
+        publisher
+    }
+
     fn live(
         connector: Arc<Connector>,
         exchange: ExchangeSettings,
@@ -312,6 +335,7 @@ impl Publisher {
                 channel: RwLock::new(None),
                 reopen: tokio::sync::Mutex::new(()),
                 own_connection,
+                metrics: None,
             })),
         }
     }
@@ -749,7 +773,17 @@ impl Core {
             }
         };
         let outcome = tokio::time::timeout_at(deadline, attempts).await;
-        outcome.unwrap_or_else(|_| Err(self.out_of_time(routing_key)))
+        let outcome = outcome.unwrap_or_else(|_| Err(self.out_of_time(routing_key)));
+        if let Some(metrics) = &self.metrics {
+            match &outcome {
+                Ok(()) => &metrics.ok,
+                Err(PublishError::Broker(BrokerError::NoRoute { .. })) => &metrics.returned,
+                Err(PublishError::Nacked { .. }) => &metrics.nacked,
+                Err(_) => &metrics.error,
+            }
+            .inc();
+        }
+        outcome
     }
 
     /// The error of a publish that ran out of `publish_timeout`: `ConnectionBroken`, naming the
@@ -798,7 +832,32 @@ impl Core {
         let mut properties = BasicProperties::default()
             .with_content_type(content_type)
             .with_delivery_mode(if persistent { 2 } else { 1 });
-        if let Some(headers) = options.headers {
+        let mut headers = options.headers;
+        // Inside a handler call, the message continues its trace (`observe::trace`).
+        if let Some(trace) = self
+            .settings
+            .trace
+            .then(crate::observe::trace::current)
+            .flatten()
+        {
+            let headers = headers.get_or_insert_with(FieldTable::default);
+            if !headers
+                .inner()
+                .contains_key(crate::observe::trace::TRACEPARENT)
+            {
+                headers.insert(
+                    crate::observe::trace::TRACEPARENT.into(),
+                    lapin::types::AMQPValue::LongString(trace.traceparent().into()),
+                );
+                if let Some(state) = &trace.state {
+                    headers.insert(
+                        crate::observe::trace::TRACESTATE.into(),
+                        lapin::types::AMQPValue::LongString(state.as_ref().into()),
+                    );
+                }
+            }
+        }
+        if let Some(headers) = headers {
             properties = properties.with_headers(headers);
         }
         // Every message has an id: a resend after a broken connection carries the same one, so

@@ -60,4 +60,6 @@ pub(crate) struct TaskEnv {
     pub shutdown: CancellationToken,
     /// The layers every call goes through.
     pub layers: super::Layers,
+    /// The runtime's metrics and tracer.
+    pub observe: crate::observe::Observe,
 }

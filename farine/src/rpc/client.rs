@@ -201,6 +201,8 @@ struct Inner {
     current: std::sync::RwLock<Option<CurrentQueue>>,
     next_id: AtomicU64,
     prefix: String,
+    /// The runtime's metrics, for a `#[rpc::client]` method's calls.
+    metrics: Option<Arc<crate::observe::Metrics>>,
 }
 
 /// The reply queue calls name: its name, generation, and whether it still lives.
@@ -260,6 +262,7 @@ impl Client {
                     resend: false,
                     confirm,
                     message_ids: false,
+                    trace: true,
                 },
             )
         };
@@ -278,8 +281,20 @@ impl Client {
                 current: std::sync::RwLock::new(None),
                 next_id: AtomicU64::new(0),
                 prefix: crate::ids::random_prefix(),
+                metrics: None,
             })),
         }
+    }
+
+    /// This client, its calls counted and timed in `metrics` (a runtime's `#[rpc::client]`
+    /// methods).
+    pub(crate) fn observed(mut self, metrics: Option<Arc<crate::observe::Metrics>>) -> Self {
+        if let Target::Live(inner) = &mut self.target
+            && let Some(inner) = Arc::get_mut(inner)
+        {
+            inner.metrics = metrics;
+        }
+        self
     }
 
     /// A client of its own connection to `uri`, outside any service (tests, tools), as the
@@ -341,6 +356,26 @@ impl Client {
 
     /// As [`Client::call`], with per-call options (a timeout).
     pub async fn call_with<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        args: impl Into<Args>,
+        options: CallOptions,
+    ) -> Result<T, RpcError> {
+        let metrics = match &self.target {
+            Target::Live(inner) => inner.metrics.as_ref(),
+            Target::Detached { .. } => None,
+        };
+        let Some(metrics) = metrics else {
+            return self.call_unobserved(method, args, options).await;
+        };
+        let started = std::time::Instant::now();
+        let result = self.call_unobserved(method, args, options).await;
+        let error = result.as_ref().err().map(RpcError::kind_name);
+        metrics.rpc_call(self.service(), method, started.elapsed(), error);
+        result
+    }
+
+    async fn call_unobserved<T: DeserializeOwned>(
         &self,
         method: &str,
         args: impl Into<Args>,

@@ -96,6 +96,22 @@ pub enum RpcError {
 }
 
 impl RpcError {
+    /// The kind of failure, as a metric's label: `remote`, `timeout`, `no_such_method`, ...
+    pub(crate) fn kind_name(&self) -> &'static str {
+        match self {
+            RpcError::Remote { .. } => "remote",
+            RpcError::BadArguments { .. } => "bad_arguments",
+            RpcError::NoSuchService { .. } => "no_such_service",
+            RpcError::NoSuchMethod { .. } => "no_such_method",
+            RpcError::Timeout { .. } => "timeout",
+            RpcError::Decode { .. } => "decode",
+            RpcError::Encode { .. } => "encode",
+            RpcError::Connection { .. } => "connection",
+            RpcError::Broker { .. } => "broker",
+            RpcError::NotRunning { .. } => "not_running",
+        }
+    }
+
     /// The service called.
     pub fn service(&self) -> &str {
         match self {

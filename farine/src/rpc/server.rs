@@ -37,6 +37,8 @@ use crate::handler::{
     CallScope, Description, ExchangeDescription, HandlerKind, InFlight, Layers, Outcome, Ready,
     Task, TaskEnv, TaskError,
 };
+use crate::observe::metrics::RpcMethodMetrics;
+use crate::observe::trace::{CallSpec, SpanKind, Tracer};
 
 /// What an `#[rpc::method]` looks like once the macro wrapped it.
 pub type RpcFn<S> = fn(Arc<S>, RpcCall) -> BoxFuture<'static, ()>;
@@ -51,6 +53,8 @@ pub(crate) struct Method {
     pub call: BoundRpc,
     /// It returns a stream: its calls can be cancelled, so they are registered.
     pub streams: bool,
+    /// Its counts and durations, when the runtime keeps metrics (set at start).
+    pub metrics: Option<RpcMethodMetrics>,
 }
 
 /// One call being served: its arguments, and where its replies go.
@@ -73,6 +77,8 @@ struct CallState {
     /// Only a streaming method's call can be cancelled by its caller: other calls go without.
     cancelled: Option<CancellationToken>,
     finished: AtomicBool,
+    /// An error reply was sent.
+    failed: AtomicBool,
 }
 
 /// Where replies are published: `plain` (no confirms: a result, its end marker, an error) and
@@ -144,6 +150,7 @@ impl CallState {
     }
 
     async fn fail(&self, error: ErrorBody) {
+        self.failed.store(true, Ordering::Release);
         tracing::debug!(service = self.service, method = self.method, error = %error.message, "RPC call failed");
         self.finish(&Reply::error_body(&error)).await;
     }
@@ -384,6 +391,8 @@ pub(crate) struct RpcServerPlan {
     pub db: Option<Arc<crate::db::call::CallDb>>,
     /// The runtime's layers, around each call (set at start).
     pub layers: Layers,
+    /// The runtime's tracer (set at start).
+    pub tracer: Tracer,
 }
 
 impl RpcServerPlan {
@@ -443,6 +452,7 @@ impl RpcServerPlan {
             )?,
             db: None,
             layers: Layers::default(),
+            tracer: Tracer::default(),
         })
     }
 }
@@ -457,6 +467,13 @@ pub(crate) fn task(
     let service = plan.service;
     let stop_bound = plan.drain_timeout + plan.op_timeout * 3;
     plan.layers = env.layers.clone();
+    plan.tracer = env.observe.tracer.clone();
+    let mut methods = methods;
+    if let Some(metrics) = &env.observe.metrics {
+        for method in &mut methods {
+            method.metrics = Some(metrics.rpc_method(service, method.name));
+        }
+    }
     let (plan, methods) = (Arc::new(plan), Arc::new(methods));
     let env = env.clone();
     Task {
@@ -525,6 +542,7 @@ pub(crate) async fn run(
                 resend: false,
                 confirm,
                 message_ids: false,
+                trace: false,
             },
         )
     };
@@ -670,6 +688,7 @@ async fn serve(
         streaming: AtomicBool::new(false),
         cancelled: streams_items.then(CancellationToken::new),
         finished: AtomicBool::new(false),
+        failed: AtomicBool::new(false),
     });
     // Only a stream can be cancelled: other calls need no entry.
     let registered = match (&state.correlation_id, &state.cancelled) {
@@ -705,6 +724,18 @@ async fn serve(
             Box::pin(state.fail(error)).await;
         }
         (Some(method), Ok(request)) => {
+            let span = plan.tracer.is_on().then(|| {
+                let spec = CallSpec {
+                    service,
+                    handler: method.name,
+                    kind_name: "rpc",
+                    span_kind: SpanKind::Server,
+                    queue: &plan.queue.name,
+                    message_id: message.correlation_id(),
+                };
+                plan.tracer.start(spec, message.trace_parent())
+            });
+            let started = method.metrics.as_ref().map(|_| std::time::Instant::now());
             let handled = (method.call)(RpcCall {
                 state: state.clone(),
                 request,
@@ -727,14 +758,15 @@ async fn serve(
                     crate::db::call::Called::Duplicate => Outcome::Done,
                 }
             };
-            let outcome = plan
-                .layers
-                .around(
-                    (service, method.name, HandlerKind::RpcMethod),
-                    &message,
-                    called,
-                )
-                .await;
+            let layered = plan.layers.around(
+                (service, method.name, HandlerKind::RpcMethod),
+                &message,
+                called,
+            );
+            let outcome = match span.as_ref().and_then(Option::as_ref) {
+                Some(span) => span.run(layered).await,
+                None => layered.await,
+            };
             // Every call is answered: a call a layer refused or failed, or that ended without a
             // reply, gets an error reply rather than leaving its caller to time out.
             if !state.finished.load(Ordering::Acquire) {
@@ -750,6 +782,13 @@ async fn serve(
                     ),
                 };
                 Box::pin(state.fail(state.error(kind, text, None))).await;
+            }
+            let failed = state.failed.load(Ordering::Acquire);
+            if let (Some(metrics), Some(started)) = (&method.metrics, started) {
+                metrics.served(started.elapsed(), failed);
+            }
+            if let Some(Some(span)) = span {
+                span.end(if failed { "error" } else { "ok" }, None);
             }
         }
     }

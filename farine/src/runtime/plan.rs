@@ -37,11 +37,21 @@ pub(super) struct ServicePlan {
     pub connector: ConnectorSettings,
     /// `health_addr`: where liveness and readiness are served over HTTP.
     pub health_addr: Option<SocketAddr>,
+    /// `metrics` (default on): the service's handlers are counted and timed, shown at
+    /// `GET /metrics` of the health endpoint.
+    pub metrics: bool,
+    /// `tracing` (default on): each call continues the trace of what it handles and opens a
+    /// span; what it sends carries the trace on.
+    pub tracing: bool,
+    /// `otlp_endpoint`: where finished spans are sent over OTLP/HTTP (feature `otlp`).
+    #[cfg_attr(not(feature = "otlp"), allow(dead_code))]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// A handler task of one kind, its plan and its bound function.
 pub(super) enum Planned {
-    Consume(ConsumerPlan, consume::Call),
+    /// Boxed: a consumer's plan is the largest by far.
+    Consume(Box<ConsumerPlan>, consume::Call),
     /// The service's RPC server, with its methods: `(name, returns a stream, function)`.
     Rpc(RpcServerPlan, Vec<(&'static str, bool, BoundRpc)>),
     Execute(ExecutePlan, BoundExecute),
@@ -61,7 +71,7 @@ impl ServicePlan {
     /// The consumers' plans.
     pub fn consumers(&self) -> impl Iterator<Item = &ConsumerPlan> {
         self.tasks.iter().filter_map(|task| match task {
-            Planned::Consume(plan, _) => Some(plan),
+            Planned::Consume(plan, _) => Some(&**plan),
             _ => None,
         })
     }
@@ -191,6 +201,9 @@ fn plan_service(
             )
         })?),
     };
+    let metrics = section.get_or("metrics", true)?;
+    let tracing = section.get_or("tracing", true)?;
+    let otlp_endpoint = otlp_endpoint(section)?;
     let max_message_bytes = section.get_or(
         "max_message_bytes",
         crate::amqp::publisher::DEFAULT_MAX_MESSAGE_BYTES,
@@ -257,7 +270,7 @@ fn plan_service(
     for handler in bound {
         match handler {
             BoundHandler::Consume { name, spec, call } => tasks.push(Planned::Consume(
-                ConsumerPlan::from_config(service, name, &spec, section)?,
+                Box::new(ConsumerPlan::from_config(service, name, &spec, section)?),
                 call,
             )),
             BoundHandler::Rpc { name, stream, call } => methods.push((name, stream, call)),
@@ -305,7 +318,38 @@ fn plan_service(
         amqp_uri,
         connector,
         health_addr,
+        metrics,
+        tracing,
+        otlp_endpoint,
     })
+}
+
+/// `otlp_endpoint`: an `http://host:port` URL (the OTLP/HTTP receiver; `/v1/traces` is added
+/// when the URL has no path), or `off`. A build without the `otlp` feature refuses one rather
+/// than ignoring it.
+fn otlp_endpoint(section: &Section) -> Result<Option<String>, ConfigError> {
+    let Some(text) = section.get_str("otlp_endpoint")? else {
+        return Ok(None);
+    };
+    let text = text.trim();
+    if text.is_empty() || text == "off" {
+        return Ok(None);
+    }
+    if !cfg!(feature = "otlp") {
+        return Err(section.invalid(
+            "otlp_endpoint",
+            text,
+            "off: this program was built without farine's `otlp` feature",
+        ));
+    }
+    if !text.starts_with("http://") {
+        return Err(section.invalid(
+            "otlp_endpoint",
+            text,
+            "an http:// URL of an OTLP/HTTP receiver, such as http://127.0.0.1:4318 (or off)",
+        ));
+    }
+    Ok(Some(text.to_string()))
 }
 
 /// The connection settings of a service's section: `connect_timeout`, `amqp_heartbeat`,

@@ -26,6 +26,8 @@ use crate::db::call::{CallDb, Inbox};
 #[cfg(feature = "sse")]
 use crate::db::checkpoint::Checkpoint;
 use crate::handler::{Connected, Layers, Ready, Task, TaskEnv};
+use crate::observe::trace::Tracer;
+use crate::observe::{Metrics, Observe};
 use crate::rpc::Client;
 use crate::rpc::server::{self as rpc_server, Method};
 #[cfg(feature = "sse")]
@@ -46,6 +48,8 @@ pub struct Running {
     stop_bound: Duration,
     failed: mpsc::UnboundedSender<ServiceFailed>,
     failures: mpsc::UnboundedReceiver<ServiceFailed>,
+    /// The runtime's metrics, when a service keeps them (`metrics`, on by default).
+    metrics: Option<Arc<Metrics>>,
     health: Arc<Health>,
 }
 
@@ -78,9 +82,11 @@ impl Running {
             stop_bound: Duration::ZERO,
             failed,
             failures,
+            metrics: None,
             health: Arc::new(Health {
                 handlers: Vec::new(),
                 connectors: Vec::new(),
+                metrics: None,
             }),
         }
     }
@@ -94,12 +100,25 @@ impl Running {
         plans: Vec<ServicePlan>,
     ) -> Result<(), StartError> {
         let connectors = self.connect(module, &plans).await?;
+        if plans.iter().any(|plan| plan.metrics) {
+            let connectors = self.connectors.clone();
+            self.metrics = Some(Arc::new(Metrics::new(Arc::new(move || {
+                (
+                    connectors.iter().all(|c| c.is_connected()),
+                    connectors.iter().map(|c| c.reconnects()).sum(),
+                )
+            }))));
+        }
         self.prepare_endpoints(&plans, &connectors, &layers).await?;
         let pools = self.open_databases(&plans, migrations).await?;
         let env = TaskEnv {
             scope: context::scope(&self.shared, self.shutdown.clone()),
             shutdown: self.shutdown.clone(),
             layers,
+            observe: Observe {
+                metrics: self.metrics.clone(),
+                tracer: self.tracer(&plans),
+            },
         };
         let health_addrs: BTreeSet<SocketAddr> =
             plans.iter().filter_map(|plan| plan.health_addr).collect();
@@ -108,6 +127,14 @@ impl Running {
         for plan in plans {
             let connector = connectors[&plan.amqp_uri].clone();
             let pool = plan.db.as_ref().map(|db| pools[&db.describe()].clone());
+            // The service's own choices: counted or not, traced or not.
+            let mut env = env.clone();
+            if !plan.metrics {
+                env.observe.metrics = None;
+            }
+            if !plan.tracing {
+                env.observe.tracer = Tracer::new(false);
+            }
             for (task, policy) in tasks(plan, connector, pool, &env).await? {
                 let (ready, first) = Ready::new();
                 readiness.push((task.service, task.handler, ready.clone()));
@@ -118,6 +145,10 @@ impl Running {
         self.health = Arc::new(Health {
             handlers: readiness,
             connectors: self.connectors.clone(),
+            metrics: self
+                .metrics
+                .clone()
+                .map(|metrics| Arc::new(move || metrics.render()) as health::RenderMetrics),
         });
         self.serve_health(health_addrs).await?;
         wait_first_starts(first_starts).await
@@ -165,11 +196,17 @@ impl Running {
             for plan in plans {
                 let connector = &connectors[&plan.amqp_uri];
                 for publisher in &plan.publishers {
-                    let prepared = Publisher::new(
+                    let metrics = self
+                        .metrics
+                        .as_ref()
+                        .filter(|_| plan.metrics)
+                        .map(|metrics| metrics.publisher(&publisher.exchange.name));
+                    let prepared = Publisher::observed(
                         connector.clone(),
                         publisher.exchange.clone(),
                         publisher.routing_key.clone(),
                         publisher.settings.clone(),
+                        metrics,
                     );
                     shared
                         .publishers
@@ -186,7 +223,8 @@ impl Running {
                 for &(method, target, timeout) in &plan.rpc_clients {
                     shared.rpc_clients.insert(
                         (plan.entry.name, method),
-                        Client::new(connector.clone(), target, timeout),
+                        Client::new(connector.clone(), target, timeout)
+                            .observed(self.metrics.clone().filter(|_| plan.metrics)),
                     );
                 }
             }
@@ -238,6 +276,25 @@ impl Running {
         Ok(pools)
     }
 
+    /// The runtime's tracer: on when a service traces, exporting to the first `otlp_endpoint`.
+    fn tracer(&self, plans: &[ServicePlan]) -> Tracer {
+        let tracer = Tracer::new(plans.iter().any(|plan| plan.tracing));
+        #[cfg(feature = "otlp")]
+        let tracer = tracer.exporting(
+            plans
+                .iter()
+                .find_map(|plan| plan.otlp_endpoint.as_deref())
+                .map(|endpoint| {
+                    crate::observe::otlp::Exporter::start(
+                        endpoint,
+                        plans.first().map_or("farine", |plan| plan.entry.name),
+                        self.shutdown.clone(),
+                    )
+                }),
+        );
+        tracer
+    }
+
     /// Spawns `task` under its supervisor.
     fn spawn(&mut self, task: Task, policy: Policy, ready: Ready) {
         self.stop_bound = self.stop_bound.max(task.stop_bound);
@@ -245,6 +302,7 @@ impl Running {
             task.service,
             task.handler,
             policy,
+            self.metrics.clone(),
             self.shutdown.clone(),
             ready,
             self.failed.clone(),
@@ -262,7 +320,7 @@ impl Running {
                         addr,
                         cause: e.to_string(),
                     })?;
-            tracing::info!(%addr, "health endpoint: GET /live, GET /ready");
+            tracing::info!(%addr, "health endpoint: GET /live, GET /ready, GET /metrics");
             self.tasks.spawn(health::serve(
                 listener,
                 self.health.clone(),
@@ -367,7 +425,7 @@ async fn tasks(
                     handler: consumer.handler,
                 });
                 consumer.db = call_db(consumer.transaction, inbox);
-                consume::task(consumer, call, connector.clone(), env)
+                consume::task(*consumer, call, connector.clone(), env)
             }
             Planned::Rpc(mut server, methods) => {
                 server.db = call_db(false, None);
@@ -378,6 +436,7 @@ async fn tasks(
                         name,
                         call,
                         streams,
+                        metrics: None,
                     })
                     .collect();
                 rpc_server::task(server, methods, connector.clone(), env)

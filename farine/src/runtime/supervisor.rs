@@ -84,6 +84,7 @@ pub(crate) async fn supervise<F, Fut>(
     service: &'static str,
     handler: &'static str,
     policy: Policy,
+    metrics: Option<std::sync::Arc<crate::observe::Metrics>>,
     shutdown: CancellationToken,
     ready: Ready,
     failed: mpsc::UnboundedSender<ServiceFailed>,
@@ -144,6 +145,9 @@ pub(crate) async fn supervise<F, Fut>(
             delay = policy.delay_min;
         }
         tracing::warn!(service, handler, cause = %cause, restart_in = ?delay, failures = failures.len(), "handler task failed; restarting");
+        if let Some(metrics) = &metrics {
+            metrics.restarted(service, handler);
+        }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled() => return,
@@ -169,6 +173,7 @@ mod tests {
             "svc",
             "task",
             policy,
+            None,
             CancellationToken::new(),
             ready,
             failed,

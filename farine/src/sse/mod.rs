@@ -33,6 +33,8 @@ use crate::handler::{
     CallScope, Connected, Description, FromCall, HandlerKind, Layers, Outcome, Ready, Rejection,
     Task, TaskEnv, TaskError,
 };
+use crate::observe::metrics::HandlerMetrics;
+use crate::observe::trace::{CallSpec, SpanKind, Tracer};
 
 /// What a `#[stream::http]` handler looks like once the macro wrapped it.
 pub type SseFn<S> = fn(Arc<S>, Event) -> BoxFuture<'static, Outcome>;
@@ -175,6 +177,10 @@ pub(crate) struct SsePlan {
     pub db: Option<Arc<crate::db::call::CallDb>>,
     /// The runtime's layers, around each call (set at start).
     pub layers: Layers,
+    /// The handler's metrics, when the runtime keeps them (set at start).
+    pub metrics: Option<HandlerMetrics>,
+    /// The runtime's tracer (set at start).
+    pub tracer: Tracer,
 }
 
 impl SsePlan {
@@ -252,6 +258,8 @@ impl SsePlan {
             transaction: scoped.get_or("transaction", false)?,
             db: None,
             layers: Layers::default(),
+            metrics: None,
+            tracer: Tracer::default(),
         })
     }
 }
@@ -338,6 +346,12 @@ pub(crate) fn task(
     // A listener finishes the event in hand: it gets a drain like the other handlers.
     let stop_bound = Duration::from_secs(30);
     plan.layers = env.layers.clone();
+    plan.metrics = env
+        .observe
+        .metrics
+        .as_ref()
+        .map(|metrics| metrics.handler(service, handler));
+    plan.tracer = env.observe.tracer.clone();
     let plan = Arc::new(plan);
     let env = env.clone();
     Task {
@@ -500,6 +514,9 @@ async fn handle(
     shutdown: &CancellationToken,
 ) -> Result<(), SseError> {
     let (service, handler) = (plan.service, plan.handler);
+    if let Some(metrics) = &plan.metrics {
+        metrics.sse_event();
+    }
     let mut delay = plan.retry_delay;
     for attempt in 1..=plan.max_attempts {
         let called = async {
@@ -509,7 +526,38 @@ async fn handle(
             }
         };
         let kind = (plan.service, plan.handler, HandlerKind::Sse);
-        let outcome = scope.enter(plan.layers.around(kind, event, called)).await;
+        // The endpoint is left out of the span: its URL may carry a token.
+        let span = plan.tracer.start(
+            CallSpec {
+                service,
+                handler,
+                kind_name: "sse",
+                span_kind: SpanKind::Internal,
+                queue: "",
+                message_id: event.id(),
+            },
+            None,
+        );
+        let started = std::time::Instant::now();
+        let layered = scope.enter(plan.layers.around(kind, event, called));
+        let outcome = match &span {
+            Some(span) => span.run(layered).await,
+            None => layered.await,
+        };
+        if let Some(metrics) = &plan.metrics {
+            metrics.took(started.elapsed());
+        }
+        if let Some(span) = span {
+            let error = match &outcome {
+                Outcome::Failed(text) | Outcome::Rejected(text) => Some(text.clone()),
+                Outcome::Undecodable(error) => Some(error.to_string()),
+                Outcome::Done => None,
+            };
+            span.end(
+                if error.is_none() { "ok" } else { "error" },
+                error.as_deref(),
+            );
+        }
         let error = match outcome {
             Outcome::Done => return Ok(()),
             Outcome::Undecodable(error) => {

@@ -1,0 +1,20 @@
+//! What a service shows the people who run it: Prometheus metrics (`metrics`), W3C trace context
+//! carried across services with a `tracing` span per handler call (`trace`), and, with the
+//! `otlp` feature, those spans exported over OTLP (`otlp`). A floor layer: it knows nothing of
+//! AMQP, handlers or the runtime; they call into it (`docs/observability.md`).
+
+pub(crate) mod metrics;
+#[cfg(feature = "otlp")]
+pub(crate) mod otlp;
+mod process;
+pub(crate) mod trace;
+
+pub(crate) use metrics::Metrics;
+
+/// What a runtime observes of its handlers: the metrics (`metrics = true`, the default) and
+/// the tracer (`tracing = true`, the default).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Observe {
+    pub metrics: Option<std::sync::Arc<Metrics>>,
+    pub tracer: trace::Tracer,
+}
