@@ -56,7 +56,7 @@ pub struct Args {
         long,
         value_name = "FORMAT",
         value_parser = clap::builder::PossibleValuesParser::new(["text", "json"])
-            .map(|value| if value == "json" { LogFormat::Json } else { LogFormat::Text }),
+            .try_map(|value| value.parse::<LogFormat>()),
     )]
     pub log_format: Option<LogFormat>,
 }

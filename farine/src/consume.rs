@@ -46,8 +46,9 @@ use crate::handler::{
     CallScope, Description, ExchangeDescription, FromCall, HandlerKind, InFlight, Layers, Outcome,
     Ready, Rejection, Task, TaskEnv, TaskError,
 };
-use crate::observe::metrics::{HandlerMetrics, MessageOutcome};
-use crate::observe::trace::{CallSpec, SpanKind, Tracer};
+use crate::observe::Observer;
+use crate::observe::metrics::MessageOutcome;
+use crate::observe::trace::{CallSpec, SpanKind};
 
 /// The arguments of `#[consume(...)]`.
 #[derive(Debug, Clone, Copy)]
@@ -91,10 +92,8 @@ pub(crate) struct ConsumerPlan {
     pub db: Option<Arc<crate::db::call::CallDb>>,
     /// The runtime's layers, around each call (set at start).
     pub layers: Layers,
-    /// The handler's metrics, when the runtime keeps them (set at start).
-    pub metrics: Option<HandlerMetrics>,
-    /// The runtime's tracer (set at start).
-    pub tracer: Tracer,
+    /// The handler's metrics and the runtime's tracer (set at start).
+    pub observer: Observer,
 }
 
 impl ConsumerPlan {
@@ -144,8 +143,7 @@ impl ConsumerPlan {
             inbox_key: scoped.get_str("inbox_key")?,
             db: None,
             layers: Layers::default(),
-            metrics: None,
-            tracer: Tracer::default(),
+            observer: Observer::default(),
         })
     }
 }
@@ -241,12 +239,7 @@ pub(crate) fn task(
     let (service, handler) = (plan.service, plan.handler);
     let stop_bound = plan.drain_timeout + plan.op_timeout * 3;
     plan.layers = env.layers.clone();
-    plan.metrics = env
-        .observe
-        .metrics
-        .as_ref()
-        .map(|metrics| metrics.handler(service, handler));
-    plan.tracer = env.observe.tracer.clone();
+    plan.observer = env.observe.handler(service, handler);
     let plan = Arc::new(plan);
     let env = env.clone();
     Task {
@@ -405,18 +398,20 @@ async fn handle(
     shutdown: CancellationToken,
 ) {
     let id = inbox_id(&plan, &message);
-    let span = plan.tracer.is_on().then(|| {
-        let spec = CallSpec {
-            service: plan.service,
-            handler: plan.handler,
-            kind_name: "consume",
-            span_kind: SpanKind::Consumer,
-            queue: &plan.queue.name,
-            message_id: message.message_id(),
-        };
-        plan.tracer.start(spec, message.trace_parent())
-    });
-    let started = plan.metrics.as_ref().map(|_| std::time::Instant::now());
+    let spec = CallSpec {
+        service: plan.service,
+        handler: plan.handler,
+        kind_name: "consume",
+        span_kind: SpanKind::Consumer,
+        queue: &plan.queue.name,
+        message_id: message.message_id(),
+    };
+    let mut span = plan.observer.tracer.start(spec, || message.trace_parent());
+    let started = plan
+        .observer
+        .metrics
+        .as_ref()
+        .map(|_| std::time::Instant::now());
     let duplicate = std::sync::atomic::AtomicBool::new(false);
     // The layers are around the whole call: the inbox, the transaction and its commit, so what
     // they see is what settles the message.
@@ -437,27 +432,25 @@ async fn handle(
     };
     let kind = (plan.service, plan.handler, HandlerKind::Consume);
     let layered = plan.layers.around(kind, &message, called);
-    let outcome = match span.as_ref().and_then(Option::as_ref) {
+    let outcome = match &span {
         Some(span) => span.run(layered).await,
         None => layered.await,
     };
-    if let (Some(metrics), Some(started)) = (&plan.metrics, started) {
+    if let (Some(metrics), Some(started)) = (&plan.observer.metrics, started) {
         metrics.took(started.elapsed());
     }
-    let error = match (&span, &outcome) {
-        (Some(Some(_)), Outcome::Failed(text) | Outcome::Rejected(text)) => Some(text.clone()),
-        (Some(Some(_)), Outcome::Undecodable(error)) => Some(error.to_string()),
-        _ => None,
-    };
+    if let Some(span) = &mut span {
+        span.failed(|| outcome.error());
+    }
     let mut settled = settle(&plan, &message, outcome, &companions, &shutdown).await;
     if settled == MessageOutcome::Ok && duplicate.load(std::sync::atomic::Ordering::Relaxed) {
         settled = MessageOutcome::Duplicate;
     }
-    if let Some(metrics) = &plan.metrics {
+    if let Some(metrics) = &plan.observer.metrics {
         metrics.message(settled);
     }
-    if let Some(Some(span)) = span {
-        span.end(settled.label(), error.as_deref());
+    if let Some(span) = span {
+        span.end(settled.label());
     }
 }
 

@@ -23,8 +23,8 @@ use crate::handler::{
     CallScope, Connected, Description, HandlerKind, Layers, Outcome, Ready, Task, TaskEnv,
     TaskError, panic_message,
 };
-use crate::observe::metrics::HandlerMetrics;
-use crate::observe::trace::{CallSpec, SpanKind, Tracer};
+use crate::observe::Observer;
+use crate::observe::trace::{CallSpec, SpanKind};
 
 /// The pause before a method that returned is run again, when `interval` is not set.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
@@ -66,10 +66,8 @@ pub(crate) struct ExecutePlan {
     pub db: Option<Arc<crate::db::call::CallDb>>,
     /// The runtime's layers, around each call (set at start).
     pub layers: Layers,
-    /// The handler's metrics, when the runtime keeps them (set at start).
-    pub metrics: Option<HandlerMetrics>,
-    /// The runtime's tracer (set at start).
-    pub tracer: Tracer,
+    /// The handler's metrics and the runtime's tracer (set at start).
+    pub observer: Observer,
 }
 
 impl ExecutePlan {
@@ -88,8 +86,7 @@ impl ExecutePlan {
             transaction: scoped.get_or("transaction", false)?,
             db: None,
             layers: Layers::default(),
-            metrics: None,
-            tracer: Tracer::default(),
+            observer: Observer::default(),
         })
     }
 }
@@ -105,12 +102,7 @@ pub(crate) fn task(
     let (service, handler) = (plan.service, plan.handler);
     let stop_bound = plan.drain_timeout + Duration::from_secs(1);
     plan.layers = env.layers.clone();
-    plan.metrics = env
-        .observe
-        .metrics
-        .as_ref()
-        .map(|metrics| metrics.handler(plan.service, plan.handler));
-    plan.tracer = env.observe.tracer.clone();
+    plan.observer = env.observe.handler(service, handler);
     let plan = Arc::new(plan);
     let env = env.clone();
     Task {
@@ -172,7 +164,7 @@ pub(crate) async fn run(
         };
         let kind = (plan.service, plan.handler, HandlerKind::Execute);
         let layers = plan.layers.clone();
-        let span = plan.tracer.start(
+        let span = plan.observer.tracer.start(
             CallSpec {
                 service: plan.service,
                 handler: plan.handler,
@@ -181,7 +173,7 @@ pub(crate) async fn run(
                 queue: "",
                 message_id: None,
             },
-            None,
+            || None,
         );
         let started = std::time::Instant::now();
         let run = scope.enter(async move { layers.around(kind, &run, called).await });
@@ -203,15 +195,15 @@ pub(crate) async fn run(
         let outcome = result.unwrap_or_else(|panic| {
             Outcome::Failed(format!("panicked: {}", panic_message(&*panic)))
         });
-        if let Some(metrics) = &plan.metrics {
+        if let Some(metrics) = &plan.observer.metrics {
             metrics.took(started.elapsed());
         }
-        if let Some(span) = span {
-            match &outcome {
-                Outcome::Done => span.end("ok", None),
-                Outcome::Failed(error) | Outcome::Rejected(error) => span.end("error", Some(error)),
-                Outcome::Undecodable(error) => span.end("error", Some(&error.to_string())),
-            }
+        if let Some(mut span) = span {
+            span.failed(|| outcome.error());
+            span.end(match outcome {
+                Outcome::Done => "ok",
+                _ => "error",
+            });
         }
         if shutdown.is_cancelled() {
             return Ok(());

@@ -74,28 +74,28 @@ pub(crate) fn level_filter(filter: Option<&str>) -> Result<EnvFilter, String> {
 /// Sets up the log with `filter`, in `format`, on standard error; does nothing when the program
 /// already has a `tracing` subscriber.
 pub(crate) fn install(filter: EnvFilter, format: LogFormat) {
+    use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let frames = tracing_subscriber::filter::filter_fn(|event| !is_written_frame(event));
-    let _ = match format {
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let lines = match format {
+        LogFormat::Text => lines
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .finish()
-            .with(frames)
-            .try_init(),
-        LogFormat::Json => tracing_subscriber::fmt()
+            .boxed(),
+        LogFormat::Json => lines
             .json()
             .with_current_span(true)
             .with_span_list(true)
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
             .with_ansi(false)
-            .finish()
-            .with(frames)
-            .try_init(),
+            .boxed(),
     };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::filter::filter_fn(|event| {
+            !is_written_frame(event)
+        }))
+        .with(lines)
+        .try_init();
 }
 
 /// lapin's trace line for each frame it writes (`will write to buffer`, field `next_msg`):

@@ -299,7 +299,14 @@ impl Publisher {
         routing_key: impl Into<String>,
         settings: PublisherSettings,
     ) -> Self {
-        Self::live(connector, exchange, routing_key.into(), settings, false)
+        Self::live(
+            connector,
+            exchange,
+            routing_key.into(),
+            settings,
+            false,
+            None,
+        )
     }
 
     /// As [`Publisher::new`], counting what it sends in `metrics`.
@@ -310,13 +317,7 @@ impl Publisher {
         settings: PublisherSettings,
         metrics: Option<crate::observe::metrics::PublishMetrics>,
     ) -> Self {
-        let mut publisher = Self::live(connector, exchange, routing_key, settings, false);
-        if let Target::Live(core) = &mut publisher.target
-            && let Some(core) = Arc::get_mut(core)
-        {
-            core.metrics = metrics;
-        }
-        publisher
+        Self::live(connector, exchange, routing_key, settings, false, metrics)
     }
 
     fn live(
@@ -325,6 +326,7 @@ impl Publisher {
         routing_key: String,
         settings: PublisherSettings,
         own_connection: bool,
+        metrics: Option<crate::observe::metrics::PublishMetrics>,
     ) -> Self {
         Self {
             target: Target::Live(Arc::new(Core {
@@ -335,7 +337,7 @@ impl Publisher {
                 channel: RwLock::new(None),
                 reopen: tokio::sync::Mutex::new(()),
                 own_connection,
-                metrics: None,
+                metrics,
             })),
         }
     }
@@ -388,6 +390,7 @@ impl Publisher {
             routing_key.to_string(),
             settings,
             true,
+            None,
         );
         // Nothing is opened yet: names AMQP cannot carry are refused before any connection.
         let core = publisher.core()?;

@@ -23,6 +23,17 @@ pub enum Outcome {
     Rejected(String),
 }
 
+impl Outcome {
+    /// Why the call did not succeed; `None` when it did.
+    pub(crate) fn error(&self) -> Option<String> {
+        match self {
+            Outcome::Done => None,
+            Outcome::Failed(text) | Outcome::Rejected(text) => Some(text.clone()),
+            Outcome::Undecodable(error) => Some(error.to_string()),
+        }
+    }
+}
+
 /// What a `#[consume]` handler may return: `()` or `Result<(), E>` with a displayable `E`.
 #[diagnostic::on_unimplemented(
     message = "a #[consume] handler returns `Result<(), E>` with E: Display, or nothing; `{Self}` is neither",

@@ -9,6 +9,7 @@ pub(crate) mod otlp;
 mod process;
 pub(crate) mod trace;
 
+use metrics::HandlerMetrics;
 pub(crate) use metrics::Metrics;
 
 /// What a runtime observes of its handlers: the metrics (`metrics = true`, the default) and
@@ -16,5 +17,26 @@ pub(crate) use metrics::Metrics;
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Observe {
     pub metrics: Option<std::sync::Arc<Metrics>>,
+    pub tracer: trace::Tracer,
+}
+
+impl Observe {
+    /// What the calls of `service`'s `handler` are observed with.
+    pub fn handler(&self, service: &'static str, handler: &'static str) -> Observer {
+        Observer {
+            metrics: self
+                .metrics
+                .as_ref()
+                .map(|metrics| metrics.handler(service, handler)),
+            tracer: self.tracer.clone(),
+        }
+    }
+}
+
+/// What one handler's calls are observed with: its metrics, when the runtime keeps them, and
+/// the runtime's tracer.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Observer {
+    pub metrics: Option<HandlerMetrics>,
     pub tracer: trace::Tracer,
 }

@@ -76,7 +76,7 @@ impl Exporter {
     /// Starts the task that posts spans to `endpoint` (`http://host:port`, `/v1/traces` added
     /// when there is no path); it stops a little after `shutdown`, once what was queued is
     /// sent.
-    pub fn start(endpoint: &str, _default_service: &str, shutdown: CancellationToken) -> Self {
+    pub fn start(endpoint: &str, shutdown: CancellationToken) -> Self {
         let (spans, receiver) = mpsc::channel(QUEUE);
         let target = Target::parse(endpoint);
         tokio::spawn(export(target, receiver, shutdown));

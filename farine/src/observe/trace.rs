@@ -10,6 +10,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+#[cfg(feature = "otlp")]
 use std::time::{Instant, SystemTime};
 
 use tracing::Instrument;
@@ -157,20 +158,20 @@ impl Tracer {
         self
     }
 
-    pub fn is_on(&self) -> bool {
-        self.on
-    }
-
-    /// The span of one handler call, continuing `parent` (the trace of what it handles) or
-    /// starting a trace; `None` when tracing is off.
-    pub fn start(&self, call: CallSpec<'_>, parent: Option<SpanContext>) -> Option<CallSpan> {
+    /// The span of one handler call, continuing the trace `parent` gives (that of what it
+    /// handles; asked only when tracing is on) or starting one; `None` when tracing is off.
+    pub fn start(
+        &self,
+        call: CallSpec<'_>,
+        parent: impl FnOnce() -> Option<SpanContext>,
+    ) -> Option<CallSpan> {
         if !self.on {
             return None;
         }
-        let (context, parent_span_id) = match &parent {
-            Some(parent) => (parent.child(), Some(parent.span_id)),
-            None => (SpanContext::root(), None),
-        };
+        let parent = parent();
+        let context = parent
+            .as_ref()
+            .map_or_else(SpanContext::root, SpanContext::child);
         let span = tracing::info_span!(
             "call",
             service = call.service,
@@ -185,14 +186,15 @@ impl Tracer {
         Some(CallSpan {
             span,
             context,
-            parent_span_id,
-            started: Instant::now(),
-            started_at: SystemTime::now(),
             #[cfg(feature = "otlp")]
-            export: self
-                .export
-                .clone()
-                .map(|export| (export, super::otlp::Attributes::new(&call))),
+            exporting: self.export.clone().map(|export| Exporting {
+                export,
+                attributes: super::otlp::Attributes::new(&call),
+                parent_span_id: parent.map(|parent| parent.span_id),
+                started: Instant::now(),
+                started_at: SystemTime::now(),
+                error: None,
+            }),
         })
     }
 }
@@ -216,11 +218,20 @@ pub(crate) struct CallSpec<'a> {
 pub(crate) struct CallSpan {
     span: tracing::Span,
     context: SpanContext,
+    /// What the exported span needs beside the ids, when spans are exported.
+    #[cfg(feature = "otlp")]
+    exporting: Option<Exporting>,
+}
+
+#[cfg(feature = "otlp")]
+#[derive(Debug)]
+struct Exporting {
+    export: super::otlp::Exporter,
+    attributes: super::otlp::Attributes,
     parent_span_id: Option<u64>,
     started: Instant,
     started_at: SystemTime,
-    #[cfg(feature = "otlp")]
-    export: Option<(super::otlp::Exporter, super::otlp::Attributes)>,
+    error: Option<String>,
 }
 
 impl CallSpan {
@@ -231,21 +242,30 @@ impl CallSpan {
             .instrument(self.span.clone())
     }
 
-    /// Ends the span with the call's outcome (`ok`, `retry`, `dead`, `error`, ...) and, when
-    /// it failed, the error.
-    pub fn end(self, outcome: &'static str, error: Option<&str>) {
-        self.span.record("outcome", outcome);
-        let _ = (error, self.started, self.started_at, self.parent_span_id);
+    /// Notes why the call failed, for the exported span; `error` is asked only when spans are
+    /// exported.
+    pub fn failed(&mut self, error: impl FnOnce() -> Option<String>) {
         #[cfg(feature = "otlp")]
-        if let Some((export, attributes)) = self.export {
-            export.send(super::otlp::Finished {
+        if let Some(exporting) = &mut self.exporting {
+            exporting.error = error();
+        }
+        #[cfg(not(feature = "otlp"))]
+        let _ = error;
+    }
+
+    /// Ends the span with the call's outcome (`ok`, `retry`, `dead`, `error`, ...).
+    pub fn end(self, outcome: &'static str) {
+        self.span.record("outcome", outcome);
+        #[cfg(feature = "otlp")]
+        if let Some(exporting) = self.exporting {
+            exporting.export.send(super::otlp::Finished {
                 context: self.context,
-                parent_span_id: self.parent_span_id,
-                start: self.started_at,
-                end: self.started_at + self.started.elapsed(),
-                attributes,
+                parent_span_id: exporting.parent_span_id,
+                start: exporting.started_at,
+                end: exporting.started_at + exporting.started.elapsed(),
+                attributes: exporting.attributes,
                 outcome,
-                error: error.map(str::to_string),
+                error: exporting.error,
             });
         }
     }

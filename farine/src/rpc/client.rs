@@ -242,7 +242,17 @@ impl Client {
     /// A client of `service` on `connector`'s connection; `timeout` bounds each call.
     #[doc(hidden)]
     pub fn new(connector: Arc<Connector>, service: impl Into<String>, timeout: Duration) -> Self {
-        let service = service.into();
+        Self::observed(connector, service.into(), timeout, None)
+    }
+
+    /// As [`Client::new`], its calls counted and timed in `metrics` (a runtime's
+    /// `#[rpc::client]` methods).
+    pub(crate) fn observed(
+        connector: Arc<Connector>,
+        service: String,
+        timeout: Duration,
+        metrics: Option<Arc<crate::observe::Metrics>>,
+    ) -> Self {
         let requests = |confirm: bool| {
             Publisher::new(
                 connector.clone(),
@@ -281,20 +291,9 @@ impl Client {
                 current: std::sync::RwLock::new(None),
                 next_id: AtomicU64::new(0),
                 prefix: crate::ids::random_prefix(),
-                metrics: None,
+                metrics,
             })),
         }
-    }
-
-    /// This client, its calls counted and timed in `metrics` (a runtime's `#[rpc::client]`
-    /// methods).
-    pub(crate) fn observed(mut self, metrics: Option<Arc<crate::observe::Metrics>>) -> Self {
-        if let Target::Live(inner) = &mut self.target
-            && let Some(inner) = Arc::get_mut(inner)
-        {
-            inner.metrics = metrics;
-        }
-        self
     }
 
     /// A client of its own connection to `uri`, outside any service (tests, tools), as the

@@ -724,17 +724,15 @@ async fn serve(
             Box::pin(state.fail(error)).await;
         }
         (Some(method), Ok(request)) => {
-            let span = plan.tracer.is_on().then(|| {
-                let spec = CallSpec {
-                    service,
-                    handler: method.name,
-                    kind_name: "rpc",
-                    span_kind: SpanKind::Server,
-                    queue: &plan.queue.name,
-                    message_id: message.correlation_id(),
-                };
-                plan.tracer.start(spec, message.trace_parent())
-            });
+            let spec = CallSpec {
+                service,
+                handler: method.name,
+                kind_name: "rpc",
+                span_kind: SpanKind::Server,
+                queue: &plan.queue.name,
+                message_id: message.correlation_id(),
+            };
+            let span = plan.tracer.start(spec, || message.trace_parent());
             let started = method.metrics.as_ref().map(|_| std::time::Instant::now());
             let handled = (method.call)(RpcCall {
                 state: state.clone(),
@@ -763,7 +761,7 @@ async fn serve(
                 &message,
                 called,
             );
-            let outcome = match span.as_ref().and_then(Option::as_ref) {
+            let outcome = match &span {
                 Some(span) => span.run(layered).await,
                 None => layered.await,
             };
@@ -787,8 +785,8 @@ async fn serve(
             if let (Some(metrics), Some(started)) = (&method.metrics, started) {
                 metrics.served(started.elapsed(), failed);
             }
-            if let Some(Some(span)) = span {
-                span.end(if failed { "error" } else { "ok" }, None);
+            if let Some(span) = span {
+                span.end(if failed { "error" } else { "ok" });
             }
         }
     }

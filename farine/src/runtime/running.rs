@@ -223,8 +223,12 @@ impl Running {
                 for &(method, target, timeout) in &plan.rpc_clients {
                     shared.rpc_clients.insert(
                         (plan.entry.name, method),
-                        Client::new(connector.clone(), target, timeout)
-                            .observed(self.metrics.clone().filter(|_| plan.metrics)),
+                        Client::observed(
+                            connector.clone(),
+                            target.to_string(),
+                            timeout,
+                            self.metrics.clone().filter(|_| plan.metrics),
+                        ),
                     );
                 }
             }
@@ -285,11 +289,7 @@ impl Running {
                 .iter()
                 .find_map(|plan| plan.otlp_endpoint.as_deref())
                 .map(|endpoint| {
-                    crate::observe::otlp::Exporter::start(
-                        endpoint,
-                        plans.first().map_or("farine", |plan| plan.entry.name),
-                        self.shutdown.clone(),
-                    )
+                    crate::observe::otlp::Exporter::start(endpoint, self.shutdown.clone())
                 }),
         );
         tracer

@@ -33,8 +33,8 @@ use crate::handler::{
     CallScope, Connected, Description, FromCall, HandlerKind, Layers, Outcome, Ready, Rejection,
     Task, TaskEnv, TaskError,
 };
-use crate::observe::metrics::HandlerMetrics;
-use crate::observe::trace::{CallSpec, SpanKind, Tracer};
+use crate::observe::Observer;
+use crate::observe::trace::{CallSpec, SpanKind};
 
 /// What a `#[stream::http]` handler looks like once the macro wrapped it.
 pub type SseFn<S> = fn(Arc<S>, Event) -> BoxFuture<'static, Outcome>;
@@ -177,10 +177,8 @@ pub(crate) struct SsePlan {
     pub db: Option<Arc<crate::db::call::CallDb>>,
     /// The runtime's layers, around each call (set at start).
     pub layers: Layers,
-    /// The handler's metrics, when the runtime keeps them (set at start).
-    pub metrics: Option<HandlerMetrics>,
-    /// The runtime's tracer (set at start).
-    pub tracer: Tracer,
+    /// The handler's metrics and the runtime's tracer (set at start).
+    pub observer: Observer,
 }
 
 impl SsePlan {
@@ -258,8 +256,7 @@ impl SsePlan {
             transaction: scoped.get_or("transaction", false)?,
             db: None,
             layers: Layers::default(),
-            metrics: None,
-            tracer: Tracer::default(),
+            observer: Observer::default(),
         })
     }
 }
@@ -346,12 +343,7 @@ pub(crate) fn task(
     // A listener finishes the event in hand: it gets a drain like the other handlers.
     let stop_bound = Duration::from_secs(30);
     plan.layers = env.layers.clone();
-    plan.metrics = env
-        .observe
-        .metrics
-        .as_ref()
-        .map(|metrics| metrics.handler(service, handler));
-    plan.tracer = env.observe.tracer.clone();
+    plan.observer = env.observe.handler(service, handler);
     let plan = Arc::new(plan);
     let env = env.clone();
     Task {
@@ -514,7 +506,7 @@ async fn handle(
     shutdown: &CancellationToken,
 ) -> Result<(), SseError> {
     let (service, handler) = (plan.service, plan.handler);
-    if let Some(metrics) = &plan.metrics {
+    if let Some(metrics) = &plan.observer.metrics {
         metrics.sse_event();
     }
     let mut delay = plan.retry_delay;
@@ -527,7 +519,7 @@ async fn handle(
         };
         let kind = (plan.service, plan.handler, HandlerKind::Sse);
         // The endpoint is left out of the span: its URL may carry a token.
-        let span = plan.tracer.start(
+        let span = plan.observer.tracer.start(
             CallSpec {
                 service,
                 handler,
@@ -536,7 +528,7 @@ async fn handle(
                 queue: "",
                 message_id: event.id(),
             },
-            None,
+            || None,
         );
         let started = std::time::Instant::now();
         let layered = scope.enter(plan.layers.around(kind, event, called));
@@ -544,19 +536,15 @@ async fn handle(
             Some(span) => span.run(layered).await,
             None => layered.await,
         };
-        if let Some(metrics) = &plan.metrics {
+        if let Some(metrics) = &plan.observer.metrics {
             metrics.took(started.elapsed());
         }
-        if let Some(span) = span {
-            let error = match &outcome {
-                Outcome::Failed(text) | Outcome::Rejected(text) => Some(text.clone()),
-                Outcome::Undecodable(error) => Some(error.to_string()),
-                Outcome::Done => None,
-            };
-            span.end(
-                if error.is_none() { "ok" } else { "error" },
-                error.as_deref(),
-            );
+        if let Some(mut span) = span {
+            span.failed(|| outcome.error());
+            span.end(match outcome {
+                Outcome::Done => "ok",
+                _ => "error",
+            });
         }
         let error = match outcome {
             Outcome::Done => return Ok(()),
