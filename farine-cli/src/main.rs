@@ -38,6 +38,19 @@ struct Args {
     /// Lists the modules, or with --start the services and handlers of each, and exits.
     #[arg(long)]
     list: bool,
+    /// With --start: prints the services' handlers, queues and bindings as a table, and exits.
+    #[arg(long, requires = "start")]
+    describe: bool,
+    /// With --start: prints the AsyncAPI 3.0 document of the module's services as the config
+    /// resolves them, and exits.
+    #[arg(long, requires = "start")]
+    asyncapi: bool,
+    /// The AsyncAPI document's format: yaml (default) or json.
+    #[arg(long, value_name = "FORMAT", value_parser = ["yaml", "json"], requires = "asyncapi")]
+    format: Option<String>,
+    /// Writes the AsyncAPI document to FILE instead of standard output.
+    #[arg(long, value_name = "FILE", requires = "asyncapi")]
+    output: Option<PathBuf>,
     /// Checks the config and connects to each AMQP node and database it names, printing each
     /// round-trip time; exits 0, or 1 when something is unreachable. With --start, checks
     /// that module's services (their whole config) instead.
@@ -259,6 +272,18 @@ fn forwarded(args: &Args, module: &str) -> Vec<String> {
     }
     if args.check {
         out.push("--check".into());
+    }
+    if args.describe {
+        out.push("--describe".into());
+    }
+    if args.asyncapi {
+        out.push("--asyncapi".into());
+    }
+    if let Some(format) = &args.format {
+        out.push(format!("--format={format}"));
+    }
+    if let Some(output) = &args.output {
+        out.push(format!("--output={}", output.display()));
     }
     if let Some(handler) = &args.replay_dead_letters {
         out.push(format!("--replay-dead-letters={handler}"));

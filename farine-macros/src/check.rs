@@ -201,11 +201,27 @@ pub fn publish(
         );
         return None;
     };
+    let sent: Vec<&Type> = sig
+        .inputs
+        .iter()
+        .skip(2)
+        .filter_map(|input| match input {
+            FnArg::Typed(typed) => Some(&*typed.ty),
+            FnArg::Receiver(_) => None,
+        })
+        .collect();
+    let payload = match sent[..] {
+        [Type::Reference(reference)] => Some(reference.elem.clone()),
+        [ty] => Some(Box::new(ty.clone())),
+        _ => None,
+    }
+    .filter(|ty| nameable(ty));
     ok.then(|| {
         HandlerModel::Publish(Publish {
             method: sig.ident.clone(),
             exchange,
             routing_key: args.routing_key.unwrap_or_default(),
+            payload,
         })
     })
 }
@@ -233,6 +249,50 @@ fn stream_item(ty: &Type) -> Option<Option<&Type>> {
             _ => None,
         }))
     })
+}
+
+/// `T` of a type written `Result<T, E>`.
+fn result_ok(ty: &Type) -> Option<&Type> {
+    match ty {
+        Type::Path(path) if path.qself.is_none() => {
+            let syn::PathArguments::AngleBracketed(args) = &path.path.segments.last()?.arguments
+            else {
+                return None;
+            };
+            args.args.iter().find_map(|arg| match arg {
+                syn::GenericArgument::Type(ty) => Some(ty),
+                _ => None,
+            })
+        }
+        Type::Group(group) => result_ok(&group.elem),
+        Type::Paren(paren) => result_ok(&paren.elem),
+        _ => None,
+    }
+}
+
+/// True when the type can be named outside the method: no `impl Trait`, no `_`.
+fn nameable(ty: &Type) -> bool {
+    fn clean(tokens: proc_macro2::TokenStream) -> bool {
+        tokens.into_iter().all(|token| match token {
+            proc_macro2::TokenTree::Ident(ident) => ident != "impl" && ident != "_",
+            proc_macro2::TokenTree::Group(group) => clean(group.stream()),
+            _ => true,
+        })
+    }
+    clean(quote::ToTokens::to_token_stream(ty))
+}
+
+/// What each reply of an RPC method carries, when its signature names it.
+fn reply_type(shape: ReplyShape, output: Option<&Type>) -> Option<Type> {
+    let found = match (shape, output) {
+        (ReplyShape::Value, None) => return Some(syn::parse_quote!(())),
+        (ReplyShape::Value, Some(ty)) => ty,
+        (ReplyShape::Result, Some(ty)) => result_ok(ty)?,
+        (ReplyShape::Stream, Some(ty)) => stream_item(ty).flatten()?,
+        (ReplyShape::StreamOfResults, Some(ty)) => result_ok(stream_item(ty).flatten()?)?,
+        (_, None) => return None,
+    };
+    nameable(found).then(|| found.clone())
 }
 
 /// True when `ty` is written as a `Result` (`Result<T, E>`, `std::result::Result<..>`).
@@ -305,6 +365,7 @@ pub fn rpc_method(cx: &Ctxt, method: &ImplItemFn, args: HandlerArgs) -> Option<H
             is_async: sig.asyncness.is_some(),
             params,
             shape,
+            reply: reply_type(shape, output.as_deref()),
             output,
         })
     })

@@ -168,8 +168,8 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
     // Pushed one by one, so a handler behind `#[cfg(...)]` is registered only when it exists.
     let handler_pushes = handlers
         .iter()
-        .map(|(handler, cfgs, (takes, gives), settings)| {
-            let handler = match handler {
+        .map(|(model, cfgs, (takes, gives), settings)| {
+            let handler = match model {
                 HandlerModel::Consume(consume) => consume_handler(consume),
                 HandlerModel::Publish(publish) => publish_handler(publish),
                 HandlerModel::RpcMethod(rpc) => rpc_method_handler(rpc),
@@ -178,12 +178,14 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
                 HandlerModel::Sse(sse) => sse_handler(sse),
             };
             let (keys, values): (Vec<_>, Vec<_>) = settings.iter().cloned().unzip();
+            let payloads = payloads(model);
             quote! {
                 #(#cfgs)*
                 handlers.push(::farine::__private::Handler {
                     takes: #takes,
                     gives: #gives,
                     settings: &[#((#keys, #values)),*],
+                    payloads: #payloads,
                     ..#handler
                 });
             }
@@ -235,6 +237,79 @@ pub fn service(cx: Ctxt, args: ServiceArgs, mut item: ItemImpl) -> TokenStream {
         }
 
         #interface_impl
+    }
+}
+
+/// How a handler's payloads are described (`farine::__private::PayloadsFn`): for each type
+/// its messages carry, its JSON Schema when it implements `schemars::JsonSchema`, else an open
+/// schema naming it; asked through `farine::__private::Probe`, so no bound is put on the type.
+fn payloads(handler: &HandlerModel) -> TokenStream {
+    let probe = |ty: &Type| quote!(::farine::__private::Probe::<#ty>::new());
+    let written = |ty: &Type| tidy(&ty.to_token_stream());
+    let body = |params: &[Extracted]| {
+        let probes = params.iter().map(|Extracted { ty, .. }| {
+            let (probe, written) = (probe(ty), written(ty));
+            quote! {
+                if payloads.body.is_none() {
+                    payloads.body = (&&&#probe).body(schemas, #written);
+                }
+            }
+        });
+        quote!(#(#probes)*)
+    };
+    let steps = match handler {
+        HandlerModel::Consume(Consume { params, .. }) | HandlerModel::Sse(Sse { params, .. }) => {
+            body(params)
+        }
+        HandlerModel::Publish(Publish {
+            payload: Some(ty), ..
+        }) => {
+            let (probe, written) = (probe(ty), written(ty));
+            quote!(payloads.body = ::std::option::Option::Some((&&#probe).sent(schemas, #written));)
+        }
+        HandlerModel::RpcMethod(rpc) => {
+            let arguments = rpc.params.iter().map(|(name, ty)| {
+                use syn::ext::IdentExt;
+                let name = name.unraw().to_string();
+                let (probe, written) = (probe(ty), written(ty));
+                quote! {
+                    let argument = (&&&#probe)
+                        .body(schemas, #written)
+                        .unwrap_or(::farine::__private::Payload::Open(#written));
+                    payloads.arguments.push((#name, argument));
+                }
+            });
+            let reply = match &rpc.reply {
+                Some(ty) => {
+                    let (probe, written) = (probe(ty), written(ty));
+                    quote!((&&#probe).sent(schemas, #written))
+                }
+                None => {
+                    let written = rpc
+                        .output
+                        .as_ref()
+                        .map_or_else(|| "()".to_string(), |ty| written(ty));
+                    quote!(::farine::__private::Payload::Open(#written))
+                }
+            };
+            quote! {
+                #(#arguments)*
+                payloads.reply = ::std::option::Option::Some(#reply);
+            }
+        }
+        _ => return quote!(::farine::__private::Payloads::none),
+    };
+    quote! {
+        |schemas: &mut ::farine::__private::Schemas| -> ::farine::__private::Payloads {
+            #[allow(unused_imports)]
+            use ::farine::__private::schema_probe::{
+                BodyWithSchema as _, BodyWithoutSchema as _, NotBody as _, SentWithSchema as _,
+                SentWithoutSchema as _,
+            };
+            let mut payloads = ::farine::__private::Payloads::default();
+            #steps
+            payloads
+        }
     }
 }
 
@@ -294,6 +369,7 @@ fn rpc_method_handler(rpc: &RpcMethod) -> TokenStream {
         params,
         shape,
         output,
+        ..
     } = rpc;
     let name = method.to_string();
     // The wire names: `r#type` is passed as the keyword argument `type`.
@@ -334,6 +410,7 @@ fn rpc_method_handler(rpc: &RpcMethod) -> TokenStream {
             takes: "",
             gives: "",
             settings: &[],
+            payloads: ::farine::__private::Payloads::none,
             kind: ::farine::__private::Declared::Rpc(
                 ::farine::__private::RpcSpec { stream: #stream },
                 |service: ::std::sync::Arc<Self>, mut call: ::farine::__private::RpcCall|
@@ -378,6 +455,7 @@ fn execute_handler(execute: &Execute) -> TokenStream {
             takes: "",
             gives: "",
             settings: &[],
+            payloads: ::farine::__private::Payloads::none,
             kind: ::farine::__private::Declared::Execute(
                 |service: ::std::sync::Arc<Self>, call: ::farine::execute::Run|
                     -> ::farine::__private::BoxFuture<'static, ::farine::__private::Outcome> {
@@ -406,6 +484,7 @@ fn sse_handler(sse: &Sse) -> TokenStream {
             takes: "",
             gives: "",
             settings: &[],
+            payloads: ::farine::__private::Payloads::none,
             kind: ::farine::__private::Declared::Sse(
                 |service: ::std::sync::Arc<Self>, call: ::farine::stream::Event|
                     -> ::farine::__private::BoxFuture<'static, ::farine::__private::Outcome> {
@@ -451,6 +530,7 @@ fn rpc_client_handler(client: &RpcClient) -> TokenStream {
             takes: "",
             gives: "",
             settings: &[],
+            payloads: ::farine::__private::Payloads::none,
             kind: ::farine::__private::Declared::RpcClient(::farine::__private::RpcClientSpec {
                 service: #service,
             }),
@@ -555,6 +635,7 @@ fn consume_handler(consume: &Consume) -> TokenStream {
             takes: "",
             gives: "",
             settings: &[],
+            payloads: ::farine::__private::Payloads::none,
             kind: ::farine::__private::Declared::Consume(
                 ::farine::__private::ConsumeSpec {
                     exchange: #exchange,
@@ -578,6 +659,7 @@ fn publish_handler(publish: &Publish) -> TokenStream {
         method,
         exchange,
         routing_key,
+        ..
     } = publish;
     let name = method.to_string();
     quote! {
@@ -586,6 +668,7 @@ fn publish_handler(publish: &Publish) -> TokenStream {
             takes: "",
             gives: "",
             settings: &[],
+            payloads: ::farine::__private::Payloads::none,
             kind: ::farine::__private::Declared::Publish(::farine::__private::PublishSpec {
                 exchange: #exchange,
                 routing_key: #routing_key,

@@ -101,6 +101,9 @@ pub struct Publish {
     pub method: Ident,
     pub exchange: String,
     pub routing_key: String,
+    /// What it sends, for its description: the type of its one parameter after the publisher
+    /// (`&T` read as `T`); `None` when it takes several or none.
+    pub payload: Option<Box<Type>>,
 }
 
 /// How an RPC method's result becomes replies.
@@ -125,6 +128,10 @@ pub struct RpcMethod {
     pub shape: ReplyShape,
     /// The declared return type, where a type that cannot be sent is reported.
     pub output: Option<Box<Type>>,
+    /// What each reply carries, for its description: `T` of `T`, `Result<T, E>`,
+    /// `impl Stream<Item = T>` or `impl Stream<Item = Result<T, E>>`; `None` when the
+    /// signature does not name it (an `impl` type, a stream type of the user's own).
+    pub reply: Option<Type>,
 }
 
 /// A checked `#[rpc::client("service")]` method.

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use clap::builder::TypedValueParser;
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, Section};
 use crate::log::LogFormat;
 use crate::registry::ServiceEntry;
 use crate::runtime::Runtime;
@@ -38,6 +38,18 @@ pub struct Args {
     /// Lists the services and their handlers (exchange, queue, routing key) and exits.
     #[arg(long)]
     pub list: bool,
+    /// Prints the services' handlers, queues and bindings as a table, and exits.
+    #[arg(long)]
+    pub describe: bool,
+    /// Prints the AsyncAPI 3.0 document of the services as the config resolves them, and exits.
+    #[arg(long)]
+    pub asyncapi: bool,
+    /// The AsyncAPI document's format.
+    #[arg(long, value_name = "FORMAT", default_value = "yaml", value_parser = ["yaml", "json"], requires = "asyncapi")]
+    pub format: String,
+    /// Writes the AsyncAPI document to FILE instead of standard output.
+    #[arg(long, value_name = "FILE", requires = "asyncapi")]
+    pub output: Option<PathBuf>,
     /// Validates the config, connects to each AMQP node and database the services use, prints
     /// each round-trip time, and exits 0 (all reachable) or 1.
     #[arg(long)]
@@ -67,15 +79,16 @@ pub struct Args {
 /// `farine::main!(layers = [...])` passes).
 pub fn main_with(
     module: &'static str,
+    version: &'static str,
     migrations: &'static [crate::db::EmbeddedMigration],
     layers: Vec<std::sync::Arc<dyn crate::handler::Layer>>,
 ) -> ExitCode {
     let args = Args::parse();
-    ExitCode::from(run(module, migrations, layers, args))
+    ExitCode::from(run((module, version), migrations, layers, args))
 }
 
 fn run(
-    module: &'static str,
+    (module, version): (&'static str, &'static str),
     migrations: &'static [crate::db::EmbeddedMigration],
     layers: Vec<std::sync::Arc<dyn crate::handler::Layer>>,
     args: Args,
@@ -107,6 +120,13 @@ fn run(
         }
         return EXIT_OK;
     }
+    if args.describe {
+        print!("{}", describe(module, loaded.as_ref().ok()));
+        if let Err(e) = &loaded {
+            eprintln!("farine: showing defaults: {e}");
+        }
+        return EXIT_OK;
+    }
     // A config error: under --check a failed check on stdout, else on stderr, exit status 3.
     let refused = |e: &dyn std::fmt::Display| {
         if args.check {
@@ -124,6 +144,15 @@ fn run(
     };
     if let Err(e) = format {
         return refused(&e);
+    }
+    if args.asyncapi {
+        return asyncapi(
+            module,
+            version,
+            &config,
+            &args.format,
+            args.output.as_deref(),
+        );
     }
     let (mut builder, described) = match crate::runtime::tokio_builder(&config) {
         Ok(chosen) => chosen,
@@ -254,6 +283,165 @@ fn configured_log_format(config: &Config) -> Result<Option<LogFormat>, String> {
     })
 }
 
+/// `--asyncapi`: the document, as YAML or JSON, on standard output or in `output`.
+fn asyncapi(
+    module: &str,
+    version: &str,
+    config: &Config,
+    format: &str,
+    output: Option<&std::path::Path>,
+) -> u8 {
+    let document = match crate::asyncapi::document(module, version, config) {
+        Ok(document) => document,
+        Err(e) => {
+            eprintln!("farine: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let text = match format {
+        "json" => format!("{document:#}\n"),
+        _ => crate::asyncapi::to_yaml(&document),
+    };
+    match output {
+        None => {
+            print!("{text}");
+            EXIT_OK
+        }
+        Some(path) => match std::fs::write(path, text) {
+            Ok(()) => EXIT_OK,
+            Err(e) => {
+                eprintln!("farine: cannot write {}: {e}", path.display());
+                EXIT_FAILURE
+            }
+        },
+    }
+}
+
+/// A service's state in the config and the section its handlers are described with: its
+/// own, or (no config, no section) the defaults, what an empty section resolves to.
+fn resolved(entry: &ServiceEntry, config: Option<&Config>) -> (&'static str, Option<Section>) {
+    let section = config.and_then(|c| entry.section(c).ok());
+    let enabled = section
+        .as_ref()
+        .map(|s| s.get_or("enabled", true).unwrap_or(true));
+    let state = match (config, enabled) {
+        (Some(_), None) => "no config section",
+        (_, Some(false)) => "disabled",
+        _ => "enabled",
+    };
+    let section = section.or_else(|| {
+        let fallback = Config::from_ini(&format!("[{}]\n", entry.name), "defaults").ok()?;
+        entry.section(&fallback).ok()
+    });
+    (state, section)
+}
+
+/// The `--describe` table: one row per handler, its exchange, routing key (a binding key for
+/// a consumer), queue and the rest of its description.
+pub fn describe(module: &str, config: Option<&Config>) -> String {
+    use std::fmt::Write;
+    let header = [
+        "SERVICE",
+        "HANDLER",
+        "KIND",
+        "EXCHANGE",
+        "ROUTING KEY",
+        "QUEUE",
+        "DETAILS",
+    ];
+    let mut rows: Vec<[String; 7]> = vec![header.map(String::from)];
+    for entry in ServiceEntry::all() {
+        let (state, section) = resolved(entry, config);
+        let Some(section) = section else { continue };
+        for described in entry.describe(&section) {
+            let service = if state == "enabled" {
+                entry.name.to_string()
+            } else {
+                format!("{} ({state})", entry.name)
+            };
+            let kind = described.kind.as_str().to_string();
+            let row = match described.description {
+                Ok(d) => {
+                    let mut details = d.settings.clone();
+                    if let Some(queue) = &d.queue {
+                        let mut flags = vec![if queue.durable {
+                            "durable"
+                        } else {
+                            "transient"
+                        }];
+                        if queue.exclusive {
+                            flags.push("exclusive");
+                        }
+                        if queue.auto_delete {
+                            flags.push("auto-delete");
+                        }
+                        let arguments = queue
+                            .arguments
+                            .iter()
+                            .map(|(name, value)| format!("{name}={value}"));
+                        details.insert(
+                            0,
+                            flags
+                                .into_iter()
+                                .map(String::from)
+                                .chain(arguments)
+                                .collect::<Vec<_>>()
+                                .join(" "),
+                        );
+                    }
+                    details.push(format!("fn({}) -> {}", d.takes, d.gives));
+                    [
+                        service,
+                        d.handler.to_string(),
+                        kind,
+                        d.exchange
+                            .as_ref()
+                            .map_or("-".into(), |e| format!("{} ({})", e.name, e.kind)),
+                        d.routing_key.clone().unwrap_or_else(|| "-".into()),
+                        d.queue.as_ref().map_or("-".into(), |q| q.name.clone()),
+                        details.join("; "),
+                    ]
+                }
+                Err(e) => [
+                    service,
+                    described.handler.to_string(),
+                    kind,
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    format!("config error: {e}"),
+                ],
+            };
+            // Names come from the file as written: one holding a URI keeps no password.
+            rows.push(row.map(|cell| crate::config::redact::redact_uri(&cell)));
+        }
+    }
+    let mut widths = [0; 7];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "module {module} (config: {})",
+        config.map_or("not loaded, defaults shown", |c| c.file())
+    );
+    for row in &rows {
+        let mut line = String::new();
+        for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:width$}  ");
+            }
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    out
+}
+
 /// The `--list` text: every service of the binary with its handlers, as the config resolves them.
 pub fn list(module: &str, config: Option<&Config>) -> String {
     use std::fmt::Write;
@@ -264,27 +452,16 @@ pub fn list(module: &str, config: Option<&Config>) -> String {
         config.map_or("not loaded, defaults shown", |c| c.file())
     );
     for entry in ServiceEntry::all() {
-        let section = config.and_then(|c| entry.section(c).ok());
-        let enabled = section
-            .as_ref()
-            .map(|s| s.get_or("enabled", true).unwrap_or(true));
-        let state = match (config, enabled) {
-            (Some(_), None) => "no config section",
-            (_, Some(false)) => "disabled",
-            _ => "enabled",
-        };
+        let (state, section) = resolved(entry, config);
         let _ = writeln!(
             out,
             "service {} ({}, section [{}], {state})",
             entry.name, entry.type_name, entry.name
         );
-        // Without a config, or a section, the defaults: what an empty section resolves to.
-        let fallback = Config::from_ini(&format!("[{}]\n", entry.name), "defaults").ok();
-        let default_section = fallback.as_ref().and_then(|c| entry.section(c).ok());
-        let Some(section) = section.as_ref().or(default_section.as_ref()) else {
+        let Some(section) = section else {
             continue;
         };
-        for described in entry.describe(section) {
+        for described in entry.describe(&section) {
             let _ = match described.description {
                 // Names come from the file as written: one holding a URI keeps no password.
                 Ok(description) => writeln!(

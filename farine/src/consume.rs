@@ -43,8 +43,8 @@ use crate::amqp::topology::{
 };
 use crate::config::{ConfigError, Section};
 use crate::handler::{
-    CallScope, Description, ExchangeDescription, FromCall, HandlerKind, InFlight, Layers, Outcome,
-    Ready, Rejection, Task, TaskEnv, TaskError,
+    CallScope, Description, FromCall, HandlerKind, InFlight, Layers, Outcome, Ready, Rejection,
+    Task, TaskEnv, TaskError,
 };
 use crate::observe::Observer;
 use crate::observe::metrics::MessageOutcome;
@@ -153,12 +153,9 @@ impl ConsumerPlan {
     pub(crate) fn describe(&self, signature: (&'static str, &'static str)) -> Description {
         let mut description =
             Description::new(self.service, self.handler, HandlerKind::Consume, signature);
-        description.exchange = Some(ExchangeDescription {
-            name: self.exchange.name.clone(),
-            kind: self.exchange.kind_name().to_string(),
-        });
+        description.exchange = Some((&self.exchange).into());
         description.routing_key = Some(self.routing_key.clone());
-        description.queue = Some(self.queue.name.clone());
+        description.queue = Some((&self.queue).into());
         description.settings = vec![
             format!("prefetch {}", self.prefetch),
             match &self.retry_queue {

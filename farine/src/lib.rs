@@ -39,6 +39,7 @@
 //! crate is compiled; a config that names a database is then refused at start.
 
 pub mod amqp;
+mod asyncapi;
 mod cli;
 #[doc = include_str!("docs/configuration.md")]
 pub mod config;
@@ -121,6 +122,7 @@ macro_rules! main {
         fn main() -> ::std::process::ExitCode {
             $crate::__private::main_with(
                 ::std::env!("CARGO_PKG_NAME"),
+                ::std::env!("CARGO_PKG_VERSION"),
                 $crate::__private::embed_migrations!(),
                 ::std::vec![$(::std::sync::Arc::new($layer) as ::std::sync::Arc<dyn $crate::layer::Layer>),*],
             )
@@ -132,6 +134,7 @@ macro_rules! main {
 /// the API: anything here may change in any release.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::asyncapi::{document as asyncapi_document, to_yaml};
     pub use crate::cli::{list, main_with};
     pub use crate::config::redact::redact_uri;
     pub use crate::db::EmbeddedMigration;
@@ -159,7 +162,14 @@ pub mod __private {
 
     pub use crate::consume::ConsumeSpec;
     pub use crate::handler::Layers;
+    pub use crate::handler::schema::{Payload, Payloads, Probe, Schemas};
     pub use crate::handler::{IntoOutcome, Outcome, Shutdown};
+    /// The traits of [`Probe`], which the generated code brings into scope.
+    pub mod schema_probe {
+        pub use crate::handler::schema::{
+            BodyWithSchema, BodyWithoutSchema, NotBody, SentWithSchema, SentWithoutSchema,
+        };
+    }
     pub use crate::registry::{
         BoxError, Declared, Handler, PublishSpec, RpcClientSpec, RpcSpec, Service, ServiceEntry,
     };

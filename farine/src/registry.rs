@@ -10,11 +10,13 @@ use futures_util::future::BoxFuture;
 
 use crate::amqp::message::Message;
 use crate::amqp::topology::ExchangeSettings;
+use crate::amqp::topology::QueueSettings;
 use crate::config::{Config, ConfigError, Section};
 use crate::consume::{ConsumeSpec, ConsumerPlan};
 use crate::execute::{BoundExecute, ExecuteFn, ExecutePlan};
 use crate::handler::Outcome;
-pub use crate::handler::{Description, ExchangeDescription, HandlerKind};
+use crate::handler::schema::{Payloads, PayloadsFn, Schemas};
+pub use crate::handler::{Description, ExchangeDescription, HandlerKind, QueueDescription};
 use crate::rpc::server::{BoundRpc, RpcFn, RpcServerPlan};
 #[cfg(feature = "sse")]
 use crate::sse::{BoundSse, SseFn};
@@ -49,6 +51,8 @@ pub struct Handler<S> {
     /// The config the attribute carries (`#[execute(interval = "1s")]`), as `(key, value)`:
     /// the handler's own defaults, which the service's section overrides.
     pub settings: &'static [(&'static str, &'static str)],
+    /// What its messages carry, as JSON Schema (for the AsyncAPI document).
+    pub payloads: PayloadsFn,
 }
 
 /// What an annotated method is.
@@ -163,6 +167,7 @@ pub struct ServiceEntry {
     describe: fn() -> Vec<HandlerInfo>,
     code_settings: fn() -> Vec<(&'static str, &'static str, &'static str)>,
     descriptions: fn(&Section) -> Vec<Described>,
+    payloads: fn(&mut Schemas) -> Vec<(&'static str, Payloads)>,
     build: fn(&Section) -> Result<Vec<BoundHandler>, BoxError>,
 }
 
@@ -179,6 +184,7 @@ impl ServiceEntry {
             describe: describe::<S>,
             code_settings: code_settings::<S>,
             descriptions: descriptions::<S>,
+            payloads: payloads::<S>,
             build: build::<S>,
         }
     }
@@ -206,6 +212,12 @@ impl ServiceEntry {
         (self.descriptions)(section)
     }
 
+    /// What each handler's messages carry, by handler name, described with `schemas` (which
+    /// collects the named types they refer to).
+    pub fn payloads(&self, schemas: &mut Schemas) -> Vec<(&'static str, Payloads)> {
+        (self.payloads)(schemas)
+    }
+
     /// Builds the service from its section and binds its task-running handlers to it.
     pub(crate) fn build(&self, section: &Section) -> Result<Vec<BoundHandler>, BoxError> {
         (self.build)(section)
@@ -221,6 +233,13 @@ fn code_settings<S: Service>() -> Vec<(&'static str, &'static str, &'static str)
                 .iter()
                 .map(|(key, value)| (handler.name, *key, *value))
         })
+        .collect()
+}
+
+fn payloads<S: Service>(schemas: &mut Schemas) -> Vec<(&'static str, Payloads)> {
+    S::handlers()
+        .iter()
+        .map(|handler| (handler.name, (handler.payloads)(schemas)))
         .collect()
 }
 
@@ -314,16 +333,39 @@ fn describe_publish(
     let scoped = section.handler(name);
     let exchange = ExchangeSettings::from_config(&scoped, spec.exchange)?;
     let mut description = Description::new(service, name, HandlerKind::Publish, signature);
-    description.exchange = Some(ExchangeDescription {
-        name: exchange.name.clone(),
-        kind: exchange.kind_name().to_string(),
-    });
+    description.exchange = Some((&exchange).into());
     description.routing_key = Some(
         scoped
             .get_str("routing_key")?
             .unwrap_or_else(|| spec.routing_key.to_string()),
     );
     Ok(description)
+}
+
+/// How every kind describes the exchange it uses (the impl lives here, where both types are
+/// known; the kinds call `.into()`).
+impl From<&ExchangeSettings> for ExchangeDescription {
+    fn from(exchange: &ExchangeSettings) -> Self {
+        Self {
+            name: exchange.name.clone(),
+            kind: exchange.kind_name().to_string(),
+            durable: exchange.durable,
+            auto_delete: exchange.auto_delete,
+        }
+    }
+}
+
+/// How the kinds that consume a queue describe it.
+impl From<&QueueSettings> for QueueDescription {
+    fn from(queue: &QueueSettings) -> Self {
+        Self {
+            name: queue.name.clone(),
+            durable: queue.durable,
+            exclusive: queue.exclusive,
+            auto_delete: queue.auto_delete,
+            arguments: crate::amqp::topology::arguments_json(&queue.arguments),
+        }
+    }
 }
 
 fn build<S: Service>(section: &Section) -> Result<Vec<BoundHandler>, BoxError> {

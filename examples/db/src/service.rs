@@ -5,9 +5,12 @@ use farine::{Db, DbCallError, consume};
 use serde::Deserialize;
 
 /// One ledger entry, as published to exchange `ledger` with routing key `entry`.
-#[derive(Deserialize)]
+// `JsonSchema` puts its fields in the AsyncAPI document (`farine --start=db --asyncapi`).
+#[derive(Deserialize, schemars::JsonSchema)]
 pub struct Entry {
+    /// The account credited (a negative amount debits it).
     account: String,
+    /// In the account's smallest unit (cents).
     amount: i64,
 }
 

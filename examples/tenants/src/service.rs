@@ -14,7 +14,7 @@ use farine::{FromCall, Message, PublishError, Publisher, Rejection, consume, pub
 use serde_json::{Value, json};
 
 /// An order, as the shop publishes it.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
 pub struct Order {
     pub id: u64,
 }

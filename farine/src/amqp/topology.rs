@@ -112,6 +112,36 @@ fn parse_kind(handler: &HandlerSection<'_>) -> Result<ExchangeKind, ConfigError>
     }
 }
 
+/// An argument table as JSON (for descriptions): integers, booleans, strings and nested
+/// tables as such; other AMQP values as their text.
+pub(crate) fn arguments_json(table: &FieldTable) -> serde_json::Map<String, serde_json::Value> {
+    fn json(value: &AMQPValue) -> serde_json::Value {
+        use serde_json::Value;
+        match value {
+            AMQPValue::Boolean(b) => Value::Bool(*b),
+            AMQPValue::ShortShortInt(n) => Value::from(*n),
+            AMQPValue::ShortShortUInt(n) => Value::from(*n),
+            AMQPValue::ShortInt(n) => Value::from(*n),
+            AMQPValue::ShortUInt(n) => Value::from(*n),
+            AMQPValue::LongInt(n) => Value::from(*n),
+            AMQPValue::LongUInt(n) => Value::from(*n),
+            AMQPValue::LongLongInt(n) => Value::from(*n),
+            AMQPValue::Float(n) => Value::from(*n),
+            AMQPValue::Double(n) => Value::from(*n),
+            AMQPValue::ShortString(s) => Value::from(s.as_str()),
+            AMQPValue::LongString(s) => Value::from(s.to_string()),
+            AMQPValue::FieldTable(table) => Value::Object(arguments_json(table)),
+            AMQPValue::FieldArray(items) => items.as_slice().iter().map(json).collect(),
+            other => Value::from(format!("{other:?}")),
+        }
+    }
+    table
+        .inner()
+        .iter()
+        .map(|(name, value)| (name.to_string(), json(value)))
+        .collect()
+}
+
 /// An argument table from config: `name = value` pairs, one per line or separated by commas.
 /// A whole number is sent as a signed 64-bit integer (what RabbitMQ expects of `x-message-ttl`
 /// or `x-max-length`), `true`/`false` as a boolean, anything else as a string; a value in

@@ -38,14 +38,29 @@ impl HandlerKind {
 
 /// An exchange as a handler uses it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExchangeDescription {
     pub name: String,
     /// `direct`, `topic`, `fanout` or `headers`.
     pub kind: String,
+    pub durable: bool,
+    pub auto_delete: bool,
+}
+
+/// A queue as a handler declares it.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct QueueDescription {
+    pub name: String,
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+    /// Its arguments (`x-queue-type`, `x-message-ttl`, ...), as JSON values.
+    pub arguments: serde_json::Map<String, serde_json::Value>,
 }
 
 /// One handler, as its service's config resolves it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct Description {
     pub service: &'static str,
@@ -56,7 +71,7 @@ pub struct Description {
     /// Its routing key (a binding key for a consumer).
     pub routing_key: Option<String>,
     /// The queue it consumes.
-    pub queue: Option<String>,
+    pub queue: Option<QueueDescription>,
     /// What the method takes (its parameters after `&self`) and gives (its return type), as
     /// written in the code.
     pub takes: &'static str,
@@ -100,7 +115,7 @@ impl fmt::Display for Description {
             parts.push(format!("routing key {key:?}"));
         }
         if let Some(queue) = &self.queue {
-            parts.push(format!("queue {queue}"));
+            parts.push(format!("queue {}", queue.name));
         }
         parts.extend(self.settings.iter().cloned());
         parts.push(format!("fn({}) -> {}", self.takes, self.gives));

@@ -12,11 +12,12 @@ pub(crate) mod in_flight;
 pub(crate) mod layer;
 pub(crate) mod outcome;
 pub(crate) mod ready;
+pub(crate) mod schema;
 pub(crate) mod scope;
 pub(crate) mod shutdown;
 pub(crate) mod task;
 
-pub use description::{Description, ExchangeDescription, HandlerKind};
+pub use description::{Description, ExchangeDescription, HandlerKind, QueueDescription};
 pub use extract::{FromCall, Rejection};
 pub(crate) use in_flight::InFlight;
 pub use layer::Layers;

@@ -34,8 +34,7 @@ use crate::amqp::publisher::{PublishError, PublishOptions, Publisher, PublisherS
 use crate::amqp::topology::{ExchangeSettings, QueueSettings, private_queue};
 use crate::config::{ConfigError, Section};
 use crate::handler::{
-    CallScope, Description, ExchangeDescription, HandlerKind, InFlight, Layers, Outcome, Ready,
-    Task, TaskEnv, TaskError,
+    CallScope, Description, HandlerKind, InFlight, Layers, Outcome, Ready, Task, TaskEnv, TaskError,
 };
 use crate::observe::metrics::RpcMethodMetrics;
 use crate::observe::trace::{CallSpec, SpanKind, Tracer};
@@ -405,12 +404,9 @@ impl RpcServerPlan {
     ) -> Description {
         let mut description =
             Description::new(self.service, name, HandlerKind::RpcMethod, signature);
-        description.exchange = Some(ExchangeDescription {
-            name: self.exchange.name.clone(),
-            kind: self.exchange.kind_name().to_string(),
-        });
+        description.exchange = Some((&self.exchange).into());
         description.routing_key = Some(wire::routing_key(self.service, name));
-        description.queue = Some(self.queue.name.clone());
+        description.queue = Some((&self.queue).into());
         if stream {
             description.settings.push("streams its result".to_string());
         }

@@ -8,6 +8,7 @@
 //! Waiting is always on a condition with a bound ([`Broker::wait_for_messages`], [`wait_until`]),
 //! never a bare sleep.
 
+pub mod asyncapi;
 pub mod process;
 pub mod proxy;
 pub mod sse;
