@@ -7,12 +7,17 @@
 //! With one module the launcher replaces itself with the binary (signals reach it directly);
 //! with several it runs them side by side, forwards SIGINT/SIGTERM to each, and they receive
 //! SIGTERM if the launcher dies (even by SIGKILL).
+//!
+//! The operator's commands (`farine call`, `farine publish`, `farine dead-letters`) run in the
+//! launcher itself, except `dead-letters` with `--start=MODULE`, which goes to the module's
+//! binary: it knows its handlers' queues.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
 use clap::Parser;
+use farine::__private::operate::{self, Command as Operation};
 use serde_json::Value;
 
 /// Exit status: everything stopped cleanly.
@@ -33,7 +38,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', value_name = "MODULE")]
     start: Vec<String>,
     /// The INI file (default: $FARINE_INI, else /etc/farine.ini).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", global = true)]
     config: Option<PathBuf>,
     /// Lists the modules, or with --start the services and handlers of each, and exits.
     #[arg(long)]
@@ -56,16 +61,15 @@ struct Args {
     /// that module's services (their whole config) instead.
     #[arg(long)]
     check: bool,
-    /// With --start: moves the messages of a handler's dead-letter queue back to its queue
-    /// (HANDLER is `service.handler`) and exits.
-    #[arg(long, value_name = "HANDLER")]
+    /// Deprecated: `dead-letters replay HANDLER`, which it stands for.
+    #[arg(long, value_name = "HANDLER", hide = true)]
     replay_dead_letters: Option<String>,
-    /// Log level or tracing filter (default: $RUST_LOG, else info).
-    #[arg(long, value_name = "LEVEL")]
+    /// Log level or tracing filter (default: $RUST_LOG, else info; for a command, else warn).
+    #[arg(long, value_name = "LEVEL", global = true)]
     log_level: Option<String>,
     /// Log format: text, or json (one JSON object per line). Default: `log_format` in the
     /// config's [DEFAULT], else $FARINE_LOG_FORMAT, else text.
-    #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
+    #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"], global = true)]
     log_format: Option<String>,
     /// The workspace's Cargo.toml (default: found from the current directory, as cargo does).
     #[arg(long, value_name = "PATH")]
@@ -73,6 +77,9 @@ struct Args {
     /// Build the modules with `--release`.
     #[arg(long)]
     release: bool,
+    /// An operator's command instead of starting modules.
+    #[command(subcommand)]
+    command: Option<Operation>,
 }
 
 /// A module: a workspace package that depends on farine and has a binary.
@@ -94,7 +101,25 @@ fn main() -> ExitCode {
 
 type Failure = (u8, String);
 
-fn run(args: Args) -> Result<u8, Failure> {
+fn run(mut args: Args) -> Result<u8, Failure> {
+    if let Some(handler) = args.replay_dead_letters.take() {
+        eprintln!("farine: {}", operate::REPLAY_FLAG_DEPRECATED);
+        args.command.get_or_insert(Operation::replay(handler));
+    }
+    if let Some(command) = &args.command {
+        match (command.module_arguments(), args.start.as_slice()) {
+            // No module needed, or none named: the launcher runs it.
+            (None, _) | (Some(_), []) => return Ok(run_operation(args)),
+            // Run by the module's binary, built below.
+            (Some(_), [_]) => {}
+            (Some(_), _) => {
+                return Err((
+                    EXIT_USAGE,
+                    "dead-letters works on one module: name one with --start=MODULE".into(),
+                ));
+            }
+        }
+    }
     if args.check && args.start.is_empty() {
         return Ok(check_config_file(args.config.as_deref()));
     }
@@ -129,6 +154,22 @@ fn run(args: Args) -> Result<u8, Failure> {
         return Err(exec(binary, &forwarded(&args, name)));
     }
     run_all(&args, &binaries)
+}
+
+/// An operator's command run by the launcher: without a module's handlers (`dead-letters`
+/// finds the queues from the config).
+fn run_operation(mut args: Args) -> u8 {
+    let Some(command) = args.command.take() else {
+        return EXIT_OK;
+    };
+    let options = operate::Options {
+        config: args.config.as_deref(),
+        log_level: args.log_level.as_deref(),
+        // Only `text` and `json` get past clap.
+        log_format: args.log_format.as_deref().and_then(|f| f.parse().ok()),
+        module: None,
+    };
+    operate::run(command, options)
 }
 
 /// `farine --check` without a module: the connections every section of the config names.
@@ -285,14 +326,15 @@ fn forwarded(args: &Args, module: &str) -> Vec<String> {
     if let Some(output) = &args.output {
         out.push(format!("--output={}", output.display()));
     }
-    if let Some(handler) = &args.replay_dead_letters {
-        out.push(format!("--replay-dead-letters={handler}"));
-    }
     if let Some(level) = &args.log_level {
         out.push(format!("--log-level={level}"));
     }
     if let Some(format) = &args.log_format {
         out.push(format!("--log-format={format}"));
+    }
+    // Last: the flags above are the binary's own, its subcommand's follow it.
+    if let Some(command) = args.command.as_ref().and_then(Operation::module_arguments) {
+        out.extend(command);
     }
     out
 }

@@ -110,7 +110,7 @@ fn body_text(message: &Received) -> String {
     String::from_utf8_lossy(&message.body).into_owned()
 }
 
-// --- --replay-dead-letters ---------------------------------------------------------------------
+// --- dead-letters replay (and the deprecated --replay-dead-letters) ----------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_dead_letters_moves_them_back_to_the_queue_with_a_fresh_attempt_count_and_prints_how_many()
@@ -158,6 +158,26 @@ async fn replay_dead_letters_moves_them_back_to_the_queue_with_a_fresh_attempt_c
     );
     assert!(wait_for_ready(&broker, &dead, 3).await, "given back");
 
+    // One with the command, then the rest with the deprecated flag it replaced.
+    let replay = farine(&[
+        "--start=pubsub",
+        "dead-letters",
+        "replay",
+        "relay.relay",
+        "--limit",
+        "1",
+        "--config",
+        &path,
+    ])
+    .output()
+    .expect("runs");
+    let stdout = String::from_utf8_lossy(&replay.stdout);
+    let stderr = String::from_utf8_lossy(&replay.stderr);
+    assert_eq!(replay.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("replayed 1 dead letter(s) from {dead} to {queue}")),
+        "{stdout}{stderr}"
+    );
     let replay = farine(&[
         "--start=pubsub",
         "--replay-dead-letters",
@@ -171,8 +191,12 @@ async fn replay_dead_letters_moves_them_back_to_the_queue_with_a_fresh_attempt_c
     let stderr = String::from_utf8_lossy(&replay.stderr);
     assert_eq!(replay.status.code(), Some(0), "{stdout}{stderr}");
     assert!(
-        stdout.contains(&format!("replayed 3 dead letter(s) from {dead} to {queue}")),
+        stdout.contains(&format!("replayed 2 dead letter(s) from {dead} to {queue}")),
         "{stdout}{stderr}"
+    );
+    assert!(
+        stderr.contains("--replay-dead-letters is deprecated"),
+        "{stderr}"
     );
     assert!(
         wait_for_ready(&broker, &queue, 3).await,

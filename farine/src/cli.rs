@@ -12,6 +12,7 @@ use clap::builder::TypedValueParser;
 
 use crate::config::{self, Config, Section};
 use crate::log::LogFormat;
+use crate::operate::{self, Command};
 use crate::registry::ServiceEntry;
 use crate::runtime::Runtime;
 
@@ -33,7 +34,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', value_name = "MODULE")]
     pub start: Vec<String>,
     /// The INI file (default: $FARINE_INI, else /etc/farine.ini).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", global = true)]
     pub config: Option<PathBuf>,
     /// Lists the services and their handlers (exchange, queue, routing key) and exits.
     #[arg(long)]
@@ -54,23 +55,26 @@ pub struct Args {
     /// each round-trip time, and exits 0 (all reachable) or 1.
     #[arg(long)]
     pub check: bool,
-    /// Moves the messages in a handler's dead-letter queue (`<queue>.dead`) back to its queue
-    /// with a fresh attempt count, then exits. HANDLER is `service.handler`.
-    #[arg(long, value_name = "HANDLER")]
+    /// Deprecated: `dead-letters replay HANDLER`, which it stands for.
+    #[arg(long, value_name = "HANDLER", hide = true)]
     pub replay_dead_letters: Option<String>,
     /// Log level or filter: error, warn, info, debug, trace, or a tracing filter such as
-    /// `farine=debug`. Default: $RUST_LOG, else info.
-    #[arg(long, value_name = "LEVEL")]
+    /// `farine=debug`. Default: $RUST_LOG, else info (for a command: else warn).
+    #[arg(long, value_name = "LEVEL", global = true)]
     pub log_level: Option<String>,
     /// Log format: text, or json (one JSON object per line). Default: `log_format` in the
     /// config's [DEFAULT], else $FARINE_LOG_FORMAT, else text.
     #[arg(
         long,
         value_name = "FORMAT",
+        global = true,
         value_parser = clap::builder::PossibleValuesParser::new(["text", "json"])
             .try_map(|value| value.parse::<LogFormat>()),
     )]
     pub log_format: Option<LogFormat>,
+    /// An operator's command instead of running the services.
+    #[command(subcommand)]
+    pub command: Option<Command>,
 }
 
 /// Runs the binary of module `module` (its package name) with the process's arguments,
@@ -105,6 +109,23 @@ fn run(
             "farine: unknown module `{unknown}`; this binary runs module `{module}` (available: {module})"
         );
         return EXIT_USAGE;
+    }
+    let command = match (args.command, &args.replay_dead_letters) {
+        (Some(command), _) => Some(command),
+        (None, Some(handler)) => {
+            eprintln!("farine: {}", operate::REPLAY_FLAG_DEPRECATED);
+            Some(Command::replay(handler.clone()))
+        }
+        (None, None) => None,
+    };
+    if let Some(command) = command {
+        let options = operate::Options {
+            config: args.config.as_deref(),
+            log_level: args.log_level.as_deref(),
+            log_format: args.log_format,
+            module: Some(module),
+        };
+        return operate::run(command, options);
     }
     // The config before the log, which may take its format from it; nothing logs before this.
     let path = config::resolve_path(args.config.as_deref());
@@ -176,28 +197,6 @@ fn run(
             }
             println!("{}", if ok { "check passed" } else { "check failed" });
             if ok { EXIT_OK } else { EXIT_FAILURE }
-        });
-    }
-    if let Some(target) = args.replay_dead_letters {
-        return runtime.block_on(async move {
-            match Runtime::new(config)
-                .module(module)
-                .replay_dead_letters(&target)
-                .await
-            {
-                Ok((moved, from, to)) => {
-                    println!("replayed {moved} dead letter(s) from {from} to {to}");
-                    EXIT_OK
-                }
-                Err(e) => {
-                    eprintln!("farine: {e}");
-                    if e.is_config() {
-                        EXIT_CONFIG
-                    } else {
-                        EXIT_FAILURE
-                    }
-                }
-            }
         });
     }
     runtime.block_on(async move {

@@ -168,6 +168,23 @@ impl ConsumerPlan {
     }
 }
 
+/// The names of the queue and the dead-letter queue (`None`: `dead_letter_queue = none`) of
+/// handler `handler` of `service`, as [`ConsumerPlan::from_config`] resolves them from
+/// `section` (`declared`: the attribute's `queue`, when known). For a tool that does not link
+/// the service (`farine dead-letters` without `--start`): the queue named in the code is then
+/// unknown and the default naming applies.
+pub(crate) fn queue_names(
+    section: &Section,
+    service: &str,
+    handler: &str,
+    declared: Option<&str>,
+) -> Result<(String, Option<String>), ConfigError> {
+    let scoped = section.handler(handler);
+    let queue = QueueSettings::from_config(&scoped, declared, format!("{service}.{handler}"))?;
+    let dead = companion_name(&scoped, "dead_letter_queue", &queue.name, "dead")?;
+    Ok((queue.name, dead))
+}
+
 /// The name of a companion queue (option `key`): the handler's own value (`<handler>.<key>`),
 /// `None` for `none`, else `<queue>.<suffix>`. A name is read only per handler (two handlers
 /// must not share a retry queue), but `none` may be set for the whole service.

@@ -52,6 +52,7 @@ mod handler;
 mod ids;
 pub mod log;
 mod observe;
+mod operate;
 mod registry;
 #[doc = include_str!("docs/rpc.md")]
 pub mod rpc;
@@ -147,6 +148,11 @@ pub mod __private {
         keys.sort_unstable();
         keys.dedup();
         keys
+    }
+
+    /// The operator's commands (`farine call`, `publish`, `dead-letters`), for the launcher.
+    pub mod operate {
+        pub use crate::operate::{Command, Options, REPLAY_FLAG_DEPRECATED, run};
     }
 
     /// The transport's parts, for tests that build them by hand.

@@ -1,37 +1,106 @@
-//! Replaying dead letters: what `--replay-dead-letters` does.
+//! A handler's dead letters: looking at them, replaying them, purging them (what
+//! `farine dead-letters list|replay|purge` does).
 //!
 //! A message that failed every attempt (or did not decode) waits in its handler's dead-letter
 //! queue, `<queue>.dead`, with farine's headers saying why (`docs/consuming.md`). Once the
 //! cause is fixed, a replay moves the messages that are there now back to the handler's
 //! queue, with a fresh attempt count, each one published with a confirm before its dead
 //! letter is acked: a replay interrupted half-way loses nothing (at worst one message is in
-//! both queues).
+//! both queues). Each operation takes only the messages there when it starts (at most its
+//! limit): one that arrives meanwhile, or fails again after a replay, is left for the next.
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 
 use super::connection::Connector;
 use super::error::{BrokerError, Resource};
 use super::message::{
-    ATTEMPT_HEADER, ERROR_HEADER, FAILED_AT_HEADER, QUEUE_HEADER, REASON_HEADER, without_expiration,
+    ATTEMPT_HEADER, ERROR_HEADER, EXCHANGE_HEADER, FAILED_AT_HEADER, QUEUE_HEADER, REASON_HEADER,
+    ROUTING_KEY_HEADER, without_expiration,
 };
+use super::transport::{Channel, Delivery};
 
-/// Moves the messages now in `dead_letter_queue` back to `queue`; returns how many.
-pub async fn replay(
+/// A dead letter as farine left it: why it failed and where it came from, read from its
+/// headers (`None` where a header is missing: a message put there by something else).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The error of its last attempt (`x-farine-error`).
+    pub error: Option<String>,
+    /// Why it is here: `failed`, `undecodable`, `rejected` (`x-farine-reason`).
+    pub reason: Option<String>,
+    /// How many attempts were made (`x-farine-attempt`).
+    pub attempts: Option<u32>,
+    /// When it was dead-lettered, in seconds since the Unix epoch (`x-farine-failed-at`).
+    pub failed_at: Option<u64>,
+    /// The exchange and routing key it was first published with (`x-farine-exchange`,
+    /// `x-farine-routing-key`), else those it reached the dead-letter queue with.
+    pub exchange: String,
+    pub routing_key: String,
+    /// The `content_type` property, when set.
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl DeadLetter {
+    fn read(delivery: &Delivery) -> Self {
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        let text = |name: &str| match headers.inner().get(name)? {
+            AMQPValue::LongString(text) => {
+                Some(String::from_utf8_lossy(text.as_bytes()).into_owned())
+            }
+            AMQPValue::ShortString(text) => Some(text.to_string()),
+            _ => None,
+        };
+        let attempts = match headers.inner().get(ATTEMPT_HEADER) {
+            Some(AMQPValue::LongUInt(n)) => Some(*n),
+            Some(AMQPValue::LongInt(n)) => u32::try_from(*n).ok(),
+            Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).ok(),
+            Some(AMQPValue::ShortUInt(n)) => Some(u32::from(*n)),
+            Some(AMQPValue::ShortInt(n)) => u32::try_from(*n).ok(),
+            _ => None,
+        };
+        let failed_at = match headers.inner().get(FAILED_AT_HEADER) {
+            Some(AMQPValue::Timestamp(seconds)) => Some(*seconds),
+            Some(AMQPValue::LongLongInt(seconds)) => u64::try_from(*seconds).ok(),
+            _ => None,
+        };
+        Self {
+            error: text(ERROR_HEADER),
+            reason: text(REASON_HEADER),
+            attempts,
+            failed_at,
+            exchange: text(EXCHANGE_HEADER).unwrap_or_else(|| delivery.exchange.to_string()),
+            routing_key: text(ROUTING_KEY_HEADER)
+                .unwrap_or_else(|| delivery.routing_key.to_string()),
+            content_type: delivery
+                .properties
+                .content_type()
+                .as_ref()
+                .map(|kind| kind.to_string()),
+            body: delivery.data.clone(),
+        }
+    }
+}
+
+/// A channel to `dead_letter_queue`'s broker, and how many messages the queue holds now
+/// (`NotFound` when it does not exist). `confirm`: in confirm mode.
+async fn open(
     connector: &Connector,
     dead_letter_queue: &str,
-    queue: &str,
-) -> Result<u64, BrokerError> {
+    confirm: bool,
+) -> Result<(Channel, u32), BrokerError> {
     let conn = connector.connection().await?;
     let broker = connector.broker();
     let dead = |e: lapin::Error| {
         BrokerError::from_lapin(&e, Resource::Queue(dead_letter_queue.to_string()), &broker)
     };
     let channel = conn.create_channel().await.map_err(dead)?;
-    channel
-        .confirm_select(Default::default())
-        .await
-        .map_err(dead)?;
+    if confirm {
+        channel
+            .confirm_select(Default::default())
+            .await
+            .map_err(dead)?;
+    }
     let waiting = channel
         .queue_declare(
             dead_letter_queue,
@@ -44,9 +113,100 @@ pub async fn replay(
         .await
         .map_err(dead)?
         .message_count;
+    Ok((channel, waiting))
+}
+
+/// How many of `waiting` messages an operation limited to `limit` takes.
+fn bounded(waiting: u32, limit: Option<u64>) -> u64 {
+    limit.map_or(u64::from(waiting), |limit| limit.min(u64::from(waiting)))
+}
+
+/// The messages now in `dead_letter_queue` (at most `limit`, from the head), left in it: each
+/// is taken without an ack, and closing the channel gives them all back, in their order. Returns
+/// how many the queue holds, and those read.
+///
+/// Each read counts as a delivery: a quorum queue with a `x-delivery-limit` counts it.
+pub async fn peek(
+    connector: &Connector,
+    dead_letter_queue: &str,
+    limit: Option<u64>,
+) -> Result<(u32, Vec<DeadLetter>), BrokerError> {
+    let (channel, waiting) = open(connector, dead_letter_queue, false).await?;
+    let broker = connector.broker();
+    let dead = |e: lapin::Error| {
+        BrokerError::from_lapin(&e, Resource::Queue(dead_letter_queue.to_string()), &broker)
+    };
+    let wanted = bounded(waiting, limit);
+    let mut seen = Vec::new();
+    while (seen.len() as u64) < wanted {
+        let Some(delivery) = channel
+            .basic_get(dead_letter_queue, BasicGetOptions { no_ack: false })
+            .await
+            .map_err(dead)?
+        else {
+            break;
+        };
+        seen.push(DeadLetter::read(&delivery));
+    }
+    // Unacked, they go back to the queue with the channel.
+    let _ = channel.close(200, "dead letters listed").await;
+    Ok((waiting, seen))
+}
+
+/// Deletes the messages now in `dead_letter_queue` (at most `limit`, from the head); returns
+/// how many.
+pub async fn purge(
+    connector: &Connector,
+    dead_letter_queue: &str,
+    limit: Option<u64>,
+) -> Result<u64, BrokerError> {
+    let (channel, waiting) = open(connector, dead_letter_queue, false).await?;
+    let broker = connector.broker();
+    let dead = |e: lapin::Error| {
+        BrokerError::from_lapin(&e, Resource::Queue(dead_letter_queue.to_string()), &broker)
+    };
+    let wanted = bounded(waiting, limit);
+    let mut purged = 0u64;
+    while purged < wanted {
+        let Some(delivery) = channel
+            .basic_get(dead_letter_queue, BasicGetOptions { no_ack: false })
+            .await
+            .map_err(dead)?
+        else {
+            break;
+        };
+        delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(dead)?;
+        purged += 1;
+    }
+    // The acks are sent before the close: the broker has them all once it answers.
+    channel
+        .close(200, "dead letters purged")
+        .await
+        .map_err(dead)?;
+    Ok(purged)
+}
+
+/// Moves the messages now in `dead_letter_queue` (at most `limit`, from the head) back to
+/// `queue`; returns how many.
+pub async fn replay(
+    connector: &Connector,
+    dead_letter_queue: &str,
+    queue: &str,
+    limit: Option<u64>,
+) -> Result<u64, BrokerError> {
+    let (channel, waiting) = open(connector, dead_letter_queue, true).await?;
+    let broker = connector.broker();
+    let dead = |e: lapin::Error| {
+        BrokerError::from_lapin(&e, Resource::Queue(dead_letter_queue.to_string()), &broker)
+    };
+    let wanted = bounded(waiting, limit);
     let mut moved = 0u64;
     // Only the messages there now: one that fails again comes back behind them.
-    while moved < u64::from(waiting) {
+    while moved < wanted {
         let Some(delivery) = channel
             .basic_get(dead_letter_queue, BasicGetOptions::default())
             .await

@@ -175,7 +175,9 @@ pub fn parse_arguments(handler: &HandlerSection<'_>, key: &str) -> Result<FieldT
     Ok(table)
 }
 
-fn argument_value(value: &str) -> AMQPValue {
+/// One value of an argument table (see [`parse_arguments`]): a whole number as a signed 64-bit
+/// integer, `true`/`false` as a boolean, a value in double quotes or anything else as a string.
+pub(crate) fn argument_value(value: &str) -> AMQPValue {
     if let Some(quoted) = value
         .strip_prefix('"')
         .and_then(|rest| rest.strip_suffix('"'))

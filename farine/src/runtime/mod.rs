@@ -25,6 +25,7 @@ use crate::config::{Config, ConfigError};
 use crate::handler::{Layer, Layers};
 use plan::ServicePlan;
 
+pub(crate) use plan::connector_settings;
 pub use running::{RunError, Running};
 pub use supervisor::ServiceFailed;
 
@@ -87,6 +88,18 @@ impl StartError {
                 | StartError::Build { .. }
         )
     }
+}
+
+/// Where a `#[consume]` handler's dead letters are: its queue, its dead-letter queue, and the
+/// broker (`amqp_uri`, connection settings) of its service.
+#[derive(Debug, Clone)]
+pub(crate) struct DeadLetterQueues {
+    pub service: String,
+    pub handler: String,
+    pub queue: String,
+    pub dead_letter_queue: String,
+    pub amqp_uri: String,
+    pub connector: crate::amqp::connection::ConnectorSettings,
 }
 
 /// A runtime to be started.
@@ -185,13 +198,40 @@ impl Runtime {
         (ok, lines)
     }
 
-    /// What `--replay-dead-letters service.handler` does: moves the messages now in the
+    /// What `farine dead-letters replay service.handler` does: moves the messages now in the
     /// handler's dead-letter queue back to its queue, with a fresh attempt count. Returns how
     /// many moved, and the two queues.
     pub async fn replay_dead_letters(
         self,
         target: &str,
     ) -> Result<(u64, String, String), StartError> {
+        let found = self.dead_letter_queues(target)?;
+        let connector = Connector::with_settings(
+            found.amqp_uri.clone(),
+            crate::amqp::connection::connection_name(&self.module, "replay of dead letters"),
+            found.connector.clone(),
+        );
+        let moved = crate::amqp::dead_letter::replay(
+            &connector,
+            &found.dead_letter_queue,
+            &found.queue,
+            None,
+        )
+        .await
+        .map_err(|e| StartError::Handler {
+            service: found.service.clone(),
+            handler: found.handler.clone(),
+            cause: e.to_string(),
+        });
+        connector.close().await;
+        Ok((moved?, found.dead_letter_queue, found.queue))
+    }
+
+    /// The queue and dead-letter queue of `#[consume]` handler `target` (`service.handler`, or
+    /// `handler` alone in a binary of one service) as the config resolves them, and the broker
+    /// they are on. A config error when no such handler is planned (the error lists those
+    /// there are) or it has no dead-letter queue (`dead_letter_queue = none`).
+    pub(crate) fn dead_letter_queues(&self, target: &str) -> Result<DeadLetterQueues, StartError> {
         let plans = self.plan()?;
         let found = plans.iter().find_map(|plan| {
             plan.consumers().find_map(|consumer| {
@@ -216,20 +256,14 @@ impl Runtime {
                 "handler `{target}` has no farine dead-letter queue (dead_letter_queue = none)"
             )));
         };
-        let connector = Connector::with_settings(
-            plan.amqp_uri.clone(),
-            crate::amqp::connection::connection_name(&self.module, "replay of dead letters"),
-            plan.connector.clone(),
-        );
-        let moved = crate::amqp::dead_letter::replay(&connector, &dead.name, &consumer.queue.name)
-            .await
-            .map_err(|e| StartError::Handler {
-                service: consumer.service.to_string(),
-                handler: consumer.handler.to_string(),
-                cause: e.to_string(),
-            })?;
-        connector.close().await;
-        Ok((moved, dead.name.clone(), consumer.queue.name.clone()))
+        Ok(DeadLetterQueues {
+            service: consumer.service.to_string(),
+            handler: consumer.handler.to_string(),
+            queue: consumer.queue.name.clone(),
+            dead_letter_queue: dead.name.clone(),
+            amqp_uri: plan.amqp_uri.clone(),
+            connector: plan.connector.clone(),
+        })
     }
 
     /// Starts every enabled service; returns once every handler runs (consuming, serving,
