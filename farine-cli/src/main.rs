@@ -146,6 +146,17 @@ fn run(mut args: Args) -> Result<u8, Failure> {
             ));
         }
     }
+    if (args.asyncapi || args.describe) && args.start.len() > 1 {
+        let flag = if args.asyncapi {
+            "--asyncapi"
+        } else {
+            "--describe"
+        };
+        return Err((
+            EXIT_USAGE,
+            format!("{flag} describes one module: name one with --start=MODULE"),
+        ));
+    }
     let mut binaries = Vec::new();
     for name in &args.start {
         binaries.push((name.clone(), build(&args, name, &modules[name])?));

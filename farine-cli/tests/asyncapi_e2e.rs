@@ -95,17 +95,7 @@ fn every_example_modules_document_passes_the_official_parser_as_yaml_and_json() 
     let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
     let validation = validate(&paths);
     std::fs::remove_dir_all(&dir).ok();
-    assert!(
-        validation.passed && validation.errors().is_empty(),
-        "{:#?}",
-        validation.diagnostics
-    );
-    let warnings: Vec<_> = validation
-        .diagnostics
-        .iter()
-        .filter(|d| d["severity"] == 1)
-        .collect();
-    assert!(warnings.is_empty(), "no warning either: {warnings:#?}");
+    validation.assert_clean();
 }
 
 #[test]
@@ -226,10 +216,19 @@ fn describe_prints_each_handler_with_its_exchange_routing_key_and_queue() {
 }
 
 #[test]
-fn asyncapi_options_without_asyncapi_or_a_wrong_format_are_usage_errors() {
+fn asyncapi_options_without_asyncapi_a_wrong_format_or_two_modules_are_usage_errors() {
     let wrong = farine(&["--start=db", "--asyncapi", "--format", "xml"]);
     assert_eq!(wrong.status.code(), Some(2), "{}", text(&wrong));
     assert!(text(&wrong).contains("xml"), "{}", text(&wrong));
     let alone = farine(&["--start=db", "--format", "json"]);
     assert_eq!(alone.status.code(), Some(2), "{}", text(&alone));
+    for flag in ["--asyncapi", "--describe"] {
+        let two = farine(&["--start=db,pubsub", flag]);
+        assert_eq!(two.status.code(), Some(2), "{}", text(&two));
+        assert!(
+            text(&two).contains(&format!("{flag} describes one module")),
+            "{}",
+            text(&two)
+        );
+    }
 }

@@ -46,24 +46,6 @@ fn own_topology(broker: &Broker, extra: &str) -> (IniFile, String, String, Strin
     (ini, orders, audit, queue)
 }
 
-/// Waits until `queue` holds `count` ready messages.
-async fn wait_for_ready(broker: &Broker, queue: &str, count: u32) -> bool {
-    let deadline = std::time::Instant::now() + BOUND;
-    loop {
-        if broker
-            .queue_state(queue)
-            .await
-            .is_some_and(|(ready, _)| ready == count)
-        {
-            return true;
-        }
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The messages now in `queue`, left in it: taken without an ack on a channel of their own,
 /// which closing gives back to the queue.
 async fn peek(broker: &Broker, queue: &str) -> Vec<Received> {
@@ -137,7 +119,7 @@ async fn replay_dead_letters_moves_them_back_to_the_queue_with_a_fresh_attempt_c
     }
     broker.publish(&orders, "order.created", b"{not json").await;
     assert!(
-        wait_for_ready(&broker, &dead, 3).await,
+        broker.wait_for_ready(&dead, 3, BOUND).await,
         "three dead letters:\n{}",
         service.output()
     );
@@ -156,7 +138,7 @@ async fn replay_dead_letters_moves_them_back_to_the_queue_with_a_fresh_attempt_c
         vec![Some(2), Some(2)],
         "each order failed its two attempts"
     );
-    assert!(wait_for_ready(&broker, &dead, 3).await, "given back");
+    assert!(broker.wait_for_ready(&dead, 3, BOUND).await, "given back");
 
     // One with the command, then the rest with the deprecated flag it replaced.
     let replay = farine(&[
@@ -199,7 +181,7 @@ async fn replay_dead_letters_moves_them_back_to_the_queue_with_a_fresh_attempt_c
         "{stderr}"
     );
     assert!(
-        wait_for_ready(&broker, &queue, 3).await,
+        broker.wait_for_ready(&queue, 3, BOUND).await,
         "back in the queue"
     );
     assert_eq!(broker.queue_state(&dead).await.map(|s| s.0), Some(0));
@@ -234,7 +216,7 @@ async fn replay_dead_letters_moves_them_back_to_the_queue_with_a_fresh_attempt_c
         service.output()
     );
     assert!(
-        wait_for_ready(&broker, &dead, 1).await,
+        broker.wait_for_ready(&dead, 1, BOUND).await,
         "{}",
         service.output()
     );

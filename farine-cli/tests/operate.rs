@@ -62,24 +62,6 @@ fn ran(mut command: Command) -> Ran {
     }
 }
 
-/// Waits until `queue` holds `count` ready messages.
-async fn wait_for_ready(broker: &Broker, queue: &str, count: u32) -> bool {
-    let deadline = Instant::now() + BOUND;
-    loop {
-        if broker
-            .queue_state(queue)
-            .await
-            .is_some_and(|(ready, _)| ready == count)
-        {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 // --- farine call --------------------------------------------------------------------------------
 
 /// `farine --start=rpc` with the shipped etc/farine.ini (services `server` and `client`), in
@@ -194,11 +176,15 @@ async fn call_of_an_unknown_method_or_service_fails_within_a_second_naming_it() 
     );
     assert!(method.took < Duration::from_secs(1), "{:?}", method.took);
 
+    // At warn, as a service logs: the broker closing the channel of the call (404) is no
+    // lost connection.
     let service = ran(farine(&[
         "call",
         "nosuchservice.repeat",
         "--amqp-uri",
         &uri,
+        "--log-level",
+        "warn,lapin=off",
     ]));
     assert_eq!(service.code, Some(1), "{}", service.both());
     assert!(
@@ -209,6 +195,15 @@ async fn call_of_an_unknown_method_or_service_fails_within_a_second_naming_it() 
         service.both()
     );
     assert!(service.took < Duration::from_secs(1), "{:?}", service.took);
+    // (lapin itself may still, rarely, take the channel's close racing its own for a
+    // connection error, with another cause: only the 404 must not read as a loss.)
+    assert!(
+        !service.stderr.lines().any(|line| {
+            line.contains("connection to the AMQP broker is lost") && line.contains("NOT_FOUND")
+        }),
+        "{}",
+        service.both()
+    );
 
     stop(rpc);
 }
@@ -412,7 +407,7 @@ async fn dead_letters_are_listed_in_place_then_replayed_and_purged_up_to_a_limit
     }
     broker.publish(&orders, "order.created", b"{not json").await;
     assert!(
-        wait_for_ready(&broker, &dead, 3).await,
+        broker.wait_for_ready(&dead, 3, BOUND).await,
         "three dead letters:\n{}",
         service.output()
     );
@@ -446,7 +441,7 @@ async fn dead_letters_are_listed_in_place_then_replayed_and_purged_up_to_a_limit
     ] {
         assert!(out.contains(expected), "`{expected}` in:\n{out}");
     }
-    assert!(wait_for_ready(&broker, &dead, 3).await, "still there");
+    assert!(broker.wait_for_ready(&dead, 3, BOUND).await, "still there");
     let again = ran(farine(&[
         "--start=pubsub",
         "dead-letters",
@@ -476,7 +471,7 @@ async fn dead_letters_are_listed_in_place_then_replayed_and_purged_up_to_a_limit
         first.both()
     );
     assert!(!first.stdout.contains("#2"), "{}", first.both());
-    assert!(wait_for_ready(&broker, &dead, 3).await, "still there");
+    assert!(broker.wait_for_ready(&dead, 3, BOUND).await, "still there");
 
     let replayed = ran(farine(&[
         "dead-letters",
@@ -492,8 +487,8 @@ async fn dead_letters_are_listed_in_place_then_replayed_and_purged_up_to_a_limit
         replayed.stdout,
         format!("replayed 1 dead letter(s) from {dead} to {queue}\n")
     );
-    assert!(wait_for_ready(&broker, &queue, 1).await, "one back");
-    assert!(wait_for_ready(&broker, &dead, 2).await, "two left");
+    assert!(broker.wait_for_ready(&queue, 1, BOUND).await, "one back");
+    assert!(broker.wait_for_ready(&dead, 2, BOUND).await, "two left");
 
     let purged = ran(farine(&[
         "--start=pubsub",
@@ -508,8 +503,11 @@ async fn dead_letters_are_listed_in_place_then_replayed_and_purged_up_to_a_limit
         purged.stdout,
         format!("purged 2 dead letter(s) from {dead}\n")
     );
-    assert!(wait_for_ready(&broker, &dead, 0).await, "none left");
-    assert!(wait_for_ready(&broker, &queue, 1).await, "the replayed one");
+    assert!(broker.wait_for_ready(&dead, 0, BOUND).await, "none left");
+    assert!(
+        broker.wait_for_ready(&queue, 1, BOUND).await,
+        "the replayed one"
+    );
     let empty = ran(farine(&[
         "dead-letters",
         "list",
@@ -568,11 +566,14 @@ async fn dead_letters_of_an_unknown_handler_is_a_clear_error() {
 async fn no_command_prints_the_password_of_the_broker_uri() {
     let broker = Broker::connect().await;
     assert!(broker.uri().contains("guest:guest@"), "{}", broker.uri());
+    // A password of its own where nothing logs in: it must appear nowhere, in any form.
+    let password = unique("pw");
     let closed = format!(
-        "amqp://guest:guest@127.0.0.1:{}/{}",
+        "amqp://operator:{password}@127.0.0.1:{}/{}",
         free_port(),
         broker.vhost()
     );
+    let not_a_uri = format!("amqp:operator:{password}@host");
     let unreachable = IniFile::new(&format!("[DEFAULT]\namqp_uri = {closed}\n[relay]\n"));
     let unreachable = unreachable.path.display().to_string();
     let reachable = IniFile::new(&format!("[DEFAULT]\namqp_uri = {}\n", broker.uri()));
@@ -608,15 +609,7 @@ async fn no_command_prints_the_password_of_the_broker_uri() {
             ],
             1,
         ),
-        (
-            vec![
-                "call",
-                "server.repeat",
-                "--amqp-uri",
-                "amqp:guest:guest@host",
-            ],
-            2,
-        ),
+        (vec!["call", "server.repeat", "--amqp-uri", &not_a_uri], 2),
         // Through a login, at the most verbose level.
         (vec!["publish", "", &queue, "{}", "--config", &reachable], 0),
     ];
@@ -626,7 +619,7 @@ async fn no_command_prints_the_password_of_the_broker_uri() {
         let run = ran(farine(&args));
         assert_eq!(run.code, Some(code), "{args:?}: {}", run.both());
         assert!(
-            !run.stdout.contains("guest:guest") && !run.stderr.contains("guest:guest"),
+            !run.both().contains(&password) && !run.both().contains("guest:guest"),
             "{args:?} printed the password: {}",
             run.both()
         );

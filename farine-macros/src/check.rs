@@ -215,7 +215,8 @@ pub fn publish(
         [ty] => Some(Box::new(ty.clone())),
         _ => None,
     }
-    .filter(|ty| nameable(ty));
+    // A type that names the method's own generics cannot be named outside it.
+    .filter(|ty| sig.generics.params.is_empty() && nameable(ty));
     ok.then(|| {
         HandlerModel::Publish(Publish {
             method: sig.ident.clone(),

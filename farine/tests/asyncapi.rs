@@ -84,6 +84,18 @@ impl Shop {
     }
 }
 
+/// A second service, on the exchange and routing key `Shop::paid` publishes to.
+#[derive(Default)]
+struct Audit;
+
+#[farine::service]
+impl Audit {
+    #[consume(exchange = "payments", routing_key = "order.paid")]
+    async fn paid(&self, order: Order) {
+        let _ = order;
+    }
+}
+
 /// The document of this test binary's services, as `config` resolves them.
 fn document(config: &str) -> Value {
     let config = Config::from_ini(config, "asyncapi-test.ini").expect("the config parses");
@@ -248,11 +260,7 @@ fn the_official_parser_finds_no_error_in_the_document_as_yaml_or_json() {
     std::fs::write(&json_file, format!("{doc:#}")).expect("written");
     let validation = validate(&[&yaml, &json_file]);
     std::fs::remove_dir_all(&dir).ok();
-    assert!(
-        validation.passed && validation.errors().is_empty(),
-        "{:#?}",
-        validation.diagnostics
-    );
+    validation.assert_clean();
 }
 
 #[test]
@@ -300,4 +308,85 @@ fn a_disabled_service_or_one_without_a_section_is_left_out_and_none_left_is_an_e
     );
     let disabled = Config::from_ini("[shop]\nenabled = false\n", "off.ini").expect("parses");
     assert!(farine::__private::asyncapi_document("shop", "1", &disabled).is_err());
+}
+
+#[test]
+fn services_on_one_broker_share_a_channel_and_on_another_broker_get_their_own() {
+    let shared = document(&format!("{}\n[audit]\n", config()));
+    let channel = &shared["channels"]["payments.order.paid"];
+    let messages: Vec<&String> = channel["messages"]
+        .as_object()
+        .expect("messages")
+        .keys()
+        .collect();
+    assert_eq!(messages, ["audit.paid", "shop.paid"], "{channel:#}");
+    assert_eq!(
+        channel["bindings"]["amqp"]["x-farine-queues"][0]["name"],
+        "audit.paid"
+    );
+    assert!(shared["channels"].get("payments.order.paid-2").is_none());
+
+    // [audit] on another broker: its own server and channel.
+    let apart = document(&format!(
+        "{}\n[audit]\namqp_uri = amqp://10.9.9.9:5672/audit\n",
+        config()
+    ));
+    let channels = &apart["channels"];
+    let servers = |id: &str| channels[id]["servers"][0]["$ref"].clone();
+    assert_eq!(
+        apart["operations"]["audit.paid"]["channel"]["$ref"],
+        "#/channels/payments.order.paid"
+    );
+    assert_eq!(
+        apart["operations"]["shop.paid"]["channel"]["$ref"],
+        "#/channels/payments.order.paid-2"
+    );
+    assert_ne!(
+        servers("payments.order.paid"),
+        servers("payments.order.paid-2")
+    );
+    assert_eq!(
+        channels["payments.order.paid"]["bindings"]["amqp"]["exchange"]["vhost"],
+        "audit"
+    );
+    assert_eq!(
+        channels["payments.order.paid-2"]["bindings"]["amqp"]["exchange"]["vhost"],
+        "shop"
+    );
+}
+
+#[test]
+fn an_amqp_uri_that_is_not_one_is_a_config_error() {
+    let config =
+        Config::from_ini("[shop]\namqp_uri = http://broker:5672\n", "bad.ini").expect("parses");
+    let refused =
+        farine::__private::asyncapi_document("shop", "1", &config).expect_err("not an AMQP URI");
+    assert!(refused.to_string().contains("`amqp_uri`"), "{refused}");
+}
+
+#[test]
+fn rpc_requests_allow_protocol_flags_and_a_stream_says_its_items_are_replies() {
+    let doc = document(&config());
+    let kwargs = &doc["components"]["messages"]["shop.total.request"]["payload"]["allOf"][1]["properties"]
+        ["kwargs"];
+    assert_eq!(kwargs["additionalProperties"], false);
+    assert!(
+        kwargs["patternProperties"]["^__.+__$"].is_object(),
+        "{kwargs:#}"
+    );
+    let summary = |id: &str| doc["components"]["messages"][id]["summary"].clone();
+    assert!(
+        summary("shop.lines.reply")
+            .as_str()
+            .is_some_and(|s| s.contains("One item of the stream")),
+        "{}",
+        summary("shop.lines.reply")
+    );
+    assert!(
+        summary("shop.total.reply")
+            .as_str()
+            .is_some_and(|s| s.starts_with("The result")),
+        "{}",
+        summary("shop.total.reply")
+    );
 }

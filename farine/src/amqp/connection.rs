@@ -581,12 +581,18 @@ fn live(state: &State) -> Option<Arc<Connection>> {
 }
 
 /// Logs what happens to a connection: its loss (the cause), and the broker blocking publishers
-/// (a memory or disk alarm).
+/// (a memory or disk alarm). lapin reports a channel the broker closed on the same stream;
+/// that is not a loss.
 fn watch(conn: &lapin::Connection, broker: String) {
     let mut events = conn.events_listener();
     tokio::spawn(async move {
         while let Some(event) = events.next().await {
             match event {
+                // A soft error closes one channel (a 404 of a passive declare, a publish to
+                // a missing exchange): its owner reports it; the connection is fine.
+                lapin::Event::Error(error) if error.is_amqp_soft_error() => {
+                    tracing::debug!(broker = %broker, error = %redact_uri(&error.to_string()), "the broker closed a channel");
+                }
                 lapin::Event::Error(error) => {
                     tracing::warn!(broker = %broker, error = %redact_uri(&error.to_string()), "the connection to the AMQP broker is lost; handlers reconnect");
                 }

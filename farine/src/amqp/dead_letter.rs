@@ -82,43 +82,94 @@ impl DeadLetter {
     }
 }
 
-/// A channel to `dead_letter_queue`'s broker, and how many messages the queue holds now
-/// (`NotFound` when it does not exist). `confirm`: in confirm mode.
-async fn open(
-    connector: &Connector,
-    dead_letter_queue: &str,
-    confirm: bool,
-) -> Result<(Channel, u32), BrokerError> {
-    let conn = connector.connection().await?;
-    let broker = connector.broker();
-    let dead = |e: lapin::Error| {
-        BrokerError::from_lapin(&e, Resource::Queue(dead_letter_queue.to_string()), &broker)
-    };
-    let channel = conn.create_channel().await.map_err(dead)?;
-    if confirm {
-        channel
-            .confirm_select(Default::default())
-            .await
-            .map_err(dead)?;
-    }
-    let waiting = channel
-        .queue_declare(
-            dead_letter_queue,
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(dead)?
-        .message_count;
-    Ok((channel, waiting))
+/// A dead-letter queue opened for one operation: a channel to its broker, how many messages
+/// it held then, and how many of those the operation still takes.
+struct Opened<'a> {
+    channel: Channel,
+    queue: &'a str,
+    broker: String,
+    waiting: u32,
+    left: u64,
 }
 
-/// How many of `waiting` messages an operation limited to `limit` takes.
-fn bounded(waiting: u32, limit: Option<u64>) -> u64 {
-    limit.map_or(u64::from(waiting), |limit| limit.min(u64::from(waiting)))
+impl<'a> Opened<'a> {
+    /// Opens `queue` (`NotFound` when it does not exist) for an operation on at most `limit`
+    /// of the messages there now. `confirm`: the channel in confirm mode.
+    async fn new(
+        connector: &Connector,
+        queue: &'a str,
+        limit: Option<u64>,
+        confirm: bool,
+    ) -> Result<Self, BrokerError> {
+        let conn = connector.connection().await?;
+        let broker = connector.broker();
+        let failed = |e: lapin::Error| {
+            BrokerError::from_lapin(&e, Resource::Queue(queue.to_string()), &broker)
+        };
+        let channel = conn.create_channel().await.map_err(failed)?;
+        if confirm {
+            channel
+                .confirm_select(Default::default())
+                .await
+                .map_err(failed)?;
+        }
+        let waiting = channel
+            .queue_declare(
+                queue,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(failed)?
+            .message_count;
+        let left = limit.map_or(u64::from(waiting), |limit| limit.min(u64::from(waiting)));
+        Ok(Self {
+            channel,
+            queue,
+            broker,
+            waiting,
+            left,
+        })
+    }
+
+    /// A lapin error on this queue, typed.
+    fn error(&self, error: lapin::Error) -> BrokerError {
+        BrokerError::from_lapin(
+            &error,
+            Resource::Queue(self.queue.to_string()),
+            &self.broker,
+        )
+    }
+
+    /// The next message the operation takes, unacked; `None` once it took its share or the
+    /// queue is empty.
+    async fn next(&mut self) -> Result<Option<Delivery>, BrokerError> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        let got = self
+            .channel
+            .basic_get(self.queue, BasicGetOptions { no_ack: false })
+            .await
+            .map_err(|e| self.error(e))?;
+        if got.is_some() {
+            self.left -= 1;
+        }
+        Ok(got)
+    }
+
+    /// Acks `delivery`: it leaves the queue.
+    async fn ack(&self, delivery: &Delivery) -> Result<(), BrokerError> {
+        delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error(e))
+    }
 }
 
 /// The messages now in `dead_letter_queue` (at most `limit`, from the head), left in it: each
@@ -131,26 +182,14 @@ pub async fn peek(
     dead_letter_queue: &str,
     limit: Option<u64>,
 ) -> Result<(u32, Vec<DeadLetter>), BrokerError> {
-    let (channel, waiting) = open(connector, dead_letter_queue, false).await?;
-    let broker = connector.broker();
-    let dead = |e: lapin::Error| {
-        BrokerError::from_lapin(&e, Resource::Queue(dead_letter_queue.to_string()), &broker)
-    };
-    let wanted = bounded(waiting, limit);
+    let mut opened = Opened::new(connector, dead_letter_queue, limit, false).await?;
     let mut seen = Vec::new();
-    while (seen.len() as u64) < wanted {
-        let Some(delivery) = channel
-            .basic_get(dead_letter_queue, BasicGetOptions { no_ack: false })
-            .await
-            .map_err(dead)?
-        else {
-            break;
-        };
+    while let Some(delivery) = opened.next().await? {
         seen.push(DeadLetter::read(&delivery));
     }
     // Unacked, they go back to the queue with the channel.
-    let _ = channel.close(200, "dead letters listed").await;
-    Ok((waiting, seen))
+    let _ = opened.channel.close(200, "dead letters listed").await;
+    Ok((opened.waiting, seen))
 }
 
 /// Deletes the messages now in `dead_letter_queue` (at most `limit`, from the head); returns
@@ -160,33 +199,18 @@ pub async fn purge(
     dead_letter_queue: &str,
     limit: Option<u64>,
 ) -> Result<u64, BrokerError> {
-    let (channel, waiting) = open(connector, dead_letter_queue, false).await?;
-    let broker = connector.broker();
-    let dead = |e: lapin::Error| {
-        BrokerError::from_lapin(&e, Resource::Queue(dead_letter_queue.to_string()), &broker)
-    };
-    let wanted = bounded(waiting, limit);
+    let mut opened = Opened::new(connector, dead_letter_queue, limit, false).await?;
     let mut purged = 0u64;
-    while purged < wanted {
-        let Some(delivery) = channel
-            .basic_get(dead_letter_queue, BasicGetOptions { no_ack: false })
-            .await
-            .map_err(dead)?
-        else {
-            break;
-        };
-        delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map_err(dead)?;
+    while let Some(delivery) = opened.next().await? {
+        opened.ack(&delivery).await?;
         purged += 1;
     }
     // The acks are sent before the close: the broker has them all once it answers.
-    channel
+    opened
+        .channel
         .close(200, "dead letters purged")
         .await
-        .map_err(dead)?;
+        .map_err(|e| opened.error(e))?;
     Ok(purged)
 }
 
@@ -198,22 +222,10 @@ pub async fn replay(
     queue: &str,
     limit: Option<u64>,
 ) -> Result<u64, BrokerError> {
-    let (channel, waiting) = open(connector, dead_letter_queue, true).await?;
-    let broker = connector.broker();
-    let dead = |e: lapin::Error| {
-        BrokerError::from_lapin(&e, Resource::Queue(dead_letter_queue.to_string()), &broker)
-    };
-    let wanted = bounded(waiting, limit);
+    let mut opened = Opened::new(connector, dead_letter_queue, limit, true).await?;
     let mut moved = 0u64;
     // Only the messages there now: one that fails again comes back behind them.
-    while moved < wanted {
-        let Some(delivery) = channel
-            .basic_get(dead_letter_queue, BasicGetOptions::default())
-            .await
-            .map_err(dead)?
-        else {
-            break;
-        };
+    while let Some(delivery) = opened.next().await? {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         let mut fresh = FieldTable::default();
         for (name, value) in headers.inner() {
@@ -231,7 +243,8 @@ pub async fn replay(
         }
         headers = fresh;
         let properties = without_expiration(&delivery.properties).with_headers(headers);
-        let confirm = channel
+        let confirm = opened
+            .channel
             .basic_publish(
                 "".into(),
                 queue.into(),
@@ -243,9 +256,9 @@ pub async fn replay(
                 properties,
             )
             .await
-            .map_err(dead)?
+            .map_err(|e| opened.error(e))?
             .await
-            .map_err(dead)?;
+            .map_err(|e| opened.error(e))?;
         if let lapin::Confirmation::Ack(Some(_)) | lapin::Confirmation::Nack(_) = confirm {
             // The queue is gone or refused it: leave the dead letter where it is.
             return Err(BrokerError::NoRoute {
@@ -253,13 +266,9 @@ pub async fn replay(
                 routing_key: queue.to_string(),
             });
         }
-        delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map_err(dead)?;
+        opened.ack(&delivery).await?;
         moved += 1;
     }
-    let _ = channel.close(200, "replay done").await;
+    let _ = opened.channel.close(200, "replay done").await;
     Ok(moved)
 }

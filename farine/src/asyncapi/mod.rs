@@ -29,7 +29,7 @@ use serde_json::{Map, Value, json};
 
 use crate::config::{Config, ConfigError};
 use crate::handler::schema::{Payload, Payloads, Schemas};
-use crate::handler::{Description, ExchangeDescription, HandlerKind};
+use crate::handler::{Description, ExchangeDescription, HandlerKind, QueueDescription};
 use crate::registry::{HandlerInfo, ServiceEntry};
 
 pub use yaml::to_yaml;
@@ -69,16 +69,27 @@ pub fn document(module: &str, version: &str, config: &Config) -> Result<Value, A
         let uri = section
             .get_str("amqp_uri")?
             .unwrap_or_else(|| crate::runtime::DEFAULT_AMQP_URI.to_string());
-        let servers = builder.servers(&uri);
+        let servers = builder.servers(&uri).map_err(|cause| {
+            section.invalid(
+                "amqp_uri",
+                &uri,
+                format!("amqp://user:password@host:port/vhost (or amqps://), several separated by commas: {cause}"),
+            )
+        })?;
         let payloads: BTreeMap<_, _> = entry.payloads(&mut builder.schemas).into_iter().collect();
-        let targets: BTreeMap<_, _> = entry
-            .handlers()
-            .into_iter()
+        let handlers = entry.handlers();
+        let targets: BTreeMap<_, _> = handlers
+            .iter()
             .filter_map(|info| match info {
-                HandlerInfo::RpcClient { name, spec } => Some((name, spec.service)),
+                HandlerInfo::RpcClient { name, spec } => Some((*name, spec.service)),
                 _ => None,
             })
             .collect();
+        let streams = |handler: &str| {
+            handlers.iter().any(|info| {
+                matches!(info, HandlerInfo::Rpc { name, spec } if *name == handler && spec.stream)
+            })
+        };
         for handler in entry.describe(&section) {
             let description = handler.description?;
             let payloads = payloads.get(handler.handler).cloned().unwrap_or_default();
@@ -86,7 +97,9 @@ pub fn document(module: &str, version: &str, config: &Config) -> Result<Value, A
                 HandlerKind::Consume | HandlerKind::Publish => {
                     builder.message_handler(&description, &payloads, &servers)
                 }
-                HandlerKind::RpcMethod => builder.rpc_method(&description, &payloads, &servers),
+                HandlerKind::RpcMethod => {
+                    builder.rpc_method(&description, &payloads, streams(handler.handler), &servers)
+                }
                 HandlerKind::RpcClient => {
                     let target = targets.get(handler.handler).copied().unwrap_or_default();
                     builder.rpc_client(&description, target, &servers)
@@ -113,8 +126,8 @@ struct Builder {
     servers: BTreeMap<String, Value>,
     server_ids: Vec<(String, String)>,
     channels: BTreeMap<String, Map<String, Value>>,
-    /// (exchange, routing key) -> channel id.
-    channel_ids: BTreeMap<(String, String), String>,
+    /// (servers, exchange, routing key) -> channel id.
+    channel_ids: BTreeMap<(String, String, String), String>,
     operations: BTreeMap<String, Value>,
     messages: BTreeMap<String, Value>,
     /// An RPC method or client is described: the envelope and reply channel go in.
@@ -123,10 +136,12 @@ struct Builder {
 
 impl Builder {
     /// The ids of the servers of `uri` (each node of a cluster), added when new.
-    fn servers(&mut self, uri: &str) -> Vec<String> {
-        let Ok(nodes) = crate::amqp::connection::parse_nodes(uri) else {
-            return Vec::new();
-        };
+    fn servers(&mut self, uri: &str) -> Result<Vec<String>, String> {
+        if crate::amqp::connection::memory_name(uri).is_some() {
+            // The test kit's in-memory broker: no server to name.
+            return Ok(Vec::new());
+        }
+        let nodes = crate::amqp::connection::parse_nodes(uri)?;
         let mut ids = Vec::new();
         for node in nodes {
             let scheme = match node.scheme {
@@ -156,7 +171,7 @@ impl Builder {
             self.server_ids.push((key, id.clone()));
             ids.push(id);
         }
-        ids
+        Ok(ids)
     }
 
     /// The channel of `exchange` and `address` (a routing key), made when new; its id.
@@ -182,11 +197,18 @@ impl Builder {
         address: &str,
         servers: &[String],
     ) -> String {
-        let key = (exchange.name.clone(), address.to_string());
+        // The same names on another broker or virtual host are another exchange.
+        let key = (
+            servers.join(","),
+            exchange.name.clone(),
+            address.to_string(),
+        );
         if let Some(id) = self.channel_ids.get(&key) {
             return id.clone();
         }
-        let id = unique(&identifier(name), |id| self.channels.contains_key(id));
+        let id = unique(&identifier(name), |id| {
+            self.channels.contains_key(id) || id == REPLY_CHANNEL
+        });
         let kind = match exchange.kind.as_str() {
             kind @ ("topic" | "direct" | "fanout" | "headers") => kind,
             _ => "direct",
@@ -239,6 +261,43 @@ impl Builder {
             .to_string()
     }
 
+    /// Lists `queue`, which `consumer` reads, among the queues bound to `channel` (its AMQP
+    /// binding's `x-farine-queues`).
+    fn add_queue(&mut self, channel: &str, queue: &QueueDescription, consumer: String) {
+        let Some(binding) = self
+            .channels
+            .get_mut(channel)
+            .and_then(|c| c.get_mut("bindings"))
+            .and_then(|b| b.get_mut("amqp"))
+            .and_then(Value::as_object_mut)
+        else {
+            return;
+        };
+        let entry = json!({
+            "name": queue.name,
+            "durable": queue.durable,
+            "exclusive": queue.exclusive,
+            "autoDelete": queue.auto_delete,
+            "arguments": queue.arguments,
+            "consumer": consumer,
+        });
+        match binding
+            .entry("x-farine-queues")
+            .or_insert_with(|| json!([]))
+        {
+            Value::Array(queues) => queues.push(entry),
+            other => *other = json!([entry]),
+        }
+    }
+
+    /// An id for a message or operation made of `name`, not yet taken in `map` nor one of
+    /// the envelope's.
+    fn fresh(name: &str, map: &BTreeMap<String, Value>) -> String {
+        unique(&identifier(name), |id| {
+            map.contains_key(id) || [RPC_REQUEST, RPC_REPLY, RPC_END, RPC_ERROR].contains(&id)
+        })
+    }
+
     /// Puts `message` (a component) on `channel` under its id; the reference an operation uses.
     fn on_channel(&mut self, channel: &str, message: &str) -> Value {
         if let Some(messages) = self
@@ -267,7 +326,9 @@ impl Builder {
         };
         let routing_key = description.routing_key.clone().unwrap_or_default();
         let channel = self.channel(exchange, &routing_key, servers);
-        let id = identifier(&format!("{}.{}", description.service, description.handler));
+        let name = format!("{}.{}", description.service, description.handler);
+        let id = Self::fresh(&name, &self.messages);
+        let operation_id = Self::fresh(&name, &self.operations);
         let consumes = description.kind == HandlerKind::Consume;
         let mut message = json!({
             "name": description.handler,
@@ -286,27 +347,8 @@ impl Builder {
             }
         }
         if let (true, Some(queue)) = (consumes, &description.queue) {
-            let queues = self.channels[&channel]["bindings"]["amqp"]
-                .get("x-farine-queues")
-                .cloned()
-                .unwrap_or_else(|| json!([]));
-            let mut queues: Vec<Value> = serde_json::from_value(queues).unwrap_or_default();
-            queues.push(json!({
-                "name": queue.name,
-                "durable": queue.durable,
-                "exclusive": queue.exclusive,
-                "autoDelete": queue.auto_delete,
-                "arguments": queue.arguments,
-                "consumer": format!("{}.{}", description.service, description.handler),
-            }));
-            if let Some(binding) = self
-                .channels
-                .get_mut(&channel)
-                .and_then(|c| c.get_mut("bindings"))
-                .and_then(|b| b.get_mut("amqp"))
-            {
-                binding["x-farine-queues"] = Value::Array(queues);
-            }
+            let consumer = format!("{}.{}", description.service, description.handler);
+            self.add_queue(&channel, queue, consumer);
         }
         self.messages.insert(id.clone(), message);
         let reference = self.on_channel(&channel, &id);
@@ -321,34 +363,29 @@ impl Builder {
             operation["bindings"] =
                 json!({ "amqp": { "ack": true, "bindingVersion": BINDING_VERSION } });
         }
-        self.operations.insert(id, operation);
+        self.operations.insert(operation_id, operation);
     }
 
     /// An `#[rpc::method]`: `receive` its requests on its routing key's channel, reply on the
     /// reply channel.
-    fn rpc_method(&mut self, description: &Description, payloads: &Payloads, servers: &[String]) {
+    fn rpc_method(
+        &mut self,
+        description: &Description,
+        payloads: &Payloads,
+        streams: bool,
+        servers: &[String],
+    ) {
         let Some(exchange) = &description.exchange else {
             return;
         };
         self.rpc = true;
         let routing_key = description.routing_key.clone().unwrap_or_default();
         let channel = self.channel(exchange, &routing_key, servers);
-        let id = identifier(&format!("{}.{}", description.service, description.handler));
-        if let Some(queue) = &description.queue
-            && let Some(binding) = self
-                .channels
-                .get_mut(&channel)
-                .and_then(|c| c.get_mut("bindings"))
-                .and_then(|b| b.get_mut("amqp"))
-        {
-            binding["x-farine-queues"] = json!([{
-                "name": queue.name,
-                "durable": queue.durable,
-                "exclusive": queue.exclusive,
-                "autoDelete": queue.auto_delete,
-                "arguments": queue.arguments,
-                "consumer": format!("{} (RPC server)", description.service),
-            }]);
+        let name = format!("{}.{}", description.service, description.handler);
+        let operation_id = Self::fresh(&name, &self.operations);
+        if let Some(queue) = &description.queue {
+            let consumer = format!("{} (RPC server)", description.service);
+            self.add_queue(&channel, queue, consumer);
         }
         // The request: the envelope, its arguments typed.
         let mut items = Vec::new();
@@ -359,7 +396,7 @@ impl Builder {
             properties.insert((*name).to_string(), schema);
         }
         let count = items.len();
-        let request = format!("{id}.request");
+        let request = Self::fresh(&format!("{name}.request"), &self.messages);
         self.messages.insert(
             request.clone(),
             json!({
@@ -375,7 +412,13 @@ impl Builder {
                             "type": "object",
                             "properties": {
                                 "args": { "type": "array", "items": items, "maxItems": count, "additionalItems": false },
-                                "kwargs": { "type": "object", "properties": properties, "additionalProperties": false },
+                                "kwargs": {
+                                    "type": "object",
+                                    "properties": properties,
+                                    // Protocol flags (`__stream__`) are allowed beside the names.
+                                    "patternProperties": { "^__.+__$": {} },
+                                    "additionalProperties": false,
+                                },
                             },
                         },
                     ],
@@ -384,15 +427,11 @@ impl Builder {
         );
         let reference = self.on_channel(&channel, &request);
         // The reply: each item (the result, for a unary method) typed, then the end marker.
-        let reply = format!("{id}.reply");
+        let reply = Self::fresh(&format!("{name}.reply"), &self.messages);
         let body = payloads
             .reply
             .as_ref()
             .map_or_else(|| json!({}), |payload| self.schema_of(payload));
-        let streams = description
-            .settings
-            .iter()
-            .any(|s| s == "streams its result");
         self.messages.insert(
             reply.clone(),
             json!({
@@ -415,7 +454,7 @@ impl Builder {
         );
         let replies = self.reply_channel(&[&reply]);
         self.operations.insert(
-            id.clone(),
+            operation_id,
             json!({
                 "action": "receive",
                 "channel": { "$ref": format!("#/channels/{channel}") },
@@ -447,7 +486,10 @@ impl Builder {
         }
         let reference = self.on_channel(&channel, RPC_REQUEST);
         let replies = self.reply_channel(&[RPC_REPLY]);
-        let id = identifier(&format!("{}.{}", description.service, description.handler));
+        let id = Self::fresh(
+            &format!("{}.{}", description.service, description.handler),
+            &self.operations,
+        );
         self.operations.insert(
             id,
             json!({

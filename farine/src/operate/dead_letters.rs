@@ -157,16 +157,7 @@ fn from_config(config: &Config, handler: &str) -> Result<DeadLetterQueues, Failu
             config.file()
         )));
     };
-    let amqp_uri = section
-        .get_str("amqp_uri")?
-        .unwrap_or_else(|| crate::runtime::DEFAULT_AMQP_URI.to_string());
-    if let Err(cause) = super::check_uri(&amqp_uri) {
-        return Err(Failure::config(section.invalid(
-            "amqp_uri",
-            &amqp_uri,
-            format!("AMQP URIs (amqp:// or amqps://), separated by commas: {cause}"),
-        )));
-    }
+    let amqp_uri = super::configured_uri(&section)?;
     Ok(DeadLetterQueues {
         service: member.service,
         handler: member.name,

@@ -129,14 +129,11 @@ pub fn run(command: Command, options: Options<'_>) -> u8 {
     }
 }
 
-/// `--log-level`, else `RUST_LOG`, else `warn` without the connection's own lines: the
-/// command reports its failures itself, and lapin and the connection's watcher would repeat
-/// them (the watcher takes a channel the broker closed, a 404 say, for a lost connection).
+/// `--log-level`, else `RUST_LOG`, else `warn` without lapin's lines: the command reports its
+/// failures itself, and lapin would repeat them (a channel the broker closed, a 404 say).
 fn log_filter(flag: Option<&str>) -> Result<tracing_subscriber::EnvFilter, String> {
     if flag.is_none() && std::env::var_os("RUST_LOG").is_none() {
-        return Ok(tracing_subscriber::EnvFilter::new(
-            "warn,lapin=off,farine::amqp::connection=error",
-        ));
+        return Ok(tracing_subscriber::EnvFilter::new("warn,lapin=off"));
     }
     crate::log::level_filter(flag)
 }
@@ -177,10 +174,20 @@ impl From<ConfigError> for Failure {
     }
 }
 
-/// The config file `--config` (else `$FARINE_INI`, else `/etc/farine.ini`) names.
+/// The config file `--config` (else `$FARINE_INI`, else `/etc/farine.ini`) names. When
+/// nothing named a file and there is none at `/etc/farine.ini`, an empty one: the defaults
+/// (a command on a developer's machine needs no file for the local broker).
 fn load_config(flag: Option<&Path>) -> Result<Config, Failure> {
-    let path = crate::config::resolve_path(flag);
-    Config::load(&path).map_err(Failure::from)
+    let named = flag.is_some() || std::env::var_os(crate::config::PATH_ENV).is_some();
+    config_or_defaults(&crate::config::resolve_path(flag), named)
+}
+
+/// The config at `path`; an empty one when the file is absent and nothing `named` it.
+fn config_or_defaults(path: &Path, named: bool) -> Result<Config, Failure> {
+    if !named && !path.exists() {
+        return Config::from_ini("", "no config file: the defaults").map_err(Failure::from);
+    }
+    Config::load(path).map_err(Failure::from)
 }
 
 /// The broker a command talks to and how to connect to it.
@@ -214,18 +221,10 @@ impl Broker {
                 settings,
             });
         }
-        let configured = match section {
-            Some(section) => section.get_str("amqp_uri")?,
-            None => None,
+        let uri = match section {
+            Some(section) => configured_uri(section)?,
+            None => crate::runtime::DEFAULT_AMQP_URI.to_string(),
         };
-        let uri = configured.unwrap_or_else(|| crate::runtime::DEFAULT_AMQP_URI.to_string());
-        if let (Some(section), Err(cause)) = (section, check_uri(&uri)) {
-            return Err(Failure::config(section.invalid(
-                "amqp_uri",
-                &uri,
-                format!("AMQP URIs (amqp:// or amqps://), separated by commas: {cause}"),
-            )));
-        }
         Ok(Self { uri, settings })
     }
 
@@ -269,6 +268,21 @@ impl Broker {
     }
 }
 
+/// `amqp_uri` of `section`, else farine's default; a config error when it is not one.
+fn configured_uri(section: &crate::config::Section) -> Result<String, Failure> {
+    let uri = section
+        .get_str("amqp_uri")?
+        .unwrap_or_else(|| crate::runtime::DEFAULT_AMQP_URI.to_string());
+    match check_uri(&uri) {
+        Ok(()) => Ok(uri),
+        Err(cause) => Err(Failure::config(section.invalid(
+            "amqp_uri",
+            &uri,
+            format!("AMQP URIs (amqp:// or amqps://), separated by commas: {cause}"),
+        ))),
+    }
+}
+
 /// An error when `uri` is not a list of AMQP URIs (the test kit's `memory://` aside).
 fn check_uri(uri: &str) -> Result<(), String> {
     if crate::amqp::connection::memory_name(uri).is_some() {
@@ -285,4 +299,19 @@ fn print_line(line: &str) -> Result<(), Failure> {
     writeln!(out, "{line}")
         .and_then(|()| out.flush())
         .map_err(|e| Failure::failed(format!("cannot write to standard output: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_file_named_or_at_the_default_path_the_defaults_serve_but_a_named_one_must_exist() {
+        let absent = Path::new("/nonexistent/farine-operate-test.ini");
+        let defaults = config_or_defaults(absent, false).expect("the defaults");
+        assert_eq!(defaults.file(), "no config file: the defaults");
+        assert_eq!(defaults.defaults().get_str("amqp_uri").ok().flatten(), None);
+        let named = config_or_defaults(absent, true).expect_err("a named file must exist");
+        assert_eq!(named.code, EXIT_CONFIG, "{}", named.message);
+    }
 }

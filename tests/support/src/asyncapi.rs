@@ -26,10 +26,26 @@ pub struct Validation {
 impl Validation {
     /// The diagnostics of severity error.
     pub fn errors(&self) -> Vec<&Value> {
+        self.of_severity(0)
+    }
+
+    /// The diagnostics of severity `severity` (0 error, 1 warning, 2 info, 3 hint).
+    pub fn of_severity(&self, severity: u64) -> Vec<&Value> {
         self.diagnostics
             .iter()
-            .filter(|d| d["severity"] == 0)
+            .filter(|d| d["severity"] == severity)
             .collect()
+    }
+
+    /// Panics with the diagnostics unless every document parsed with no error and no warning.
+    pub fn assert_clean(&self) {
+        assert!(
+            self.passed && self.errors().is_empty(),
+            "errors: {:#?}",
+            self.diagnostics
+        );
+        let warnings = self.of_severity(1);
+        assert!(warnings.is_empty(), "no warning either: {warnings:#?}");
     }
 }
 

@@ -380,13 +380,25 @@ impl Broker {
 
     /// Waits until `queue` has `consumers` consumers, for at most `bound`.
     pub async fn wait_for_consumers(&self, queue: &str, consumers: u32, bound: Duration) -> bool {
+        self.wait_for_state(queue, bound, |(_, c)| c == consumers)
+            .await
+    }
+
+    /// Waits until `queue` holds `ready` messages ready for delivery, for at most `bound`.
+    pub async fn wait_for_ready(&self, queue: &str, ready: u32, bound: Duration) -> bool {
+        self.wait_for_state(queue, bound, |(r, _)| r == ready).await
+    }
+
+    /// Waits until `queue`'s (ready, consumers) satisfy `done`, for at most `bound`.
+    async fn wait_for_state(
+        &self,
+        queue: &str,
+        bound: Duration,
+        done: impl Fn((u32, u32)) -> bool,
+    ) -> bool {
         let deadline = Instant::now() + bound;
         loop {
-            if self
-                .queue_state(queue)
-                .await
-                .is_some_and(|(_, c)| c == consumers)
-            {
+            if self.queue_state(queue).await.is_some_and(&done) {
                 return true;
             }
             if Instant::now() >= deadline {
