@@ -13,6 +13,7 @@ pub const CONSUME: &[&str] = &[
     "queue_auto_delete",
     "queue_exclusive",
     "queue_arguments",
+    "queue_type",
     "binding_arguments",
     "routing_key",
     "prefetch_count",

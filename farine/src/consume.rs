@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use serde::de::DeserializeOwned;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -39,7 +39,8 @@ use crate::amqp::error::{BrokerError, Resource};
 use crate::amqp::message::{self, Headers, Message};
 use crate::amqp::publisher::{PublishError, Publisher, PublisherSettings};
 use crate::amqp::topology::{
-    ExchangeSettings, QueueSettings, amqp_name, handler_queue_name, is_none, parse_arguments,
+    ExchangeSettings, QueueSettings, QueueType, amqp_name, handler_queue_name, is_none,
+    parse_arguments, queue_type,
 };
 use crate::config::{ConfigError, Section};
 use crate::handler::{
@@ -110,11 +111,37 @@ impl ConsumerPlan {
         for (name, value) in retry_arguments(&queue.name).inner() {
             retry_args.insert(name.clone(), value.clone());
         }
+        let kind = queue_type(&scoped)?;
+        // The retry and dead-letter queues are of the queue's type (a queue that survives a
+        // node loss keeps its retries and dead letters too), unless their tables say one.
+        let companion = |name: String, arguments: FieldTable, key: &str| {
+            let mut companion = QueueSettings::companion(name, queue.durable, arguments);
+            if let Some(kind) = kind
+                && !companion.arguments.inner().contains_key("x-queue-type")
+            {
+                companion.set_type(&scoped, kind, key)?;
+            }
+            Ok::<_, ConfigError>(companion)
+        };
+        if kind == Some(QueueType::Quorum) {
+            // A quorum retry queue dead-letters back to the queue at least once (RabbitMQ
+            // 3.10+; it needs `x-overflow = reject-publish`): a retry is not lost on the way.
+            for (name, value) in [
+                ("x-dead-letter-strategy", "at-least-once"),
+                ("x-overflow", "reject-publish"),
+            ] {
+                if !retry_args.inner().contains_key(name) {
+                    retry_args.insert(name.into(), AMQPValue::LongString(value.into()));
+                }
+            }
+        }
         let retry_queue = companion_name(&scoped, "retry_queue", &queue.name, "retry")?
-            .map(|name| QueueSettings::companion(name, queue.durable, retry_args));
+            .map(|name| companion(name, retry_args, "retry_queue_arguments"))
+            .transpose()?;
         let dead_args = parse_arguments(&scoped, "dead_letter_queue_arguments")?;
         let dead_letter_queue = companion_name(&scoped, "dead_letter_queue", &queue.name, "dead")?
-            .map(|name| QueueSettings::companion(name, queue.durable, dead_args));
+            .map(|name| companion(name, dead_args, "dead_letter_queue_arguments"))
+            .transpose()?;
         Ok(Self {
             service,
             handler,

@@ -362,6 +362,97 @@ async fn with_quorum_queues_and_at_least_once_dead_lettering_retries_and_dead_le
     assert_eq!(header_number(&dead[0], ATTEMPT_HEADER), 3);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_type_quorum_makes_the_queue_its_retries_and_dead_letters_quorum_queues() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("qtype-x"), unique("qtype-q"));
+    let config = config(
+        &broker,
+        "quorum_probe",
+        &[
+            ("work.exchange", &exchange),
+            ("work.queue", &queue),
+            ("retry_delay", "50ms"),
+            ("max_attempts", "3"),
+            ("queue_type", "quorum"),
+        ],
+    );
+    let running = Runtime::new(config)
+        .services(["quorum_probe"])
+        .start()
+        .await
+        .expect("starts with quorum queues");
+    broker.publish_json(&exchange, "rk", &json!({"n": 1})).await;
+    let dead = broker
+        .wait_for_messages(&format!("{queue}.dead"), 1, BOUND)
+        .await;
+    running.stop().await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(*QUORUM_CALLS.lock().unwrap(), vec![1, 2, 3]);
+    assert_eq!(header_number(&dead[0], ATTEMPT_HEADER), 3);
+    for name in [
+        queue.clone(),
+        format!("{queue}.retry"),
+        format!("{queue}.dead"),
+    ] {
+        let info = broker.queue_info(&name);
+        assert_eq!(info["type"], "quorum", "{name}: {info}");
+    }
+    // Retries go back to the queue at least once: none is lost on the way.
+    let retry = broker.queue_info(&format!("{queue}.retry"));
+    assert_eq!(
+        retry["arguments"]["x-dead-letter-strategy"], "at-least-once",
+        "{retry}"
+    );
+    assert_eq!(
+        retry["arguments"]["x-overflow"], "reject-publish",
+        "{retry}"
+    );
+}
+
+#[test]
+fn queue_type_is_classic_or_quorum_and_a_quorum_queue_is_durable_shared_and_kept() {
+    // The handler as its config resolves it (what `--list` and start-up read).
+    let resolve = |extra: &str| {
+        let config = farine::config::Config::from_ini(&format!("[quorum_probe]\n{extra}"), "t.ini")
+            .expect("parses");
+        let entry = farine::__private::ServiceEntry::all()
+            .into_iter()
+            .find(|entry| entry.name == "quorum_probe")
+            .expect("registered");
+        let section = entry.section(&config).expect("a section");
+        let described = entry.describe(&section).remove(0);
+        described.description.map_err(|e| e.to_string())
+    };
+    for (extra, expected) in [
+        ("queue_type = stream\n", "expected classic or quorum"),
+        (
+            "queue_type = quorum\nqueue_exclusive = true\n",
+            "option `queue_exclusive`",
+        ),
+        (
+            "queue_type = quorum\nqueue_durable = false\n",
+            "option `queue_durable`",
+        ),
+        (
+            "queue_type = quorum\nqueue_arguments = x-queue-type = classic\n",
+            "leave x-queue-type out of queue_arguments",
+        ),
+    ] {
+        let refused = resolve(extra).expect_err(extra);
+        assert!(refused.contains(expected), "{extra}: {refused}");
+    }
+    let quorum = resolve("queue_type = Quorum\n").expect("resolves");
+    let queue = quorum.queue.expect("a queue");
+    assert_eq!(queue.arguments["x-queue-type"], "quorum");
+    assert!(queue.durable && !queue.exclusive && !queue.auto_delete);
+    let classic = resolve("work.queue_type = classic\n").expect("resolves");
+    assert_eq!(
+        classic.queue.expect("a queue").arguments["x-queue-type"],
+        "classic"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 
 static REJECTED_CALLS: Mutex<Vec<u32>> = Mutex::new(Vec::new());

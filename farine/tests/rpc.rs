@@ -102,6 +102,27 @@ calc_service! {
     CalcMany => "rpc_calc_many",
     CalcByHand => "rpc_calc_by_hand",
     CalcBehindFront => "rpc_calc_front",
+    CalcQuorum => "rpc_calc_quorum",
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_queue_type_quorum_the_servers_queue_is_a_quorum_queue_that_serves_calls() {
+    let broker = Broker::connect().await;
+    let running = serve(&broker, "rpc_calc_quorum", "rpc.queue_type = quorum\n").await;
+    let calc = client(&broker, "rpc_calc_quorum").await;
+    assert_eq!(calc.call::<i64>("add", (2, 40)).await.unwrap(), 42);
+    let streamed: Vec<u32> = calc
+        .stream::<u32>("numbers", (3,))
+        .await
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+        .await;
+    assert_eq!(streamed, [0, 1, 2]);
+    let info = broker.queue_info("rpc_calc_quorum");
+    assert_eq!(info["type"], "quorum", "{info}");
+    assert_eq!(info["durable"], true, "{info}");
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -142,6 +142,39 @@ pub(crate) fn arguments_json(table: &FieldTable) -> serde_json::Map<String, serd
         .collect()
 }
 
+/// The type of a queue farine declares (`queue_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    /// RabbitMQ's default: one node holds it.
+    Classic,
+    /// Replicated over the cluster's nodes (Raft): survives the loss of a minority of them.
+    Quorum,
+}
+
+impl QueueType {
+    /// Its `x-queue-type` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+/// `queue_type` of the handler (or its service, or `[DEFAULT]`), when set.
+pub(crate) fn queue_type(handler: &HandlerSection<'_>) -> Result<Option<QueueType>, ConfigError> {
+    let Some(text) = handler.get_str("queue_type")? else {
+        return Ok(None);
+    };
+    match text.trim().to_ascii_lowercase().as_str() {
+        "classic" => Ok(Some(QueueType::Classic)),
+        "quorum" => Ok(Some(QueueType::Quorum)),
+        _ => Err(handler
+            .section()
+            .invalid("queue_type", &text, "classic or quorum")),
+    }
+}
+
 /// An argument table from config: `name = value` pairs, one per line or separated by commas.
 /// A whole number is sent as a signed 64-bit integer (what RabbitMQ expects of `x-message-ttl`
 /// or `x-max-length`), `true`/`false` as a boolean, anything else as a string; a value in
@@ -278,14 +311,56 @@ impl QueueSettings {
     /// A queue named `name` with the handler's other queue options (`queue_durable`, ...,
     /// `binding_arguments`): the RPC server's, whose name is `rpc_queue`.
     pub fn named(handler: &HandlerSection<'_>, name: String) -> Result<Self, ConfigError> {
-        Ok(Self {
+        let mut queue = Self {
             name,
             durable: handler.get_or("queue_durable", true)?,
             auto_delete: handler.get_or("queue_auto_delete", false)?,
             exclusive: handler.get_or("queue_exclusive", false)?,
             arguments: parse_arguments(handler, "queue_arguments")?,
             binding_arguments: parse_arguments(handler, "binding_arguments")?,
-        })
+        };
+        if let Some(kind) = queue_type(handler)? {
+            queue.set_type(handler, kind, "queue_arguments")?;
+            if kind == QueueType::Quorum {
+                for (key, wrong, value) in [
+                    ("queue_durable", !queue.durable, "false"),
+                    ("queue_auto_delete", queue.auto_delete, "true"),
+                    ("queue_exclusive", queue.exclusive, "true"),
+                ] {
+                    if wrong {
+                        return Err(handler.section().invalid(
+                            key,
+                            value,
+                            "the default with queue_type = quorum: a quorum queue is durable, shared and kept",
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(queue)
+    }
+
+    /// Puts `x-queue-type = kind` in the queue's arguments; an error naming `arguments_key`
+    /// when that table gives another type.
+    pub(crate) fn set_type(
+        &mut self,
+        handler: &HandlerSection<'_>,
+        kind: QueueType,
+        arguments_key: &str,
+    ) -> Result<(), ConfigError> {
+        let wanted = AMQPValue::LongString(kind.as_str().into());
+        match self.arguments.inner().get("x-queue-type") {
+            Some(AMQPValue::LongString(given)) if given.to_string() == kind.as_str() => Ok(()),
+            Some(other) => Err(handler.section().invalid(
+                "queue_type",
+                kind.as_str(),
+                format!("the queue type {arguments_key} gives ({other:?}), or leave x-queue-type out of {arguments_key}"),
+            )),
+            None => {
+                self.arguments.insert("x-queue-type".into(), wanted);
+                Ok(())
+            }
+        }
     }
 
     /// A plain durable queue of farine's own (a retry or dead-letter queue) with `arguments`.
