@@ -635,9 +635,12 @@ async fn the_farine_client_understands_a_hand_written_responder() {
         .await
         .unwrap();
     // A responder in the style of baguette-messaging: items, then the end marker; or a bare
-    // `__except__` traceback without farine's `error` object. It reports each request's
-    // argument and `type` property.
+    // `__except__` traceback without farine's `error` object; each reply published to the
+    // service's exchange with the reply queue's name as the routing key, as its server does
+    // (farine's go through the default exchange). It reports each request's argument and
+    // `type` property.
     let (seen, mut types) = tokio::sync::mpsc::unbounded_channel();
+    let exchange = service.clone();
     let responder = tokio::spawn(async move {
         while let Some(Ok(request)) = requests.next().await {
             let body: Value = serde_json::from_slice(&request.data).unwrap();
@@ -662,7 +665,7 @@ async fn the_farine_client_understands_a_hand_written_responder() {
             for reply in replies {
                 channel_for_replies
                     .basic_publish(
-                        "".into(),
+                        exchange.as_str().into(),
                         reply_to.as_str().into(),
                         BasicPublishOptions::default(),
                         &serde_json::to_vec(&reply).unwrap(),

@@ -210,7 +210,17 @@ struct Inner {
 struct CurrentQueue {
     name: String,
     generation: u64,
-    alive: Arc<AtomicBool>,
+    state: Arc<QueueState>,
+}
+
+/// What calls learn of their reply queue as it goes (one allocation, shared by its calls).
+struct QueueState {
+    /// The queue still lives (its consumer runs).
+    alive: AtomicBool,
+    /// Bound to the service's exchange with its own name as the routing key, where servers of
+    /// baguette-messaging (the Python farine) send their replies; false while that exchange
+    /// did not exist yet.
+    bound: AtomicBool,
 }
 
 /// The consumer of a reply queue (its name and state are in [`CurrentQueue`]).
@@ -600,8 +610,17 @@ impl Inner {
         let entry = Entry::insert(&self.calls, key, pending);
         // The queue may have died between handing out its name and the insertion: then its
         // clean-up missed this call.
-        if !queue.alive.load(Ordering::Acquire) {
+        if !queue.state.alive.load(Ordering::Acquire) {
             return Err(self.reply_queue_lost(method));
+        }
+        if !queue.state.bound.load(Ordering::Acquire)
+            && !Box::pin(self.bind_reply_queue(&queue)).await
+        {
+            // No exchange: nothing serves the service (what the request's publish would say).
+            return Err(RpcError::NoSuchService {
+                service: self.service.clone(),
+                method: method.to_string(),
+            });
         }
         Ok((entry, id, queue.name))
     }
@@ -752,11 +771,14 @@ impl Inner {
         let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
         let (name, mut consumer) = private_queue(&channel).await.map_err(|e| e.to_string())?;
         let name = name.to_string();
-        let alive = Arc::new(AtomicBool::new(true));
+        let state = Arc::new(QueueState {
+            alive: AtomicBool::new(true),
+            bound: AtomicBool::new(false),
+        });
         let calls = self.calls.clone();
         let service = self.service.clone();
         let prefix = self.prefix.clone();
-        let task_alive = alive.clone();
+        let task_state = state.clone();
         let owner = Arc::downgrade(self);
         let task = tokio::spawn(async move {
             let _channel = channel;
@@ -775,7 +797,7 @@ impl Inner {
                     inner.cancel(&orphan);
                 }
             }
-            task_alive.store(false, Ordering::Release);
+            task_state.alive.store(false, Ordering::Release);
             // The queue went with its connection: the calls that named it get no reply (they
             // fail at once, whether or not the server ran them: not safe to repeat blindly).
             // Calls not sent yet go out on the next queue.
@@ -789,7 +811,7 @@ impl Inner {
         let current = CurrentQueue {
             name,
             generation,
-            alive,
+            state,
         };
         if let Ok(mut slot) = self.current.write() {
             *slot = Some(current.clone());
@@ -797,11 +819,53 @@ impl Inner {
         Ok(current)
     }
 
+    /// Binds the reply queue to the service's exchange with the queue's name as the routing
+    /// key: a baguette-messaging server publishes its replies there (farine's go through the
+    /// default exchange, which needs no binding). Done before the first request, on a channel
+    /// of its own, which the broker closes when the exchange does not exist: then no server
+    /// runs (false, and tried again on the next call). Any other failure is left for the
+    /// request's publish to report (true).
+    async fn bind_reply_queue(&self, queue: &CurrentQueue) -> bool {
+        let bind = async {
+            let conn = self.connector.connection().await.ok()?;
+            let bound = async {
+                let channel = conn.create_channel().await?;
+                channel
+                    .queue_bind(
+                        queue.name.as_str(),
+                        self.service.as_str(),
+                        queue.name.as_str(),
+                        Default::default(),
+                        Default::default(),
+                    )
+                    .await?;
+                let _ = channel.close(200, "reply queue bound").await;
+                Ok::<_, lapin::Error>(())
+            };
+            Some(bound.await)
+        };
+        match tokio::time::timeout(self.connector.connect_timeout(), bind).await {
+            Ok(Some(Ok(()))) => {
+                queue.state.bound.store(true, Ordering::Release);
+                true
+            }
+            Ok(Some(Err(error))) => !matches!(
+                BrokerError::from_lapin(
+                    &error,
+                    Resource::Exchange(self.service.clone()),
+                    &self.connector.broker()
+                ),
+                BrokerError::NotFound { .. }
+            ),
+            Ok(None) | Err(_) => true,
+        }
+    }
+
     fn live_queue(&self) -> Option<CurrentQueue> {
         let current = self.current.read().ok()?;
         current
             .as_ref()
-            .filter(|queue| queue.alive.load(Ordering::Acquire))
+            .filter(|queue| queue.state.alive.load(Ordering::Acquire))
             .cloned()
     }
 
