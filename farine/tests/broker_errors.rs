@@ -221,6 +221,58 @@ async fn a_call_to_a_service_whose_queue_nobody_consumes_is_no_consumers_naming_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_baguette_messaging_server_is_no_consumers_naming_its_per_method_queue() {
+    let broker = Broker::connect().await;
+    // What a stopped Python farine server leaves: exchange `<service>` and one queue per
+    // method, `<service>__<method>`, bound with its own name; no queue `<service>`.
+    let service = unique("stopped-py");
+    let queue = format!("{service}__ping");
+    broker
+        .declare_exchange(&service, ExchangeKind::Direct)
+        .await;
+    broker
+        .channel()
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    broker
+        .channel()
+        .queue_bind(
+            queue.as_str().into(),
+            service.as_str().into(),
+            queue.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let client = Client::connect(&broker.uri(), &service, Duration::from_millis(500))
+        .await
+        .unwrap();
+    let error = client
+        .call::<Value>("ping", ())
+        .await
+        .expect_err("nobody serves it");
+    match &error {
+        RpcError::Broker { error: broker, .. } => assert_eq!(
+            **broker,
+            BrokerError::NoConsumers {
+                resource: Resource::Queue(queue.clone())
+            }
+        ),
+        other => panic!("expected NoConsumers naming {queue}, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_when_the_broker_is_gone_is_connection_broken_naming_it_within_the_bound() {
     let broker = Broker::connect().await;
     let name = unique("gone-x");

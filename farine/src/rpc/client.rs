@@ -698,8 +698,10 @@ impl Inner {
         }
     }
 
-    /// The error of a call that got no reply in time: `NoConsumers` when the service's queue
-    /// (`<service>`, the default `rpc_queue`) has no consumer, else `Timeout`.
+    /// The error of a call that got no reply in time: `NoConsumers` when the queue the request
+    /// waits in has no consumer, else `Timeout`. That queue is `<service>` for a farine server
+    /// (the default `rpc_queue`), `<service>__<method>` for a baguette-messaging one: the first
+    /// of the two that exists is asked.
     async fn not_answered(&self, method: &str, id: &str, timeout: Duration) -> RpcError {
         // A request sent without a confirm that the broker returned: its route went away
         // since it was last checked.
@@ -710,7 +712,7 @@ impl Inner {
                 method: method.to_string(),
             };
         }
-        let probe = async {
+        let consumers = |queue: String| async move {
             let conn = self.connector.connection().await.ok()?;
             let channel = conn.create_channel().await.ok()?;
             let options = lapin::options::QueueDeclareOptions {
@@ -718,26 +720,40 @@ impl Inner {
                 ..Default::default()
             };
             let declared = channel
-                .queue_declare(self.service.as_str(), options, Default::default())
+                .queue_declare(queue.as_str(), options, Default::default())
                 .await;
-            let _ = channel.close(200, "probe done").await;
+            // A queue that does not exist: the broker closed the channel already.
+            if declared.is_ok() {
+                let _ = channel.close(200, "probe done").await;
+            }
             declared.ok().map(|queue| queue.consumer_count)
         };
-        // The probe adds at most this to a call that timed out.
+        // Each probe adds at most this to a call that timed out.
         let bound = self
             .connector
             .connect_timeout()
             .min(Duration::from_millis(250));
-        match tokio::time::timeout(bound, probe).await {
-            Ok(Some(0)) => RpcError::Broker {
-                service: self.service.clone(),
-                method: method.to_string(),
-                error: Box::new(BrokerError::NoConsumers {
-                    resource: Resource::Queue(self.service.clone()),
-                }),
-            },
-            _ => self.timed_out(method, timeout),
+        for queue in [
+            self.service.clone(),
+            wire::routing_key(&self.service, method),
+        ] {
+            match tokio::time::timeout(bound, consumers(queue.clone())).await {
+                Ok(Some(0)) => {
+                    return RpcError::Broker {
+                        service: self.service.clone(),
+                        method: method.to_string(),
+                        error: Box::new(BrokerError::NoConsumers {
+                            resource: Resource::Queue(queue),
+                        }),
+                    };
+                }
+                // Someone consumes it: the server is slow, or busy.
+                Ok(Some(_)) => break,
+                // No such queue (or no answer in time): the next.
+                _ => {}
+            }
         }
+        self.timed_out(method, timeout)
     }
 
     /// The reply queue's name and generation, declaring it (and starting its consumer) when
