@@ -195,16 +195,7 @@ pub(crate) async fn run(
         let outcome = result.unwrap_or_else(|panic| {
             Outcome::Failed(format!("panicked: {}", panic_message(&*panic)))
         });
-        if let Some(metrics) = &plan.observer.metrics {
-            metrics.took(started.elapsed());
-        }
-        if let Some(mut span) = span {
-            span.failed(|| outcome.error());
-            span.end(match outcome {
-                Outcome::Done => "ok",
-                _ => "error",
-            });
-        }
+        outcome.observed(&plan.observer, started, span);
         if shutdown.is_cancelled() {
             return Ok(());
         }

@@ -118,13 +118,21 @@ pub fn document(module: &str, version: &str, config: &Config) -> Result<Value, A
     Ok(builder.finish(module, version, &described, config.file()))
 }
 
+/// An AMQP node the document names: its URI without credentials, its server id, its vhost.
+struct Node {
+    key: String,
+    id: String,
+    vhost: String,
+}
+
 /// The parts of the document as they are gathered.
 #[derive(Default)]
 struct Builder {
     schemas: Schemas,
-    /// Server id -> server object, in order of first use; the id of each node's URI.
+    /// Server id -> server object.
     servers: BTreeMap<String, Value>,
-    server_ids: Vec<(String, String)>,
+    /// The nodes named so far, in order of first use.
+    nodes: Vec<Node>,
     channels: BTreeMap<String, Map<String, Value>>,
     /// (servers, exchange, routing key) -> channel id.
     channel_ids: BTreeMap<(String, String, String), String>,
@@ -150,11 +158,11 @@ impl Builder {
             };
             let host = format!("{}:{}", node.authority.host, node.authority.port);
             let key = format!("{scheme}://{host}/{}", node.vhost);
-            if let Some((_, id)) = self.server_ids.iter().find(|(k, _)| *k == key) {
-                ids.push(id.clone());
+            if let Some(known) = self.nodes.iter().find(|known| known.key == key) {
+                ids.push(known.id.clone());
                 continue;
             }
-            let id = match self.server_ids.len() {
+            let id = match self.nodes.len() {
                 0 => "amqp".to_string(),
                 n => format!("amqp-{}", n + 1),
             };
@@ -168,7 +176,11 @@ impl Builder {
                 server["pathname"] = Value::from(format!("/{}", node.vhost));
             }
             self.servers.insert(id.clone(), server);
-            self.server_ids.push((key, id.clone()));
+            self.nodes.push(Node {
+                key,
+                id: id.clone(),
+                vhost: node.vhost,
+            });
             ids.push(id);
         }
         Ok(ids)
@@ -255,10 +267,8 @@ impl Builder {
     fn vhost(&self, servers: &[String]) -> String {
         servers
             .first()
-            .and_then(|id| self.server_ids.iter().find(|(_, i)| i == id))
-            .and_then(|(key, _)| key.splitn(4, '/').nth(3))
-            .unwrap_or("/")
-            .to_string()
+            .and_then(|id| self.nodes.iter().find(|known| known.id == *id))
+            .map_or_else(|| "/".to_string(), |known| known.vhost.clone())
     }
 
     /// Lists `queue`, which `consumer` reads, among the queues bound to `channel` (its AMQP
@@ -328,7 +338,6 @@ impl Builder {
         let channel = self.channel(exchange, &routing_key, servers);
         let name = format!("{}.{}", description.service, description.handler);
         let id = Self::fresh(&name, &self.messages);
-        let operation_id = Self::fresh(&name, &self.operations);
         let consumes = description.kind == HandlerKind::Consume;
         let mut message = json!({
             "name": description.handler,
@@ -352,18 +361,7 @@ impl Builder {
         }
         self.messages.insert(id.clone(), message);
         let reference = self.on_channel(&channel, &id);
-        let mut operation = json!({
-            "action": if consumes { "receive" } else { "send" },
-            "channel": { "$ref": format!("#/channels/{channel}") },
-            "title": format!("{}.{}", description.service, description.handler),
-            "summary": summary(description),
-            "messages": [reference],
-        });
-        if consumes {
-            operation["bindings"] =
-                json!({ "amqp": { "ack": true, "bindingVersion": BINDING_VERSION } });
-        }
-        self.operations.insert(operation_id, operation);
+        self.operation(description, consumes, &channel, reference, None);
     }
 
     /// An `#[rpc::method]`: `receive` its requests on its routing key's channel, reply on the
@@ -382,7 +380,6 @@ impl Builder {
         let routing_key = description.routing_key.clone().unwrap_or_default();
         let channel = self.channel(exchange, &routing_key, servers);
         let name = format!("{}.{}", description.service, description.handler);
-        let operation_id = Self::fresh(&name, &self.operations);
         if let Some(queue) = &description.queue {
             let consumer = format!("{} (RPC server)", description.service);
             self.add_queue(&channel, queue, consumer);
@@ -453,18 +450,7 @@ impl Builder {
             }),
         );
         let replies = self.reply_channel(&[&reply]);
-        self.operations.insert(
-            operation_id,
-            json!({
-                "action": "receive",
-                "channel": { "$ref": format!("#/channels/{channel}") },
-                "title": format!("{}.{}", description.service, description.handler),
-                "summary": summary(description),
-                "messages": [reference],
-                "bindings": { "amqp": { "ack": true, "bindingVersion": BINDING_VERSION } },
-                "reply": replies,
-            }),
-        );
+        self.operation(description, true, &channel, reference, Some(replies));
     }
 
     /// A `#[rpc::client]` method: `send` requests to the methods of service `target`.
@@ -486,21 +472,36 @@ impl Builder {
         }
         let reference = self.on_channel(&channel, RPC_REQUEST);
         let replies = self.reply_channel(&[RPC_REPLY]);
-        let id = Self::fresh(
-            &format!("{}.{}", description.service, description.handler),
-            &self.operations,
-        );
-        self.operations.insert(
-            id,
-            json!({
-                "action": "send",
-                "channel": { "$ref": format!("#/channels/{channel}") },
-                "title": format!("{}.{}", description.service, description.handler),
-                "summary": summary(description),
-                "messages": [reference],
-                "reply": replies,
-            }),
-        );
+        self.operation(description, false, &channel, reference, Some(replies));
+    }
+
+    /// The handler's operation: `receive` (acked) or `send` of `message` (a reference) on
+    /// `channel`, with an RPC `reply`.
+    fn operation(
+        &mut self,
+        description: &Description,
+        receives: bool,
+        channel: &str,
+        message: Value,
+        reply: Option<Value>,
+    ) {
+        let name = format!("{}.{}", description.service, description.handler);
+        let mut operation = json!({
+            "action": if receives { "receive" } else { "send" },
+            "channel": { "$ref": format!("#/channels/{channel}") },
+            "title": name,
+            "summary": summary(description),
+            "messages": [message],
+        });
+        if receives {
+            operation["bindings"] =
+                json!({ "amqp": { "ack": true, "bindingVersion": BINDING_VERSION } });
+        }
+        if let Some(reply) = reply {
+            operation["reply"] = reply;
+        }
+        let id = Self::fresh(&name, &self.operations);
+        self.operations.insert(id, operation);
     }
 
     /// The reply channel, with `messages` and the envelope's end marker and error on it; the

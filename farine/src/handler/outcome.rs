@@ -32,6 +32,27 @@ impl Outcome {
             Outcome::Undecodable(error) => Some(error.to_string()),
         }
     }
+
+    /// Records this outcome of a call that started at `started`, what an SSE event's or an
+    /// `#[execute]` run's call ends with: its duration, and the end of its span (`ok`, or
+    /// `error` with the reason). A consumed message's ends after its settlement instead.
+    pub(crate) fn observed(
+        &self,
+        observer: &crate::observe::Observer,
+        started: std::time::Instant,
+        span: Option<crate::observe::trace::CallSpan>,
+    ) {
+        if let Some(metrics) = &observer.metrics {
+            metrics.took(started.elapsed());
+        }
+        if let Some(mut span) = span {
+            span.failed(|| self.error());
+            span.end(match self {
+                Outcome::Done => "ok",
+                _ => "error",
+            });
+        }
+    }
 }
 
 /// What a `#[consume]` handler may return: `()` or `Result<(), E>` with a displayable `E`.

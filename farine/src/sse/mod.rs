@@ -536,16 +536,7 @@ async fn handle(
             Some(span) => span.run(layered).await,
             None => layered.await,
         };
-        if let Some(metrics) = &plan.observer.metrics {
-            metrics.took(started.elapsed());
-        }
-        if let Some(mut span) = span {
-            span.failed(|| outcome.error());
-            span.end(match outcome {
-                Outcome::Done => "ok",
-                _ => "error",
-            });
-        }
+        outcome.observed(&plan.observer, started, span);
         let error = match outcome {
             Outcome::Done => return Ok(()),
             Outcome::Undecodable(error) => {
