@@ -4,19 +4,15 @@
 //! schemas as `etc/farine.ini` configures them. `--describe` shows the same topology as a
 //! table. No broker: a document is made from the code and the config alone.
 
+mod common;
+
+use common::workspace;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use farine_test_support::asyncapi::validate;
 use farine_test_support::unique;
 use serde_json::Value;
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the workspace is farine-cli's parent")
-        .to_path_buf()
-}
 
 /// The launcher, run from the workspace.
 fn farine(args: &[&str]) -> Output {

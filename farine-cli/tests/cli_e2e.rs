@@ -3,9 +3,11 @@
 //! SIGINT, `--manifest-path`, `--release`) and of "Reference: configuration" (environment
 //! overrides, no password in `--list` or in any log line).
 
+mod common;
+
+use common::{BOUND, START_BOUND, workspace};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use farine_test_support::process::{self, Process, SIGINT, SIGTERM};
 use farine_test_support::proxy::Proxy;
@@ -13,17 +15,6 @@ use farine_test_support::{Broker, Database, IniFile, Received, free_port, unique
 use lapin::options::BasicGetOptions;
 use lapin::types::AMQPValue;
 use serde_json::{Value, json};
-
-/// The first start builds the pubsub example with cargo: give it time.
-const START_BOUND: Duration = Duration::from_secs(300);
-const BOUND: Duration = Duration::from_secs(15);
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the workspace is farine-cli's parent")
-        .to_path_buf()
-}
 
 /// The launcher, run from the workspace, logging at `info` unless a test says otherwise.
 fn farine(args: &[&str]) -> Command {

@@ -3,7 +3,9 @@
 //! pubsub example, `farine dead-letters list|replay|purge` on the pubsub example's dead letters,
 //! and no password in anything they print.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{BOUND, START_BOUND, start_rpc, workspace};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -12,17 +14,6 @@ use farine_test_support::{Broker, IniFile, free_port, unique};
 use lapin::ExchangeKind;
 use lapin::types::AMQPValue;
 use serde_json::json;
-
-/// The first start builds the example with cargo: give it time.
-const START_BOUND: Duration = Duration::from_secs(300);
-const BOUND: Duration = Duration::from_secs(15);
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the workspace is farine-cli's parent")
-        .to_path_buf()
-}
 
 /// The launcher, run from the workspace, with no config from the environment and farine's
 /// default log level for commands.
@@ -63,24 +54,6 @@ fn ran(mut command: Command) -> Ran {
 }
 
 // --- farine call --------------------------------------------------------------------------------
-
-/// `farine --start=rpc` with the shipped etc/farine.ini (services `server` and `client`), in
-/// the test's vhost through the environment override a container would use.
-fn start_rpc(broker: &Broker) -> Process {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_farine"));
-    command
-        .args(["--start=rpc", "--config", "etc/farine.ini"])
-        .current_dir(workspace())
-        .env("FARINE__DEFAULT__AMQP_URI", broker.uri())
-        .env("RUST_LOG", "info");
-    let process = Process::spawn(command);
-    assert!(
-        process.wait_for_lines("serving RPC", 2, START_BOUND),
-        "farine --start=rpc started:\n{}",
-        process.output()
-    );
-    process
-}
 
 fn stop(mut process: Process) {
     process.signal(SIGTERM);

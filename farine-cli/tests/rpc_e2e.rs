@@ -1,7 +1,9 @@
 //! End to end: the real `farine --start=rpc` process, called by the typed client and by a
 //! hand-written AMQP client that follows only `docs/rpc-protocol.md`.
 
-use std::path::Path;
+mod common;
+
+use common::{BOUND, START_BOUND, start_rpc, workspace};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -14,28 +16,6 @@ use lapin::types::ShortString;
 use lapin::{BasicProperties, Confirmation};
 use rpc::ServerApiClient;
 use serde_json::{Value, json};
-
-const START_BOUND: Duration = Duration::from_secs(300);
-const BOUND: Duration = Duration::from_secs(15);
-
-/// `farine --start=rpc` with the shipped etc/farine.ini, in the test's vhost (through the
-/// environment override a container would use).
-fn start_rpc(broker: &Broker) -> Process {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_farine"));
-    command
-        .args(["--start=rpc", "--config", "etc/farine.ini"])
-        .current_dir(workspace)
-        .env("FARINE__DEFAULT__AMQP_URI", broker.uri())
-        .env("RUST_LOG", "info");
-    let process = Process::spawn(command);
-    assert!(
-        process.wait_for_lines("serving RPC", 2, START_BOUND),
-        "farine --start=rpc started:\n{}",
-        process.output()
-    );
-    process
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn farine_start_rpc_answers_the_typed_client() {
@@ -263,12 +243,11 @@ async fn a_service_without_a_section_is_skipped_with_a_log_line_and_the_others_s
         "[DEFAULT]\namqp_uri = {}\n\n[server]\n",
         broker.uri()
     ));
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_farine"));
     command
         .args(["--start=rpc", "--config"])
         .arg(&ini.path)
-        .current_dir(workspace)
+        .current_dir(workspace())
         .env("RUST_LOG", "info");
     let mut process = Process::spawn(command);
     assert!(

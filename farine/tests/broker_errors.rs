@@ -169,18 +169,14 @@ async fn declaring_a_queue_another_connection_holds_exclusively_is_resource_lock
     let _ = other.close(200, "done".into()).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_to_a_service_whose_queue_nobody_consumes_is_no_consumers_naming_the_queue() {
-    let broker = Broker::connect().await;
-    // What a stopped RPC server leaves: its exchange and queue, bound, with no consumer.
-    let service = unique("stopped-svc");
-    broker
-        .declare_exchange(&service, ExchangeKind::Direct)
-        .await;
+/// Leaves what a stopped RPC server of `service` leaves, its exchange and `queue` bound with
+/// `<service>__ping` and no consumer, then calls `ping`: the error, which names `queue`.
+async fn call_nobody_consumes(broker: &Broker, service: &str, queue: &str) -> RpcError {
+    broker.declare_exchange(service, ExchangeKind::Direct).await;
     broker
         .channel()
         .queue_declare(
-            service.as_str().into(),
+            queue.into(),
             QueueDeclareOptions {
                 durable: true,
                 ..Default::default()
@@ -192,8 +188,8 @@ async fn a_call_to_a_service_whose_queue_nobody_consumes_is_no_consumers_naming_
     broker
         .channel()
         .queue_bind(
-            service.as_str().into(),
-            service.as_str().into(),
+            queue.into(),
+            service.into(),
             format!("{service}__ping").as_str().into(),
             QueueBindOptions::default(),
             FieldTable::default(),
@@ -201,7 +197,7 @@ async fn a_call_to_a_service_whose_queue_nobody_consumes_is_no_consumers_naming_
         .await
         .unwrap();
 
-    let client = Client::connect(&broker.uri(), &service, Duration::from_millis(500))
+    let client = Client::connect(&broker.uri(), service, Duration::from_millis(500))
         .await
         .unwrap();
     let error = client
@@ -212,64 +208,30 @@ async fn a_call_to_a_service_whose_queue_nobody_consumes_is_no_consumers_naming_
         RpcError::Broker { error: broker, .. } => assert_eq!(
             **broker,
             BrokerError::NoConsumers {
-                resource: Resource::Queue(service.clone())
+                resource: Resource::Queue(queue.to_string())
             }
         ),
-        other => panic!("expected NoConsumers, got {other}"),
+        other => panic!("expected NoConsumers naming {queue}, got {other}"),
     }
+    error
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_to_a_service_whose_queue_nobody_consumes_is_no_consumers_naming_the_queue() {
+    let broker = Broker::connect().await;
+    // A stopped farine server: its queue is `<service>`.
+    let service = unique("stopped-svc");
+    let error = call_nobody_consumes(&broker, &service, &service).await;
     assert!(error.to_string().contains("313 NO_CONSUMERS"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_baguette_messaging_server_is_no_consumers_naming_its_per_method_queue() {
     let broker = Broker::connect().await;
-    // What a stopped Python farine server leaves: exchange `<service>` and one queue per
-    // method, `<service>__<method>`, bound with its own name; no queue `<service>`.
+    // A stopped Python farine server: one queue per method, `<service>__<method>`, bound with
+    // its own name; no queue `<service>`.
     let service = unique("stopped-py");
-    let queue = format!("{service}__ping");
-    broker
-        .declare_exchange(&service, ExchangeKind::Direct)
-        .await;
-    broker
-        .channel()
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    broker
-        .channel()
-        .queue_bind(
-            queue.as_str().into(),
-            service.as_str().into(),
-            queue.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-
-    let client = Client::connect(&broker.uri(), &service, Duration::from_millis(500))
-        .await
-        .unwrap();
-    let error = client
-        .call::<Value>("ping", ())
-        .await
-        .expect_err("nobody serves it");
-    match &error {
-        RpcError::Broker { error: broker, .. } => assert_eq!(
-            **broker,
-            BrokerError::NoConsumers {
-                resource: Resource::Queue(queue.clone())
-            }
-        ),
-        other => panic!("expected NoConsumers naming {queue}, got {other}"),
-    }
+    call_nobody_consumes(&broker, &service, &format!("{service}__ping")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
