@@ -197,6 +197,99 @@ async fn a_sigkill_in_the_middle_of_a_batch_then_a_restart_still_gives_the_right
     assert_eq!(second.wait_exit(BOUND).and_then(|s| s.code()), Some(0));
 }
 
+/// `sql`'s one number in `database`.
+async fn count(database: &Database, sql: &'static str) -> i64 {
+    use farine::db::sqlx::{self, Connection};
+    let url = format!("postgres://postgres@127.0.0.1:5432/{}", database.name);
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_while_reading_a_stream_then_a_restart_applies_each_entry_once() {
+    let broker = Broker::connect().await;
+    let database = Database::create().await;
+    let (exchange, queue) = (unique("ledger"), unique("ledger-stream"));
+    broker
+        .declare_exchange(&exchange, ExchangeKind::Direct)
+        .await;
+    // The whole batch is in the stream before farine starts: 1000 entries, 200 of them twice.
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("stream".into()),
+    );
+    broker
+        .channel()
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await
+        .expect("stream declared");
+    broker
+        .channel()
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "entry".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("stream bound");
+    publish(&broker, &exchange, "three", 0..1000).await;
+
+    let ini = IniFile::new(&format!(
+        "{}entry.queue_type = stream\nentry.start_from = first\n",
+        std::fs::read_to_string(&ini(&broker, &database, &exchange, &queue).path).unwrap()
+    ));
+    let mut first = start_db(&ini);
+    // Kill it once it has applied a hundred entries, while it works through the rest.
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while count(&database, "SELECT count(*) FROM farine_inbox").await < 100 {
+        assert!(tokio::time::Instant::now() < deadline, "{}", first.output());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.signal(SIGKILL);
+    first.wait_exit(BOUND).expect("killed");
+    let applied = count(&database, "SELECT count(*) FROM farine_inbox").await;
+    assert!(
+        applied < 1000,
+        "the kill landed mid-stream ({applied} applied)"
+    );
+
+    // The restart reads on from the saved position, which may be behind what was applied:
+    // the inbox skips those.
+    let mut second = start_db(&ini);
+    let want = expected("three", 1000);
+    assert_eq!(
+        wait_for_balances(&broker, &want).await,
+        want,
+        "{}",
+        second.output()
+    );
+    assert_eq!(
+        count(&database, "SELECT count(*) FROM farine_inbox").await,
+        1000
+    );
+    second.signal(SIGTERM);
+    assert_eq!(second.wait_exit(BOUND).and_then(|s| s.code()), Some(0));
+    // The position was saved at the stop: past the 1200th message (offsets 0..1199).
+    assert_eq!(
+        count(
+            &database,
+            "SELECT split_part(position, '@', 2)::bigint FROM farine_checkpoint"
+        )
+        .await,
+        1200
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_refuses_stops_start_up_naming_it_but_never_its_password() {
     let broker = Broker::connect().await;

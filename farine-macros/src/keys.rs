@@ -28,6 +28,8 @@ pub const CONSUME: &[&str] = &[
     "transaction",
     "inbox",
     "inbox_key",
+    "start_from",
+    "checkpoint",
     "restart_delay",
     "restart_delay_max",
     "restart_window",

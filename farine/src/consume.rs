@@ -22,6 +22,11 @@
 //! round trip here is bounded by `connect_timeout`: a broker that stops answering cannot hang
 //! start-up or shutdown.
 
+mod stream;
+
+pub(crate) use stream::Position;
+pub use stream::StreamOffset;
+
 use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +39,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::connection::Connector;
-use crate::amqp::consuming::{ConsumeError, WindDown, basic_consume, connection_for, open_channel};
+use crate::amqp::consuming::{
+    ConsumeError, WindDown, basic_consume_with, connection_for, open_channel,
+};
 use crate::amqp::error::{BrokerError, Resource};
 use crate::amqp::message::{self, Headers, Message};
 use crate::amqp::publisher::{PublishError, Publisher, PublisherSettings};
@@ -91,6 +98,8 @@ pub(crate) struct ConsumerPlan {
     pub inbox_key: Option<String>,
     /// The database of each call, when the service has one (set at start).
     pub db: Option<Arc<crate::db::call::CallDb>>,
+    /// `queue_type = stream`: where it is read from, and the position.
+    pub stream: Option<stream::StreamPlan>,
     /// The runtime's layers, around each call (set at start).
     pub layers: Layers,
     /// The handler's metrics and the runtime's tracer (set at start).
@@ -112,11 +121,17 @@ impl ConsumerPlan {
             retry_args.insert(name.clone(), value.clone());
         }
         let kind = queue_type(&scoped)?;
+        let stream = stream::StreamPlan::from_config(&scoped, kind == Some(QueueType::Stream))?;
         // The retry and dead-letter queues are of the queue's type (a queue that survives a
-        // node loss keeps its retries and dead letters too), unless their tables say one.
+        // node loss keeps its retries and dead letters too), unless their tables say one; a
+        // stream's dead letters are in a queue (a replicated one).
+        let companion_kind = kind.map(|kind| match kind {
+            QueueType::Stream => QueueType::Quorum,
+            other => other,
+        });
         let companion = |name: String, arguments: FieldTable, key: &str| {
             let mut companion = QueueSettings::companion(name, queue.durable, arguments);
-            if let Some(kind) = kind
+            if let Some(kind) = companion_kind
                 && !companion.arguments.inner().contains_key("x-queue-type")
             {
                 companion.set_type(&scoped, kind, key)?;
@@ -135,9 +150,23 @@ impl ConsumerPlan {
                 }
             }
         }
-        let retry_queue = companion_name(&scoped, "retry_queue", &queue.name, "retry")?
-            .map(|name| companion(name, retry_args, "retry_queue_arguments"))
-            .transpose()?;
+        let retry_queue = if stream.is_some() {
+            // Nothing can be put back into a stream: its consumer retries in place.
+            match handler_queue_name(&scoped, "retry_queue", true)? {
+                Some(name) if !is_none(&name) => {
+                    return Err(section.invalid(
+                        &format!("{handler}.retry_queue"),
+                        &name,
+                        "none: a stream consumer retries a failed message in place (max_attempts, retry_delay)",
+                    ));
+                }
+                _ => None,
+            }
+        } else {
+            companion_name(&scoped, "retry_queue", &queue.name, "retry")?
+                .map(|name| companion(name, retry_args, "retry_queue_arguments"))
+                .transpose()?
+        };
         let dead_args = parse_arguments(&scoped, "dead_letter_queue_arguments")?;
         let dead_letter_queue = companion_name(&scoped, "dead_letter_queue", &queue.name, "dead")?
             .map(|name| companion(name, dead_args, "dead_letter_queue_arguments"))
@@ -169,6 +198,7 @@ impl ConsumerPlan {
             inbox: scoped.get_or("inbox", false)?,
             inbox_key: scoped.get_str("inbox_key")?,
             db: None,
+            stream,
             layers: Layers::default(),
             observer: Observer::default(),
         })
@@ -185,9 +215,13 @@ impl ConsumerPlan {
         description.queue = Some((&self.queue).into());
         description.settings = vec![
             format!("prefetch {}", self.prefetch),
-            match &self.retry_queue {
-                Some(retry) => format!("retries {} (x{})", retry.name, self.max_attempts),
-                None => "no retries (retry_queue = none)".to_string(),
+            match (&self.stream, &self.retry_queue) {
+                (Some(stream), _) => format!(
+                    "stream from {}, retried in place (x{})",
+                    stream.start_from, self.max_attempts
+                ),
+                (None, Some(retry)) => format!("retries {} (x{})", retry.name, self.max_attempts),
+                (None, None) => "no retries (retry_queue = none)".to_string(),
             },
             format!("dead letters {}", dead_letter(self)),
         ];
@@ -318,8 +352,18 @@ pub(crate) async fn run(
         return Ok(());
     };
     let broker = connector.broker();
+    // A stream is read from a position: this run's, and the consumer argument that asks for it.
+    let (stream_run, arguments) = match &plan.stream {
+        Some(stream) => {
+            let (run, arguments) = stream::Run::open(&plan, stream)
+                .await
+                .map_err(ConsumeError::Checkpoint)?;
+            (Some(run), arguments)
+        }
+        None => (None, FieldTable::default()),
+    };
     let (channel, mut consumer) =
-        tokio::time::timeout(plan.op_timeout, set_up(&plan, &conn, &broker))
+        tokio::time::timeout(plan.op_timeout, set_up(&plan, &conn, &broker, arguments))
             .await
             .map_err(|_| ConsumeError::Timeout(plan.op_timeout).on(&conn))?
             .map_err(|e| e.on(&conn))?;
@@ -334,6 +378,10 @@ pub(crate) async fn run(
         "consuming"
     );
     ready.signal(Ok(()));
+    let stop_writer = CancellationToken::new();
+    let writer = stream_run
+        .as_ref()
+        .map(|run| run.checkpoint_writer(plan.clone(), stop_writer.clone()));
 
     // Failed messages go to the retry and dead-letter queues through the default exchange.
     let retry = Publisher::new(
@@ -366,6 +414,19 @@ pub(crate) async fn run(
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     let message = Message::new(delivery);
+                    if let Some(run) = &stream_run {
+                        match run.admit(&message) {
+                            stream::Admit::Handle(offset) => {
+                                let task = Box::pin(stream::handle(plan.clone(), message, offset, call.clone(), run.clone(), companions.clone(), shutdown.clone()));
+                                in_flight.push(scope.enter(task));
+                            }
+                            // Before the position: only the credit is given back.
+                            stream::Admit::Skip => if let Err(e) = message.ack().await {
+                                tracing::debug!(service = plan.service, handler = plan.handler, error = %e, "could not ack a skipped message");
+                            },
+                        }
+                        continue;
+                    }
                     let handled = call(message.clone());
                     // Boxed at once: the call's future is large, and is moved on from here.
                     let task = Box::pin(handle(plan.clone(), message, handled, companions.clone(), shutdown.clone()));
@@ -391,6 +452,11 @@ pub(crate) async fn run(
     }
     // Handlers still running now cannot settle on a broken channel: their messages come back.
     in_flight.stop().await;
+    if let (Some(run), Some(stream), Some(writer)) = (&stream_run, &plan.stream, writer) {
+        stop_writer.cancel();
+        let _ = writer.await;
+        run.close(&plan, &stream.position).await;
+    }
     wind_down.close(&retry).await;
     stopped
 }
@@ -401,6 +467,7 @@ async fn set_up(
     plan: &ConsumerPlan,
     conn: &crate::amqp::transport::Connection,
     broker: &str,
+    arguments: FieldTable,
 ) -> Result<
     (
         crate::amqp::transport::Channel,
@@ -419,7 +486,7 @@ async fn set_up(
     if let Some(dead) = &plan.dead_letter_queue {
         dead.declare(&channel, broker).await?;
     }
-    let consumer = basic_consume(&channel, broker, &plan.queue.name).await?;
+    let consumer = basic_consume_with(&channel, broker, &plan.queue.name, arguments).await?;
     Ok((channel, consumer))
 }
 
@@ -438,7 +505,27 @@ async fn handle(
     companions: Arc<Companions>,
     shutdown: CancellationToken,
 ) {
-    let id = inbox_id(&plan, &message);
+    let (outcome, call) = observe(&plan, &message, handled).await;
+    let settled = settle(
+        &plan,
+        &message,
+        outcome,
+        message.attempt(),
+        &companions,
+        &shutdown,
+    )
+    .await;
+    call.end(&plan, settled);
+}
+
+/// One call of the handler on `message` (`handled`), inside the inbox, the transaction and the
+/// layers, traced and timed: its outcome, and the call to end once the message is settled.
+async fn observe(
+    plan: &ConsumerPlan,
+    message: &Message,
+    handled: BoxFuture<'static, Outcome>,
+) -> (Outcome, ObservedCall) {
+    let id = inbox_id(plan, message);
     let spec = CallSpec {
         service: plan.service,
         handler: plan.handler,
@@ -472,7 +559,7 @@ async fn handle(
         }
     };
     let kind = (plan.service, plan.handler, HandlerKind::Consume);
-    let layered = plan.layers.around(kind, &message, called);
+    let layered = plan.layers.around(kind, message, called);
     let outcome = match &span {
         Some(span) => span.run(layered).await,
         None => layered.await,
@@ -483,20 +570,33 @@ async fn handle(
     if let Some(span) = &mut span {
         span.failed(|| outcome.error());
     }
-    let mut settled = settle(&plan, &message, outcome, &companions, &shutdown).await;
-    if settled == MessageOutcome::Ok && duplicate.load(std::sync::atomic::Ordering::Relaxed) {
-        settled = MessageOutcome::Duplicate;
-    }
-    if let Some(metrics) = &plan.observer.metrics {
-        metrics.message(settled);
-    }
-    if let Some(span) = span {
-        span.end(settled.label());
+    let duplicate = duplicate.load(std::sync::atomic::Ordering::Relaxed);
+    (outcome, ObservedCall { span, duplicate })
+}
+
+/// A call whose message is not settled yet: its span, and whether the inbox knew the message.
+struct ObservedCall {
+    span: Option<crate::observe::trace::CallSpan>,
+    duplicate: bool,
+}
+
+impl ObservedCall {
+    /// Counts the message as `settled` and ends the span.
+    fn end(self, plan: &ConsumerPlan, mut settled: MessageOutcome) {
+        if settled == MessageOutcome::Ok && self.duplicate {
+            settled = MessageOutcome::Duplicate;
+        }
+        if let Some(metrics) = &plan.observer.metrics {
+            metrics.message(settled);
+        }
+        if let Some(span) = self.span {
+            span.end(settled.label());
+        }
     }
 }
 
 /// The id the inbox records for `message`: the `inbox_key` field of its body, else its
-/// `message_id`; `None` (no deduplication, logged) when it has neither.
+/// `message_id`, else for a stream's message `<queue>@<offset>`; `None` (no deduplication, logged) when it has neither.
 fn inbox_id(plan: &ConsumerPlan, message: &Message) -> Option<String> {
     if !plan.inbox {
         return None;
@@ -509,7 +609,11 @@ fn inbox_id(plan: &ConsumerPlan, message: &Message) -> Option<String> {
                 Some(serde_json::Value::Null) | None => None,
                 Some(other) => Some(other.to_string()),
             }),
-        None => message.message_id().map(str::to_string),
+        // A stream's message without an id is known by its place in the stream.
+        None => message.message_id().map(str::to_string).or_else(|| {
+            plan.stream.as_ref()?;
+            stream::offset_of(message).map(|offset| format!("{}@{offset}", plan.queue.name))
+        }),
     };
     if id.is_none() {
         tracing::warn!(
@@ -522,15 +626,16 @@ fn inbox_id(plan: &ConsumerPlan, message: &Message) -> Option<String> {
     id
 }
 
+/// Settles `message` after its `attempt`-th call ended with `outcome`.
 async fn settle(
     plan: &ConsumerPlan,
     message: &Message,
     outcome: Outcome,
+    attempt: u32,
     companions: &Companions,
     shutdown: &CancellationToken,
 ) -> MessageOutcome {
     let (service, handler, delivery_tag) = (plan.service, plan.handler, message.delivery_tag());
-    let attempt = message.attempt();
     let (error, target) = match outcome {
         Outcome::Done => {
             if !message.is_settled()
@@ -602,6 +707,8 @@ async fn settle(
         Target::Dead(_) => MessageOutcome::Rejected,
     };
     let result = match (&target, &plan.dead_letter_queue) {
+        // Nothing leaves a stream: the ack gives the credit back, and the position moves on.
+        (Target::Dead(_), None) if plan.stream.is_some() => message.ack().await,
         (Target::Dead(_), None) => message.reject(false).await,
         // Boxed: a cold path whose publish future would make every call's future larger.
         _ => match Box::pin(forward(plan, message, &error, &target, companions)).await {
@@ -614,9 +721,13 @@ async fn settle(
                     _ = tokio::time::sleep(plan.retry_delay) => {}
                     _ = shutdown.cancelled() => {}
                 }
-                // It comes back: handled again, as a retry is.
+                // It comes back: handled again, as a retry is (a stream's at the next start).
                 settled = MessageOutcome::Retry;
-                message.nack(true).await
+                if plan.stream.is_some() {
+                    message.ack().await
+                } else {
+                    message.nack(true).await
+                }
             }
         },
     };

@@ -84,6 +84,7 @@ pub mod layer {
 pub use amqp::error::{BrokerError, Resource};
 pub use amqp::message::{Headers, Message, SettleError};
 pub use amqp::publisher::{PublishError, PublishOptions, Publisher};
+pub use consume::StreamOffset;
 #[cfg(feature = "db")]
 pub use db::{Db, DbCallError};
 pub use decode::DecodeError;

@@ -425,7 +425,7 @@ fn queue_type_is_classic_or_quorum_and_a_quorum_queue_is_durable_shared_and_kept
         described.description.map_err(|e| e.to_string())
     };
     for (extra, expected) in [
-        ("queue_type = stream\n", "expected classic or quorum"),
+        ("queue_type = lazy\n", "expected classic, quorum or stream"),
         (
             "queue_type = quorum\nqueue_exclusive = true\n",
             "option `queue_exclusive`",

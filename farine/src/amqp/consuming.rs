@@ -26,6 +26,9 @@ pub enum ConsumeError {
     Ended,
     #[error("the broker did not answer within {0:?} while the consumer was set up")]
     Timeout(Duration),
+    /// A stream consumer's saved position could not be read.
+    #[error("the stream's position could not be read from the database: {0}")]
+    Checkpoint(String),
     /// The connection went away under the consumer: it resumes once farine reconnected.
     #[error("the connection to the broker was lost: {0}")]
     ConnectionLost(String),
@@ -132,13 +135,19 @@ pub(crate) async fn basic_consume(
     broker: &str,
     queue: &str,
 ) -> Result<Consumer, BrokerError> {
+    basic_consume_with(channel, broker, queue, FieldTable::default()).await
+}
+
+/// Starts consuming `queue` on `channel` with consumer `arguments` (a stream's
+/// `x-stream-offset`).
+pub(crate) async fn basic_consume_with(
+    channel: &Channel,
+    broker: &str,
+    queue: &str,
+    arguments: FieldTable,
+) -> Result<Consumer, BrokerError> {
     channel
-        .basic_consume(
-            queue,
-            "",
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
+        .basic_consume(queue, "", BasicConsumeOptions::default(), arguments)
         .await
         .map_err(|e| BrokerError::from_lapin(&e, Resource::Queue(queue.to_string()), broker))
 }

@@ -149,6 +149,9 @@ pub enum QueueType {
     Classic,
     /// Replicated over the cluster's nodes (Raft): survives the loss of a minority of them.
     Quorum,
+    /// An append-only log, replicated as a quorum queue is: reading does not remove, each
+    /// consumer reads from a position of its own (`start_from`). For `#[consume]` only.
+    Stream,
 }
 
 impl QueueType {
@@ -157,6 +160,7 @@ impl QueueType {
         match self {
             QueueType::Classic => "classic",
             QueueType::Quorum => "quorum",
+            QueueType::Stream => "stream",
         }
     }
 }
@@ -169,9 +173,10 @@ pub(crate) fn queue_type(handler: &HandlerSection<'_>) -> Result<Option<QueueTyp
     match text.trim().to_ascii_lowercase().as_str() {
         "classic" => Ok(Some(QueueType::Classic)),
         "quorum" => Ok(Some(QueueType::Quorum)),
+        "stream" => Ok(Some(QueueType::Stream)),
         _ => Err(handler
             .section()
-            .invalid("queue_type", &text, "classic or quorum")),
+            .invalid("queue_type", &text, "classic, quorum or stream")),
     }
 }
 
@@ -321,7 +326,7 @@ impl QueueSettings {
         };
         if let Some(kind) = queue_type(handler)? {
             queue.set_type(handler, kind, "queue_arguments")?;
-            if kind == QueueType::Quorum {
+            if kind != QueueType::Classic {
                 for (key, wrong, value) in [
                     ("queue_durable", !queue.durable, "false"),
                     ("queue_auto_delete", queue.auto_delete, "true"),
@@ -331,7 +336,10 @@ impl QueueSettings {
                         return Err(handler.section().invalid(
                             key,
                             value,
-                            "the default with queue_type = quorum: a quorum queue is durable, shared and kept",
+                            format!(
+                                "the default with queue_type = {0}: a {0} queue is durable, shared and kept",
+                                kind.as_str()
+                            ),
                         ));
                     }
                 }

@@ -1,5 +1,6 @@
-//! Where a `#[stream::http]` handler's position is kept across restarts of the process: table
-//! `farine_checkpoint`, one row per service and handler, created on first use.
+//! Where a `#[stream::http]` handler's or a stream queue consumer's position is kept across
+//! restarts of the process: table `farine_checkpoint`, one row per service and handler,
+//! created on first use.
 
 use sqlx::PgPool;
 

@@ -8,14 +8,14 @@
 //! farine needs no database.
 
 pub(crate) mod call;
-// Checkpoints are the positions of SSE streams.
-#[cfg(all(feature = "db", feature = "sse"))]
+// Checkpoints are the positions of SSE streams and stream queues.
+#[cfg(feature = "db")]
 pub(crate) mod checkpoint;
 #[cfg(not(feature = "db"))]
 mod without;
 #[cfg(not(feature = "db"))]
 pub(crate) use without::{PgPool, migrate, ping};
-#[cfg(all(not(feature = "db"), feature = "sse"))]
+#[cfg(not(feature = "db"))]
 pub(crate) mod checkpoint {
     pub(crate) use super::without::Checkpoint;
 }

@@ -29,11 +29,9 @@ pub(crate) async fn ping(pool: &PgPool) -> Result<(), String> {
 }
 
 /// No checkpoint table: a stream's position is kept in memory.
-#[cfg(feature = "sse")]
 #[derive(Clone, Debug)]
 pub(crate) enum Checkpoint {}
 
-#[cfg(feature = "sse")]
 impl Checkpoint {
     pub(crate) async fn open(pool: PgPool, _: &str, _: &str) -> Result<Self, Infallible> {
         match pool {}

@@ -419,6 +419,16 @@ impl RpcServerPlan {
         section: &Section,
     ) -> Result<Self, ConfigError> {
         let scoped = section.handler("rpc");
+        if crate::amqp::topology::queue_type(&scoped)?
+            == Some(crate::amqp::topology::QueueType::Stream)
+        {
+            // A stream gives every call to every server, and keeps it.
+            return Err(section.invalid(
+                "rpc.queue_type",
+                "stream",
+                "classic or quorum: an RPC queue hands each call to one server",
+            ));
+        }
         let prefetch = scoped
             .get_or("prefetch_count", NonZeroU16::new(10).unwrap())?
             .get();

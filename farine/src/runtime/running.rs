@@ -23,7 +23,6 @@ use crate::amqp::connection::{Connector, ConnectorSettings};
 use crate::amqp::publisher::Publisher;
 use crate::db::PgPool;
 use crate::db::call::{CallDb, Inbox};
-#[cfg(feature = "sse")]
 use crate::db::checkpoint::Checkpoint;
 use crate::handler::{Connected, Layers, Ready, Task, TaskEnv};
 use crate::observe::trace::Tracer;
@@ -425,6 +424,18 @@ async fn tasks(
                     handler: consumer.handler,
                 });
                 consumer.db = call_db(consumer.transaction, inbox);
+                if let (Some(stream), Some(pool)) = (&mut consumer.stream, &pool)
+                    && stream.use_checkpoint
+                {
+                    let checkpoint = Checkpoint::open(pool.clone(), service, consumer.handler)
+                        .await
+                        .map_err(|e| StartError::Handler {
+                            service: service.to_string(),
+                            handler: consumer.handler.to_string(),
+                            cause: format!("cannot prepare the checkpoint table: {e}"),
+                        })?;
+                    stream.position = consume::Position::with_checkpoint(checkpoint);
+                }
                 consume::task(*consumer, call, connector.clone(), env)
             }
             Planned::Rpc(mut server, methods) => {

@@ -1,0 +1,593 @@
+//! `queue_type = stream` against the real broker: catch-up from a position (`start_from`),
+//! the offset as a parameter, the position kept in PostgreSQL across restarts, several
+//! services each reading the whole stream, and failures retried in place.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::{BOUND, config, start_error};
+use farine::config::Config;
+use farine::{Runtime, Shutdown, StreamOffset, consume};
+use farine_test_support::proxy::Proxy;
+use farine_test_support::{Broker, Database, unique, wait_until};
+use lapin::ExchangeKind;
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// The bound for a thousand messages through the broker, handled one by one.
+const LONG: std::time::Duration = std::time::Duration::from_secs(60);
+
+#[derive(Deserialize)]
+struct Numbered {
+    n: u64,
+}
+
+/// What a reader handled: how many times each message (by its number `n`), and at which
+/// offset.
+#[derive(Default)]
+struct Handled(BTreeMap<u64, (usize, u64)>);
+
+impl Handled {
+    fn record(store: &Mutex<Handled>, n: u64, offset: u64) {
+        let mut handled = store.lock().unwrap();
+        let entry = handled.0.entry(n).or_insert((0, offset));
+        entry.0 += 1;
+    }
+
+    fn count(store: &Mutex<Handled>) -> usize {
+        store.lock().unwrap().0.len()
+    }
+
+    fn has(store: &Mutex<Handled>, n: u64) -> bool {
+        store.lock().unwrap().0.contains_key(&n)
+    }
+
+    /// The numbers handled; each must have been handled once, at the offset of its number.
+    fn once_each(store: &Mutex<Handled>) -> Vec<u64> {
+        let handled = store.lock().unwrap();
+        for (n, (times, offset)) in &handled.0 {
+            assert_eq!(*times, 1, "message {n} handled {times} times");
+            assert_eq!(n, offset, "message {n} is at offset {n} of the stream");
+        }
+        handled.0.keys().copied().collect()
+    }
+
+    fn take(store: &Mutex<Handled>) -> Vec<u64> {
+        let list = Self::once_each(store);
+        store.lock().unwrap().0.clear();
+        list
+    }
+}
+
+/// Declares stream `queue`, bound to direct exchange `exchange` with `rk`, as the service
+/// will (so messages can be there before it starts), and publishes `n` = `from..to` to it.
+async fn stream_with(broker: &Broker, exchange: &str, queue: &str, from: u64, to: u64) {
+    broker
+        .declare_exchange(exchange, ExchangeKind::Direct)
+        .await;
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("stream".into()),
+    );
+    broker
+        .channel()
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await
+        .expect("stream declared");
+    broker
+        .channel()
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "rk".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("stream bound");
+    publish(broker, exchange, from, to).await;
+}
+
+async fn publish(broker: &Broker, exchange: &str, from: u64, to: u64) {
+    let values: Vec<Value> = (from..to).map(|n| json!({ "n": n })).collect();
+    broker.publish_json_batch(exchange, "rk", &values).await;
+}
+
+/// A reader's keys: the stream and where to start.
+fn reader(exchange: &str, queue: &str, start_from: &str) -> Vec<(String, String)> {
+    [
+        ("read.exchange", exchange),
+        ("read.exchange_type", "direct"),
+        ("read.routing_key", "rk"),
+        ("read.queue", queue),
+        ("read.queue_type", "stream"),
+        ("read.start_from", start_from),
+    ]
+    .into_iter()
+    .map(|(key, value)| (key.to_string(), value.to_string()))
+    .collect()
+}
+
+fn reader_config(broker: &Broker, service: &str, keys: &[(String, String)]) -> Config {
+    let keys: Vec<(&str, &str)> = keys
+        .iter()
+        .map(|(key, value)| (key.as_str(), value.as_str()))
+        .collect();
+    config(broker, service, &keys)
+}
+
+fn reader_config_with_db(
+    broker: &Broker,
+    service: &str,
+    database: &Database,
+    keys: &[(String, String)],
+) -> Config {
+    let mut text = format!(
+        "[{service}]\namqp_uri = {}\n{}",
+        broker.uri(),
+        database.ini_keys()
+    );
+    for (key, value) in keys {
+        text.push_str(&format!("{key} = {value}\n"));
+    }
+    Config::from_ini(&text, "test.ini").expect("test config parses")
+}
+
+async fn start(config: Config, service: &str) -> farine::Running {
+    Runtime::new(config)
+        .services([service])
+        .start()
+        .await
+        .expect("starts")
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static FIRST_A: Mutex<Handled> = Mutex::new(Handled(BTreeMap::new()));
+static FIRST_B: Mutex<Handled> = Mutex::new(Handled(BTreeMap::new()));
+
+#[derive(Default)]
+struct ReaderA;
+
+#[farine::service(name = "stream_reader_a")]
+impl ReaderA {
+    #[consume(exchange = "set-by-config", routing_key = "rk")]
+    async fn read(&self, body: Numbered, offset: StreamOffset) -> Result<(), String> {
+        Handled::record(&FIRST_A, body.n, offset.0);
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct ReaderB;
+
+#[farine::service(name = "stream_reader_b")]
+impl ReaderB {
+    #[consume(exchange = "set-by-config", routing_key = "rk")]
+    async fn read(&self, body: Numbered, offset: StreamOffset) -> Result<(), String> {
+        Handled::record(&FIRST_B, body.n, offset.0);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_first_two_services_each_read_the_whole_stream_once() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("stream-x"), unique("stream-q"));
+    stream_with(&broker, &exchange, &queue, 0, 1000).await;
+    let keys = reader(&exchange, &queue, "first");
+    let a = start(
+        reader_config(&broker, "stream_reader_a", &keys),
+        "stream_reader_a",
+    )
+    .await;
+    assert!(
+        wait_until(LONG, || Handled::count(&FIRST_A) == 1000).await,
+        "the first reader handled the 1,000 messages ({})",
+        Handled::count(&FIRST_A)
+    );
+    // Reading took nothing away: a second service, started now, reads them all too.
+    let b = start(
+        reader_config(&broker, "stream_reader_b", &keys),
+        "stream_reader_b",
+    )
+    .await;
+    assert!(
+        wait_until(LONG, || Handled::count(&FIRST_B) == 1000).await,
+        "the second reader handled the 1,000 messages ({})",
+        Handled::count(&FIRST_B)
+    );
+    a.stop().await;
+    b.stop().await;
+    let all: Vec<u64> = (0..1000).collect();
+    assert_eq!(Handled::once_each(&FIRST_A), all);
+    assert_eq!(Handled::once_each(&FIRST_B), all);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static RESUMED: Mutex<Handled> = Mutex::new(Handled(BTreeMap::new()));
+/// While set, the reader holds the messages from 400 on until the stop, and fails them then.
+static HOLD_AT_400: AtomicBool = AtomicBool::new(true);
+
+#[derive(Default)]
+struct Resuming;
+
+#[farine::service(name = "stream_resuming")]
+impl Resuming {
+    #[consume(exchange = "set-by-config", routing_key = "rk")]
+    async fn read(
+        &self,
+        body: Numbered,
+        offset: StreamOffset,
+        shutdown: Shutdown,
+    ) -> Result<(), String> {
+        if body.n >= 400 && HOLD_AT_400.load(Ordering::SeqCst) {
+            shutdown.cancelled().await;
+            return Err("stopped before it was done".to_string());
+        }
+        Handled::record(&RESUMED, body.n, offset.0);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_after_400_a_reader_resumes_from_its_checkpoint_with_the_other_600() {
+    let broker = Broker::connect().await;
+    let database = Database::create().await;
+    let (exchange, queue) = (unique("stream-x"), unique("stream-q"));
+    stream_with(&broker, &exchange, &queue, 0, 1000).await;
+    let keys = reader(&exchange, &queue, "first");
+    let service = "stream_resuming";
+
+    let first = start(
+        reader_config_with_db(&broker, service, &database, &keys),
+        service,
+    )
+    .await;
+    assert!(
+        wait_until(LONG, || Handled::count(&RESUMED) == 400).await,
+        "the first run handled 0..400 ({})",
+        Handled::count(&RESUMED)
+    );
+    // The messages from 400 on are held (the broker delivers a stream by chunks, so several
+    // are in flight); the stop ends them undone.
+    first.stop().await;
+    assert_eq!(Handled::take(&RESUMED), (0..400).collect::<Vec<_>>());
+
+    HOLD_AT_400.store(false, Ordering::SeqCst);
+    let second = start(
+        reader_config_with_db(&broker, service, &database, &keys),
+        service,
+    )
+    .await;
+    assert!(
+        wait_until(LONG, || Handled::has(&RESUMED, 999)).await,
+        "the second run reached the end ({})",
+        Handled::count(&RESUMED)
+    );
+    // One more message: everything before it came first, so nothing else is on its way.
+    publish(&broker, &exchange, 1000, 1001).await;
+    assert!(wait_until(BOUND, || Handled::has(&RESUMED, 1000)).await);
+    second.stop().await;
+    assert_eq!(
+        Handled::once_each(&RESUMED),
+        (400..=1000).collect::<Vec<_>>(),
+        "the second run handled the other 600 (and the new one), none twice"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static FROM_900: Mutex<Handled> = Mutex::new(Handled(BTreeMap::new()));
+
+#[derive(Default)]
+struct From900;
+
+#[farine::service(name = "stream_from_900")]
+impl From900 {
+    #[consume(exchange = "set-by-config", routing_key = "rk")]
+    async fn read(&self, body: Numbered, offset: StreamOffset) -> Result<(), String> {
+        Handled::record(&FROM_900, body.n, offset.0);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_offset_900_a_reader_handles_the_last_100() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("stream-x"), unique("stream-q"));
+    stream_with(&broker, &exchange, &queue, 0, 1000).await;
+    let keys = reader(&exchange, &queue, "900");
+    let running = start(
+        reader_config(&broker, "stream_from_900", &keys),
+        "stream_from_900",
+    )
+    .await;
+    assert!(
+        wait_until(LONG, || Handled::has(&FROM_900, 999)).await,
+        "reached the end ({})",
+        Handled::count(&FROM_900)
+    );
+    running.stop().await;
+    // The broker starts at the chunk that holds offset 900: what comes before is skipped.
+    assert_eq!(
+        Handled::once_each(&FROM_900),
+        (900..1000).collect::<Vec<_>>()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static FROM_NEXT: Mutex<Handled> = Mutex::new(Handled(BTreeMap::new()));
+
+#[derive(Default)]
+struct FromNext;
+
+#[farine::service(name = "stream_from_next")]
+impl FromNext {
+    #[consume(exchange = "set-by-config", routing_key = "rk")]
+    async fn read(&self, body: Numbered, offset: StreamOffset) -> Result<(), String> {
+        Handled::record(&FROM_NEXT, body.n, offset.0);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_next_a_reader_handles_only_what_comes_after_it_started() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("stream-x"), unique("stream-q"));
+    stream_with(&broker, &exchange, &queue, 0, 1000).await;
+    let keys = reader(&exchange, &queue, "next");
+    // Started: its `basic.consume` was answered, so the broker placed it at the stream's end.
+    let running = start(
+        reader_config(&broker, "stream_from_next", &keys),
+        "stream_from_next",
+    )
+    .await;
+    publish(&broker, &exchange, 1000, 1005).await;
+    assert!(
+        wait_until(BOUND, || Handled::has(&FROM_NEXT, 1004)).await,
+        "the new messages were handled"
+    );
+    running.stop().await;
+    assert_eq!(
+        Handled::once_each(&FROM_NEXT),
+        (1000..1005).collect::<Vec<_>>()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static ACROSS_CUT: Mutex<Handled> = Mutex::new(Handled(BTreeMap::new()));
+static ACROSS_CUT_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[derive(Default)]
+struct AcrossCut;
+
+#[farine::service(name = "stream_across_cut")]
+impl AcrossCut {
+    #[consume(exchange = "set-by-config", routing_key = "rk")]
+    async fn read(&self, body: Numbered, offset: StreamOffset) -> Result<(), String> {
+        ACROSS_CUT_CALLS.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut handled) = ACROSS_CUT.lock() {
+            handled.0.entry(body.n).or_insert((0, offset.0)).0 += 1;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_lost_connection_a_reader_resumes_where_it_was_not_from_start_from() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("stream-x"), unique("stream-q"));
+    stream_with(&broker, &exchange, &queue, 0, 1000).await;
+    let proxy = Proxy::to_broker().await;
+    // No database: the position is kept in memory across the task's restarts.
+    let mut text = format!(
+        "[stream_across_cut]\namqp_uri = {}\n",
+        broker.uri_via(proxy.addr())
+    );
+    for (key, value) in reader(&exchange, &queue, "first") {
+        text.push_str(&format!("{key} = {value}\n"));
+    }
+    let config = Config::from_ini(&text, "test.ini").unwrap();
+    let running = start(config, "stream_across_cut").await;
+    assert!(wait_until(LONG, || Handled::count(&ACROSS_CUT) >= 300).await);
+    proxy.cut();
+    assert!(
+        wait_until(LONG, || Handled::count(&ACROSS_CUT) == 1000).await,
+        "every message handled after the cut ({})",
+        Handled::count(&ACROSS_CUT)
+    );
+    running.stop().await;
+    // Read again: only what was in flight at the cut; from `first` it would be 300 or more.
+    let again = ACROSS_CUT_CALLS.load(Ordering::SeqCst) - 1000;
+    assert!(again < 300, "{again} messages handled twice");
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static INBOXED: Mutex<Handled> = Mutex::new(Handled(BTreeMap::new()));
+
+#[derive(Default)]
+struct Inboxed;
+
+#[farine::service(name = "stream_inboxed")]
+impl Inboxed {
+    #[consume(exchange = "set-by-config", routing_key = "rk")]
+    async fn read(&self, body: Numbered, offset: StreamOffset) -> Result<(), String> {
+        Handled::record(&INBOXED, body.n, offset.0);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_inbox_a_stream_read_again_runs_no_message_twice() {
+    use farine::db::sqlx::{self, Connection};
+    let broker = Broker::connect().await;
+    let database = Database::create().await;
+    let (exchange, queue) = (unique("stream-x"), unique("stream-q"));
+    // Messages without a message id: the inbox knows them by their offset.
+    stream_with(&broker, &exchange, &queue, 0, 20).await;
+    let mut keys = reader(&exchange, &queue, "first");
+    keys.push(("read.inbox".into(), "true".into()));
+    let service = "stream_inboxed";
+    let config = || reader_config_with_db(&broker, service, &database, &keys);
+    let first = start(config(), service).await;
+    assert!(wait_until(BOUND, || Handled::count(&INBOXED) == 20).await);
+    first.stop().await;
+
+    // The position put back to the stream's start: everything is delivered again.
+    let url = format!("postgres://postgres@127.0.0.1:5432/{}", database.name);
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    let rewound = sqlx::query("UPDATE farine_checkpoint SET position = $1")
+        .bind(format!("{queue}@0"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(rewound.rows_affected(), 1);
+    publish(&broker, &exchange, 20, 21).await;
+    let second = start(config(), service).await;
+    assert!(wait_until(BOUND, || Handled::has(&INBOXED, 20)).await);
+    second.stop().await;
+    assert_eq!(Handled::once_each(&INBOXED), (0..=20).collect::<Vec<_>>());
+    let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM farine_inbox")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(recorded, 21);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static ATTEMPTS: Mutex<BTreeMap<u64, usize>> = Mutex::new(BTreeMap::new());
+
+#[derive(Default)]
+struct Failing;
+
+#[farine::service(name = "stream_failing")]
+impl Failing {
+    /// Message 3 always fails, message 5 fails once.
+    #[consume(exchange = "set-by-config", routing_key = "rk")]
+    async fn read(&self, body: Numbered) -> Result<(), String> {
+        let attempt = {
+            let mut attempts = ATTEMPTS.lock().unwrap();
+            let attempt = attempts.entry(body.n).or_default();
+            *attempt += 1;
+            *attempt
+        };
+        match (body.n, attempt) {
+            (3, _) | (5, 1) => Err(format!("message {} fails", body.n)),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_message_is_retried_in_place_then_dead_lettered_and_the_reader_goes_on() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("stream-x"), unique("stream-q"));
+    stream_with(&broker, &exchange, &queue, 0, 10).await;
+    let mut keys = reader(&exchange, &queue, "first");
+    keys.push(("read.max_attempts".into(), "3".into()));
+    keys.push(("read.retry_delay".into(), "10ms".into()));
+    let running = start(
+        reader_config(&broker, "stream_failing", &keys),
+        "stream_failing",
+    )
+    .await;
+    let dead = format!("{queue}.dead");
+    assert!(
+        broker.wait_for_ready(&dead, 1, BOUND).await,
+        "message 3 was dead-lettered"
+    );
+    assert!(wait_until(BOUND, || ATTEMPTS.lock().unwrap().len() == 10).await);
+    running.stop().await;
+    let attempts = ATTEMPTS.lock().unwrap().clone();
+    assert_eq!(attempts[&3], 3, "retried in place up to max_attempts");
+    assert_eq!(attempts[&5], 2, "a failure then a success");
+    assert!(
+        attempts
+            .iter()
+            .all(|(n, times)| [3, 5].contains(n) || *times == 1)
+    );
+    let letter = broker.get(&dead).await.expect("the dead letter");
+    assert_eq!(letter.json(), json!({"n": 3}));
+    // No retry queue: nothing can be put back into a stream.
+    let (queues, _) = broker.declared();
+    assert!(!queues.contains(&format!("{queue}.retry")), "{queues:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct NoRpc;
+
+#[farine::service(name = "stream_no_rpc")]
+impl NoRpc {
+    #[farine::rpc::method]
+    async fn answer(&self) -> u32 {
+        42
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_settings_that_cannot_work_are_config_errors() {
+    let broker = Broker::connect().await;
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (&[("read.start_from", "first")], "queue_type = stream"),
+        (
+            &[
+                ("read.queue_type", "stream"),
+                ("read.start_from", "yesterday"),
+            ],
+            "RFC 3339",
+        ),
+        (
+            &[("read.queue_type", "stream"), ("read.retry_queue", "mine")],
+            "retries a failed message in place",
+        ),
+        (
+            &[
+                ("read.queue_type", "stream"),
+                ("read.queue_durable", "false"),
+            ],
+            "a stream queue is durable",
+        ),
+    ];
+    let error = start_error(
+        config(&broker, "stream_no_rpc", &[("rpc.queue_type", "stream")]),
+        "stream_no_rpc",
+        "rpc.queue_type = stream refused",
+    )
+    .await;
+    assert!(
+        error
+            .to_string()
+            .contains("an RPC queue hands each call to one server"),
+        "{error}"
+    );
+    for (keys, expected) in cases {
+        let error = start_error(
+            config(&broker, "stream_from_next", keys),
+            "stream_from_next",
+            expected,
+        )
+        .await;
+        assert!(error.to_string().contains(expected), "{keys:?}: {error}");
+    }
+}
