@@ -390,3 +390,27 @@ fn rpc_requests_allow_protocol_flags_and_a_stream_says_its_items_are_replies() {
         summary("shop.total.reply")
     );
 }
+
+#[test]
+fn with_rpc_queue_per_method_the_document_and_the_list_name_each_methods_own_queue() {
+    let queues = |config: &str| {
+        let doc = document(config);
+        ["shop__total", "shop__lines"].map(|key| {
+            doc["channels"][format!("shop.{key}")]["bindings"]["amqp"]["x-farine-queues"][0]["name"]
+                .clone()
+        })
+    };
+    assert_eq!(queues(&config()), [json!("shop"), json!("shop")]);
+    let per_method = format!("{}rpc_queue_per_method = true\n", config());
+    assert_eq!(
+        queues(&per_method),
+        [json!("shop__total"), json!("shop__lines")]
+    );
+    // `--list` (and `--describe`, from the same descriptions).
+    let listed = |text: &str| {
+        let config = Config::from_ini(text, "asyncapi-test.ini").expect("the config parses");
+        farine::__private::list("shop", Some(&config))
+    };
+    assert!(listed(&config()).contains(r#"routing key "shop__total", queue shop,"#));
+    assert!(listed(&per_method).contains(r#"routing key "shop__total", queue shop__total,"#));
+}

@@ -5,8 +5,8 @@
 //!
 //! The cases (listed in `farine/src/docs/testing.md`): routing by each exchange type, the
 //! prefetch bound, retries with a delay then the dead-letter queue, queue TTL dead-lettering,
-//! mandatory returns, RPC (a result, NoSuchMethod, a streaming call cancelled by its caller),
-//! and a stop that drains the call in flight.
+//! mandatory returns, RPC (a result, NoSuchMethod, a streaming call cancelled by its caller; on
+//! one queue and on a queue per method), and a stop that drains the call in flight.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -588,6 +588,53 @@ async fn rpc_answers_refuses_unknown_methods_and_stops_a_cancelled_stream(target
         2
     );
     running.stop().await;
+}
+
+on_both!(rpc_with_a_queue_per_method_serves_each_method_from_its_own_queue);
+
+/// `rpc_queue_per_method = true`: a consumer on each method's queue, the service's one queue
+/// not declared, calls and cancellations as before, every consumer cancelled on stop.
+async fn rpc_with_a_queue_per_method_serves_each_method_from_its_own_queue(target: Target) {
+    let config = target.config("[scenario_calc]\nrpc_queue_per_method = true\n");
+    let running = Runtime::new(config)
+        .services(["scenario_calc"])
+        .start()
+        .await
+        .expect("starts");
+    let (_connector, channel) = target.channel().await;
+    for queue in ["scenario_calc__add", "scenario_calc__forever"] {
+        assert_eq!(consumers(&channel, queue).await, 1, "{queue}");
+    }
+    let client = farine::rpc::Client::connect(&target.uri(), "scenario_calc", BOUND)
+        .await
+        .expect("client");
+    assert_eq!(client.call::<i64>("add", (2, 3)).await.expect("add"), 5);
+    let run = unique("scenario-per-method");
+    let mut numbers = client
+        .stream::<u64>("forever", (&run,))
+        .await
+        .expect("stream");
+    assert_eq!(numbers.next().await.expect("an item").expect("a number"), 0);
+    drop(numbers);
+    let stopped = tokio::time::timeout(BOUND, async {
+        while !STREAM_DROPPED.lock().unwrap().contains(&run) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        stopped.is_ok(),
+        "the server never dropped the cancelled stream"
+    );
+    assert_eq!(client.call::<i64>("add", (1, 1)).await.expect("add"), 2);
+    running.stop().await;
+    for queue in ["scenario_calc__add", "scenario_calc__forever"] {
+        assert_eq!(
+            consumers(&channel, queue).await,
+            0,
+            "{queue} after the stop"
+        );
+    }
 }
 
 // --- stop drains the call in flight -----------------------------------------------------------

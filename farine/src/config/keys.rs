@@ -106,6 +106,7 @@ pub const RPC_SERVER: &[&str] = &[
     "queue_arguments",
     "queue_type",
     "binding_arguments",
+    "rpc_queue_per_method",
     "prefetch_count",
     "drain_timeout",
     "connect_timeout",

@@ -128,6 +128,42 @@ impl RpcError {
         }
     }
 
+    /// For a [`Remote`](RpcError::Remote) error from a baguette-messaging (Python farine)
+    /// server, whose message is the Python traceback: the exception's class and message, read
+    /// from the traceback's last line (`ValueError: no such user` gives `("ValueError", "no
+    /// such user")`). `None` for other errors and for farine servers' messages.
+    ///
+    /// ```
+    /// # use farine::rpc::RpcError;
+    /// # fn show(error: &RpcError) {
+    /// if let Some((class, message)) = error.python_exception() {
+    ///     eprintln!("the Python server raised {class}: {message}");
+    /// }
+    /// # }
+    /// ```
+    pub fn python_exception(&self) -> Option<(&str, &str)> {
+        let RpcError::Remote {
+            kind: None,
+            message,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        if !message.starts_with("Traceback (most recent call last):") {
+            return None;
+        }
+        let last = message.trim_end().lines().last()?;
+        // `raise ValueError` with no message prints the class alone.
+        let (class, text) = last.split_once(": ").unwrap_or((last, ""));
+        let class = class.trim();
+        let is_name = !class.is_empty()
+            && class
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+        is_name.then_some((class, text))
+    }
+
     /// The method called.
     pub fn method(&self) -> &str {
         match self {
@@ -142,5 +178,48 @@ impl RpcError {
             | RpcError::Broker { method, .. }
             | RpcError::NotRunning { method, .. } => method,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote(message: &str) -> RpcError {
+        RpcError::Remote {
+            service: "pycalc".into(),
+            method: "fail".into(),
+            kind: None,
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn a_python_traceback_gives_the_exception_class_and_message() {
+        let traceback = "Traceback (most recent call last):\n  File \"/srv/farine/rpc/server.py\", line 22, in main_callback\n    result = self.callback(*result['args'], **result['kwargs'])\nValueError: no such user: ana\n";
+        assert_eq!(
+            remote(traceback).python_exception(),
+            Some(("ValueError", "no such user: ana"))
+        );
+        let bare = "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\nKeyError\n";
+        assert_eq!(remote(bare).python_exception(), Some(("KeyError", "")));
+    }
+
+    #[test]
+    fn other_errors_have_no_python_exception() {
+        assert_eq!(remote("boom").python_exception(), None);
+        let farine = RpcError::Remote {
+            service: "s".into(),
+            method: "m".into(),
+            kind: Some(ErrorKind::Remote),
+            message: "Traceback (most recent call last):\nValueError: x".into(),
+        };
+        assert_eq!(farine.python_exception(), None);
+        let timeout = RpcError::Timeout {
+            service: "s".into(),
+            method: "m".into(),
+            after: Duration::from_secs(1),
+        };
+        assert_eq!(timeout.python_exception(), None);
     }
 }

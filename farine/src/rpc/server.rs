@@ -3,7 +3,9 @@
 //! It declares exchange `<service>` and queue `<service>` (config `rpc_queue`), binds the queue
 //! once per method with `<service>__<method>`, and consumes it with `prefetch_count`: that many
 //! calls run at once, polled within the server's own task (no thread hop between a call and its
-//! reply; `handler::InFlight`). A call is acked after its last reply was
+//! reply; `handler::InFlight`). With `rpc_queue_per_method = true` it declares and consumes one
+//! queue per method instead, `<service>__<method>`, as baguette-messaging does, so that Python
+//! and Rust instances of a service share its calls. A call is acked after its last reply was
 //! published, so a server that dies mid-call leaves it to another instance. Each instance also
 //! has an exclusive control queue bound with `<service>.__cancel__`, on which callers that
 //! stopped reading a stream say so; a stream item the broker returns (its caller's reply queue
@@ -379,7 +381,12 @@ impl RpcCall {
 pub(crate) struct RpcServerPlan {
     pub service: &'static str,
     pub exchange: ExchangeSettings,
+    /// The service's request queue; with `queue_per_method`, the settings every method's queue
+    /// is declared with (its name is then the method's routing key).
     pub queue: QueueSettings,
+    /// `rpc_queue_per_method`: one queue per method, `<service>__<method>`, bound with its own
+    /// name, as baguette-messaging declares them (`docs/rpc-protocol.md`).
+    pub queue_per_method: bool,
     pub methods: Vec<&'static str>,
     pub prefetch: u16,
     pub drain_timeout: Duration,
@@ -406,11 +413,35 @@ impl RpcServerPlan {
             Description::new(self.service, name, HandlerKind::RpcMethod, signature);
         description.exchange = Some((&self.exchange).into());
         description.routing_key = Some(wire::routing_key(self.service, name));
-        description.queue = Some((&self.queue).into());
+        description.queue = Some((&self.queue_of(name)).into());
         if stream {
             description.settings.push("streams its result".to_string());
         }
         description
+    }
+
+    /// The queue that takes the calls of `method`: the service's, or with `queue_per_method`
+    /// the method's own, named after its routing key.
+    pub(crate) fn queue_of(&self, method: &str) -> QueueSettings {
+        if !self.queue_per_method {
+            return self.queue.clone();
+        }
+        QueueSettings {
+            name: wire::routing_key(self.service, method),
+            ..self.queue.clone()
+        }
+    }
+
+    /// The names of the queues the server consumes.
+    pub(crate) fn queue_names(&self) -> Vec<String> {
+        if self.queue_per_method {
+            self.methods
+                .iter()
+                .map(|method| wire::routing_key(self.service, method))
+                .collect()
+        } else {
+            vec![self.queue.name.clone()]
+        }
     }
 
     pub fn from_config(
@@ -432,6 +463,21 @@ impl RpcServerPlan {
         let prefetch = scoped
             .get_or("prefetch_count", NonZeroU16::new(10).unwrap())?
             .get();
+        let queue_per_method = scoped.get_or("rpc_queue_per_method", false)?;
+        if queue_per_method && let Some(name) = section.get_str("rpc_queue")? {
+            return Err(section.invalid(
+                "rpc_queue",
+                &name,
+                format!("no rpc_queue with rpc_queue_per_method = true: each method's queue is then named {service}__<method>"),
+            ));
+        }
+        for method in methods.iter().filter(|_| queue_per_method) {
+            crate::amqp::topology::amqp_name(
+                &scoped,
+                "rpc_queue_per_method",
+                wire::routing_key(service, method),
+            )?;
+        }
         Ok(Self {
             service,
             exchange: ExchangeSettings {
@@ -448,6 +494,7 @@ impl RpcServerPlan {
                         .unwrap_or_else(|| service.to_string()),
                 )?,
             )?,
+            queue_per_method,
             methods,
             prefetch,
             drain_timeout: scoped.get_or("drain_timeout", Duration::from_secs(30))?,
@@ -522,11 +569,12 @@ pub(crate) async fn run(
             .await
             .map_err(|_| ConsumeError::Timeout(plan.op_timeout).on(&conn))?
             .map_err(|e| e.on(&conn))?;
-    let tag = requests.tag();
+    let tags = requests.tags();
+    let queues = plan.queue_names().join(", ");
     tracing::info!(
         service = plan.service,
         handler = "rpc",
-        queue = %plan.queue.name,
+        queues = %queues,
         methods = ?plan.methods,
         prefetch = plan.prefetch,
         "serving RPC"
@@ -598,7 +646,7 @@ pub(crate) async fn run(
                     ));
                     in_flight.push(scope.enter(task));
                 }
-                Some(Err(e)) => break Err(channel_error(e, &plan.queue.name)),
+                Some(Err(e)) => break Err(channel_error(e, &queues)),
                 None => break Err(ConsumeError::Ended.on(&conn)),
             },
         }
@@ -611,7 +659,9 @@ pub(crate) async fn run(
         op_timeout: plan.op_timeout,
     };
     if stopped.is_ok() {
-        wind_down.cancel(tag).await;
+        for tag in tags {
+            wind_down.cancel(tag).await;
+        }
         in_flight
             .drain(plan.drain_timeout, plan.service, "rpc")
             .await;
@@ -629,7 +679,7 @@ async fn set_up(
 ) -> Result<
     (
         crate::amqp::transport::Channel,
-        crate::amqp::transport::Consumer,
+        Requests,
         crate::amqp::transport::Consumer,
     ),
     ConsumeError,
@@ -637,7 +687,7 @@ async fn set_up(
     let channel = open_channel(conn, broker, plan.prefetch).await?;
     plan.exchange.declare(&channel, broker).await?;
     for method in &plan.methods {
-        plan.queue
+        plan.queue_of(method)
             .declare_and_bind(
                 &channel,
                 broker,
@@ -666,8 +716,67 @@ async fn set_up(
         )
         .await
         .map_err(control_err)?;
-    let requests = basic_consume(&channel, broker, &plan.queue.name).await?;
+    let requests = if plan.queue_per_method {
+        let mut consumers = Vec::with_capacity(plan.methods.len());
+        for queue in plan.queue_names() {
+            consumers.push(basic_consume(&channel, broker, &queue).await?);
+        }
+        Requests::PerMethod { consumers, next: 0 }
+    } else {
+        Requests::One(basic_consume(&channel, broker, &plan.queue.name).await?)
+    };
     Ok((channel, requests, control))
+}
+
+/// The requests a server consumes: from the service's queue, or (`rpc_queue_per_method`) from
+/// one consumer per method's queue, all on the server's one channel and merged here into the
+/// one loop that serves them. The default path pays one branch per poll for it.
+enum Requests {
+    One(crate::amqp::transport::Consumer),
+    PerMethod {
+        consumers: Vec<crate::amqp::transport::Consumer>,
+        /// The consumer polled first next time: each in turn, so that a busy method's queue
+        /// does not keep the others waiting.
+        next: usize,
+    },
+}
+
+impl Requests {
+    /// The consumer tags, to cancel them on shutdown.
+    fn tags(&self) -> Vec<lapin::types::ShortString> {
+        match self {
+            Requests::One(consumer) => vec![consumer.tag()],
+            Requests::PerMethod { consumers, .. } => {
+                consumers.iter().map(|consumer| consumer.tag()).collect()
+            }
+        }
+    }
+}
+
+impl Stream for Requests {
+    type Item = lapin::Result<crate::amqp::transport::Delivery>;
+
+    /// The next request of any consumer; `None` as soon as one of them ended (the broker
+    /// cancelled it): the server then stops and is restarted, as with one queue.
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        match self.get_mut() {
+            Requests::One(consumer) => consumer.poll_next_unpin(cx),
+            Requests::PerMethod { consumers, next } => {
+                let count = consumers.len();
+                for offset in 0..count {
+                    let index = (*next + offset) % count;
+                    if let std::task::Poll::Ready(item) = consumers[index].poll_next_unpin(cx) {
+                        *next = (index + 1) % count;
+                        return std::task::Poll::Ready(item);
+                    }
+                }
+                std::task::Poll::Pending
+            }
+        }
+    }
 }
 
 /// Serves one request: decode, dispatch, reply, then ack.
@@ -735,7 +844,11 @@ async fn serve(
                 handler: method.name,
                 kind_name: "rpc",
                 span_kind: SpanKind::Server,
-                queue: &plan.queue.name,
+                queue: if plan.queue_per_method {
+                    &method.routing_key
+                } else {
+                    &plan.queue.name
+                },
                 message_id: message.correlation_id(),
             };
             let span = plan.tracer.start(spec, || message.trace_parent());
@@ -804,5 +917,47 @@ async fn serve(
     }
     if let Err(e) = message.ack().await {
         tracing::warn!(service, method = state.method, error = %e, "could not ack an RPC request");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn plan(text: &str) -> Result<RpcServerPlan, ConfigError> {
+        let config = Config::from_ini(text, "f.ini").unwrap();
+        let section = config.section("svc").unwrap();
+        RpcServerPlan::from_config("svc", vec!["add", "count"], &section)
+    }
+
+    #[test]
+    fn by_default_every_method_is_served_from_the_services_one_queue() {
+        let plan = plan("[svc]\n").unwrap();
+        assert_eq!(plan.queue_names(), ["svc"]);
+        assert_eq!(plan.queue_of("add").name, "svc");
+    }
+
+    #[test]
+    fn with_rpc_queue_per_method_each_method_has_a_queue_named_as_baguette_messaging_names_it() {
+        for text in [
+            "[svc]\nrpc_queue_per_method = true\n",
+            "[DEFAULT]\nrpc_queue_per_method = true\n[svc]\n",
+            "[svc]\nrpc.rpc_queue_per_method = true\n",
+        ] {
+            let plan = plan(text).unwrap();
+            assert_eq!(plan.queue_names(), ["svc__add", "svc__count"], "{text}");
+            let queue = plan.queue_of("count");
+            assert_eq!(queue.name, "svc__count");
+            // As Python farine declares it: durable, shared, kept, no arguments.
+            assert!(queue.durable && !queue.auto_delete && !queue.exclusive);
+            assert!(queue.arguments.inner().is_empty());
+        }
+    }
+
+    #[test]
+    fn rpc_queue_and_rpc_queue_per_method_together_are_refused() {
+        let error = plan("[svc]\nrpc_queue = calls\nrpc_queue_per_method = true\n").unwrap_err();
+        assert!(error.to_string().contains("svc__<method>"), "{error}");
     }
 }

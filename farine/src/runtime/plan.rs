@@ -77,15 +77,19 @@ impl ServicePlan {
     }
 
     /// The queues the service's tasks consume, with the handler consuming each.
-    fn consumed_queues(&self) -> impl Iterator<Item = (&str, (&'static str, &'static str))> {
-        self.tasks.iter().filter_map(|task| match task {
+    fn consumed_queues(&self) -> impl Iterator<Item = (String, (&'static str, &'static str))> {
+        self.tasks.iter().flat_map(|task| match task {
             Planned::Consume(plan, _) => {
-                Some((plan.queue.name.as_str(), (plan.service, plan.handler)))
+                vec![(plan.queue.name.clone(), (plan.service, plan.handler))]
             }
-            Planned::Rpc(plan, _) => Some((plan.queue.name.as_str(), (plan.service, "rpc"))),
-            Planned::Execute(..) => None,
+            Planned::Rpc(plan, _) => plan
+                .queue_names()
+                .into_iter()
+                .map(|queue| (queue, (plan.service, "rpc")))
+                .collect(),
+            Planned::Execute(..) => Vec::new(),
             #[cfg(feature = "sse")]
-            Planned::Sse(..) => None,
+            Planned::Sse(..) => Vec::new(),
         })
     }
 }
@@ -147,10 +151,10 @@ pub(super) fn plan(
         }
         plans.push(plan_service(entry, &section)?);
     }
-    let mut queues: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
+    let mut queues: BTreeMap<String, (&str, &str)> = BTreeMap::new();
     for plan in &plans {
         for (queue, owner) in plan.consumed_queues() {
-            if let Some((service, handler)) = queues.insert(queue, owner) {
+            if let Some((service, handler)) = queues.insert(queue.clone(), owner) {
                 return Err(StartError::Conflict(format!(
                     "handlers `{service}.{handler}` and `{}.{}` would consume the same queue `{queue}` and take each other's messages: give one another `<handler>.queue`",
                     owner.0, owner.1
