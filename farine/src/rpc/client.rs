@@ -31,7 +31,8 @@ use crate::amqp::publisher::{
 };
 use crate::amqp::topology::{ExchangeSettings, private_queue};
 
-/// How long a method's confirmed route is trusted before a call checks it again.
+/// How long a method's confirmed route is trusted before a call checks it again (and only on
+/// the connection it was confirmed on).
 pub const ROUTE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The default bound on a call (config key `rpc_timeout`).
@@ -193,8 +194,9 @@ struct Inner {
     /// [`ROUTE_CHECK_INTERVAL`]: a confirm per call costs the broker and the client a frame and
     /// a wake-up each (`BENCHMARKS.md`).
     requests: Publisher,
-    /// When each method's route was last confirmed.
-    routes: std::sync::RwLock<HashMap<String, std::time::Instant>>,
+    /// When each method's route was last confirmed, and on which connection (the connector's
+    /// count of reconnections then).
+    routes: std::sync::RwLock<HashMap<String, (std::time::Instant, u64)>>,
     calls: Calls,
     replies: tokio::sync::Mutex<Option<ReplyQueue>>,
     /// The live reply queue, read by every call without waiting for `replies`.
@@ -649,12 +651,18 @@ impl Inner {
             persistent: Some(false),
             ..Default::default()
         };
+        // A route confirmed on a connection that has since been lost is checked again: the
+        // first requests of a new connection's channels to a quorum queue whose leader is being
+        // elected (its node was the one lost) are refused by the broker, nacked when confirmed
+        // (the call fails at once) but dropped without a word when not (the call would wait
+        // for its timeout). Found on a real cluster: farine/tests/cluster.rs.
+        let connection = self.connector.reconnects();
         let checked = self
             .routes
             .read()
             .ok()
             .and_then(|routes| routes.get(method).copied())
-            .is_some_and(|at| at.elapsed() < ROUTE_CHECK_INTERVAL);
+            .is_some_and(|(at, on)| on == connection && at.elapsed() < ROUTE_CHECK_INTERVAL);
         let publisher = if checked {
             &self.requests
         } else {
@@ -667,11 +675,12 @@ impl Inner {
 
     /// Notes that the broker routed a request of `method` to a queue.
     fn route_confirmed(&self, method: &str) {
+        let confirmed = (std::time::Instant::now(), self.connector.reconnects());
         if let Ok(mut routes) = self.routes.write() {
             match routes.get_mut(method) {
-                Some(at) => *at = std::time::Instant::now(),
+                Some(at) => *at = confirmed,
                 None => {
-                    routes.insert(method.to_string(), std::time::Instant::now());
+                    routes.insert(method.to_string(), confirmed);
                 }
             }
         }

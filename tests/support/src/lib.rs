@@ -9,6 +9,7 @@
 //! never a bare sleep.
 
 pub mod asyncapi;
+pub mod cluster;
 pub mod process;
 pub mod proxy;
 pub mod sse;
