@@ -474,6 +474,51 @@ async fn with_the_inbox_a_stream_read_again_runs_no_message_twice() {
 
 // ---------------------------------------------------------------------------------------------
 
+static UNSAVED: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
+#[derive(Default)]
+struct Unsaved;
+
+#[farine::service(name = "stream_unsaved")]
+impl Unsaved {
+    #[consume(exchange = "set-by-config", routing_key = "rk")]
+    async fn read(&self, body: Numbered) {
+        UNSAVED.lock().unwrap().push(body.n);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_declares_its_stream_and_with_checkpoint_false_each_start_begins_at_start_from()
+{
+    let broker = Broker::connect().await;
+    let database = Database::create().await;
+    let (exchange, queue) = (unique("stream-x"), unique("stream-q"));
+    let mut keys = reader(&exchange, &queue, "first");
+    keys.push(("read.checkpoint".into(), "false".into()));
+    let service = "stream_unsaved";
+    let config = || reader_config_with_db(&broker, service, &database, &keys);
+    let first = start(config(), service).await;
+    assert_eq!(
+        broker.queue_info(&queue)["type"],
+        "stream",
+        "declared a stream"
+    );
+    publish(&broker, &exchange, 0, 5).await;
+    assert!(wait_until(BOUND, || UNSAVED.lock().unwrap().len() == 5).await);
+    first.stop().await;
+    let second = start(config(), service).await;
+    assert!(
+        wait_until(BOUND, || UNSAVED.lock().unwrap().len() == 10).await,
+        "read again from the first message"
+    );
+    second.stop().await;
+    let mut read = UNSAVED.lock().unwrap().clone();
+    read.sort_unstable();
+    assert_eq!(read, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]);
+}
+
+// ---------------------------------------------------------------------------------------------
+
 static ATTEMPTS: Mutex<BTreeMap<u64, usize>> = Mutex::new(BTreeMap::new());
 
 #[derive(Default)]
