@@ -415,7 +415,7 @@ pub(crate) async fn run(
                 Some(Ok(delivery)) => {
                     let message = Message::new(delivery);
                     if let Some(run) = &stream_run {
-                        match run.admit(&message) {
+                        match run.admit(&plan, &message) {
                             stream::Admit::Handle(offset) => {
                                 let task = Box::pin(stream::handle(plan.clone(), message, offset, call.clone(), run.clone(), companions.clone(), shutdown.clone()));
                                 in_flight.push(scope.enter(task));
@@ -713,6 +713,23 @@ async fn settle(
         // Boxed: a cold path whose publish future would make every call's future larger.
         _ => match Box::pin(forward(plan, message, &error, &target, companions)).await {
             Ok(()) => message.ack().await,
+            // A stream cannot take the message back: the copy is made again until it is taken
+            // (or the process stops: the message is read again at the next start).
+            Err(e) if plan.stream.is_some() => {
+                tracing::warn!(service, handler, delivery_tag, error = %e, "could not copy the failed message to the dead-letter queue; trying again");
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(plan.retry_delay) => {}
+                        () = shutdown.cancelled() => return MessageOutcome::Retry,
+                    }
+                    match Box::pin(forward(plan, message, &error, &target, companions)).await {
+                        Ok(()) => break message.ack().await,
+                        Err(e) => {
+                            tracing::debug!(service, handler, delivery_tag, error = %e, "the dead-letter copy failed again");
+                        }
+                    }
+                }
+            }
             Err(e) => {
                 // Nothing is lost: the message goes back to its queue, after a pause so that a
                 // broker refusing the copy cannot make it spin.
@@ -721,13 +738,9 @@ async fn settle(
                     _ = tokio::time::sleep(plan.retry_delay) => {}
                     _ = shutdown.cancelled() => {}
                 }
-                // It comes back: handled again, as a retry is (a stream's at the next start).
+                // It comes back: handled again, as a retry is.
                 settled = MessageOutcome::Retry;
-                if plan.stream.is_some() {
-                    message.ack().await
-                } else {
-                    message.nack(true).await
-                }
+                message.nack(true).await
             }
         },
     };

@@ -421,6 +421,56 @@ async fn after_a_lost_connection_a_reader_resumes_where_it_was_not_from_start_fr
 
 // ---------------------------------------------------------------------------------------------
 
+static NOTHING_YET: Mutex<Handled> = Mutex::new(Handled(BTreeMap::new()));
+
+#[derive(Default)]
+struct NothingYet;
+
+#[farine::service(name = "stream_nothing_yet")]
+impl NothingYet {
+    #[consume(exchange = "set-by-config", routing_key = "rk")]
+    async fn read(&self, body: Numbered, offset: StreamOffset) {
+        Handled::record(&NOTHING_YET, body.n, offset.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_from_next_that_lost_its_connection_before_any_message_misses_none_meanwhile() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("stream-x"), unique("stream-q"));
+    let proxy = Proxy::to_broker().await;
+    let mut text = format!(
+        "[stream_nothing_yet]\namqp_uri = {}\n",
+        broker.uri_via(proxy.addr())
+    );
+    for (key, value) in reader(&exchange, &queue, "next") {
+        text.push_str(&format!("{key} = {value}\n"));
+    }
+    let running = start(
+        Config::from_ini(&text, "test.ini").unwrap(),
+        "stream_nothing_yet",
+    )
+    .await;
+    // The messages are written while the reader's connection passes nothing (the proxy may
+    // let a read under way through), then it is cut: a reader that never saw an offset must
+    // not start at the stream's end again (`consume::stream` has the unit test of that).
+    proxy.stall();
+    publish(&broker, &exchange, 0, 3).await;
+    proxy.cut();
+    proxy.resume();
+    assert!(
+        wait_until(BOUND, || Handled::count(&NOTHING_YET) == 3).await,
+        "the messages written during the outage were handled ({})",
+        Handled::count(&NOTHING_YET)
+    );
+    running.stop().await;
+    // At least once: a message whose handler ended as the connection broke is read again.
+    let handled: Vec<u64> = NOTHING_YET.lock().unwrap().0.keys().copied().collect();
+    assert_eq!(handled, [0, 1, 2]);
+}
+
+// ---------------------------------------------------------------------------------------------
+
 static INBOXED: Mutex<Handled> = Mutex::new(Handled(BTreeMap::new()));
 
 #[derive(Default)]
@@ -572,6 +622,12 @@ async fn a_failed_message_is_retried_in_place_then_dead_lettered_and_the_reader_
     );
     let letter = broker.get(&dead).await.expect("the dead letter");
     assert_eq!(letter.json(), json!({"n": 3}));
+    // Its offset was the stream's: a replay appends it anew, where the broker gives another.
+    let headers = letter.properties.headers().clone().unwrap_or_default();
+    assert!(
+        !headers.inner().contains_key("x-stream-offset"),
+        "{headers:?}"
+    );
     // No retry queue: nothing can be put back into a stream.
     let (queues, _) = broker.declared();
     assert!(!queues.contains(&format!("{queue}.retry")), "{queues:?}");

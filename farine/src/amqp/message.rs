@@ -306,6 +306,13 @@ impl Message {
     /// (kept across retries, which arrive through the default exchange).
     fn origin_headers(&self) -> FieldTable {
         let mut headers = self.headers();
+        // A stream's offset is the broker's, of this delivery: a copy appended to a stream
+        // again gets another.
+        if headers.inner().contains_key("x-stream-offset") {
+            let mut table = headers.inner().clone();
+            table.remove("x-stream-offset");
+            headers = FieldTable::from(table);
+        }
         if !headers.inner().contains_key(EXCHANGE_HEADER) {
             headers.insert(
                 EXCHANGE_HEADER.into(),

@@ -95,17 +95,18 @@ impl std::fmt::Display for StartFrom {
 /// Seconds since the epoch of an RFC 3339 time (`2026-12-05T10:00:00Z`, `...+01:00`; a
 /// fraction of a second is dropped).
 fn rfc3339_seconds(text: &str) -> Option<u64> {
-    let number = |part: &str| -> Option<i64> {
-        (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+    /// The number of exactly `digits` ASCII digits.
+    fn number(part: &str, digits: usize) -> Option<i64> {
+        (part.len() == digits && part.bytes().all(|b| b.is_ascii_digit()))
             .then(|| part.parse().ok())
             .flatten()
-    };
+    }
     let (date, time) = text.split_once(['T', 't', ' '])?;
     let mut date_parts = date.splitn(3, '-');
     let (year, month, day) = (
-        number(date_parts.next()?)?,
-        number(date_parts.next()?)?,
-        number(date_parts.next()?)?,
+        number(date_parts.next()?, 4)?,
+        number(date_parts.next()?, 2)?,
+        number(date_parts.next()?, 2)?,
     );
     let (clock, offset) = if let Some(clock) = time.strip_suffix(['Z', 'z']) {
         (clock, 0)
@@ -113,7 +114,11 @@ fn rfc3339_seconds(text: &str) -> Option<u64> {
         let at = time.rfind(['+', '-'])?;
         let (clock, zone) = time.split_at(at);
         let (hours, minutes) = zone[1..].split_once(':')?;
-        let minutes = number(hours)? * 60 + number(minutes)?;
+        let (hours, minutes) = (number(hours, 2)?, number(minutes, 2)?);
+        if hours > 23 || minutes > 59 {
+            return None;
+        }
+        let minutes = hours * 60 + minutes;
         (
             clock,
             if zone.starts_with('-') {
@@ -123,17 +128,30 @@ fn rfc3339_seconds(text: &str) -> Option<u64> {
             },
         )
     };
-    let clock = clock.split_once('.').map_or(clock, |(whole, _)| whole);
+    let clock = match clock.split_once('.') {
+        Some((whole, fraction))
+            if !fraction.is_empty() && fraction.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            whole
+        }
+        Some(_) => return None,
+        None => clock,
+    };
     let mut clock_parts = clock.splitn(3, ':');
     let (hour, minute, second) = (
-        number(clock_parts.next()?)?,
-        number(clock_parts.next()?)?,
-        number(clock_parts.next()?)?,
+        number(clock_parts.next()?, 2)?,
+        number(clock_parts.next()?, 2)?,
+        number(clock_parts.next()?, 2)?,
     );
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
-        return None;
-    }
-    if second > 60 {
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let days_in_month = match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        1..=12 => 31,
+        _ => return None,
+    };
+    if !(1..=days_in_month).contains(&day) || hour > 23 || minute > 59 || second > 60 {
         return None;
     }
     // Days since 1970-01-01 of a date in the proleptic Gregorian calendar (H. Hinnant).
@@ -158,28 +176,32 @@ pub(crate) struct StreamPlan {
 }
 
 impl StreamPlan {
-    /// `start_from` and `checkpoint` of a stream consumer; `<handler>.start_from` of any other
-    /// is an error (it has no position to start from; the service's `start_from` may be its
-    /// SSE listeners').
+    /// `<handler>.start_from` and `checkpoint` of a stream consumer; `<handler>.start_from` or
+    /// `<handler>.checkpoint` of any other is an error (it has no position). `start_from` is
+    /// read for the handler only: the service's is its SSE listeners', whose values mean
+    /// something else (`beginning`, an event id).
     pub fn from_config(
         handler: &HandlerSection<'_>,
         stream: bool,
     ) -> Result<Option<Self>, ConfigError> {
+        let scoped = |key: &str| format!("{}.{key}", handler.handler());
         if !stream {
-            return match handler.get_own_str("start_from")? {
-                Some(text) => Err(handler.section().invalid(
-                    "start_from",
-                    &text,
-                    "no start_from: only a stream queue (queue_type = stream) is read from a position",
-                )),
-                None => Ok(None),
-            };
+            for key in ["start_from", "checkpoint"] {
+                if let Some(text) = handler.get_own_str(key)? {
+                    return Err(handler.section().invalid(
+                        &scoped(key),
+                        &text,
+                        format!("no {key}: only a stream queue (queue_type = stream) is read from a position"),
+                    ));
+                }
+            }
+            return Ok(None);
         }
-        let start_from = match handler.get_str("start_from")? {
+        let start_from = match handler.get_own_str("start_from")? {
             None => StartFrom::Next,
             Some(text) => StartFrom::parse(&text).ok_or_else(|| {
                 handler.section().invalid(
-                    "start_from",
+                    &scoped("start_from"),
                     &text,
                     "first, last, next, an offset (a whole number) or an RFC 3339 time (2026-12-05T10:00:00Z)",
                 )
@@ -226,14 +248,18 @@ pub(super) fn offset_of(message: &Message) -> Option<u64> {
 pub(crate) struct Position {
     /// The offset to resume at, once a run has ended.
     next: Arc<Mutex<Option<u64>>>,
+    /// When the first run of this process started at `next` or `last` (seconds since the
+    /// epoch): a later run that has no offset yet (nothing came) starts from then, not from
+    /// the stream's end again, which would skip what came meanwhile.
+    opened_at: Arc<Mutex<Option<u64>>>,
     checkpoint: Option<Checkpoint>,
 }
 
 impl Position {
     pub fn with_checkpoint(checkpoint: Checkpoint) -> Self {
         Self {
-            next: Arc::default(),
             checkpoint: Some(checkpoint),
+            ..Self::default()
         }
     }
 
@@ -247,7 +273,10 @@ impl Position {
         let mut from = self.next.lock().ok().and_then(|next| *next);
         if from.is_none()
             && let Some(checkpoint) = &self.checkpoint
-            && let Some(saved) = checkpoint.load().await.map_err(|e| e.to_string())?
+            && let Some(saved) = tokio::time::timeout(plan.op_timeout, checkpoint.load())
+                .await
+                .map_err(|_| format!("no answer within {:?}", plan.op_timeout))?
+                .map_err(|e| e.to_string())?
         {
             from = parse_saved(&saved, &plan.queue.name);
             if from.is_none() {
@@ -261,7 +290,26 @@ impl Position {
                 );
             }
         }
-        let start = from.map_or(stream.start_from, StartFrom::Offset);
+        let start = match (from, stream.start_from) {
+            (Some(offset), _) => StartFrom::Offset(offset),
+            (None, StartFrom::Next | StartFrom::Last) => {
+                let mut opened = self.opened_at.lock().map_err(|e| e.to_string())?;
+                match *opened {
+                    // A second before, for the clock's granularity: a duplicate rather than
+                    // a message lost.
+                    Some(at) => StartFrom::Timestamp(at.saturating_sub(1)),
+                    None => {
+                        *opened = Some(
+                            std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |since| since.as_secs()),
+                        );
+                        stream.start_from
+                    }
+                }
+            }
+            (None, start_from) => start_from,
+        };
         let skip_below = match start {
             StartFrom::Offset(offset) => offset,
             _ => 0,
@@ -281,11 +329,16 @@ impl Position {
     }
 
     async fn save(&self, plan: &ConsumerPlan, next: u64) {
-        if let Some(checkpoint) = &self.checkpoint
-            && let Err(e) = checkpoint
-                .save(&format!("{}@{next}", plan.queue.name))
-                .await
-        {
+        let Some(checkpoint) = &self.checkpoint else {
+            return;
+        };
+        let position = format!("{}@{next}", plan.queue.name);
+        let saved = tokio::time::timeout(plan.op_timeout, checkpoint.save(&position)).await;
+        if let Some(e) = match saved {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!("no answer within {:?}", plan.op_timeout)),
+        } {
             // The next save carries the position further; a restart meanwhile reads again
             // what was handled since the last save (handled once with the inbox).
             tracing::warn!(service = plan.service, handler = plan.handler, error = %e, "could not save the stream's position");
@@ -305,7 +358,13 @@ pub(crate) struct Run {
     /// Where to resume, each time it moves: the checkpoint writer follows it.
     resume: watch::Sender<Option<u64>>,
     skip_below: u64,
+    /// Deliveries skipped because they are below `skip_below`.
+    skipped: std::sync::atomic::AtomicU64,
 }
+
+/// Skipped deliveries past which a run warns: more than a chunk's worth means the position
+/// is far ahead of the stream (deleted and declared again, say).
+const SKIPPED_WARNING: u64 = 10_000;
 
 #[derive(Default)]
 struct Track {
@@ -340,16 +399,31 @@ impl Run {
             track: Mutex::default(),
             resume: watch::Sender::new(None),
             skip_below,
+            skipped: std::sync::atomic::AtomicU64::new(0),
         });
         Ok((run, arguments))
     }
 
     /// Takes a delivery: its offset, to handle, or a skip.
-    pub fn admit(&self, message: &Message) -> Admit {
+    pub fn admit(&self, plan: &ConsumerPlan, message: &Message) -> Admit {
         let Some(offset) = offset_of(message) else {
             return Admit::Handle(None);
         };
         if offset < self.skip_below {
+            let skipped = self
+                .skipped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            if skipped == SKIPPED_WARNING {
+                tracing::warn!(
+                    service = plan.service,
+                    handler = plan.handler,
+                    queue = %plan.queue.name,
+                    position = self.skip_below,
+                    offset,
+                    "{SKIPPED_WARNING} messages skipped below the saved position: if the stream was deleted and declared again, delete the handler's row of farine_checkpoint (with the service stopped) to read it from start_from"
+                );
+            }
             return Admit::Skip;
         }
         if let Ok(mut track) = self.track.lock() {
@@ -368,9 +442,12 @@ impl Run {
             }
             Err(_) => return,
         };
+        // Forward only: two handlers finishing at once may get here out of order.
         self.resume.send_if_modified(|current| {
-            let moved = *current != resume;
-            *current = resume;
+            let moved = resume > *current;
+            if moved {
+                *current = resume;
+            }
             moved
         });
     }
@@ -427,6 +504,7 @@ pub(crate) async fn handle(
         let (outcome, observed) = observe(&plan, &message, handled).await;
         if let Outcome::Failed(error) = &outcome
             && attempt < plan.max_attempts
+            && !message.is_settled()
         {
             tracing::warn!(
                 service = plan.service,
@@ -449,7 +527,8 @@ pub(crate) async fn handle(
         }
         let settled = settle(&plan, &message, outcome, attempt, &companions, &shutdown).await;
         observed.end(&plan, settled);
-        // A dead letter that could not be copied is not done: read again at the next start.
+        // A dead letter whose copy the stop interrupted is not done: read again at the next
+        // start.
         if settled != MessageOutcome::Retry
             && let Some(offset) = offset
         {
@@ -482,6 +561,10 @@ mod tests {
             Some(StartFrom::Timestamp(1_796_464_800))
         );
         assert_eq!(
+            StartFrom::parse("2024-02-29t10:00:00z"),
+            Some(StartFrom::Timestamp(1_709_200_800))
+        );
+        assert_eq!(
             StartFrom::parse("2000-02-29T23:59:59-00:00"),
             Some(StartFrom::Timestamp(951_868_799))
         );
@@ -505,6 +588,66 @@ mod tests {
         );
         assert_eq!(StartFrom::Offset(7).argument(), AMQPValue::LongLongInt(7));
         assert_eq!(StartFrom::Timestamp(9).argument(), AMQPValue::Timestamp(9));
+    }
+
+    #[test]
+    fn the_position_a_run_saves_only_moves_forward() {
+        let run = Run {
+            track: Mutex::default(),
+            resume: watch::Sender::new(None),
+            skip_below: 0,
+            skipped: std::sync::atomic::AtomicU64::new(0),
+        };
+        {
+            let mut track = run.track.lock().unwrap();
+            for offset in [10, 11, 12] {
+                track.in_flight.insert(offset);
+                track.end = Some(offset + 1);
+            }
+        }
+        run.done(11);
+        assert_eq!(*run.resume.borrow(), Some(10), "10 is still in flight");
+        run.done(10);
+        assert_eq!(*run.resume.borrow(), Some(12));
+        // A later position already sent (by a handler that finished after) is not undone.
+        run.resume.send_replace(Some(20));
+        run.done(12);
+        assert_eq!(*run.resume.borrow(), Some(20));
+    }
+
+    #[tokio::test]
+    async fn a_run_after_one_that_saw_no_offset_starts_from_when_the_first_began_not_next() {
+        let config =
+            crate::config::Config::from_ini("[svc]\nread.queue_type = stream\n", "test.ini")
+                .unwrap();
+        let spec = super::super::ConsumeSpec {
+            exchange: "x",
+            routing_key: "rk",
+            queue: None,
+        };
+        let section = config.section("svc").unwrap();
+        let plan = ConsumerPlan::from_config("svc", "read", &spec, &section).unwrap();
+        let stream = plan.stream.clone().unwrap();
+        assert_eq!(stream.start_from, StartFrom::Next);
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let (first, _) = stream.position.start(&plan, &stream).await.unwrap();
+        assert_eq!(
+            first.inner()[OFFSET_HEADER],
+            AMQPValue::LongString("next".into())
+        );
+        let (second, _) = stream.position.start(&plan, &stream).await.unwrap();
+        let AMQPValue::Timestamp(at) = second.inner()[OFFSET_HEADER] else {
+            panic!("{second:?}");
+        };
+        assert!(at + 1 >= before && at < before + 2, "{at} against {before}");
+        // Once a run has an offset, the next starts there.
+        stream.position.keep(&plan, 42).await;
+        let (third, skip_below) = stream.position.start(&plan, &stream).await.unwrap();
+        assert_eq!(third.inner()[OFFSET_HEADER], AMQPValue::LongLongInt(42));
+        assert_eq!(skip_below, 42);
     }
 
     #[test]
