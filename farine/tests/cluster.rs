@@ -453,10 +453,13 @@ async fn three_instances_on_three_nodes_share_one_quorum_queue_each_message_hand
     for instance in instances {
         instance.stop().await;
     }
-    assert_eq!(
-        cluster.queue_state(1, &queue).await,
-        Some((0, 0)),
-        "nothing left in the queue"
+    // The consumers' removal reaches the queue's leader through Raft: wait for it.
+    assert!(
+        cluster
+            .wait_for_queue(1, &queue, Duration::from_secs(30), |state| state == (0, 0))
+            .await,
+        "nothing left in the queue, no consumer: {:?}",
+        cluster.queue_state(1, &queue).await
     );
     let handled = COMPETED.lock().unwrap().clone();
     let mut per_id: HashMap<u64, u32> = HashMap::new();

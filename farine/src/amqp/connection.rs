@@ -204,6 +204,9 @@ pub fn parse_nodes(text: &str) -> Result<Vec<AMQPUri>, String> {
 
 struct State {
     current: Option<Arc<Connection>>,
+    /// Whether a connection was ever opened: the next one is a reconnection, however many
+    /// rounds failed in between.
+    connected_once: bool,
     /// The node to try first in the next round.
     next: usize,
 }
@@ -270,6 +273,7 @@ impl Connector {
             settings,
             state: tokio::sync::Mutex::new(State {
                 current: None,
+                connected_once: false,
                 next: 0,
             }),
             broker: Mutex::new(broker),
@@ -406,7 +410,8 @@ impl Connector {
             .nodes
             .as_ref()
             .map_err(|e| ConnectError::BadUri(e.clone()))?;
-        let reconnect = state.current.take().is_some();
+        state.current = None;
+        let reconnect = state.connected_once;
         let mut causes = Vec::new();
         for index in self.order(nodes.len(), state.next) {
             let node = &nodes[index];
@@ -424,6 +429,7 @@ impl Connector {
                         tracing::info!(broker = %node.addr, connection = %self.name, "connected to AMQP broker");
                     }
                     state.current = Some(conn.clone());
+                    state.connected_once = true;
                     if let Ok(mut last) = self.last.lock() {
                         *last = Some(conn.clone());
                     }

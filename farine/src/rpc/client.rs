@@ -403,6 +403,9 @@ impl Client {
         // One timer bounds the whole call: the publish, then the reply.
         let expired = tokio::time::sleep_until(deadline);
         tokio::pin!(expired);
+        // The connection the request goes out on (read before: a reconnection meanwhile only
+        // costs a check more).
+        let connection = inner.connector.reconnects();
         // Pinned where it is: `select!` would otherwise move this large future into its own.
         let sent = inner.publish_request(method, id, &body, reply_to, timeout, true);
         tokio::pin!(sent);
@@ -431,7 +434,7 @@ impl Client {
                 result = &mut confirmed, if !confirm_seen => {
                     confirm_seen = true;
                     match result {
-                        Ok(true) => inner.route_confirmed(method),
+                        Ok(true) => inner.route_confirmed(method, connection),
                         Ok(false) => {}
                         Err(e) => return Err(inner.request_error(method, e)),
                     }
@@ -481,6 +484,7 @@ impl Client {
             .enter(method, Reader::Stream(sender), deadline, timeout)
             .await?;
         let sent = async {
+            let connection = inner.connector.reconnects();
             let confirmed = inner
                 .publish_request(method, id.clone(), &body, reply_to, timeout, false)
                 .await?
@@ -488,7 +492,7 @@ impl Client {
                 .await
                 .map_err(|e| inner.request_error(method, e))?;
             if confirmed {
-                inner.route_confirmed(method);
+                inner.route_confirmed(method, connection);
             }
             Ok::<(), RpcError>(())
         };
@@ -673,9 +677,10 @@ impl Inner {
             .map_err(move |e| self.request_error(method, e))
     }
 
-    /// Notes that the broker routed a request of `method` to a queue.
-    fn route_confirmed(&self, method: &str) {
-        let confirmed = (std::time::Instant::now(), self.connector.reconnects());
+    /// Notes that the broker routed a request of `method` to a queue, sent on `connection`
+    /// (the connector's count of reconnections then).
+    fn route_confirmed(&self, method: &str, connection: u64) {
+        let confirmed = (std::time::Instant::now(), connection);
         if let Ok(mut routes) = self.routes.write() {
             match routes.get_mut(method) {
                 Some(at) => *at = confirmed,

@@ -153,9 +153,24 @@ impl RpcError {
         if !message.starts_with("Traceback (most recent call last):") {
             return None;
         }
-        let last = message.trim_end().lines().last()?;
+        // The exception follows the last frame (`  File ...`) and its source line (indented
+        // four spaces, when Python had the source); its message may take several lines.
+        let message = message.trim_end();
+        let lines: Vec<&str> = message.lines().collect();
+        let frame = lines.iter().rposition(|line| line.starts_with("  File "))?;
+        let mut rest = &lines[frame + 1..];
+        if rest.first().is_some_and(|line| line.starts_with("    ")) {
+            rest = &rest[1..];
+        }
+        let first = *rest.first()?;
+        // Where the exception's line starts in `message` (the lines are slices of it).
+        let at = first.as_ptr() as usize - message.as_ptr() as usize;
+        let exception = &message[at..];
         // `raise ValueError` with no message prints the class alone.
-        let (class, text) = last.split_once(": ").unwrap_or((last, ""));
+        let (class, text) = match first.split_once(": ") {
+            Some((class, _)) => (class, &exception[class.len() + 2..]),
+            None => (first, ""),
+        };
         let class = class.trim();
         let is_name = !class.is_empty()
             && class
@@ -203,6 +218,11 @@ mod tests {
         );
         let bare = "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\nKeyError\n";
         assert_eq!(remote(bare).python_exception(), Some(("KeyError", "")));
+        let lines = "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n    raise ValueError(\"a\\nb\")\nValueError: a\nb\n";
+        assert_eq!(
+            remote(lines).python_exception(),
+            Some(("ValueError", "a\nb"))
+        );
     }
 
     #[test]

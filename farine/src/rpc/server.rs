@@ -478,22 +478,26 @@ impl RpcServerPlan {
                 wire::routing_key(service, method),
             )?;
         }
+        let queue = QueueSettings::named(
+            &scoped,
+            crate::amqp::topology::amqp_name(
+                &scoped,
+                "rpc_queue",
+                section
+                    .get_str("rpc_queue")?
+                    .unwrap_or_else(|| service.to_string()),
+            )?,
+        )?;
+        if queue_per_method {
+            python_equivalent(&queue, section)?;
+        }
         Ok(Self {
             service,
             exchange: ExchangeSettings {
                 name: service.to_string(),
                 ..ExchangeSettings::from_config(&scoped, service)?
             },
-            queue: QueueSettings::named(
-                &scoped,
-                crate::amqp::topology::amqp_name(
-                    &scoped,
-                    "rpc_queue",
-                    section
-                        .get_str("rpc_queue")?
-                        .unwrap_or_else(|| service.to_string()),
-                )?,
-            )?,
+            queue,
             queue_per_method,
             methods,
             prefetch,
@@ -508,6 +512,37 @@ impl RpcServerPlan {
             tracer: Tracer::default(),
         })
     }
+}
+
+/// With `rpc_queue_per_method`, the queues must be declared as baguette-messaging declares
+/// them (durable, not exclusive, not auto-delete, no arguments), or whichever side declares
+/// second fails with `PRECONDITION_FAILED`: queue options inherited from the section or
+/// `[DEFAULT]` (`queue_type = quorum`, say) are a config error here, not a surprise at run time.
+fn python_equivalent(queue: &QueueSettings, section: &Section) -> Result<(), ConfigError> {
+    let classic_only = queue.arguments.inner().iter().all(|(name, value)| {
+        name.as_str() == "x-queue-type"
+            && *value == lapin::types::AMQPValue::LongString("classic".into())
+    });
+    if queue.durable && !queue.exclusive && !queue.auto_delete && classic_only {
+        return Ok(());
+    }
+    let arguments: Vec<String> = queue
+        .arguments
+        .inner()
+        .keys()
+        .map(|name| name.to_string())
+        .collect();
+    Err(section.invalid(
+        "rpc_queue_per_method",
+        "true",
+        format!(
+            "the queues declared as baguette-messaging declares them (durable, not exclusive, not auto-delete, no arguments), but the rpc queue options give durable = {}, exclusive = {}, auto_delete = {}, arguments [{}]: set rpc.queue_type = classic, or leave the queue options out of the service's section and [DEFAULT]",
+            queue.durable,
+            queue.exclusive,
+            queue.auto_delete,
+            arguments.join(", ")
+        ),
+    ))
 }
 
 /// The supervised task of a service's RPC server, serving `methods`.
@@ -659,9 +694,8 @@ pub(crate) async fn run(
         op_timeout: plan.op_timeout,
     };
     if stopped.is_ok() {
-        for tag in tags {
-            wind_down.cancel(tag).await;
-        }
+        // Together: each is bounded by `op_timeout`, and the stop bound counts one.
+        futures_util::future::join_all(tags.into_iter().map(|tag| wind_down.cancel(tag))).await;
         in_flight
             .drain(plan.drain_timeout, plan.service, "rpc")
             .await;
@@ -953,6 +987,24 @@ mod tests {
             assert!(queue.durable && !queue.auto_delete && !queue.exclusive);
             assert!(queue.arguments.inner().is_empty());
         }
+    }
+
+    #[test]
+    fn with_rpc_queue_per_method_queue_options_python_does_not_declare_are_refused() {
+        let error = plan("[DEFAULT]\nqueue_type = quorum\n[svc]\nrpc_queue_per_method = true\n")
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("as baguette-messaging declares them"),
+            "{error}"
+        );
+        plan("[DEFAULT]\nqueue_type = quorum\n[svc]\nrpc_queue_per_method = true\nrpc.queue_type = classic\n")
+            .expect("classic for the rpc queues");
+        let error =
+            plan("[svc]\nrpc_queue_per_method = true\nrpc.queue_arguments = x-max-length = 5\n")
+                .unwrap_err();
+        assert!(error.to_string().contains("x-max-length"), "{error}");
     }
 
     #[test]
