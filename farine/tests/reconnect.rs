@@ -446,3 +446,34 @@ async fn amqps_works_with_the_configured_ca_and_an_unknown_certificate_is_refuse
     running.stop().await;
     assert_eq!(TLS_SEEN.lock().unwrap()[0], json!({"tls": true}));
 }
+
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnection_after_rounds_that_failed_is_counted_as_one() {
+    let broker = Broker::connect().await;
+    let proxy = Proxy::to_broker().await;
+    let connector = Connector::with_settings(
+        broker.uri_via(proxy.addr()),
+        "reconnect-count",
+        ConnectorSettings {
+            connect_timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+    );
+    let first = connector.connection().await.expect("connects");
+    assert_eq!(connector.reconnects(), 0);
+    // The connection is cut, and the broker does not answer the next round.
+    proxy.stall();
+    proxy.cut();
+    assert!(wait_until(BOUND, || !first.is_connected()).await);
+    assert!(
+        connector.connection().await.is_err(),
+        "no answer: the round fails"
+    );
+    proxy.resume();
+    connector.connection().await.expect("reconnects");
+    // What the RPC client's route check and the metric read: one reconnection.
+    assert_eq!(connector.reconnects(), 1);
+    connector.close().await;
+}
