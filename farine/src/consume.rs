@@ -711,7 +711,7 @@ async fn settle(
         (Target::Dead(_), None) if plan.stream.is_some() => message.ack().await,
         (Target::Dead(_), None) => message.reject(false).await,
         // Boxed: a cold path whose publish future would make every call's future larger.
-        _ => match Box::pin(forward(plan, message, &error, &target, companions)).await {
+        _ => match Box::pin(forward(plan, message, attempt, &error, &target, companions)).await {
             Ok(()) => message.ack().await,
             // A stream cannot take the message back: the copy is made again until it is taken
             // (or the process stops: the message is read again at the next start).
@@ -722,7 +722,9 @@ async fn settle(
                         () = tokio::time::sleep(plan.retry_delay) => {}
                         () = shutdown.cancelled() => return MessageOutcome::Retry,
                     }
-                    match Box::pin(forward(plan, message, &error, &target, companions)).await {
+                    match Box::pin(forward(plan, message, attempt, &error, &target, companions))
+                        .await
+                    {
                         Ok(()) => break message.ack().await,
                         Err(e) => {
                             tracing::debug!(service, handler, delivery_tag, error = %e, "the dead-letter copy failed again");
@@ -768,11 +770,13 @@ enum Target {
     Dead(&'static str),
 }
 
-/// Publishes the failed message's copy to the retry or dead-letter queue and waits for the
-/// confirm; declares the queue again when it is gone (someone deleted it), once.
+/// Publishes the failed message's copy after its `attempt`-th call to the retry or dead-letter
+/// queue and waits for the confirm; declares the queue again when it is gone (someone deleted
+/// it), once.
 async fn forward(
     plan: &ConsumerPlan,
     message: &Message,
+    attempt: u32,
     error: &str,
     target: &Target,
     companions: &Companions,
@@ -780,11 +784,11 @@ async fn forward(
     let (queue, copy) = match (target, &plan.retry_queue, &plan.dead_letter_queue) {
         (Target::Retry, Some(retry), _) => (
             retry,
-            message::Copy::retry(message, message.attempt() + 1, error, plan.retry_delay),
+            message::Copy::retry(message, attempt + 1, error, plan.retry_delay),
         ),
         (Target::Dead(reason), _, Some(dead)) => (
             dead,
-            message::Copy::dead(message, error, reason, &plan.queue.name),
+            message::Copy::dead(message, attempt, error, reason, &plan.queue.name),
         ),
         // `handle` sends neither: a retry without a retry queue is a last failure, and a dead
         // letter without a dead-letter queue is rejected.

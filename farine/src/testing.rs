@@ -137,7 +137,8 @@ pub struct DeadLetter {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct QueueDepth {
-    /// Messages waiting for a consumer.
+    /// Messages waiting for a consumer; for a stream queue, those its furthest-behind
+    /// consumer has yet to get (0 without consumers: a stream keeps its messages).
     pub ready: usize,
     /// Messages delivered and not settled yet.
     pub unacked: usize,
@@ -374,8 +375,8 @@ impl TestBroker {
         })
     }
 
-    /// Waits until `queue` exists with no message ready or unacked (every message handled);
-    /// panics after `within`.
+    /// Waits until `queue` exists with no message ready or unacked (every message handled;
+    /// for a stream queue, every consumer of it at the end and done); panics after `within`.
     pub async fn wait_settled(&self, queue: &str, within: Duration) {
         let mut changed = self.broker.changes();
         let settled = async {

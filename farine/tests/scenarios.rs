@@ -6,7 +6,8 @@
 //! The cases (listed in `farine/src/docs/testing.md`): routing by each exchange type, the
 //! prefetch bound, retries with a delay then the dead-letter queue, queue TTL dead-lettering,
 //! mandatory returns, RPC (a result, NoSuchMethod, a streaming call cancelled by its caller; on
-//! one queue and on a queue per method), and a stop that drains the call in flight.
+//! one queue and on a queue per method), a stop that drains the call in flight, and a stream
+//! read by two handlers, from `first` and from an offset.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +18,7 @@ use farine::__private::amqp::{Channel, Connector, DeclaredQueue};
 use farine::config::Config;
 use farine::rpc::{RpcError, Stream, StreamExt};
 use farine::testing::TestBroker;
-use farine::{Runtime, consume};
+use farine::{Runtime, StreamOffset, consume};
 use farine_test_support::{Broker, unique};
 use futures_util::stream;
 use lapin::BasicProperties;
@@ -720,4 +721,319 @@ async fn a_stop_lets_the_call_in_flight_finish_and_acks_it(target: Target) {
     assert!(gate.finished.load(Ordering::SeqCst));
     // Acked, not requeued: nothing is left in the queue.
     assert_eq!(ready(&channel, &queue).await, 0);
+}
+
+// --- stream queues -----------------------------------------------------------------------------
+
+/// What each reader read, as (n, offset), by (run, reader): a run is the stream's name.
+type StreamReads = BTreeMap<(String, &'static str), Vec<(u64, u64)>>;
+
+static STREAM_READS: Mutex<StreamReads> = Mutex::new(BTreeMap::new());
+
+fn stream_read(body: &Value, reader: &'static str, offset: StreamOffset) {
+    STREAM_READS
+        .lock()
+        .unwrap()
+        .entry((run_of(body), reader))
+        .or_default()
+        .push((body["n"].as_u64().unwrap_or(u64::MAX), offset.0));
+}
+
+/// What `reader` read in run `run`, by offset (up to `prefetch_count` are handled at once).
+fn stream_reads(run: &str, reader: &'static str) -> Vec<(u64, u64)> {
+    let mut reads = STREAM_READS
+        .lock()
+        .unwrap()
+        .get(&(run.to_string(), reader))
+        .cloned()
+        .unwrap_or_default();
+    reads.sort_by_key(|(_, offset)| *offset);
+    reads
+}
+
+#[derive(Default)]
+struct StreamFromFirst;
+
+#[farine::service(name = "scenario_stream_first")]
+impl StreamFromFirst {
+    #[consume(exchange = "set-by-config", routing_key = "rk")]
+    async fn read(&self, body: Value, offset: StreamOffset) {
+        stream_read(&body, "from_first", offset);
+    }
+}
+
+/// A second service on the same stream (two handlers of one service may not share a queue).
+#[derive(Default)]
+struct StreamFromTwo;
+
+#[farine::service(name = "scenario_stream_two")]
+impl StreamFromTwo {
+    #[consume(exchange = "set-by-config", routing_key = "rk")]
+    async fn read(&self, body: Value, offset: StreamOffset) {
+        stream_read(&body, "from_two", offset);
+    }
+}
+
+/// Whether, within the bound, the handlers of run `run` have read exactly these (n, offset).
+async fn read_all(run: &str, from_first: &[(u64, u64)], from_two: &[(u64, u64)]) -> bool {
+    tokio::time::timeout(BOUND, async {
+        while stream_reads(run, "from_first") != from_first
+            || stream_reads(run, "from_two") != from_two
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .is_ok()
+}
+
+on_both!(a_stream_is_read_whole_by_each_handler_from_its_start);
+
+async fn a_stream_is_read_whole_by_each_handler_from_its_start(target: Target) {
+    let (exchange, queue) = (unique("scenario-stream-x"), unique("scenario-stream-q"));
+    let (_connector, channel) = target.channel().await;
+    channel
+        .exchange_declare(
+            &exchange,
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange declared");
+    channel
+        .queue_declare(
+            &queue,
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            table(&[("x-queue-type", text("stream"))]),
+        )
+        .await
+        .expect("stream declared");
+    bind(&channel, &queue, &exchange, "rk", FieldTable::default()).await;
+    let message = |n: u64| format!("{{\"run\": \"{queue}\", \"n\": {n}}}");
+    for n in 0..3 {
+        let body = message(n);
+        publish(
+            &channel,
+            &exchange,
+            "rk",
+            body.as_bytes(),
+            BasicProperties::default(),
+            true,
+        )
+        .await;
+    }
+    // One runtime per reader: farine refuses two handlers of one runtime on one queue.
+    let mut running = Vec::new();
+    for (service, start_from) in [
+        ("scenario_stream_first", "first"),
+        ("scenario_stream_two", "2"),
+    ] {
+        let keys = format!(
+            "[{service}]\nread.exchange = {exchange}\nread.exchange_type = direct\n\
+             read.queue = {queue}\nread.queue_type = stream\nread.start_from = {start_from}\n"
+        );
+        running.push(
+            Runtime::new(target.config(&keys))
+                .services([service])
+                .start()
+                .await
+                .expect("starts"),
+        );
+    }
+    assert!(
+        read_all(&queue, &[(0, 0), (1, 1), (2, 2)], &[(2, 2)]).await,
+        "from first: 0, 1, 2; from offset 2: 2 (read: {:?}, {:?})",
+        stream_reads(&queue, "from_first"),
+        stream_reads(&queue, "from_two")
+    );
+    // A message appended later goes to both, at the next offset.
+    publish(
+        &channel,
+        &exchange,
+        "rk",
+        message(3).as_bytes(),
+        BasicProperties::default(),
+        true,
+    )
+    .await;
+    assert!(
+        read_all(&queue, &[(0, 0), (1, 1), (2, 2), (3, 3)], &[(2, 2), (3, 3)]).await,
+        "both read the new message (read: {:?}, {:?})",
+        stream_reads(&queue, "from_first"),
+        stream_reads(&queue, "from_two")
+    );
+    for running in running {
+        running.stop().await;
+    }
+    // Read, acked, and still there: a stream keeps what it is read.
+    assert_eq!(
+        ready(&channel, &queue).await,
+        0,
+        "a stream counts no ready message"
+    );
+}
+
+/// The reply text of the broker's refusal of `what`, its vhost named `/` (the real broker's
+/// is the scenario's own).
+fn refusal<T>(result: lapin::Result<T>, what: &str) -> String {
+    match result.map_err(|error| error.kind().clone()) {
+        Err(lapin::ErrorKind::ProtocolError(amqp)) => {
+            let text = amqp.get_message().to_string();
+            let mut parts = text.split("in vhost '");
+            let mut out = parts.next().unwrap_or_default().to_string();
+            for part in parts {
+                out += "in vhost '/";
+                out += part.find('\'').map_or(part, |end| &part[end..]);
+            }
+            out
+        }
+        Err(other) => panic!("{what}: not a refusal from the broker: {other:?}"),
+        Ok(_) => panic!("{what}: not refused"),
+    }
+}
+
+on_both!(a_stream_refuses_what_rabbitmq_refuses);
+
+async fn a_stream_refuses_what_rabbitmq_refuses(target: Target) {
+    let queue = unique("scenario-stream-rules");
+    let stream = || table(&[("x-queue-type", text("stream"))]);
+    let (_connector, channel) = target.channel().await;
+    let error = refusal(
+        channel
+            .queue_declare(&queue, QueueDeclareOptions::default(), stream())
+            .await,
+        "a non-durable stream is refused",
+    );
+    assert_eq!(
+        error,
+        format!(
+            "PRECONDITION_FAILED - invalid property 'non-durable' for queue '{queue}' in vhost '/'"
+        )
+    );
+    for (options, property) in [
+        (
+            QueueDeclareOptions {
+                durable: true,
+                exclusive: true,
+                ..Default::default()
+            },
+            "exclusive-owner",
+        ),
+        (
+            QueueDeclareOptions {
+                durable: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            "auto-delete",
+        ),
+    ] {
+        let (_connector, channel) = target.channel().await;
+        let error = refusal(
+            channel.queue_declare(&queue, options, stream()).await,
+            property,
+        );
+        assert_eq!(
+            error,
+            format!(
+                "PRECONDITION_FAILED - invalid property '{property}' for queue '{queue}' in vhost '/'"
+            )
+        );
+    }
+    let (_connector, channel) = target.channel().await;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(&queue, durable, stream())
+        .await
+        .expect("stream declared");
+    let aged = table(&[("x-queue-type", text("stream")), ("x-max-age", text("7D"))]);
+    let error = refusal(
+        channel.queue_declare(&queue, durable, aged).await,
+        "another x-max-age",
+    );
+    assert_eq!(
+        error,
+        format!(
+            "PRECONDITION_FAILED - inequivalent arg 'x-max-age' for queue '{queue}' in vhost '/': received the value '7D' of type 'longstr' but current is none"
+        )
+    );
+    let (_connector, channel) = target.channel().await;
+    let error = refusal(
+        channel
+            .basic_consume(
+                &queue,
+                "",
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await,
+        "a consumer without prefetch is refused",
+    );
+    assert_eq!(
+        error,
+        format!(
+            "PRECONDITION_FAILED - consumer prefetch count is not set for 'queue '{queue}' in vhost '/''"
+        )
+    );
+    let (_connector, channel) = target.channel().await;
+    let error = refusal(
+        channel.basic_get(&queue, BasicGetOptions::default()).await,
+        "basic.get is refused",
+    );
+    assert_eq!(
+        error,
+        format!(
+            "NOT_IMPLEMENTED - basic.get not supported by stream queues queue '{queue}' in vhost '/'"
+        )
+    );
+    let (_connector, channel) = target.channel().await;
+    channel
+        .basic_qos(5, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let _consumer = channel
+        .basic_consume(
+            &queue,
+            "",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("a consumer with a prefetch");
+    let declared = declared(&channel, &queue).await;
+    assert_eq!(
+        (declared.message_count, declared.consumer_count),
+        (0, 0),
+        "a passive declare of a stream counts neither messages nor consumers"
+    );
+    let error = refusal(
+        channel
+            .basic_consume(
+                &queue,
+                "",
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await,
+        "an automatic-ack consumer is refused",
+    );
+    assert_eq!(
+        error,
+        format!(
+            "NOT_IMPLEMENTED - automatic acknowledgement not supported by stream queues queue '{queue}' in vhost '/'"
+        )
+    );
 }

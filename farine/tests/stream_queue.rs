@@ -217,6 +217,35 @@ async fn from_first_two_services_each_read_the_whole_stream_once() {
     assert_eq!(Handled::once_each(&FIRST_B), all);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_services_of_one_process_may_read_one_stream() {
+    let broker = Broker::connect().await;
+    let (exchange, queue) = (unique("stream-x"), unique("stream-q"));
+    stream_with(&broker, &exchange, &queue, 0, 10).await;
+    let keys = reader(&exchange, &queue, "first");
+    let mut text = String::new();
+    for service in ["stream_reader_a", "stream_reader_b"] {
+        text.push_str(&format!("[{service}]\namqp_uri = {}\n", broker.uri()));
+        for (key, value) in &keys {
+            text.push_str(&format!("{key} = {value}\n"));
+        }
+    }
+    // Readers of a stream do not take each other's messages: no conflict, unlike a queue.
+    let running = Runtime::new(Config::from_ini(&text, "test.ini").unwrap())
+        .services(["stream_reader_a", "stream_reader_b"])
+        .start()
+        .await
+        .expect("starts");
+    assert!(
+        wait_until(BOUND, || Handled::count(&FIRST_A) == 10
+            && Handled::count(&FIRST_B) == 10)
+        .await
+    );
+    running.stop().await;
+    assert_eq!(Handled::once_each(&FIRST_A), (0..10).collect::<Vec<_>>());
+    assert_eq!(Handled::once_each(&FIRST_B), (0..10).collect::<Vec<_>>());
+}
+
 // ---------------------------------------------------------------------------------------------
 
 static RESUMED: Mutex<Handled> = Mutex::new(Handled(BTreeMap::new()));
@@ -624,6 +653,11 @@ async fn a_failed_message_is_retried_in_place_then_dead_lettered_and_the_reader_
     assert_eq!(letter.json(), json!({"n": 3}));
     // Its offset was the stream's: a replay appends it anew, where the broker gives another.
     let headers = letter.properties.headers().clone().unwrap_or_default();
+    assert_eq!(
+        headers.inner().get("x-farine-attempt"),
+        Some(&AMQPValue::LongUInt(3)),
+        "the attempts made in place"
+    );
     assert!(
         !headers.inner().contains_key("x-stream-offset"),
         "{headers:?}"

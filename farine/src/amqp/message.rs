@@ -47,13 +47,11 @@ impl Copy {
         }
     }
 
-    /// The copy for the dead-letter queue, with no TTL: a dead letter waits for a human.
-    pub fn dead(message: &Message, error: &str, reason: &str, queue: &str) -> Self {
+    /// The copy for the dead-letter queue after `attempt` calls, with no TTL: a dead letter
+    /// waits for a human.
+    pub fn dead(message: &Message, attempt: u32, error: &str, reason: &str, queue: &str) -> Self {
         let mut headers = message.origin_headers();
-        headers.insert(
-            ATTEMPT_HEADER.into(),
-            AMQPValue::LongUInt(message.attempt()),
-        );
+        headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(attempt));
         headers.insert(ERROR_HEADER.into(), error_value(error));
         headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
         headers.insert(QUEUE_HEADER.into(), AMQPValue::LongString(queue.into()));

@@ -76,9 +76,11 @@ impl ServicePlan {
         })
     }
 
-    /// The queues the service's tasks consume, with the handler consuming each.
+    /// The queues the service's tasks consume (and take messages from), with the handler
+    /// consuming each. A stream is not one: each of its readers gets all of it.
     fn consumed_queues(&self) -> impl Iterator<Item = (String, (&'static str, &'static str))> {
         self.tasks.iter().flat_map(|task| match task {
+            Planned::Consume(plan, _) if plan.stream.is_some() => Vec::new(),
             Planned::Consume(plan, _) => {
                 vec![(plan.queue.name.clone(), (plan.service, plan.handler))]
             }

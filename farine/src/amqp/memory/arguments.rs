@@ -17,12 +17,21 @@ pub(super) enum Overflow {
     RejectPublishDlx,
 }
 
-/// The queue type (`x-queue-type`). Both behave as classic queues here; quorum queues are
-/// validated as RabbitMQ validates them (durable, not exclusive, not auto-delete).
+/// The queue type (`x-queue-type`). Quorum queues behave as classic queues here; quorum and
+/// stream queues are validated as RabbitMQ validates them (durable, not exclusive, not
+/// auto-delete). A stream is an append-only log read by cursors (see `state.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum QueueType {
     Classic,
     Quorum,
+    Stream,
+}
+
+impl QueueType {
+    /// Whether RabbitMQ refuses this type for a non-durable, exclusive or auto-delete queue.
+    pub(super) fn is_replicated(self) -> bool {
+        matches!(self, QueueType::Quorum | QueueType::Stream)
+    }
 }
 
 /// The arguments of a queue the broker acts on.
@@ -45,6 +54,7 @@ const EQUIVALENCE_CHECKED: &[&str] = &[
     "x-dead-letter-strategy",
     "x-delivery-limit",
     "x-expires",
+    "x-max-age",
     "x-max-length",
     "x-max-length-bytes",
     "x-max-priority",
@@ -127,12 +137,7 @@ impl QueueArguments {
         let queue_type = match text(queue, args, "x-queue-type")?.as_deref() {
             None | Some("classic") => QueueType::Classic,
             Some("quorum") => QueueType::Quorum,
-            Some("stream") => {
-                return Err(precondition_failed(format!(
-                    "x-queue-type 'stream' of {} is not supported by the in-memory broker",
-                    resource("queue", queue)
-                )));
-            }
+            Some("stream") => QueueType::Stream,
             Some(other) => {
                 return Err(invalid(
                     queue,
@@ -268,13 +273,13 @@ mod tests {
         );
         let stream = QueueArguments::parse(
             "q",
-            &args(&[("x-queue-type", AMQPValue::LongString("stream".into()))]),
+            &args(&[
+                ("x-queue-type", AMQPValue::LongString("stream".into())),
+                ("x-max-length-bytes", AMQPValue::LongLongInt(1_000_000)),
+            ]),
         )
-        .unwrap_err();
-        assert!(
-            stream
-                .to_string()
-                .contains("not supported by the in-memory broker")
-        );
+        .unwrap();
+        assert_eq!(stream.queue_type, QueueType::Stream);
+        assert_eq!(stream.max_length_bytes, Some(1_000_000));
     }
 }

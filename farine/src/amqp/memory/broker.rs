@@ -48,7 +48,8 @@ impl std::fmt::Debug for Broker {
 /// A queue's counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QueueStats {
-    /// Messages waiting for a consumer.
+    /// Messages waiting for a consumer; for a stream, those its furthest-behind consumer has
+    /// yet to get (0 without consumers: a stream's messages stay, see [`Broker::peek`]).
     pub ready: usize,
     /// Messages delivered and not yet settled.
     pub unacked: usize,
@@ -146,8 +147,12 @@ impl Broker {
     }
 
     /// The counts of queue `queue`, `None` if it does not exist.
+    ///
+    /// Expiries due happen first; the look itself does not move [`Broker::changes`], so a
+    /// loop that reads the depth after each change waits (and lets a paused clock advance)
+    /// rather than waking itself forever.
     pub fn queue_depth(&self, queue: &str) -> Option<QueueStats> {
-        self.shared.operate(|s| s.queue_stats(queue))
+        self.shared.look(|s| s.queue_stats(queue))
     }
 
     /// The queues, by name.
@@ -207,7 +212,7 @@ impl Broker {
         }
     }
 
-    /// The ready messages of `queue`, oldest first, left in place.
+    /// The ready messages of `queue`, oldest first, left in place (a stream's: its whole log).
     pub fn peek(&self, queue: &str) -> Vec<(BasicProperties, Vec<u8>)> {
         self.shared.operate(|s| s.peek(queue))
     }

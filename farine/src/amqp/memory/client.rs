@@ -220,17 +220,18 @@ impl Channel {
             .operate(|s| s.basic_qos(self.id, prefetch_count, options.global))
     }
 
-    /// Starts a consumer; `""` asks for a generated `amq.ctag-…` tag.
+    /// Starts a consumer; `""` asks for a generated `amq.ctag-…` tag. Of the arguments, a
+    /// stream's `x-stream-offset` is read (`first`, `last`, `next`, an offset, a timestamp).
     pub async fn basic_consume(
         &self,
         queue: &str,
         consumer_tag: &str,
         options: BasicConsumeOptions,
-        _arguments: FieldTable,
+        arguments: FieldTable,
     ) -> lapin::Result<Consumer> {
         let new = self
             .shared
-            .operate(|s| s.basic_consume(self.id, queue, consumer_tag, options))?;
+            .operate(|s| s.basic_consume(self.id, queue, consumer_tag, options, &arguments))?;
         Ok(Consumer {
             tag: new.tag,
             queue: queue.to_string(),
@@ -250,7 +251,8 @@ impl Channel {
             .operate(|s| s.basic_cancel(self.id, consumer_tag))
     }
 
-    /// Takes the oldest ready message of `queue`, or `None` when there is none.
+    /// Takes the oldest ready message of `queue`, or `None` when there is none (a stream
+    /// refuses: 540 `NOT_IMPLEMENTED`, which closes the connection).
     pub async fn basic_get(
         &self,
         queue: &str,

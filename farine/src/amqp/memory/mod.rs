@@ -18,13 +18,32 @@
 //! at the head with `redelivered`; exclusive consumers; publisher confirms and mandatory
 //! returns; channel errors that close the channel, hard errors that close the connection.
 //!
+//! Stream queues (`x-queue-type = stream`) as RabbitMQ 3.10 serves them over AMQP 0-9-1: durable,
+//! not exclusive, not auto-delete (406 otherwise, with its texts); an append-only log whose
+//! messages get offsets 0, 1, 2, ... and stay when read; each consumer has a cursor of its own,
+//! placed by its `x-stream-offset` argument (`first`, `last`, `next` — the default —, an offset
+//! clamped to the log, or a timestamp: the first message appended at or after that second, on the
+//! broker's clock, which follows a paused tokio clock), and reads every message, each with its
+//! offset in the header `x-stream-offset` (a long); a consumer needs a prefetch (`basic.qos` > 0,
+//! else 406 `consumer prefetch count is not set for '...'`) and manual acks (else 540
+//! `NOT_IMPLEMENTED`, closing the connection); unacked deliveries count against the prefetch and
+//! ack, nack or reject only give the place back (nothing is requeued or dead-lettered); `basic.get`
+//! is 540 `NOT_IMPLEMENTED`; a passive declare answers 0 messages and 0 consumers.
+//!
 //! Where it differs, on purpose:
 //! - A message expires wherever it is in its queue once its time has passed (RabbitMQ only
 //!   expires from the head, so a short-TTL message may wait behind a long one there).
 //! - `x-queue-type`: `classic` and `quorum` are accepted (quorum's declaration rules checked)
-//!   and behave as classic queues (no `x-delivery-limit`, no `x-delivery-count`); `stream` is
-//!   refused with 406. `x-max-priority`, `x-single-active-consumer`, `x-queue-mode` are
-//!   recorded (and equivalence-checked), not enforced.
+//!   and behave as classic queues (no `x-delivery-limit`, no `x-delivery-count`).
+//!   `x-max-priority`, `x-single-active-consumer`, `x-queue-mode` are recorded (and
+//!   equivalence-checked), not enforced.
+//! - Streams have no chunks: `last` starts at the last message (RabbitMQ: the first of the last
+//!   chunk), an offset or a timestamp at exactly that message (RabbitMQ: the chunk holding it,
+//!   so a few earlier ones may come too), and a consumer gets one message at a time within
+//!   its prefetch (RabbitMQ may send a whole chunk). A stream keeps everything:
+//!   `x-max-length-bytes`, `x-max-age` and `x-stream-max-segment-size-bytes` are recorded,
+//!   not enforced; its other queue arguments (TTL, dead-lettering, length limit) are ignored.
+//!   An interval as `x-stream-offset` (`"1h"`, RabbitMQ 3.11+) is refused with 406.
 //! - Headers matching treats short and long strings as equal when their bytes are.
 //! - A publish that fails (no such exchange, ...) closes the channel and its [`Confirm`]
 //!   resolves to the error even outside confirm mode (lapin would say `NotRequested`).

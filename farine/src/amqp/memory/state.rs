@@ -20,7 +20,7 @@ use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueDeclareOptions,
 };
 use lapin::protocol::AMQPHardError;
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, ChannelState, Confirmation, ConnectionState, ExchangeKind};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -85,6 +85,20 @@ impl Shared {
         result
     }
 
+    /// A look at the state, after the expiries due (as [`Shared::operate`]); counts as a
+    /// change only when something expired, not for the look itself.
+    pub(super) fn look<R>(&self, op: impl FnOnce(&State) -> R) -> R {
+        let mut state = self.lock();
+        let expired = state.begin();
+        state.run();
+        let result = op(&state);
+        drop(state);
+        if expired {
+            self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        result
+    }
+
     /// A receiver that sees every operation (see [`Shared::operate`]).
     pub(super) fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
@@ -130,6 +144,13 @@ struct Queued {
     /// When the queue's TTL or the message's `expiration` ends its life, whichever is sooner.
     /// Kept while the message is out, so a requeued message keeps its deadline.
     expires_at: Option<Instant>,
+}
+
+/// A message in a stream's log: it stays there, however often it is read.
+struct Logged {
+    message: Message,
+    /// When it was appended, in milliseconds since the Unix epoch on the broker's clock.
+    appended_ms: u128,
 }
 
 /// A queue's ready messages, oldest first, with their total size (for `x-max-length-bytes`).
@@ -191,6 +212,9 @@ pub(super) struct Queue {
     arguments: FieldTable,
     config: QueueArguments,
     ready: Ready,
+    /// A stream's messages; its offsets are the indices (nothing is ever truncated). Empty
+    /// for other queue types.
+    log: Vec<Logged>,
     /// Consumers as (channel, consumer id), in the order deliveries go round.
     consumers: Vec<(u64, u64)>,
     next_consumer: usize,
@@ -241,11 +265,22 @@ impl Queue {
         }
     }
 
+    fn is_stream(&self) -> bool {
+        self.config.queue_type == QueueType::Stream
+    }
+
+    /// What `queue.declare-ok` says. RabbitMQ answers 0 messages and 0 consumers for a
+    /// stream, however many it has.
     fn stats(&self) -> DeclaredQueue {
+        let consumers = if self.is_stream() {
+            0
+        } else {
+            self.consumers.len()
+        };
         DeclaredQueue {
             name: self.name.clone(),
             message_count: u32::try_from(self.ready.len()).unwrap_or(u32::MAX),
-            consumer_count: u32::try_from(self.consumers.len()).unwrap_or(u32::MAX),
+            consumer_count: u32::try_from(consumers).unwrap_or(u32::MAX),
         }
     }
 }
@@ -292,6 +327,8 @@ struct Slot {
     exclusive: bool,
     prefetch: u16,
     outstanding: u32,
+    /// A stream consumer's position: the offset of the next message it gets.
+    cursor: Option<usize>,
     tx: mpsc::UnboundedSender<Delivery>,
     end: ConsumerEnd,
 }
@@ -380,6 +417,9 @@ pub(super) struct State {
     this: Weak<Shared>,
     /// The time of the operation under way.
     now: Instant,
+    /// An instant and the Unix time then, in milliseconds: the broker's wall clock, which
+    /// moves with [`State::now`] (so with a paused tokio clock too).
+    origin: (Instant, u128),
     exchanges: BTreeMap<String, Exchange>,
     queues: BTreeMap<String, Queue>,
     connections: BTreeMap<u64, Conn>,
@@ -413,6 +453,12 @@ impl State {
         Self {
             this,
             now: Instant::now(),
+            origin: (
+                Instant::now(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis()),
+            ),
             exchanges,
             queues: BTreeMap::new(),
             connections: BTreeMap::new(),
@@ -428,9 +474,16 @@ impl State {
         }
     }
 
-    fn begin(&mut self) {
+    /// Reads the clock and runs the expiries due; whether any deadline came due.
+    fn begin(&mut self) -> bool {
         self.now = Instant::now();
-        self.expire_due();
+        self.expire_due()
+    }
+
+    /// [`State::now`] as milliseconds since the Unix epoch.
+    fn unix_ms(&self) -> u128 {
+        let (instant, ms) = self.origin;
+        ms + self.now.saturating_duration_since(instant).as_millis()
     }
 
     fn id(&mut self) -> u64 {
@@ -840,12 +893,22 @@ impl State {
             return Ok(stats);
         }
         let config = QueueArguments::parse(&name, &arguments)?;
-        if config.queue_type == QueueType::Quorum {
-            for (bad, property) in [
-                (!options.durable, "non-durable"),
-                (options.exclusive, "exclusive"),
-                (options.auto_delete, "auto-delete"),
-            ] {
+        if config.queue_type.is_replicated() {
+            // RabbitMQ checks a stream in another order and names exclusivity otherwise.
+            let checks = if config.queue_type == QueueType::Stream {
+                [
+                    (options.auto_delete, "auto-delete"),
+                    (options.exclusive, "exclusive-owner"),
+                    (!options.durable, "non-durable"),
+                ]
+            } else {
+                [
+                    (!options.durable, "non-durable"),
+                    (options.exclusive, "exclusive"),
+                    (options.auto_delete, "auto-delete"),
+                ]
+            };
+            for (bad, property) in checks {
                 if bad {
                     return Err(precondition_failed(format!(
                         "invalid property '{property}' for {}",
@@ -862,6 +925,7 @@ impl State {
             arguments,
             config,
             ready: Ready::default(),
+            log: Vec::new(),
             consumers: Vec::new(),
             next_consumer: 0,
             had_consumer: false,
@@ -1060,9 +1124,16 @@ impl State {
         queue_name: &str,
         tag: &str,
         options: BasicConsumeOptions,
+        arguments: &FieldTable,
     ) -> lapin::Result<NewConsumer> {
         self.on_channel(chan, "basic.consume", |s| {
             let queue = s.accessible_queue(chan, queue_name)?;
+            let cursor = if queue.is_stream() {
+                let prefetch = s.channels.get(&chan).map_or(0, |c| c.prefetch);
+                Some(stream_cursor(queue, prefetch, options.no_ack, arguments)?)
+            } else {
+                None
+            };
             if queue.exclusive_consumer || (options.exclusive && !queue.consumers.is_empty()) {
                 return Err(access_refused(format!(
                     "{} in exclusive use",
@@ -1095,6 +1166,7 @@ impl State {
                     exclusive: options.exclusive,
                     prefetch: c.prefetch,
                     outstanding: 0,
+                    cursor,
                     tx,
                     end: end.clone(),
                 },
@@ -1171,7 +1243,15 @@ impl State {
         no_ack: bool,
     ) -> lapin::Result<Option<(Delivery, u32)>> {
         self.on_channel(chan, "basic.get", |s| {
-            s.accessible_queue(chan, queue_name)?;
+            if s.accessible_queue(chan, queue_name)?.is_stream() {
+                return Err(hard(
+                    AMQPHardError::NOTIMPLEMENTED,
+                    format!(
+                        "basic.get not supported by stream queues {}",
+                        resource("queue", queue_name)
+                    ),
+                ));
+            }
             s.touch(queue_name);
             let Some(queue) = s.queues.get_mut(queue_name) else {
                 return Ok(None);
@@ -1241,6 +1321,8 @@ impl State {
                 Settle::Ack => {}
                 Settle::Requeue => s.requeue(settled),
                 Settle::Discard => {
+                    // A stream keeps its messages: settling one only gives the credit back.
+                    settled.retain(|u| !s.is_stream(&u.queue));
                     for unacked in settled {
                         s.dead_letter(&unacked.queue, unacked.queued.message, Reason::Rejected);
                     }
@@ -1250,12 +1332,16 @@ impl State {
         })
     }
 
-    /// Puts messages back at the head of their queues, in delivery order, marked redelivered.
+    /// Puts messages back at the head of their queues, in delivery order, marked redelivered
+    /// (a stream's stay in its log: nothing goes back).
     fn requeue(&mut self, unacked: Vec<Unacked>) {
         for mut u in unacked.into_iter().rev() {
             let Some(queue) = self.queues.get_mut(&u.queue) else {
                 continue;
             };
+            if queue.is_stream() {
+                continue;
+            }
             u.queued.redelivered = true;
             let expires_at = u.queued.expires_at;
             queue.ready.push_front(u.queued);
@@ -1263,6 +1349,10 @@ impl State {
                 self.push_deadline(at, Due::Messages(u.queue));
             }
         }
+    }
+
+    fn is_stream(&self, queue: &str) -> bool {
+        self.queues.get(queue).is_some_and(Queue::is_stream)
     }
 
     pub(super) fn confirm_select(&mut self, chan: u64) -> lapin::Result<()> {
@@ -1436,9 +1526,19 @@ impl State {
     /// (`x-overflow = reject-publish`).
     fn enqueue(&mut self, queue_name: &str, message: Message) -> bool {
         let now = self.now;
+        let appended_ms = self.unix_ms();
         let Some(queue) = self.queues.get_mut(queue_name) else {
             return false;
         };
+        if queue.is_stream() {
+            // Appended for good: no TTL, no length limit, no overflow.
+            queue.log.push(Logged {
+                message,
+                appended_ms,
+            });
+            self.dispatch_queue(queue_name);
+            return true;
+        }
         let ttl = [queue.config.message_ttl, message_ttl(&message.properties)]
             .into_iter()
             .flatten()
@@ -1550,7 +1650,7 @@ impl State {
             let names: Vec<String> = self
                 .queues
                 .values()
-                .filter(|q| !q.ready.is_empty() && !q.consumers.is_empty())
+                .filter(|q| (!q.ready.is_empty() || q.is_stream()) && !q.consumers.is_empty())
                 .map(|q| q.name.clone())
                 .collect();
             for name in names {
@@ -1576,6 +1676,9 @@ impl State {
         let Some(queue) = queues.get_mut(name) else {
             return;
         };
+        if queue.is_stream() {
+            gone = dispatch_stream(queue, channels, this);
+        }
         while let Some(head) = queue.ready.messages.front() {
             // Expired before this operation began (a requeued message past its time).
             if head.expires_at.is_some_and(|at| at < now) {
@@ -1675,11 +1778,16 @@ impl State {
     }
 
     /// Expires what is due at [`State::now`]: messages past their TTL (any position in the
-    /// queue, not only the head) and queues unused for their `x-expires`.
-    fn expire_due(&mut self) {
+    /// queue, not only the head) and queues unused for their `x-expires`; whether any
+    /// deadline came due.
+    fn expire_due(&mut self) -> bool {
         let now = self.now;
         let mut message_queues = BTreeSet::new();
         let mut unused_queues = BTreeSet::new();
+        let due = self
+            .deadlines
+            .peek()
+            .is_some_and(|Reverse(first)| first.at <= now);
         while self
             .deadlines
             .peek()
@@ -1714,6 +1822,7 @@ impl State {
                 self.delete_queue(&name);
             }
         }
+        due
     }
 
     // ----- inspection -----
@@ -1726,8 +1835,20 @@ impl State {
             .flat_map(|c| c.unacked.values())
             .filter(|u| u.queue == name)
             .count();
+        let ready = if queue.is_stream() {
+            // What the furthest-behind consumer has yet to get (the log stays whole).
+            queue
+                .consumers
+                .iter()
+                .filter_map(|(chan, id)| self.channels.get(chan)?.consumers.get(id)?.cursor)
+                .map(|cursor| queue.log.len().saturating_sub(cursor))
+                .max()
+                .unwrap_or(0)
+        } else {
+            queue.ready.len()
+        };
         Some(QueueStats {
-            ready: queue.ready.len(),
+            ready,
             unacked,
             consumers: queue.consumers.len(),
         })
@@ -1763,6 +1884,13 @@ impl State {
 
     pub(super) fn peek(&self, name: &str) -> Vec<(BasicProperties, Vec<u8>)> {
         self.queues.get(name).map_or_else(Vec::new, |q| {
+            if q.is_stream() {
+                return q
+                    .log
+                    .iter()
+                    .map(|m| (m.message.properties.clone(), m.message.body.to_vec()))
+                    .collect();
+            }
             q.ready
                 .messages
                 .iter()
@@ -1803,6 +1931,124 @@ fn delivery(this: &Weak<Shared>, chan: u64, tag: u64, queued: &Queued) -> Delive
         data: message.body.to_vec(),
         acker: Acker::new(this.clone(), chan, tag),
     }
+}
+
+/// Where a new consumer of `queue`, a stream, starts: the offset its `x-stream-offset`
+/// argument names (`next` without one), or RabbitMQ's refusal — a stream consumer needs a
+/// prefetch and manual acks.
+fn stream_cursor(
+    queue: &Queue,
+    prefetch: u16,
+    no_ack: bool,
+    arguments: &FieldTable,
+) -> lapin::Result<usize> {
+    if prefetch == 0 {
+        return Err(precondition_failed(format!(
+            "consumer prefetch count is not set for '{}'",
+            resource("queue", &queue.name)
+        )));
+    }
+    if no_ack {
+        return Err(hard(
+            AMQPHardError::NOTIMPLEMENTED,
+            format!(
+                "automatic acknowledgement not supported by stream queues {}",
+                resource("queue", &queue.name)
+            ),
+        ));
+    }
+    let len = queue.log.len();
+    let Some(value) = arguments.inner().get("x-stream-offset") else {
+        return Ok(len);
+    };
+    let cursor = match value {
+        AMQPValue::Timestamp(seconds) => {
+            let from_ms = u128::from(*seconds) * 1000;
+            queue.log.partition_point(|m| m.appended_ms < from_ms)
+        }
+        other => match (
+            super::routing::string(other),
+            super::routing::integer(other),
+        ) {
+            (Some(text), _) if text == "first" => 0,
+            (Some(text), _) if text == "last" => len.saturating_sub(1),
+            (Some(text), _) if text == "next" => len,
+            (_, Some(offset)) => usize::try_from(offset.max(0)).map_or(len, |o| o.min(len)),
+            _ => {
+                return Err(precondition_failed(format!(
+                    "Invalid stream offset arg: {}",
+                    super::routing::describe(Some(other))
+                )));
+            }
+        },
+    };
+    Ok(cursor)
+}
+
+/// Hands each consumer of `queue`, a stream, the messages from its cursor on while it has
+/// room, each with its offset in the header `x-stream-offset`. Every consumer reads every
+/// message. Returns the consumers whose stream was dropped.
+fn dispatch_stream(
+    queue: &Queue,
+    channels: &mut HashMap<u64, Chan>,
+    this: &Weak<Shared>,
+) -> Vec<(u64, u64)> {
+    let mut gone = Vec::new();
+    for &(chan_id, id) in &queue.consumers {
+        let Some(chan) = channels.get_mut(&chan_id) else {
+            continue;
+        };
+        let Chan {
+            consumers,
+            unacked,
+            next_tag,
+            consumer_unacked,
+            global_prefetch,
+            ..
+        } = chan;
+        let Some(slot) = consumers.get_mut(&id) else {
+            continue;
+        };
+        while let Some(cursor) = slot.cursor
+            && let Some(logged) = queue.log.get(cursor)
+            && slot.has_room()
+            && (*global_prefetch == 0 || *consumer_unacked < u32::from(*global_prefetch))
+        {
+            let mut properties = logged.message.properties.clone();
+            let mut headers = properties.headers().clone().unwrap_or_default();
+            headers.insert(
+                "x-stream-offset".into(),
+                AMQPValue::LongLongInt(i64::try_from(cursor).unwrap_or(i64::MAX)),
+            );
+            properties = properties.with_headers(headers);
+            let queued = Queued {
+                message: Message {
+                    properties,
+                    ..logged.message.clone()
+                },
+                redelivered: false,
+                expires_at: None,
+            };
+            let tag = *next_tag;
+            if slot.tx.send(delivery(this, chan_id, tag, &queued)).is_err() {
+                gone.push((chan_id, id));
+                break;
+            }
+            *next_tag += 1;
+            slot.cursor = Some(cursor + 1);
+            slot.outstanding += 1;
+            *consumer_unacked += 1;
+            unacked.insert(
+                tag,
+                Unacked {
+                    queue: queue.name.clone(),
+                    queued,
+                    consumer: Some(id),
+                },
+            );
+        }
+    }
+    gone
 }
 
 /// splitmix64's finaliser: a bijection, so distinct inputs give distinct names.

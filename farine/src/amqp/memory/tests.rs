@@ -1407,3 +1407,310 @@ fn handles_and_their_futures_can_cross_threads() {
     send(&connection.closed());
     send(&broker.wait_for_publish(0, |_| true));
 }
+
+// ----- streams -----
+
+fn stream_arguments() -> FieldTable {
+    table(&[("x-queue-type", text("stream"))])
+}
+
+/// Declares stream `name` (durable, as RabbitMQ requires).
+async fn stream(channel: &Channel, name: &str) {
+    channel
+        .queue_declare(name, QueueDeclareOptions::durable(), stream_arguments())
+        .await
+        .unwrap();
+}
+
+/// A consumer of stream `queue` from `offset` (the `x-stream-offset` argument, if any); the
+/// channel needs a prefetch first.
+async fn read_stream(channel: &Channel, queue: &str, offset: Option<AMQPValue>) -> Consumer {
+    let arguments = offset.map_or_else(FieldTable::default, |offset| {
+        table(&[("x-stream-offset", offset)])
+    });
+    channel
+        .basic_consume(queue, "", BasicConsumeOptions::default(), arguments)
+        .await
+        .unwrap()
+}
+
+fn offset_of(delivery: &Delivery) -> &AMQPValue {
+    header(
+        delivery.properties.headers().as_ref().expect("headers"),
+        "x-stream-offset",
+    )
+}
+
+#[tokio::test]
+async fn a_stream_must_be_durable_shared_and_kept_and_is_redeclared_as_others() {
+    let broker = Broker::new();
+    let (connection, ch) = open(&broker, "t").await;
+    for (options, property) in [
+        (QueueDeclareOptions::default(), "non-durable"),
+        (
+            QueueDeclareOptions {
+                durable: true,
+                exclusive: true,
+                ..Default::default()
+            },
+            "exclusive-owner",
+        ),
+        (
+            QueueDeclareOptions {
+                durable: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            "auto-delete",
+        ),
+    ] {
+        let ch = connection.create_channel().await.unwrap();
+        let error = ch
+            .queue_declare("s", options, stream_arguments())
+            .await
+            .unwrap_err();
+        assert_eq!(code(&error), 406);
+        assert_eq!(
+            reply(&error),
+            format!(
+                "PRECONDITION_FAILED - invalid property '{property}' for queue 's' in vhost '/'"
+            )
+        );
+    }
+    let with_age = table(&[
+        ("x-queue-type", text("stream")),
+        ("x-max-age", text("7D")),
+        ("x-max-length-bytes", AMQPValue::LongLongInt(1_000_000)),
+    ]);
+    ch.queue_declare("s", QueueDeclareOptions::durable(), with_age.clone())
+        .await
+        .unwrap();
+    ch.queue_declare("s", QueueDeclareOptions::durable(), with_age)
+        .await
+        .unwrap();
+    let error = ch
+        .queue_declare("s", QueueDeclareOptions::durable(), stream_arguments())
+        .await
+        .unwrap_err();
+    assert!(
+        reply(&error).starts_with("PRECONDITION_FAILED - inequivalent arg 'x-max-age'"),
+        "{error}"
+    );
+    let ch = connection.create_channel().await.unwrap();
+    let error = ch
+        .queue_declare(
+            "s",
+            QueueDeclareOptions::durable(),
+            table(&[
+                ("x-queue-type", text("quorum")),
+                ("x-max-age", text("7D")),
+                ("x-max-length-bytes", AMQPValue::LongLongInt(1_000_000)),
+            ]),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        reply(&error).starts_with("PRECONDITION_FAILED - inequivalent arg 'x-queue-type'"),
+        "{error}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_numbers_its_messages_and_keeps_them_when_read() {
+    let broker = Broker::new();
+    let (_c, ch) = open(&broker, "t").await;
+    stream(&ch, "s").await;
+    for i in 0..3 {
+        publish(&ch, "", "s", &format!("m{i}")).await;
+    }
+    ch.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = read_stream(&ch, "s", Some(text("first"))).await;
+    for i in 0..3 {
+        let delivery = next(&mut consumer).await;
+        assert_eq!(body(&delivery), format!("m{i}"));
+        assert_eq!(offset_of(&delivery), &AMQPValue::LongLongInt(i));
+        assert!(!delivery.redelivered);
+        assert!(
+            delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .unwrap()
+        );
+    }
+    assert!(nothing_more(&mut consumer).await);
+    // Read and acked, still there; a passive declare counts neither messages nor consumers,
+    // as RabbitMQ's does for a stream.
+    assert_eq!(ready(&broker, "s"), ["m0", "m1", "m2"]);
+    let declared = ch
+        .queue_declare(
+            "s",
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!((declared.message_count, declared.consumer_count), (0, 0));
+    assert_eq!(broker.queue_depth("s").unwrap().consumers, 1);
+    // A message appended later comes to the consumer at the next offset.
+    publish(&ch, "", "s", "m3").await;
+    let delivery = next(&mut consumer).await;
+    assert_eq!(offset_of(&delivery), &AMQPValue::LongLongInt(3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_consumer_starts_where_x_stream_offset_says() {
+    let broker = Broker::new();
+    let (_c, ch) = open(&broker, "t").await;
+    stream(&ch, "s").await;
+    publish(&ch, "", "s", "m0").await;
+    publish(&ch, "", "s", "m1").await;
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let later = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 5;
+    publish(&ch, "", "s", "m2").await;
+    publish(&ch, "", "s", "m3").await;
+    ch.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+    let cases = [
+        (Some(text("first")), vec!["m0", "m1", "m2", "m3"]),
+        (Some(text("last")), vec!["m3"]),
+        (Some(text("next")), vec![]),
+        (None, vec![]),
+        (Some(AMQPValue::LongLongInt(2)), vec!["m2", "m3"]),
+        (Some(AMQPValue::ShortShortUInt(1)), vec!["m1", "m2", "m3"]),
+        (Some(AMQPValue::LongLongInt(99)), vec![]),
+        (
+            Some(AMQPValue::LongLongInt(-4)),
+            vec!["m0", "m1", "m2", "m3"],
+        ),
+        (Some(AMQPValue::Timestamp(later)), vec!["m2", "m3"]),
+        (Some(AMQPValue::Timestamp(0)), vec!["m0", "m1", "m2", "m3"]),
+    ];
+    for (offset, expected) in cases {
+        let mut consumer = read_stream(&ch, "s", offset.clone()).await;
+        let mut got = Vec::new();
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(Duration::from_millis(1), consumer.next()).await
+        {
+            got.push(body(&delivery).to_string());
+        }
+        assert_eq!(got, expected, "from {offset:?}");
+    }
+    let error = ch
+        .basic_consume(
+            "s",
+            "",
+            BasicConsumeOptions::default(),
+            table(&[("x-stream-offset", text("middle"))]),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&error), 406);
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_stream_consumer_reads_every_message_within_its_prefetch() {
+    let broker = Broker::new();
+    let (_c, ch) = open(&broker, "t").await;
+    stream(&ch, "s").await;
+    for i in 0..4 {
+        publish(&ch, "", "s", &i.to_string()).await;
+    }
+    ch.basic_qos(2, BasicQosOptions::default()).await.unwrap();
+    let mut one = read_stream(&ch, "s", Some(text("first"))).await;
+    let mut two = read_stream(&ch, "s", Some(text("first"))).await;
+    let (a0, a1) = (next(&mut one).await, next(&mut one).await);
+    let (b0, b1) = (next(&mut two).await, next(&mut two).await);
+    assert_eq!([body(&a0), body(&a1)], ["0", "1"]);
+    assert_eq!([body(&b0), body(&b1)], ["0", "1"]);
+    assert!(nothing_more(&mut one).await && nothing_more(&mut two).await);
+    assert_eq!(
+        broker.queue_depth("s").unwrap(),
+        QueueStats {
+            ready: 2,
+            unacked: 4,
+            consumers: 2
+        },
+        "each consumer has two to go"
+    );
+    // An ack, a nack and a reject each give a place back; nothing is requeued.
+    assert!(a0.acker.ack(BasicAckOptions::default()).await.unwrap());
+    assert_eq!(body(&next(&mut one).await), "2");
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    };
+    assert!(b0.acker.nack(requeue).await.unwrap());
+    assert!(
+        b1.acker
+            .reject(BasicRejectOptions::default())
+            .await
+            .unwrap()
+    );
+    assert_eq!(body(&next(&mut two).await), "2");
+    assert_eq!(body(&next(&mut two).await), "3");
+    assert!(nothing_more(&mut one).await && nothing_more(&mut two).await);
+    assert_eq!(ready(&broker, "s"), ["0", "1", "2", "3"]);
+    // A cancelled consumer is forgotten: its unacked deliveries settle without effect.
+    ch.basic_cancel(one.tag(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+    assert!(a1.acker.ack(BasicAckOptions::default()).await.unwrap());
+    assert_eq!(broker.queue_depth("s").unwrap().consumers, 1);
+}
+
+#[tokio::test]
+async fn a_stream_refuses_basic_get_and_consumers_without_prefetch_or_acks() {
+    let broker = Broker::new();
+    let (connection, ch) = open(&broker, "t").await;
+    stream(&ch, "s").await;
+    let error = ch
+        .basic_consume(
+            "s",
+            "",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&error), 406);
+    assert_eq!(
+        reply(&error),
+        "PRECONDITION_FAILED - consumer prefetch count is not set for 'queue 's' in vhost '/''"
+    );
+    assert!(!ch.is_open());
+    assert!(connection.is_open());
+    let ch = connection.create_channel().await.unwrap();
+    ch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let error = ch
+        .basic_consume(
+            "s",
+            "",
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&error), 540);
+    assert!(!connection.is_open());
+    let (connection, ch) = open(&broker, "t2").await;
+    let error = ch
+        .basic_get("s", BasicGetOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&error), 540);
+    assert_eq!(
+        reply(&error),
+        "NOT_IMPLEMENTED - basic.get not supported by stream queues queue 's' in vhost '/'"
+    );
+    assert!(!connection.is_open());
+}
