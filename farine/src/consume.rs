@@ -452,10 +452,10 @@ pub(crate) async fn run(
     }
     // Handlers still running now cannot settle on a broken channel: their messages come back.
     in_flight.stop().await;
-    if let (Some(run), Some(stream), Some(writer)) = (&stream_run, &plan.stream, writer) {
+    if let (Some(run), Some(writer)) = (&stream_run, writer) {
         stop_writer.cancel();
         let _ = writer.await;
-        run.close(&plan, &stream.position).await;
+        run.close(&plan).await;
     }
     wind_down.close(&retry).await;
     stopped

@@ -478,10 +478,10 @@ impl Run {
 
     /// Ends the run: where the next starts (below the messages still in flight, which are
     /// read again), kept and saved.
-    pub async fn close(&self, plan: &ConsumerPlan, position: &Position) {
+    pub async fn close(&self, plan: &ConsumerPlan) {
         let resume = self.track.lock().ok().and_then(|track| track.resume_at());
-        if let Some(next) = resume {
-            position.keep(plan, next).await;
+        if let (Some(stream), Some(next)) = (&plan.stream, resume) {
+            stream.position.keep(plan, next).await;
         }
     }
 }

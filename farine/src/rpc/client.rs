@@ -403,11 +403,8 @@ impl Client {
         // One timer bounds the whole call: the publish, then the reply.
         let expired = tokio::time::sleep_until(deadline);
         tokio::pin!(expired);
-        // The connection the request goes out on (read before: a reconnection meanwhile only
-        // costs a check more).
-        let connection = inner.connector.reconnects();
         // Pinned where it is: `select!` would otherwise move this large future into its own.
-        let sent = inner.publish_request(method, id, &body, reply_to, timeout, true);
+        let (connection, sent) = inner.publish_request(method, id, &body, reply_to, timeout, true);
         tokio::pin!(sent);
         let unconfirmed = tokio::select! {
             biased;
@@ -484,9 +481,9 @@ impl Client {
             .enter(method, Reader::Stream(sender), deadline, timeout)
             .await?;
         let sent = async {
-            let connection = inner.connector.reconnects();
-            let confirmed = inner
-                .publish_request(method, id.clone(), &body, reply_to, timeout, false)
+            let (connection, published) =
+                inner.publish_request(method, id.clone(), &body, reply_to, timeout, false);
+            let confirmed = published
                 .await?
                 .confirmed()
                 .await
@@ -632,7 +629,9 @@ impl Inner {
     }
 
     /// Publishes the request of call `id`; the confirm is still to come. `single`: the caller
-    /// reads one result, the server need not send the end marker.
+    /// reads one result, the server need not send the end marker. Also returns the connection
+    /// it goes out on (the connector's count of reconnections, read before the publish: a
+    /// reconnection meanwhile only costs a check more), for [`Inner::route_confirmed`].
     ///
     /// A plain function returning the publish's future, not an `async fn`: that would hold the
     /// options in its own state beside the publish's.
@@ -644,7 +643,10 @@ impl Inner {
         reply_to: String,
         timeout: Duration,
         single: bool,
-    ) -> impl Future<Output = Result<Unconfirmed, RpcError>> + Send + use<'a> {
+    ) -> (
+        u64,
+        impl Future<Output = Result<Unconfirmed, RpcError>> + Send + use<'a>,
+    ) {
         let options = PublishOptions {
             routing_key: Some(wire::routing_key(&self.service, method)),
             correlation_id: Some(id),
@@ -672,9 +674,10 @@ impl Inner {
         } else {
             &self.checked_requests
         };
-        publisher
+        let published = publisher
             .publish_unconfirmed(body, options)
-            .map_err(move |e| self.request_error(method, e))
+            .map_err(move |e| self.request_error(method, e));
+        (connection, published)
     }
 
     /// Notes that the broker routed a request of `method` to a queue, sent on `connection`
