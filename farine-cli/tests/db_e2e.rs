@@ -9,7 +9,6 @@ use std::time::Duration;
 use farine::rpc::Client;
 use farine_test_support::process::{Process, SIGKILL, SIGTERM};
 use farine_test_support::{Broker, Database, IniFile, unique};
-use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, ExchangeKind};
 use serde_json::json;
@@ -140,28 +139,8 @@ async fn a_sigkill_in_the_middle_of_a_batch_then_a_restart_still_gives_the_right
     // The whole batch waits in the ledger's queue before farine starts: 1000 entries, 200 of
     // them twice.
     broker
-        .channel()
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("queue declared");
-    broker
-        .channel()
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.as_str().into(),
-            "entry".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("queue bound");
+        .declare_bound_queue(&queue, &exchange, "entry", FieldTable::default())
+        .await;
     publish(&broker, &exchange, "two", 0..1000).await;
     let total = 1200;
     assert_eq!(ready(&broker, &queue).await, total);
@@ -197,14 +176,6 @@ async fn a_sigkill_in_the_middle_of_a_batch_then_a_restart_still_gives_the_right
     assert_eq!(second.wait_exit(BOUND).and_then(|s| s.code()), Some(0));
 }
 
-/// `sql`'s one number in `database`.
-async fn count(database: &Database, sql: &'static str) -> i64 {
-    use farine::db::sqlx::{self, Connection};
-    let url = format!("postgres://postgres@127.0.0.1:5432/{}", database.name);
-    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkill_while_reading_a_stream_then_a_restart_applies_each_entry_once() {
     let broker = Broker::connect().await;
@@ -220,28 +191,8 @@ async fn a_sigkill_while_reading_a_stream_then_a_restart_applies_each_entry_once
         lapin::types::AMQPValue::LongString("stream".into()),
     );
     broker
-        .channel()
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            arguments,
-        )
-        .await
-        .expect("stream declared");
-    broker
-        .channel()
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.as_str().into(),
-            "entry".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("stream bound");
+        .declare_bound_queue(&queue, &exchange, "entry", arguments)
+        .await;
     publish(&broker, &exchange, "three", 0..1000).await;
 
     let ini = IniFile::new(&format!(
@@ -251,13 +202,13 @@ async fn a_sigkill_while_reading_a_stream_then_a_restart_applies_each_entry_once
     let mut first = start_db(&ini);
     // Kill it once it has applied a hundred entries, while it works through the rest.
     let deadline = tokio::time::Instant::now() + BOUND;
-    while count(&database, "SELECT count(*) FROM farine_inbox").await < 100 {
+    while database.count("SELECT count(*) FROM farine_inbox").await < 100 {
         assert!(tokio::time::Instant::now() < deadline, "{}", first.output());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     first.signal(SIGKILL);
     first.wait_exit(BOUND).expect("killed");
-    let applied = count(&database, "SELECT count(*) FROM farine_inbox").await;
+    let applied = database.count("SELECT count(*) FROM farine_inbox").await;
     assert!(
         applied < 1000,
         "the kill landed mid-stream ({applied} applied)"
@@ -274,18 +225,16 @@ async fn a_sigkill_while_reading_a_stream_then_a_restart_applies_each_entry_once
         second.output()
     );
     assert_eq!(
-        count(&database, "SELECT count(*) FROM farine_inbox").await,
+        database.count("SELECT count(*) FROM farine_inbox").await,
         1000
     );
     second.signal(SIGTERM);
     assert_eq!(second.wait_exit(BOUND).and_then(|s| s.code()), Some(0));
     // The position was saved at the stop: past the 1200th message (offsets 0..1199).
     assert_eq!(
-        count(
-            &database,
-            "SELECT split_part(position, '@', 2)::bigint FROM farine_checkpoint"
-        )
-        .await,
+        database
+            .count("SELECT split_part(position, '@', 2)::bigint FROM farine_checkpoint")
+            .await,
         1200
     );
 }

@@ -24,16 +24,6 @@ fn config(broker: &Broker, service: &str, database: &Database, options: &str) ->
     Config::from_ini(&text, "test.ini").unwrap()
 }
 
-async fn count(database: &Database, sql: &str) -> i64 {
-    use sqlx::Connection;
-    let url = format!("postgres://postgres@127.0.0.1:5432/{}", database.name);
-    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
-        .fetch_one(&mut conn)
-        .await
-        .unwrap()
-}
-
 const NOTES: &[EmbeddedMigration] = &[EmbeddedMigration {
     version: 1,
     description: "notes",
@@ -165,11 +155,15 @@ async fn in_a_transaction_ok_commits_and_err_rolls_back_before_the_message_is_se
     assert!(wait_until(BOUND, || NOTED.load(Ordering::SeqCst) == 3).await);
     running.stop().await;
     assert_eq!(
-        count(&database, "SELECT count(*) FROM notes WHERE id = 'kept'").await,
+        database
+            .count("SELECT count(*) FROM notes WHERE id = 'kept'")
+            .await,
         1
     );
     assert_eq!(
-        count(&database, "SELECT count(*) FROM notes WHERE id = 'lost'").await,
+        database
+            .count("SELECT count(*) FROM notes WHERE id = 'lost'")
+            .await,
         0,
         "both failed attempts were rolled back"
     );
@@ -249,7 +243,7 @@ async fn the_inbox_applies_each_message_id_once_under_duplicates_and_retries() {
     let mut settled = false;
     for _ in 0..500 {
         if broker.queue_state(&queue).await == Some((0, 1))
-            && count(&database, "SELECT count(*) FROM farine_inbox").await == 3
+            && database.count("SELECT count(*) FROM farine_inbox").await == 3
         {
             settled = true;
             break;
@@ -259,20 +253,16 @@ async fn the_inbox_applies_each_message_id_once_under_duplicates_and_retries() {
     running.stop().await;
     assert!(settled, "all three ids recorded");
     assert_eq!(
-        count(
-            &database,
-            "SELECT length(body)::bigint FROM notes WHERE id = 'a'"
-        )
-        .await,
+        database
+            .count("SELECT length(body)::bigint FROM notes WHERE id = 'a'")
+            .await,
         1,
         "the duplicates of m-a were not applied again"
     );
     assert_eq!(
-        count(
-            &database,
-            "SELECT length(body)::bigint FROM notes WHERE id = 'b'"
-        )
-        .await,
+        database
+            .count("SELECT length(body)::bigint FROM notes WHERE id = 'b'")
+            .await,
         1,
         "m-b's failed attempt was rolled back with its inbox row, its retry applied once"
     );
@@ -306,11 +296,13 @@ async fn migrations_are_applied_once_under_two_concurrent_starts() {
     first.stop().await;
     second.stop().await;
     assert_eq!(
-        count(&database, "SELECT count(*) FROM _sqlx_migrations").await,
+        database
+            .count("SELECT count(*) FROM _sqlx_migrations")
+            .await,
         1
     );
     assert_eq!(
-        count(&database, "SELECT count(*) FROM notes").await,
+        database.count("SELECT count(*) FROM notes").await,
         0,
         "the table exists"
     );
@@ -488,12 +480,16 @@ async fn in_a_transaction_a_handler_that_panics_after_writing_has_its_writes_rol
     assert!(dead_letter_error(&dead[0]).contains("panics after writing"));
     assert_eq!(written("lost"), vec![1, 2], "it wrote on each attempt");
     assert_eq!(
-        count(&database, "SELECT count(*) FROM notes WHERE id = 'lost'").await,
+        database
+            .count("SELECT count(*) FROM notes WHERE id = 'lost'")
+            .await,
         0,
         "both attempts' writes were rolled back"
     );
     assert_eq!(
-        count(&database, "SELECT count(*) FROM notes WHERE id = 'kept'").await,
+        database
+            .count("SELECT count(*) FROM notes WHERE id = 'kept'")
+            .await,
         1,
         "the handler that returned Ok was committed"
     );
@@ -543,12 +539,14 @@ async fn in_a_transaction_a_commit_that_fails_leaves_the_message_unhandled_and_r
         "the handler returned Ok on both attempts"
     );
     assert_eq!(
-        count(&database, "SELECT count(*) FROM notes WHERE id = 'orphan'").await,
+        database
+            .count("SELECT count(*) FROM notes WHERE id = 'orphan'")
+            .await,
         0,
         "the failed commits left no effect"
     );
     assert_eq!(
-        count(&database, "SELECT count(*) FROM children").await,
+        database.count("SELECT count(*) FROM children").await,
         1,
         "only the adopted child was committed"
     );
@@ -630,20 +628,16 @@ async fn with_inbox_key_the_inbox_identifies_messages_by_that_body_field() {
         "the second t-1 was not handled, whatever its message id"
     );
     assert_eq!(
-        count(
-            &database,
-            "SELECT length(body)::bigint FROM notes WHERE id = 'a'"
-        )
-        .await,
+        database
+            .count("SELECT length(body)::bigint FROM notes WHERE id = 'a'")
+            .await,
         2,
         "t-1 applied once, t-2 once"
     );
     assert_eq!(
-        count(
-            &database,
-            "SELECT count(*) FROM farine_inbox WHERE message_id IN ('t-1', 't-2', 'last')"
-        )
-        .await,
+        database
+            .count("SELECT count(*) FROM farine_inbox WHERE message_id IN ('t-1', 't-2', 'last')")
+            .await,
         3,
         "the inbox recorded the field's values"
     );

@@ -17,9 +17,9 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use farine::config::Config;
+use common::serve;
 use farine::rpc::{Args, CallOptions, Client, RpcError, Stream, StreamExt, stream};
-use farine::{BrokerError, Message, Resource, Running, Runtime, consume};
+use farine::{BrokerError, Message, Resource, consume};
 use farine_test_support::process::Process;
 use farine_test_support::{Broker, IniFile, wait_until};
 use futures_util::future::join_all;
@@ -112,15 +112,6 @@ impl Python {
             .map(|line| serde_json::from_str(line).expect("call.py prints JSON"))
             .collect()
     }
-}
-
-async fn serve(broker: &Broker, service: &str, extra: &str) -> Running {
-    let text = format!("[{service}]\namqp_uri = {}\n{extra}", broker.uri());
-    Runtime::new(Config::from_ini(&text, "test.ini").unwrap())
-        .services([service])
-        .start()
-        .await
-        .expect("starts")
 }
 
 /// Waits until each of `queues` has `consumers` consumers.

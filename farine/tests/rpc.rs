@@ -6,26 +6,14 @@ mod common;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::BOUND;
-use farine::config::Config;
+use common::{BOUND, serve};
 use farine::rpc::{Args, CallOptions, Client, ErrorKind, RpcError, Stream, StreamExt, stream};
-use farine::{Running, Runtime};
 use farine_test_support::{Broker, unique, wait_until};
 use futures_util::future::join_all;
 use lapin::BasicProperties;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::{FieldTable, ShortString};
 use serde_json::{Value, json};
-
-/// Starts `service` in the test's vhost.
-async fn serve(broker: &Broker, service: &str, extra: &str) -> Running {
-    let text = format!("[{service}]\namqp_uri = {}\n{extra}", broker.uri());
-    Runtime::new(Config::from_ini(&text, "test.ini").unwrap())
-        .services([service])
-        .start()
-        .await
-        .expect("starts")
-}
 
 async fn client(broker: &Broker, service: &str) -> Client {
     Client::connect(&broker.uri(), service, BOUND)

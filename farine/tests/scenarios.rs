@@ -571,16 +571,7 @@ async fn rpc_answers_refuses_unknown_methods_and_stops_a_cancelled_stream(target
         );
     }
     drop(numbers);
-    let stopped = tokio::time::timeout(BOUND, async {
-        while !STREAM_DROPPED.lock().unwrap().contains(&rpc_queue) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-    assert!(
-        stopped.is_ok(),
-        "the server never dropped the cancelled stream"
-    );
+    assert_stream_dropped(&rpc_queue).await;
     assert_eq!(
         client
             .call::<i64>("add", (1, 1))
@@ -589,6 +580,26 @@ async fn rpc_answers_refuses_unknown_methods_and_stops_a_cancelled_stream(target
         2
     );
     running.stop().await;
+}
+
+/// Waits, within the bound, until the server dropped the stream of call `run` its caller
+/// cancelled.
+async fn assert_stream_dropped(run: &str) {
+    let stopped = tokio::time::timeout(BOUND, async {
+        while !STREAM_DROPPED
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|dropped| dropped == run)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        stopped.is_ok(),
+        "the server never dropped the cancelled stream"
+    );
 }
 
 on_both!(rpc_with_a_queue_per_method_serves_each_method_from_its_own_queue);
@@ -617,16 +628,7 @@ async fn rpc_with_a_queue_per_method_serves_each_method_from_its_own_queue(targe
         .expect("stream");
     assert_eq!(numbers.next().await.expect("an item").expect("a number"), 0);
     drop(numbers);
-    let stopped = tokio::time::timeout(BOUND, async {
-        while !STREAM_DROPPED.lock().unwrap().contains(&run) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-    assert!(
-        stopped.is_ok(),
-        "the server never dropped the cancelled stream"
-    );
+    assert_stream_dropped(&run).await;
     assert_eq!(client.call::<i64>("add", (1, 1)).await.expect("add"), 2);
     running.stop().await;
     for queue in ["scenario_calc__add", "scenario_calc__forever"] {

@@ -14,7 +14,6 @@ use farine::{Runtime, Shutdown, StreamOffset, consume};
 use farine_test_support::proxy::Proxy;
 use farine_test_support::{Broker, Database, unique, wait_until};
 use lapin::ExchangeKind;
-use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -47,6 +46,22 @@ impl Handled {
         store.lock().unwrap().0.contains_key(&n)
     }
 
+    /// How many calls there were, counting each message as often as it was handled.
+    fn calls(store: &Mutex<Handled>) -> usize {
+        store
+            .lock()
+            .unwrap()
+            .0
+            .values()
+            .map(|(times, _)| times)
+            .sum()
+    }
+
+    /// The numbers handled, however often.
+    fn numbers(store: &Mutex<Handled>) -> Vec<u64> {
+        store.lock().unwrap().0.keys().copied().collect()
+    }
+
     /// The numbers handled; each must have been handled once, at the offset of its number.
     fn once_each(store: &Mutex<Handled>) -> Vec<u64> {
         let handled = store.lock().unwrap();
@@ -76,28 +91,8 @@ async fn stream_with(broker: &Broker, exchange: &str, queue: &str, from: u64, to
         AMQPValue::LongString("stream".into()),
     );
     broker
-        .channel()
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            arguments,
-        )
-        .await
-        .expect("stream declared");
-    broker
-        .channel()
-        .queue_bind(
-            queue.into(),
-            exchange.into(),
-            "rk".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("stream bound");
+        .declare_bound_queue(queue, exchange, "rk", arguments)
+        .await;
     publish(broker, exchange, from, to).await;
 }
 
@@ -121,12 +116,23 @@ fn reader(exchange: &str, queue: &str, start_from: &str) -> Vec<(String, String)
     .collect()
 }
 
+/// A config whose `[service]` section reaches the broker at `amqp_uri`, with `extra` INI lines
+/// (a database's keys, say) and the reader's `keys`.
+fn reader_config_at(
+    service: &str,
+    amqp_uri: &str,
+    extra: &str,
+    keys: &[(String, String)],
+) -> Config {
+    let mut text = format!("[{service}]\namqp_uri = {amqp_uri}\n{extra}");
+    for (key, value) in keys {
+        text.push_str(&format!("{key} = {value}\n"));
+    }
+    Config::from_ini(&text, "test.ini").expect("test config parses")
+}
+
 fn reader_config(broker: &Broker, service: &str, keys: &[(String, String)]) -> Config {
-    let keys: Vec<(&str, &str)> = keys
-        .iter()
-        .map(|(key, value)| (key.as_str(), value.as_str()))
-        .collect();
-    config(broker, service, &keys)
+    reader_config_at(service, &broker.uri(), "", keys)
 }
 
 fn reader_config_with_db(
@@ -135,15 +141,26 @@ fn reader_config_with_db(
     database: &Database,
     keys: &[(String, String)],
 ) -> Config {
-    let mut text = format!(
-        "[{service}]\namqp_uri = {}\n{}",
-        broker.uri(),
-        database.ini_keys()
-    );
-    for (key, value) in keys {
-        text.push_str(&format!("{key} = {value}\n"));
-    }
-    Config::from_ini(&text, "test.ini").expect("test config parses")
+    reader_config_at(service, &broker.uri(), &database.ini_keys(), keys)
+}
+
+/// A service `$name` (type `$service`) whose handler `read` records in `$store` the number and
+/// the offset of each message it handles.
+macro_rules! recording_reader {
+    ($service:ident, $name:tt, $store:ident) => {
+        static $store: Mutex<Handled> = Mutex::new(Handled(BTreeMap::new()));
+
+        #[derive(Default)]
+        struct $service;
+
+        #[farine::service(name = $name)]
+        impl $service {
+            #[consume(exchange = "set-by-config", routing_key = "rk")]
+            async fn read(&self, body: Numbered, offset: StreamOffset) {
+                Handled::record(&$store, body.n, offset.0);
+            }
+        }
+    };
 }
 
 async fn start(config: Config, service: &str) -> farine::Running {
@@ -156,32 +173,8 @@ async fn start(config: Config, service: &str) -> farine::Running {
 
 // ---------------------------------------------------------------------------------------------
 
-static FIRST_A: Mutex<Handled> = Mutex::new(Handled(BTreeMap::new()));
-static FIRST_B: Mutex<Handled> = Mutex::new(Handled(BTreeMap::new()));
-
-#[derive(Default)]
-struct ReaderA;
-
-#[farine::service(name = "stream_reader_a")]
-impl ReaderA {
-    #[consume(exchange = "set-by-config", routing_key = "rk")]
-    async fn read(&self, body: Numbered, offset: StreamOffset) -> Result<(), String> {
-        Handled::record(&FIRST_A, body.n, offset.0);
-        Ok(())
-    }
-}
-
-#[derive(Default)]
-struct ReaderB;
-
-#[farine::service(name = "stream_reader_b")]
-impl ReaderB {
-    #[consume(exchange = "set-by-config", routing_key = "rk")]
-    async fn read(&self, body: Numbered, offset: StreamOffset) -> Result<(), String> {
-        Handled::record(&FIRST_B, body.n, offset.0);
-        Ok(())
-    }
-}
+recording_reader!(ReaderA, "stream_reader_a", FIRST_A);
+recording_reader!(ReaderB, "stream_reader_b", FIRST_B);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn from_first_two_services_each_read_the_whole_stream_once() {
@@ -321,19 +314,7 @@ async fn stopped_after_400_a_reader_resumes_from_its_checkpoint_with_the_other_6
 
 // ---------------------------------------------------------------------------------------------
 
-static FROM_900: Mutex<Handled> = Mutex::new(Handled(BTreeMap::new()));
-
-#[derive(Default)]
-struct From900;
-
-#[farine::service(name = "stream_from_900")]
-impl From900 {
-    #[consume(exchange = "set-by-config", routing_key = "rk")]
-    async fn read(&self, body: Numbered, offset: StreamOffset) -> Result<(), String> {
-        Handled::record(&FROM_900, body.n, offset.0);
-        Ok(())
-    }
-}
+recording_reader!(From900, "stream_from_900", FROM_900);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn from_offset_900_a_reader_handles_the_last_100() {
@@ -361,19 +342,7 @@ async fn from_offset_900_a_reader_handles_the_last_100() {
 
 // ---------------------------------------------------------------------------------------------
 
-static FROM_NEXT: Mutex<Handled> = Mutex::new(Handled(BTreeMap::new()));
-
-#[derive(Default)]
-struct FromNext;
-
-#[farine::service(name = "stream_from_next")]
-impl FromNext {
-    #[consume(exchange = "set-by-config", routing_key = "rk")]
-    async fn read(&self, body: Numbered, offset: StreamOffset) -> Result<(), String> {
-        Handled::record(&FROM_NEXT, body.n, offset.0);
-        Ok(())
-    }
-}
+recording_reader!(FromNext, "stream_from_next", FROM_NEXT);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn from_next_a_reader_handles_only_what_comes_after_it_started() {
@@ -401,23 +370,7 @@ async fn from_next_a_reader_handles_only_what_comes_after_it_started() {
 
 // ---------------------------------------------------------------------------------------------
 
-static ACROSS_CUT: Mutex<Handled> = Mutex::new(Handled(BTreeMap::new()));
-static ACROSS_CUT_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-#[derive(Default)]
-struct AcrossCut;
-
-#[farine::service(name = "stream_across_cut")]
-impl AcrossCut {
-    #[consume(exchange = "set-by-config", routing_key = "rk")]
-    async fn read(&self, body: Numbered, offset: StreamOffset) -> Result<(), String> {
-        ACROSS_CUT_CALLS.fetch_add(1, Ordering::SeqCst);
-        if let Ok(mut handled) = ACROSS_CUT.lock() {
-            handled.0.entry(body.n).or_insert((0, offset.0)).0 += 1;
-        }
-        Ok(())
-    }
-}
+recording_reader!(AcrossCut, "stream_across_cut", ACROSS_CUT);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_lost_connection_a_reader_resumes_where_it_was_not_from_start_from() {
@@ -426,14 +379,12 @@ async fn after_a_lost_connection_a_reader_resumes_where_it_was_not_from_start_fr
     stream_with(&broker, &exchange, &queue, 0, 1000).await;
     let proxy = Proxy::to_broker().await;
     // No database: the position is kept in memory across the task's restarts.
-    let mut text = format!(
-        "[stream_across_cut]\namqp_uri = {}\n",
-        broker.uri_via(proxy.addr())
+    let config = reader_config_at(
+        "stream_across_cut",
+        &broker.uri_via(proxy.addr()),
+        "",
+        &reader(&exchange, &queue, "first"),
     );
-    for (key, value) in reader(&exchange, &queue, "first") {
-        text.push_str(&format!("{key} = {value}\n"));
-    }
-    let config = Config::from_ini(&text, "test.ini").unwrap();
     let running = start(config, "stream_across_cut").await;
     assert!(wait_until(LONG, || Handled::count(&ACROSS_CUT) >= 300).await);
     proxy.cut();
@@ -444,42 +395,26 @@ async fn after_a_lost_connection_a_reader_resumes_where_it_was_not_from_start_fr
     );
     running.stop().await;
     // Read again: only what was in flight at the cut; from `first` it would be 300 or more.
-    let again = ACROSS_CUT_CALLS.load(Ordering::SeqCst) - 1000;
+    let again = Handled::calls(&ACROSS_CUT) - 1000;
     assert!(again < 300, "{again} messages handled twice");
 }
 
 // ---------------------------------------------------------------------------------------------
 
-static NOTHING_YET: Mutex<Handled> = Mutex::new(Handled(BTreeMap::new()));
-
-#[derive(Default)]
-struct NothingYet;
-
-#[farine::service(name = "stream_nothing_yet")]
-impl NothingYet {
-    #[consume(exchange = "set-by-config", routing_key = "rk")]
-    async fn read(&self, body: Numbered, offset: StreamOffset) {
-        Handled::record(&NOTHING_YET, body.n, offset.0);
-    }
-}
+recording_reader!(NothingYet, "stream_nothing_yet", NOTHING_YET);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_from_next_that_lost_its_connection_before_any_message_misses_none_meanwhile() {
     let broker = Broker::connect().await;
     let (exchange, queue) = (unique("stream-x"), unique("stream-q"));
     let proxy = Proxy::to_broker().await;
-    let mut text = format!(
-        "[stream_nothing_yet]\namqp_uri = {}\n",
-        broker.uri_via(proxy.addr())
-    );
-    for (key, value) in reader(&exchange, &queue, "next") {
-        text.push_str(&format!("{key} = {value}\n"));
-    }
-    let running = start(
-        Config::from_ini(&text, "test.ini").unwrap(),
+    let config = reader_config_at(
         "stream_nothing_yet",
-    )
-    .await;
+        &broker.uri_via(proxy.addr()),
+        "",
+        &reader(&exchange, &queue, "next"),
+    );
+    let running = start(config, "stream_nothing_yet").await;
     // The messages are written while the reader's connection passes nothing (the proxy may
     // let a read under way through), then it is cut: a reader that never saw an offset must
     // not start at the stream's end again (`consume::stream` has the unit test of that).
@@ -494,29 +429,16 @@ async fn a_reader_from_next_that_lost_its_connection_before_any_message_misses_n
     );
     running.stop().await;
     // At least once: a message whose handler ended as the connection broke is read again.
-    let handled: Vec<u64> = NOTHING_YET.lock().unwrap().0.keys().copied().collect();
-    assert_eq!(handled, [0, 1, 2]);
+    assert_eq!(Handled::numbers(&NOTHING_YET), [0, 1, 2]);
 }
 
 // ---------------------------------------------------------------------------------------------
 
-static INBOXED: Mutex<Handled> = Mutex::new(Handled(BTreeMap::new()));
-
-#[derive(Default)]
-struct Inboxed;
-
-#[farine::service(name = "stream_inboxed")]
-impl Inboxed {
-    #[consume(exchange = "set-by-config", routing_key = "rk")]
-    async fn read(&self, body: Numbered, offset: StreamOffset) -> Result<(), String> {
-        Handled::record(&INBOXED, body.n, offset.0);
-        Ok(())
-    }
-}
+recording_reader!(Inboxed, "stream_inboxed", INBOXED);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_inbox_a_stream_read_again_runs_no_message_twice() {
-    use farine::db::sqlx::{self, Connection};
+    use farine::db::sqlx;
     let broker = Broker::connect().await;
     let database = Database::create().await;
     let (exchange, queue) = (unique("stream-x"), unique("stream-q"));
@@ -531,8 +453,7 @@ async fn with_the_inbox_a_stream_read_again_runs_no_message_twice() {
     first.stop().await;
 
     // The position put back to the stream's start: everything is delivered again.
-    let url = format!("postgres://postgres@127.0.0.1:5432/{}", database.name);
-    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    let mut conn = database.connect().await;
     let rewound = sqlx::query("UPDATE farine_checkpoint SET position = $1")
         .bind(format!("{queue}@0"))
         .execute(&mut conn)

@@ -18,6 +18,17 @@ pub fn config(broker: &Broker, service: &str, options: &[(&str, &str)]) -> Confi
     Config::from_ini(&text, "test.ini").expect("test config parses")
 }
 
+/// Starts `service` in the test's vhost, its section holding `extra` (INI lines) besides the
+/// `amqp_uri`.
+pub async fn serve(broker: &Broker, service: &str, extra: &str) -> farine::Running {
+    let text = format!("[{service}]\namqp_uri = {}\n{extra}", broker.uri());
+    farine::Runtime::new(Config::from_ini(&text, "test.ini").unwrap())
+        .services([service])
+        .start()
+        .await
+        .expect("starts")
+}
+
 /// Starts `service` from `config` and returns why start-up failed; panics with `expected` (what
 /// should have refused it) when it started.
 pub async fn start_error(config: Config, service: &str, expected: &str) -> farine::StartError {

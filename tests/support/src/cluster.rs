@@ -13,8 +13,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::{cleanup_failed, unique};
@@ -179,20 +178,9 @@ impl Cluster {
     /// `(ready messages, consumers)` of `queue`, from a passive declare on node `n`.
     pub async fn queue_state(&self, n: usize, queue: &str) -> Option<(u32, u32)> {
         let connection = self.connect(n).await;
-        let channel = connection.create_channel().await.ok()?;
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .ok();
+        let state = crate::passive_queue_state(&connection, queue).await;
         let _ = connection.close(200, "done".into()).await;
-        declared.map(|d| (d.message_count(), d.consumer_count()))
+        state
     }
 
     /// Waits until `queue`'s (ready, consumers), asked on node `n`, satisfy `done`, for at most
@@ -204,16 +192,10 @@ impl Cluster {
         bound: Duration,
         done: impl Fn((u32, u32)) -> bool,
     ) -> bool {
-        let deadline = std::time::Instant::now() + bound;
-        loop {
-            if self.queue_state(n, queue).await.is_some_and(&done) {
-                return true;
-            }
-            if std::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        crate::poll_until(bound, Duration::from_millis(100), async || {
+            self.queue_state(n, queue).await.is_some_and(&done)
+        })
+        .await
     }
 }
 

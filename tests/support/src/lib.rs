@@ -184,20 +184,35 @@ impl Broker {
     /// Declares a queue of the test's own bound to `exchange`.
     pub async fn bind_queue(&self, exchange: &str, routing_key: &str) -> String {
         let queue = unique("observer");
+        self.declare_bound_queue(&queue, exchange, routing_key, FieldTable::default())
+            .await;
+        queue
+    }
+
+    /// Declares durable queue `queue` with `arguments` and binds it to `exchange` with
+    /// `routing_key`: the topology a service will declare, made first so that messages can
+    /// wait there before it starts.
+    pub async fn declare_bound_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) {
         self.channel
             .queue_declare(
-                queue.as_str().into(),
+                queue.into(),
                 QueueDeclareOptions {
                     durable: true,
                     ..Default::default()
                 },
-                FieldTable::default(),
+                arguments,
             )
             .await
             .expect("queue declared");
         self.channel
             .queue_bind(
-                queue.as_str().into(),
+                queue.into(),
                 exchange.into(),
                 routing_key.into(),
                 QueueBindOptions::default(),
@@ -205,7 +220,6 @@ impl Broker {
             )
             .await
             .expect("queue bound");
-        queue
     }
 
     /// Publishes raw bytes and waits for the broker's confirm.
@@ -316,20 +330,7 @@ impl Broker {
 
     /// `(ready messages, consumers)` of `queue`, from a passive declare.
     pub async fn queue_state(&self, queue: &str) -> Option<(u32, u32)> {
-        let channel = self.connection.create_channel().await.ok()?;
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .ok()?;
-        let _ = channel.close(200, "done".into()).await;
-        Some((declared.message_count(), declared.consumer_count()))
+        passive_queue_state(&self.connection, queue).await
     }
 
     /// What the broker's management API knows of `queue` in the test's vhost (its `type`,
@@ -397,16 +398,47 @@ impl Broker {
         bound: Duration,
         done: impl Fn((u32, u32)) -> bool,
     ) -> bool {
-        let deadline = Instant::now() + bound;
-        loop {
-            if self.queue_state(queue).await.is_some_and(&done) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        poll_until(bound, Duration::from_millis(20), async || {
+            self.queue_state(queue).await.is_some_and(&done)
+        })
+        .await
+    }
+}
+
+/// `(ready messages, consumers)` of `queue`, from a passive declare on a channel of its own on
+/// `connection`; `None` when the queue does not exist (or the broker does not answer).
+pub async fn passive_queue_state(connection: &Connection, queue: &str) -> Option<(u32, u32)> {
+    let channel = connection.create_channel().await.ok()?;
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .ok();
+    let _ = channel.close(200, "done".into()).await;
+    declared.map(|declared| (declared.message_count(), declared.consumer_count()))
+}
+
+/// Asks `check` every `interval` until it holds, for at most `bound`: whether it did.
+pub async fn poll_until(
+    bound: Duration,
+    interval: Duration,
+    mut check: impl AsyncFnMut() -> bool,
+) -> bool {
+    let deadline = Instant::now() + bound;
+    loop {
+        if check().await {
+            return true;
         }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(interval).await;
     }
 }
 
@@ -495,6 +527,23 @@ impl Database {
             .fetch_one(&mut admin)
             .await
             .expect("pg_stat_activity is readable")
+    }
+
+    /// A connection to this database, for a test's own queries.
+    pub async fn connect(&self) -> sqlx::PgConnection {
+        use sqlx::Connection;
+        let url = format!("postgres://postgres@127.0.0.1:5432/{}", self.name);
+        sqlx::PgConnection::connect(&url)
+            .await
+            .expect("the test's database is reachable")
+    }
+
+    /// The one number `sql` selects in this database (`SELECT count(*) FROM ...`).
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_one(&mut self.connect().await)
+            .await
+            .expect("the query runs")
     }
 
     /// The `db_*` keys of a farine section for this database.
